@@ -1,0 +1,78 @@
+"""The built-in executors: each binds one kernel to the Executor interface with its capabilities."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from sparse_prefill.interfaces import AttentionContext, Executor
+from sparse_prefill.kernels.reference import (
+    block_attention_reference,
+    dense_attention_reference,
+    stripe_attention_reference,
+)
+from sparse_prefill.kernels.runtime import triton_can_run
+from sparse_prefill.plan import BlockPlan, DensePlan, Plan, StripePlan
+
+__all__ = ["DenseSDPAExecutor", "ReferenceStripeExecutor", "ReferenceBlockExecutor", "TritonStripeExecutor"]
+
+_ALL_DEVICES = frozenset({"cpu", "cuda", "xpu", "mps"})
+
+
+class DenseSDPAExecutor(Executor):
+    """Dense causal attention through PyTorch's SDPA (GQA read in place with enable_gqa)."""
+
+    name = "dense-sdpa"
+    plan_kinds = (DensePlan,)
+    devices = _ALL_DEVICES
+    priority = 10
+
+    def __call__(self, q, k, v, plan: Plan, ctx: AttentionContext, return_lse: bool = False):
+        if return_lse:  # SDPA does not expose the log-sum-exp
+            return dense_attention_reference(q, k, v, ctx.scale, return_lse=True)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=ctx.scale, enable_gqa=q.shape[1] != k.shape[1])
+        return out, None
+
+
+class ReferenceStripeExecutor(Executor):
+    """Plain PyTorch, float32, chunked per query group: the correctness reference on any device."""
+
+    name = "reference-stripe"
+    plan_kinds = (StripePlan,)
+    devices = _ALL_DEVICES
+    priority = 0
+
+    def __call__(self, q, k, v, plan: Plan, ctx: AttentionContext, return_lse: bool = False):
+        return stripe_attention_reference(q, k, v, plan, ctx.scale, return_lse=return_lse)
+
+
+class ReferenceBlockExecutor(Executor):
+    """Plain PyTorch, float32, chunked per query block: the correctness reference on any device."""
+
+    name = "reference-block"
+    plan_kinds = (BlockPlan,)
+    devices = _ALL_DEVICES
+    priority = 0
+
+    def __call__(self, q, k, v, plan: Plan, ctx: AttentionContext, return_lse: bool = False):
+        return block_attention_reference(q, k, v, plan, ctx.scale, return_lse=return_lse)
+
+
+class TritonStripeExecutor(Executor):
+    """Windows with contiguous loads plus gathered discrete keys, one online softmax (Triton)."""
+
+    name = "triton-stripe"
+    plan_kinds = (StripePlan,)
+    devices = frozenset({"cuda"})
+    priority = 100
+    head_dims: ClassVar[frozenset[int] | None] = None  # set below from the kernel's capability
+
+    def device_supported(self, device: torch.device) -> bool:
+        return triton_can_run(device)
+
+    def __call__(self, q, k, v, plan: Plan, ctx: AttentionContext, return_lse: bool = False):
+        from sparse_prefill.kernels.stripe_attention import stripe_attention
+
+        return stripe_attention(q, k, v, plan, ctx.scale, return_lse=return_lse)

@@ -1,0 +1,13 @@
+"""Parameter checks shared by the built-in patterns: each returns a message or None."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+
+def at_least(minimum: int) -> Callable[[Any], str | None]:
+    return lambda value: None if value >= minimum else f"must be >= {minimum}"
+
+
+def multiple_of(step: int) -> Callable[[Any], str | None]:
+    return lambda value: None if value > 0 and value % step == 0 else f"must be a positive multiple of {step}"

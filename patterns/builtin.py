@@ -1,0 +1,27 @@
+"""The built-in plugin: registered through the `sparse_prefill.plugins` entry point like any other."""
+
+from __future__ import annotations
+
+from sparse_prefill.hookspecs import hookimpl
+from sparse_prefill.interfaces import Executor, PatternSpec
+
+
+@hookimpl
+def sparse_prefill_patterns() -> list[PatternSpec]:
+    from sparse_prefill.patterns.anchor import ANCHOR
+    from sparse_prefill.patterns.dense import DENSE
+    from sparse_prefill.patterns.streaming import STREAMING
+
+    return [DENSE, STREAMING, ANCHOR]
+
+
+@hookimpl
+def sparse_prefill_executors() -> list[Executor]:
+    from sparse_prefill.kernels import executors
+
+    return [
+        executors.TritonStripeExecutor(),
+        executors.DenseSDPAExecutor(),
+        executors.ReferenceStripeExecutor(),
+        executors.ReferenceBlockExecutor(),
+    ]

@@ -1,0 +1,272 @@
+"""Hugging Face transformers integration: a thin layer that translates, never decides sparsity.
+
+:func:`apply` registers one attention function and one mask function per model under a fresh
+name in transformers' ``AttentionInterface`` / ``AttentionMaskInterface`` and switches the
+model to it. The mask function hands the attention function a :class:`DeferredMask`: the 2-D
+padding mask (no S x S tensor is built for the sparse path) plus a recipe for the exact mask the
+model's previous implementation would have built. Whenever a call is not a fresh causal
+prefill at or above the policy's ``min_length`` (decode, chunked prefill, cached prefixes,
+sliding-window or soft-capped layers, dropout in training), the previous implementation runs
+with that exact mask, so those paths behave as if the model were unpatched.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from sparse_prefill.dispatch import sparse_attention
+from sparse_prefill.interfaces import AttentionContext
+from sparse_prefill.plan import Plan
+from sparse_prefill.policy import Policy, PolicySource, load_policy
+
+__all__ = ["SparsePrefillHandle", "DeferredMask", "apply", "remove"]
+
+_HANDLE_ATTR = "_sparse_prefill_handle"
+_names = itertools.count()
+
+
+@dataclass
+class DeferredMask:
+    """What the attention function receives on a fresh prefill.
+
+    ``padding`` is the [B, N] boolean mask of real tokens, or None when nothing is padded;
+    ``materialize()`` builds (once) the mask the previous implementation expects.
+    """
+
+    padding: torch.Tensor | None
+    build: Callable[[], Any]
+    _built: list = field(default_factory=list, repr=False)
+
+    def materialize(self) -> Any:
+        if not self._built:
+            self._built.append(self.build())
+        return self._built[0]
+
+
+@dataclass
+class PrefillStats:
+    """Counts of what the attention function did, and the plans' densities when collected."""
+
+    sparse_calls: int = 0
+    dense_calls: int = 0
+    densities: list[float] = field(default_factory=list)
+
+    def mean_density(self) -> float | None:
+        return sum(self.densities) / len(self.densities) if self.densities else None
+
+    def reset(self) -> None:
+        self.sparse_calls, self.dense_calls, self.densities = 0, 0, []
+
+
+@dataclass
+class SparsePrefillHandle:
+    """Returned by :func:`apply`; keeps what :func:`remove` needs to undo it."""
+
+    model: Any
+    policy: Policy
+    name: str
+    previous_implementation: str
+    previous_attention: Callable[..., Any]
+    collect_stats: bool = False
+    stats: PrefillStats = field(default_factory=PrefillStats)
+
+    def remove(self) -> None:
+        remove(self.model)
+
+
+def _transformers_interfaces() -> tuple[Any, Any]:
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ALL_ATTENTION_FUNCTIONS, ALL_MASK_ATTENTION_FUNCTIONS
+
+
+def _previous_attention(model: Any, implementation: str) -> Callable[..., Any]:
+    """The attention function the model used before :func:`apply`."""
+    attention_functions, _ = _transformers_interfaces()
+    if implementation in attention_functions:
+        return attention_functions[implementation]
+    # "eager" lives in each model's own module, not in the interface.
+    for module in model.modules():
+        eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        if eager is not None:
+            return eager
+    raise ValueError(
+        f"cannot find the model's current attention implementation {implementation!r}; "
+        "load the model with attn_implementation='sdpa' or 'eager' before calling apply()"
+    )
+
+
+def _is_fresh_prefill(q_length: int, kv_length: int, q_offset: Any, kv_offset: Any, allow_is_causal_skip: bool) -> bool:
+    """A plain causal prefill with no cached prefix (custom mask overlays and packing disable the skip)."""
+    offsets_zero = isinstance(q_offset, int) and isinstance(kv_offset, int) and q_offset == 0 and kv_offset == 0
+    return offsets_zero and q_length == kv_length and allow_is_causal_skip
+
+
+def _make_mask_function(previous_mask: Callable[..., Any]) -> Callable[..., Any]:
+    def mask_function(
+        batch_size: int,
+        q_length: int,
+        kv_length: int,
+        q_offset: Any = 0,
+        kv_offset: Any = 0,
+        attention_mask: torch.Tensor | None = None,
+        allow_is_causal_skip: bool = True,
+        **kwargs: Any,
+    ) -> Any:
+        arguments = dict(
+            batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+            kv_offset=kv_offset, attention_mask=attention_mask, allow_is_causal_skip=allow_is_causal_skip, **kwargs,
+        )
+        build = functools.partial(previous_mask, **arguments)
+        if not _is_fresh_prefill(q_length, kv_length, q_offset, kv_offset, allow_is_causal_skip):
+            return build()
+        padding = None
+        if attention_mask is not None:
+            padding = attention_mask[:, -kv_length:].bool()
+            if bool(padding.all()):
+                padding = None
+        return DeferredMask(padding=padding, build=build)
+
+    return mask_function
+
+
+def _needs_previous(handle: SparsePrefillHandle, module: Any, query: torch.Tensor, key: torch.Tensor,
+                    mask: Any, kwargs: dict[str, Any]) -> bool:
+    if not isinstance(mask, DeferredMask) or query.shape[2] != key.shape[2]:
+        return True
+    if kwargs.get("sliding_window") is not None or kwargs.get("softcap") is not None:
+        return True
+    if kwargs.get("dropout", 0.0) and module.training:
+        return True
+    if not getattr(module, "is_causal", True):
+        return True
+    return query.shape[2] < handle.policy.min_length
+
+
+def _valid_range(padding_row: torch.Tensor) -> tuple[int, int] | None:
+    """[start, end) of the real tokens if they are contiguous, else None."""
+    positions = padding_row.nonzero().flatten()
+    if positions.numel() == 0:
+        return None
+    start, end = int(positions[0]), int(positions[-1]) + 1
+    return (start, end) if positions.numel() == end - start else None
+
+
+def _kv_aligned_chunks(heads: tuple[int, ...], group: int) -> list[tuple[list[int], list[int]]]:
+    """Split query heads into (query heads, kv heads) chunks that keep GQA groups whole.
+
+    Runs of complete KV groups share one call; a KV group only partly in ``heads`` runs head by
+    head against its single KV head (a view, never a copy per query head).
+    """
+    head_set = set(heads)
+    whole_q, whole_kv, chunks = [], [], []
+    for kv in sorted({h // group for h in heads}):
+        members = [h for h in range(kv * group, (kv + 1) * group)]
+        if head_set.issuperset(members):
+            whole_q.extend(members)
+            whole_kv.append(kv)
+        else:
+            chunks.extend(([h], [kv]) for h in members if h in head_set)
+    if whole_kv:
+        chunks.insert(0, (whole_q, whole_kv))
+    return chunks
+
+
+def _sparse_prefill(handle: SparsePrefillHandle, layer: int | None, q: torch.Tensor, k: torch.Tensor,
+                    v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Sparse attention of one unpadded batch, head groups dispatched by the policy."""
+    hq, hkv = q.shape[1], k.shape[1]
+    on_plan = _record_density(handle) if handle.collect_stats else None
+    assignments = handle.policy.assign_heads(layer, hq)
+    if len(assignments) == 1:
+        ctx = AttentionContext.for_inputs(q, k, scale, layer_idx=layer)
+        identifier = handle.policy.identifier(assignments[0].choice)
+        return sparse_attention(q, k, v, identifier, ctx, on_plan=on_plan)[0]
+    out = torch.empty_like(q)
+    for assignment in assignments:
+        identifier = handle.policy.identifier(assignment.choice)
+        for q_heads, kv_heads in _kv_aligned_chunks(assignment.heads, hq // hkv):
+            q_sub, k_sub, v_sub = q[:, q_heads], k[:, kv_heads], v[:, kv_heads]
+            ctx = AttentionContext.for_inputs(q_sub, k_sub, scale, layer_idx=layer, head_offset=q_heads[0])
+            out[:, q_heads] = sparse_attention(q_sub, k_sub, v_sub, identifier, ctx, on_plan=on_plan)[0]
+    return out
+
+
+def _record_density(handle: SparsePrefillHandle) -> Callable[[Plan], None]:
+    return lambda plan: handle.stats.densities.append(plan.density())
+
+
+def _attention_function(handle: SparsePrefillHandle) -> Callable[..., Any]:
+    def attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        if _needs_previous(handle, module, query, key, attention_mask, kwargs):
+            mask = attention_mask.materialize() if isinstance(attention_mask, DeferredMask) else attention_mask
+            handle.stats.dense_calls += 1
+            return handle.previous_attention(module, query, key, value, mask, **kwargs)
+        scale = kwargs.get("scaling")
+        scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
+        layer = getattr(module, "layer_idx", None)
+        padding = attention_mask.padding
+        if padding is None:
+            out = _sparse_prefill(handle, layer, query, key, value, scale)
+        else:
+            ranges = [_valid_range(row) for row in padding]
+            if any(r is None for r in ranges):  # holes inside a sequence: only the exact mask is right
+                handle.stats.dense_calls += 1
+                return handle.previous_attention(module, query, key, value, attention_mask.materialize(), **kwargs)
+            out = torch.zeros_like(query)
+            for b, (start, end) in enumerate(ranges):
+                sl = slice(start, end)
+                out[b : b + 1, :, sl] = _sparse_prefill(
+                    handle, layer, query[b : b + 1, :, sl], key[b : b + 1, :, sl], value[b : b + 1, :, sl], scale
+                )
+        handle.stats.sparse_calls += 1
+        return out.transpose(1, 2).contiguous(), None
+
+    return attention
+
+
+def apply(model: Any, policy: PolicySource, *, collect_stats: bool = False) -> SparsePrefillHandle:
+    """Switch a Hugging Face causal LM to sparse prefill under ``policy`` (YAML path, dict or Policy).
+
+    Decode, chunked prefill, cached prefixes and sliding-window layers keep the model's previous
+    attention implementation. ``collect_stats`` records every plan's density (costs a host sync).
+    """
+    if getattr(model, _HANDLE_ATTR, None) is not None:
+        raise RuntimeError("sparse prefill is already applied to this model; call sparse_prefill.remove(model) first")
+    if not hasattr(model, "set_attn_implementation") or not model._can_set_attn_implementation():
+        raise TypeError(
+            f"{type(model).__name__} does not support attention backends (transformers' AttentionInterface); "
+            "sparse prefill needs a model class that does"
+        )
+    resolved = load_policy(policy)
+    attention_functions, mask_functions = _transformers_interfaces()
+    previous = model.config._attn_implementation
+    if previous not in mask_functions:
+        raise ValueError(f"model uses attention implementation {previous!r}, which has no mask function to defer to")
+    name = f"sparse_prefill_{next(_names)}"
+    handle = SparsePrefillHandle(model, resolved, name, previous, _previous_attention(model, previous), collect_stats)
+    attention_functions.register(name, _attention_function(handle))
+    mask_functions.register(name, _make_mask_function(mask_functions[previous]))
+    model.set_attn_implementation(name)
+    setattr(model, _HANDLE_ATTR, handle)
+    return handle
+
+
+def remove(model: Any) -> None:
+    """Undo :func:`apply`: the model's previous attention implementation is restored."""
+    handle: SparsePrefillHandle | None = getattr(model, _HANDLE_ATTR, None)
+    if handle is None:
+        raise RuntimeError("sparse prefill is not applied to this model")
+    model.set_attn_implementation(handle.previous_implementation)
+    attention_functions, mask_functions = _transformers_interfaces()
+    for interface in (attention_functions, mask_functions):
+        interface._global_mapping.pop(handle.name, None)
+    delattr(model, _HANDLE_ATTR)

@@ -1,0 +1,144 @@
+"""The two roles of sparse prefill, and what passes between them.
+
+An :class:`Identifier` looks at queries and keys and decides which keys each query needs (a
+:mod:`~sparse_prefill.plan`); an :class:`Executor` computes attention over exactly those keys.
+Splitting the two lets any identifier run on any executor that understands its plan kind, and
+lets a faster kernel replace a slower one without touching selection logic.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Mapping
+
+import torch
+
+from sparse_prefill.plan import Plan
+
+__all__ = ["AttentionContext", "Identifier", "Executor", "Parameter", "PatternSpec"]
+
+
+@dataclass(frozen=True)
+class AttentionContext:
+    """Facts about one attention call that identifiers and executors may need.
+
+    ``head_offset`` is the global index of the first query head in this call, so per-head
+    policies stay right when heads are split (a head subset of one layer, or tensor parallelism).
+    """
+
+    scale: float
+    num_q_heads: int
+    num_kv_heads: int
+    seq_len: int
+    layer_idx: int | None = None
+    head_offset: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_kv_heads <= 0 or self.num_q_heads % self.num_kv_heads:
+            raise ValueError(
+                f"query heads ({self.num_q_heads}) must be a positive multiple of KV heads ({self.num_kv_heads})"
+            )
+
+    @property
+    def gqa_group_size(self) -> int:
+        """Query heads that read one KV head."""
+        return self.num_q_heads // self.num_kv_heads
+
+    @classmethod
+    def for_inputs(cls, q: torch.Tensor, k: torch.Tensor, scale: float | None = None, **kwargs: Any) -> "AttentionContext":
+        """Context for q [B, Hq, N, D] and k [B, Hkv, N, D]; ``scale`` defaults to 1/sqrt(D)."""
+        return cls(
+            scale=q.shape[-1] ** -0.5 if scale is None else float(scale),
+            num_q_heads=q.shape[1],
+            num_kv_heads=k.shape[1],
+            seq_len=q.shape[2],
+            **kwargs,
+        )
+
+
+class Identifier(abc.ABC):
+    """Decides which keys each query attends: ``identify(q, k, ctx) -> Plan``.
+
+    q is [B, Hq, N, D] after RoPE, k is [B, Hkv, N, D] (never expanded for GQA). An identifier
+    may return a :class:`~sparse_prefill.plan.DensePlan` when sparsity would not pay (short input).
+    """
+
+    @abc.abstractmethod
+    def identify(self, q: torch.Tensor, k: torch.Tensor, ctx: AttentionContext) -> Plan:
+        ...
+
+
+class Executor(abc.ABC):
+    """Computes causal attention over the keys a plan selects.
+
+    Subclasses declare their capabilities as class attributes; :meth:`not_supported_reasons`
+    derives refusals from them, and the dispatcher picks the highest-priority capable executor,
+    or raises an error that lists every executor's reasons.
+    """
+
+    name: ClassVar[str]
+    plan_kinds: ClassVar[tuple[type, ...]]
+    devices: ClassVar[frozenset[str]]
+    dtypes: ClassVar[frozenset[torch.dtype]] = frozenset({torch.float16, torch.bfloat16, torch.float32})
+    head_dims: ClassVar[frozenset[int] | None] = None  # None: any head dim
+    priority: ClassVar[int] = 0  # higher wins
+
+    def not_supported_reasons(self, q: torch.Tensor, plan: Plan) -> list[str]:
+        """Why this executor cannot run these inputs (empty list: it can)."""
+        reasons = []
+        if not isinstance(plan, self.plan_kinds):
+            kinds = ", ".join(kind.__name__ for kind in self.plan_kinds)
+            reasons.append(f"plan kind {type(plan).__name__} not in ({kinds})")
+        if not self.device_supported(q.device):
+            reasons.append(f"device {q.device.type} not in {sorted(self.devices)}")
+        if q.dtype not in self.dtypes:
+            reasons.append(f"dtype {q.dtype} not in {sorted(str(d) for d in self.dtypes)}")
+        if self.head_dims is not None and q.shape[-1] not in self.head_dims:
+            reasons.append(f"head dim {q.shape[-1]} not in {sorted(self.head_dims)}")
+        return reasons
+
+    def device_supported(self, device: torch.device) -> bool:
+        return device.type in self.devices
+
+    @abc.abstractmethod
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        plan: Plan,
+        ctx: AttentionContext,
+        return_lse: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Return (output [B, Hq, N, D] in q's dtype, log-sum-exp [B, Hq, N] float32 or None)."""
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """One parameter of a pattern, as a policy may set it.
+
+    ``check`` returns an error message for a bad value (None when fine); the policy loader
+    prefixes it with the file and key path.
+    """
+
+    type: type | tuple[type, ...]
+    default: Any
+    help: str
+    check: Callable[[Any], str | None] | None = None
+
+
+@dataclass(frozen=True)
+class PatternSpec:
+    """A named sparsity pattern: its parameters and how to build its identifier from them."""
+
+    name: str
+    description: str
+    parameters: Mapping[str, Parameter]
+    make_identifier: Callable[..., Identifier]
+
+    def build(self, **params: Any) -> Identifier:
+        """An identifier with the given parameters, defaults filled in."""
+        values = {key: spec.default for key, spec in self.parameters.items()}
+        values.update(params)
+        return self.make_identifier(**values)

@@ -1,0 +1,263 @@
+"""Sparse plans: the data structure an Identifier hands to an Executor.
+
+A plan says, for every query row of a causal prefill, which keys it attends. Every plan is
+device-resident, validated on construction, and its memory grows with what it selects (never
+with N^2). Three kinds exist:
+
+* :class:`DensePlan` - every query attends its whole causal prefix.
+* :class:`StripePlan` - per (batch, plan head, query group): two dense windows plus a sorted
+  list of discrete key positions ("stripes") between them.
+* :class:`BlockPlan` - per (batch, head, query block): a sorted list of key blocks.
+
+Sparse indices use one CSR layout: ``offsets`` (int64, length ``segments + 1``) and ``indices``
+(int32, length ``offsets[-1]``); segment ``s`` owns ``indices[offsets[s]:offsets[s + 1]]``.
+int64 offsets keep the layout valid beyond 2^31 selected entries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+
+__all__ = ["Plan", "DensePlan", "StripePlan", "BlockPlan"]
+
+
+def _check_csr(name: str, offsets: torch.Tensor, indices: torch.Tensor, segments: int) -> None:
+    if offsets.dtype != torch.int64:
+        raise TypeError(f"{name}.offsets must be int64, got {offsets.dtype}")
+    if indices.dtype != torch.int32:
+        raise TypeError(f"{name}.indices must be int32, got {indices.dtype}")
+    if offsets.dim() != 1 or offsets.numel() != segments + 1:
+        raise ValueError(
+            f"{name}.offsets must have shape [{segments + 1}] (one entry per segment plus one), "
+            f"got {tuple(offsets.shape)}"
+        )
+    if indices.dim() != 1:
+        raise ValueError(f"{name}.indices must be 1-D, got shape {tuple(indices.shape)}")
+    if offsets.device != indices.device:
+        raise ValueError(f"{name}: offsets on {offsets.device} but indices on {indices.device}")
+
+
+def _segment_ids(offsets: torch.Tensor, nnz: int) -> torch.Tensor:
+    """Segment id of each CSR entry (length nnz), without a host loop."""
+    counts = offsets[1:] - offsets[:-1]
+    return torch.repeat_interleave(torch.arange(counts.numel(), device=offsets.device), counts, output_size=nnz)
+
+
+@dataclass(frozen=True)
+class DensePlan:
+    """Every query attends its full causal prefix: executors run dense causal attention."""
+
+    batch: int
+    heads: int
+    seq_len: int
+
+    def density(self) -> float:
+        return 1.0
+
+    def to_dense(self) -> torch.Tensor:
+        mask = torch.ones(self.seq_len, self.seq_len, dtype=torch.bool).tril()
+        return mask.expand(self.batch, self.heads, -1, -1)
+
+    def validate(self) -> None:
+        for name in ("batch", "heads", "seq_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"DensePlan.{name} must be positive, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class StripePlan:
+    """Dense windows plus discrete key columns, shared by the rows of a query group.
+
+    Layout (``G = ceil(seq_len / group_rows)`` groups, ``Hp = plan_heads``):
+
+    * Query group ``g`` holds rows ``[g * group_rows, min((g + 1) * group_rows, seq_len))``.
+    * Its *local window* is ``[local_start, row]`` for each row (causal), where
+      ``local_start = max(0, g * group_rows - local)``.
+    * Its *initial window* (attention sink) is ``[0, sink_end)`` with
+      ``sink_end = min(sink, local_start)``.
+    * Its *candidates* are ``[sink_end, local_start)``; the selected ones are
+      ``indices[offsets[s]:offsets[s + 1]]`` with ``s = (b * Hp + h) * G + g``, sorted
+      ascending, unique. Windows and selection partition what a row attends: no key twice.
+    * ``plan_heads`` is either the number of query heads or of KV heads; query head ``hq``
+      reads plan head ``hq // (num_q_heads // plan_heads)``. With KV heads the query heads of
+      one GQA group share a key list, so an executor can load each K/V tile once for all.
+
+    Equivalent dense mask (for testing; O(N^2))::
+
+        for b, h, g:
+            rows = range(g * group_rows, min((g + 1) * group_rows, seq_len))
+            mask[b, h, rows, :sink_end] = True
+            mask[b, h, rows, selected(b, h, g)] = True
+            mask[b, h, rows, local_start:] = causal
+    """
+
+    batch: int
+    plan_heads: int
+    seq_len: int
+    group_rows: int
+    sink: int
+    local: int
+    offsets: torch.Tensor
+    indices: torch.Tensor
+
+    @property
+    def num_groups(self) -> int:
+        return -(-self.seq_len // self.group_rows)
+
+    @property
+    def device(self) -> torch.device:
+        return self.indices.device
+
+    def group_bounds(self, group: int) -> tuple[int, int, int, int]:
+        """(row_start, row_end, sink_end, local_start) of one query group."""
+        row_start = group * self.group_rows
+        row_end = min(row_start + self.group_rows, self.seq_len)
+        local_start = max(0, row_start - self.local)
+        return row_start, row_end, min(self.sink, local_start), local_start
+
+    def counts(self) -> torch.Tensor:
+        """Selected keys per segment, shape [batch, plan_heads, num_groups]."""
+        return (self.offsets[1:] - self.offsets[:-1]).view(self.batch, self.plan_heads, self.num_groups)
+
+    def group_geometry(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
+        """Per-group int64 tensors (row_start, row_end, sink_end, local_start), each [num_groups]."""
+        row_start = torch.arange(self.num_groups, dtype=torch.int64, device=device) * self.group_rows
+        row_end = torch.clamp(row_start + self.group_rows, max=self.seq_len)
+        local_start = torch.clamp(row_start - self.local, min=0)
+        return row_start, row_end, torch.clamp(local_start, max=self.sink), local_start
+
+    def density(self) -> float:
+        """Fraction of the causal score matrix this plan computes."""
+        row_start, row_end, sink_end, local_start = self.group_geometry()
+        rows = row_end - row_start
+        # Row r attends its window keys [0, sink_end) and [local_start, r].
+        window = rows * sink_end + rows * (row_start - local_start) + rows * (rows + 1) // 2
+        stripes = self.counts().cpu() * rows
+        n = self.seq_len
+        total = self.batch * self.plan_heads * float(window.sum()) + float(stripes.sum())
+        return total / (self.batch * self.plan_heads * n * (n + 1) / 2)
+
+    def validate(self) -> None:
+        for name in ("batch", "plan_heads", "seq_len", "group_rows"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"StripePlan.{name} must be positive, got {getattr(self, name)}")
+        for name in ("sink", "local"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"StripePlan.{name} must be >= 0, got {getattr(self, name)}")
+        segments = self.batch * self.plan_heads * self.num_groups
+        _check_csr("StripePlan", self.offsets, self.indices, segments)
+        nnz = self.indices.numel()
+        if int(self.offsets[0]) != 0 or int(self.offsets[-1]) != nnz:
+            raise ValueError(f"StripePlan.offsets must run from 0 to len(indices)={nnz}")
+        if nnz == 0:
+            return
+        if bool((self.offsets[1:] < self.offsets[:-1]).any()):
+            raise ValueError("StripePlan.offsets must be non-decreasing")
+        seg = _segment_ids(self.offsets, nnz)
+        group = seg % self.num_groups
+        _, _, sink_end, local_start = self.group_geometry(self.device)
+        idx = self.indices.long()
+        if bool(((idx < sink_end[group]) | (idx >= local_start[group])).any()):
+            raise ValueError(
+                "StripePlan.indices must lie between each group's windows, in [sink_end, local_start)"
+            )
+        if bool(((seg[1:] == seg[:-1]) & (idx[1:] <= idx[:-1])).any()):
+            raise ValueError("StripePlan.indices must be sorted ascending and unique within a segment")
+
+    def to_dense(self) -> torch.Tensor:
+        """Boolean mask [batch, plan_heads, seq_len, seq_len]; O(N^2), for tests and plots only."""
+        n = self.seq_len
+        mask = torch.zeros(self.batch, self.plan_heads, n, n, dtype=torch.bool)
+        offsets = self.offsets.cpu()
+        indices = self.indices.cpu().long()
+        causal = torch.ones(n, n, dtype=torch.bool).tril()
+        for g in range(self.num_groups):
+            row_start, row_end, sink_end, local_start = self.group_bounds(g)
+            mask[:, :, row_start:row_end, :sink_end] = True
+            mask[:, :, row_start:row_end, local_start:n] = causal[row_start:row_end, local_start:n]
+            for b in range(self.batch):
+                for h in range(self.plan_heads):
+                    s = (b * self.plan_heads + h) * self.num_groups + g
+                    mask[b, h, row_start:row_end, indices[offsets[s]:offsets[s + 1]]] = True
+        return mask
+
+    def __repr__(self) -> str:
+        return (
+            f"StripePlan(batch={self.batch}, plan_heads={self.plan_heads}, seq_len={self.seq_len}, "
+            f"group_rows={self.group_rows}, sink={self.sink}, local={self.local}, "
+            f"selected={self.indices.numel()}, density={self.density():.4f}, device={self.device})"
+        )
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """Key blocks per query block (the granularity of FlexPrefill, MInference and XAttention).
+
+    Query block ``i`` holds rows ``[i * block_size, min((i + 1) * block_size, seq_len))`` and
+    attends, for segment ``s = (b * heads + h) * num_blocks + i``, the key blocks
+    ``indices[offsets[s]:offsets[s + 1]]`` (sorted, unique, each ``<= i``). The executor applies
+    the causal mask inside the diagonal block.
+    """
+
+    batch: int
+    heads: int
+    seq_len: int
+    block_size: int
+    offsets: torch.Tensor
+    indices: torch.Tensor
+
+    @property
+    def num_blocks(self) -> int:
+        return -(-self.seq_len // self.block_size)
+
+    @property
+    def device(self) -> torch.device:
+        return self.indices.device
+
+    def counts(self) -> torch.Tensor:
+        return (self.offsets[1:] - self.offsets[:-1]).view(self.batch, self.heads, self.num_blocks)
+
+    def density(self) -> float:
+        return float(self.to_dense().sum()) / (self.batch * self.heads * self.seq_len * (self.seq_len + 1) / 2)
+
+    def validate(self) -> None:
+        for name in ("batch", "heads", "seq_len", "block_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"BlockPlan.{name} must be positive, got {getattr(self, name)}")
+        segments = self.batch * self.heads * self.num_blocks
+        _check_csr("BlockPlan", self.offsets, self.indices, segments)
+        nnz = self.indices.numel()
+        if int(self.offsets[0]) != 0 or int(self.offsets[-1]) != nnz:
+            raise ValueError(f"BlockPlan.offsets must run from 0 to len(indices)={nnz}")
+        if nnz == 0:
+            return
+        seg = _segment_ids(self.offsets, nnz)
+        query_block = seg % self.num_blocks
+        idx = self.indices.long()
+        if bool(((idx < 0) | (idx > query_block)).any()):
+            raise ValueError("BlockPlan.indices must be key blocks in [0, query block] (causal)")
+        if bool(((seg[1:] == seg[:-1]) & (idx[1:] <= idx[:-1])).any()):
+            raise ValueError("BlockPlan.indices must be sorted ascending and unique within a segment")
+
+    def to_dense(self) -> torch.Tensor:
+        """Boolean mask [batch, heads, seq_len, seq_len]; O(N^2), for tests and plots only."""
+        n, bs = self.seq_len, self.block_size
+        blocks = torch.zeros(self.batch * self.heads * self.num_blocks, self.num_blocks, dtype=torch.bool)
+        nnz = self.indices.numel()
+        if nnz:
+            blocks[_segment_ids(self.offsets.cpu(), nnz), self.indices.cpu().long()] = True
+        blocks = blocks.view(self.batch, self.heads, self.num_blocks, self.num_blocks)
+        mask = blocks.repeat_interleave(bs, dim=2).repeat_interleave(bs, dim=3)[:, :, :n, :n]
+        return mask & torch.ones(n, n, dtype=torch.bool).tril()
+
+    def __repr__(self) -> str:
+        return (
+            f"BlockPlan(batch={self.batch}, heads={self.heads}, seq_len={self.seq_len}, "
+            f"block_size={self.block_size}, selected_blocks={self.indices.numel()}, device={self.device})"
+        )
+
+
+Plan = Union[DensePlan, StripePlan, BlockPlan]
