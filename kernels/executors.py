@@ -67,7 +67,7 @@ class TritonStripeExecutor(Executor):
     plan_kinds = (StripePlan,)
     devices = frozenset({"cuda"})
     priority = 100
-    head_dims: ClassVar[frozenset[int] | None] = None  # set below from the kernel's capability
+    head_dims: ClassVar[frozenset[int] | None] = frozenset({64, 96, 128, 256})
 
     def device_supported(self, device: torch.device) -> bool:
         return triton_can_run(device)

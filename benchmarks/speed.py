@@ -1,0 +1,148 @@
+"""GPU benchmark: dense SDPA vs the anchor pattern, checked and timed side by side in one run.
+
+    python benchmarks/speed.py --out results.json            # 4k..128k, Llama-3.1-8B attention shape
+
+For each length: output error vs dense, density, identification and execution time apart and
+together, the executor's TFLOP/s per computed score, SDPA's TFLOP/s, and the peak extra memory.
+Before timing, every kernel is checked against its PyTorch reference on small fresh inputs.
+Inputs are :func:`sparse_prefill.evaluation.synthetic.structured_qkv` (documented there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.testing
+import yaml
+
+from sparse_prefill.evaluation.synthetic import structured_qkv
+from sparse_prefill.interfaces import AttentionContext
+from sparse_prefill.kernels.anchor_identify import anchor_identify
+from sparse_prefill.kernels.reference import stripe_attention_reference
+from sparse_prefill.kernels.stripe_attention import stripe_attention
+from sparse_prefill.patterns.anchor import ANCHOR
+from sparse_prefill.patterns.anchor.reference import anchor_identify_reference
+from sparse_prefill.policy import load_policy
+
+KB = 1024
+
+
+def bench(fn) -> float:
+    """Median milliseconds, after a warm-up that includes compilation and autotuning."""
+    fn()
+    torch.cuda.synchronize()
+    return float(triton.testing.do_bench(fn, warmup=50, rep=200, return_mode="median"))
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.float() - ref.float()).norm() / ref.float().norm())
+
+
+def check_kernels(params: dict) -> list[dict]:
+    """Triton identifier and executor vs their references on small fresh inputs."""
+    checks = []
+    for n, hq, hkv, d, dtype in [(1000, 8, 2, 128, torch.bfloat16), (777, 4, 4, 64, torch.float16),
+                                 (2048, 6, 2, 96, torch.bfloat16), (600, 4, 1, 256, torch.bfloat16)]:
+        torch.manual_seed(n)
+        q, k, v = (torch.randn(2, h, n, d, device="cuda", dtype=dtype) for h in (hq, hkv, hkv))
+        scale = d ** -0.5
+        plan = anchor_identify(q, k, scale=scale, **params)
+        ref_plan = anchor_identify_reference(q, k, scale=scale, **params)
+        same = plan.indices.numel() == ref_plan.indices.numel() and bool((plan.offsets == ref_plan.offsets).all())
+        out = stripe_attention(q, k, v, plan, scale)[0]
+        ref = stripe_attention_reference(q, k, v, plan, scale)[0]
+        err = float((out.float() - ref.float()).abs().max())
+        ok = bool(torch.isfinite(out).all()) and err < (2e-2 if dtype == torch.bfloat16 else 4e-3)
+        checks.append(dict(n=n, hq=hq, hkv=hkv, d=d, dtype=str(dtype), same_plan=same, max_abs_err=err, ok=ok))
+        print(f"check n={n} hq={hq} hkv={hkv} d={d} {dtype}: plan identical={same} max|err|={err:.2e} ok={ok}")
+    return checks
+
+
+def measure(n: int, params: dict, min_length: int, hq: int, hkv: int, d: int) -> dict:
+    q, k, v = structured_qkv(n, hq, hkv, d, device="cuda")
+    scale = d ** -0.5
+    ctx = AttentionContext.for_inputs(q, k, scale)
+    identifier = ANCHOR.build(**params)
+    qkv_bytes = sum(t.numel() * t.element_size() for t in (q, k, v))
+
+    dense = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    dense_out = dense()
+    t_dense = bench(dense)
+
+    plan = identifier.identify(q, k, ctx)
+    out = stripe_attention(q, k, v, plan, scale)[0]
+    err = relative_error(out, dense_out)
+    density = plan.density()
+    del out
+    t_identify = bench(lambda: identifier.identify(q, k, ctx))
+    t_execute = bench(lambda: stripe_attention(q, k, v, plan, scale))
+    t_total = bench(lambda: stripe_attention(q, k, v, identifier.identify(q, k, ctx), scale))
+
+    del plan
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = stripe_attention(q, k, v, identifier.identify(q, k, ctx), scale)[0]
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base - out.numel() * out.element_size()
+
+    causal_pairs = n * (n + 1) / 2
+    dense_flops = 4 * causal_pairs * hq * d
+    sparse_flops = dense_flops * density
+    uses_sparse = n >= min_length
+    row = dict(
+        seq_len=n, density=density, rel_err_vs_dense=err,
+        dense_ms=t_dense, identify_ms=t_identify, execute_ms=t_execute, anchor_ms=t_total,
+        policy_ms=t_total if uses_sparse else t_dense, policy_path="anchor" if uses_sparse else "dense",
+        anchor_over_dense=t_total / t_dense, policy_over_dense=(t_total if uses_sparse else t_dense) / t_dense,
+        dense_tflops=dense_flops / t_dense / 1e9, executor_tflops_per_computed_score=sparse_flops / t_execute / 1e9,
+        executor_efficiency_vs_sdpa=(sparse_flops / t_execute) / (dense_flops / t_dense),
+        peak_extra_bytes=int(extra), peak_extra_over_qkv=extra / qkv_bytes,
+        finite=bool(torch.isfinite(out).all()),
+    )
+    print(" ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}" for key, value in row.items()))
+    sys.stdout.flush()
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", default="4096,8192,16384,32768,65536,131072")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--commit", default="unknown")
+    parser.add_argument("--policy", default="sparse_prefill/policies/anchor.yaml")
+    parser.add_argument("--heads", default="32,8,128", help="query heads, KV heads, head dim")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override an anchor parameter, e.g. --set theta=6")
+    args = parser.parse_args()
+    policy = load_policy(args.policy)
+    overrides = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.set)}
+    # Re-validate through the policy loader so a bad --set gets the same precise error as YAML.
+    params = load_policy({"default": {**policy.default.as_dict(), "pattern": "anchor", **overrides}}).default.as_dict()
+    hq, hkv, d = (int(x) for x in args.heads.split(","))
+    started = time.time()
+    result = dict(
+        gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+        python=platform.python_version(), commit=args.commit, params=params, min_length=policy.min_length,
+        shape=dict(batch=1, q_heads=hq, kv_heads=hkv, head_dim=d, dtype="bfloat16"),
+        inputs="sparse_prefill.evaluation.synthetic.structured_qkv (defaults)",
+        checks=check_kernels(params), rows=[],
+    )
+    for n in (int(x) for x in args.lengths.split(",")):
+        result["rows"].append(measure(n, params, policy.min_length, hq, hkv, d))
+        torch.cuda.empty_cache()
+    result["seconds"] = time.time() - started
+    with open(args.out, "w") as fh:
+        json.dump(result, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""`anchor`: AnchorAttention (arXiv 2505.23520), difference-aware stripe selection.
+
+Stage 1 takes each query row's maximum score over its windows (initial + local) as the anchor;
+stage 2 keeps key column j for a query group when a pooled query block scores it within
+``theta`` (natural-log units) of that block's pooled anchor. The result is a
+:class:`~sparse_prefill.plan.StripePlan`; any stripe executor (Triton on GPU) runs it.
+Defaults were chosen by measurement on real attention: see docs/benchmarks/recall.md.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sparse_prefill.interfaces import AttentionContext, Identifier, Parameter, PatternSpec
+from sparse_prefill.kernels.runtime import triton_can_run
+from sparse_prefill.patterns._checks import at_least, multiple_of
+from sparse_prefill.patterns.anchor.reference import anchor_identify_reference
+from sparse_prefill.plan import StripePlan
+
+__all__ = ["ANCHOR", "AnchorIdentifier"]
+
+
+class AnchorIdentifier(Identifier):
+    """Runs the Triton identifier on CUDA (or under TRITON_INTERPRET=1), the reference elsewhere."""
+
+    def __init__(self, theta: float, block: int, group_blocks: int, sink: int, local: int, share_kv_heads: bool) -> None:
+        self.params = dict(
+            theta=theta, block=block, group_blocks=group_blocks, sink=sink, local=local, share_kv_heads=share_kv_heads
+        )
+
+    def identify(self, q: torch.Tensor, k: torch.Tensor, ctx: AttentionContext) -> StripePlan:
+        if triton_can_run(q.device):
+            from sparse_prefill.kernels.anchor_identify import anchor_identify
+
+            return anchor_identify(q, k, scale=ctx.scale, **self.params)
+        return anchor_identify_reference(q, k, scale=ctx.scale, **self.params)
+
+
+ANCHOR = PatternSpec(
+    name="anchor",
+    description="AnchorAttention: pattern-based anchor + difference-aware stripe selection",
+    parameters={
+        "theta": Parameter(float, 5.0, "keep key j if pooled score + theta >= pooled anchor (natural-log units)"),
+        "block": Parameter(int, 128, "query rows pooled into one block", multiple_of(16)),
+        "group_blocks": Parameter(int, 1, "query blocks sharing one key list", at_least(1)),
+        "sink": Parameter(int, 128, "initial keys every query attends densely", at_least(0)),
+        "local": Parameter(int, 128, "keys before each query group attended densely (plus its own diagonal)", at_least(0)),
+        "share_kv_heads": Parameter(bool, True, "query heads of one KV group share one key list (union)"),
+    },
+    make_identifier=AnchorIdentifier,
+)

@@ -1,0 +1,99 @@
+"""`sparse-prefill`: run the side-by-side demo, validate policies, list patterns."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from importlib.resources import files
+
+import torch
+
+from sparse_prefill.policy import PolicyError, load_policy
+from sparse_prefill.registry import available_patterns, plugin_errors
+
+DEFAULT_POLICY = "anchor.yaml"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _resolve_policy_path(value: str) -> str:
+    """A shipped policy's path for a bare name like ``anchor.yaml``; anything else as given."""
+    shipped = files("sparse_prefill") / "policies" / value
+    return str(shipped) if "/" not in value and shipped.is_file() else value
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from sparse_prefill.demo import compare_dense_and_sparse, format_side_by_side
+
+    policy = load_policy(_resolve_policy_path(args.policy))
+    if args.min_length is not None:
+        policy = dataclasses.replace(policy, min_length=args.min_length)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = _DTYPES[args.dtype or ("bfloat16" if device == "cuda" else "float32")]
+    print(policy.describe())
+    prompt, results = compare_dense_and_sparse(args.model, policy, args.length, args.depth, device, dtype,
+                                               args.max_new_tokens)
+    print(format_side_by_side(prompt, results))
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    failed = 0
+    for path in args.policies:
+        try:
+            print(load_policy(path).describe())
+        except PolicyError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            failed += 1
+    return 1 if failed else 0
+
+
+def _cmd_patterns(args: argparse.Namespace) -> int:
+    for info in available_patterns():
+        print(f"{info.name:12} {info.description}  [plugin {info.plugin}, from {info.distribution}]")
+    for error in plugin_errors():
+        print(f"error: {error}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparse-prefill", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="dense vs sparse prefill on a needle-in-a-haystack prompt, side by side")
+    run.add_argument("--model", default="smollm2",
+                     help="local Hugging Face model folder, a .gguf file, or 'smollm2' (the packaged default)")
+    run.add_argument("--policy", default=DEFAULT_POLICY,
+                     help="policy YAML path, or the name of a shipped policy (anchor.yaml, streaming.yaml, dense.yaml)")
+    run.add_argument("--length", type=int, default=4096, help="prompt length in tokens")
+    run.add_argument("--depth", type=float, default=0.5, help="needle position, 0 = start, 1 = end")
+    run.add_argument("--min-length", type=int, default=0,
+                     help="override the policy's min_length; the default 0 forces the sparse path even at demo "
+                          "lengths where the policy would stay dense (pass -1 to keep the policy's value)")
+    run.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    run.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="default: bfloat16 on GPU, float32 on CPU")
+    run.add_argument("--max-new-tokens", type=int, default=24)
+    run.set_defaults(func=_cmd_run)
+
+    validate = commands.add_parser("validate", help="check policy files; print them resolved")
+    validate.add_argument("policies", nargs="+")
+    validate.set_defaults(func=_cmd_validate)
+
+    patterns = commands.add_parser("patterns", help="list registered patterns and where they come from")
+    patterns.set_defaults(func=_cmd_patterns)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "min_length", None) == -1:
+        args.min_length = None
+    try:
+        return args.func(args)
+    except PolicyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

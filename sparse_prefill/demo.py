@@ -1,0 +1,89 @@
+"""The main job: one model, one long needle prompt, dense and sparse prefill side by side."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from sparse_prefill.evaluation.models import load_model
+from sparse_prefill.evaluation.needle import NeedlePrompt, build_needle_prompt
+from sparse_prefill.integrations.huggingface import apply, remove
+from sparse_prefill.policy import Policy
+
+__all__ = ["RunResult", "compare_dense_and_sparse", "format_side_by_side"]
+
+
+@dataclass
+class RunResult:
+    label: str
+    answer: str
+    found: bool
+    prefill_seconds: float
+    density: float | None
+    sparse_calls: int
+    dense_calls: int
+
+
+class _FirstTokenClock:
+    """A logits processor that notes when the prefill's logits arrive (time to first token)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.start, self.first = device, 0.0, None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.first is None:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.first = time.perf_counter() - self.start
+        return scores
+
+
+def _generate(model: Any, tokenizer: Any, prompt: NeedlePrompt, max_new_tokens: int) -> tuple[str, float]:
+    from transformers import LogitsProcessorList
+
+    device = next(model.parameters()).device
+    clock = _FirstTokenClock(device)
+    ids = prompt.input_ids.to(device)
+    with torch.inference_mode():
+        clock.start = time.perf_counter()
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, logits_processor=LogitsProcessorList([clock]),
+                             pad_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip(), clock.first
+
+
+def compare_dense_and_sparse(model_path: str, policy: Policy, length: int, depth: float = 0.5,
+                             device: str = "cpu", dtype: torch.dtype = torch.float32,
+                             max_new_tokens: int = 24) -> tuple[NeedlePrompt, list[RunResult]]:
+    """Run the same prompt dense, then with ``policy`` applied; the model is restored afterwards."""
+    model, tokenizer = load_model(model_path, dtype=dtype, device=device)
+    prompt = build_needle_prompt(tokenizer, length, depth)
+    answer, seconds = _generate(model, tokenizer, prompt, max_new_tokens)
+    results = [RunResult("dense", answer, prompt.found_in(answer), seconds, 1.0, 0, 0)]
+    handle = apply(model, policy, collect_stats=True)
+    try:
+        answer, seconds = _generate(model, tokenizer, prompt, max_new_tokens)
+    finally:
+        remove(model)
+    stats = handle.stats
+    results.append(RunResult(policy.default.pattern, answer, prompt.found_in(answer), seconds,
+                             stats.mean_density(), stats.sparse_calls, stats.dense_calls))
+    return prompt, results
+
+
+def format_side_by_side(prompt: NeedlePrompt, results: list[RunResult]) -> str:
+    rows = [
+        ("answer", [r.answer.replace("\n", " ")[:48] for r in results]),
+        ("needle found", ["yes" if r.found else "no" for r in results]),
+        ("prefill time (s)", [f"{r.prefill_seconds:.2f}" for r in results]),
+        ("density", ["-" if r.density is None else f"{r.density:.3f}" for r in results]),
+        ("attention calls sparse/dense", [f"{r.sparse_calls}/{r.dense_calls}" for r in results]),
+    ]
+    width = max(len(cell) for _, cells in rows for cell in cells) + 2
+    header = f"{'':30}" + "".join(f"{r.label:<{width}}" for r in results)
+    lines = [f"prompt: {prompt.input_ids.shape[1]} tokens, needle {prompt.answer!r} at depth {prompt.depth}", header]
+    lines += [f"{name:30}" + "".join(f"{cell:<{width}}" for cell in cells) for name, cells in rows]
+    return "\n".join(lines)

@@ -1,0 +1,71 @@
+"""Structured synthetic Q/K/V for speed benchmarks at lengths no packaged model reaches.
+
+Real prefill attention has three parts, and these inputs have all three, after real RoPE:
+
+* a *local diagonal*: each head's queries and keys share a content direction spread over the
+  high-frequency RoPE dimensions, so q_i . k_j oscillates and decays with |i - j|;
+* an *attention sink* at key 0 and *heavy-hitter* key columns (``heavy_fraction`` of the keys):
+  extra energy in the lowest-frequency RoPE dimensions, which barely rotate, so every query sees
+  them wherever they are;
+* a *diffuse background*: independent noise in every key and query.
+
+``strength`` scales every logit. At the default 0.8 and 4k keys, the sink holds about 65% of a
+row's mass and the rest spreads over about 1000 keys for 95% coverage, mostly outside any
+window: more diffuse than the real attention of SmolLM2 (docs/benchmarks/recall.md), so output
+errors vs dense measured on these inputs overstate those on real Q/K.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["structured_qkv", "apply_rope"]
+
+
+def apply_rope(x: torch.Tensor, base: float) -> torch.Tensor:
+    """Rotary embedding over the last dim of x [..., N, D] (half-split layout, like Llama)."""
+    n, d = x.shape[-2], x.shape[-1]
+    inv_freq = base ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)
+    angles = torch.arange(n, device=x.device, dtype=torch.float32)[:, None] * inv_freq[None]
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    half = d // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
+    return x * cos + rotated * sin
+
+
+def structured_qkv(
+    seq_len: int,
+    num_q_heads: int = 32,
+    num_kv_heads: int = 8,
+    head_dim: int = 128,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cuda",
+    heavy_fraction: float = 0.002,
+    strength: float = 0.8,
+    rope_base: float = 500_000.0,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q [1, Hq, N, D], k and v [1, Hkv, N, D] with sink, heavy hitters, local diagonal and noise."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    group = num_q_heads // num_kv_heads
+    slow = max(2, head_dim // 16)  # lowest-frequency dims (last of each RoPE half): nearly position-free
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(device)
+
+    slow_dims = torch.cat([torch.arange(head_dim // 2 - slow // 2, head_dim // 2),
+                           torch.arange(head_dim - slow // 2, head_dim)]).to(device)
+    # Logit budget at head_dim 128 and strength 1 (scaled by strength): local peak about 9, sink about 15, heavy
+    # hitters about 9, background noise with standard deviation about 0.6.
+    content = randn(num_kv_heads, 1, head_dim) * 0.9 * strength  # a KV group's shared direction
+    k = content + 0.8 * randn(num_kv_heads, seq_len, head_dim)
+    q = content.repeat_interleave(group, 0) + 0.8 * randn(num_q_heads, seq_len, head_dim)
+    heavy = torch.rand(num_kv_heads, seq_len, generator=gen).to(device) < heavy_fraction
+    key_slow = torch.where(heavy, 5.0, 0.0) * strength
+    key_slow[:, 0] = 8.5 * strength  # the sink
+    k[..., slow_dims] = key_slow[..., None] + 0.3 * randn(num_kv_heads, seq_len, slow)
+    q[..., slow_dims] = 2.5 * strength + 0.5 * randn(num_q_heads, seq_len, slow)
+    q, k = apply_rope(q, rope_base), apply_rope(k, rope_base)
+    v = randn(num_kv_heads, seq_len, head_dim)
+    return tuple(t[None].to(dtype).contiguous() for t in (q, k, v))  # type: ignore[return-value]

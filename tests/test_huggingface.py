@@ -1,0 +1,226 @@
+"""apply()/remove() on tiny random-initialised Hugging Face models (CPU)."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+import sparse_prefill
+from sparse_prefill.interfaces import AttentionContext
+from sparse_prefill.patterns.streaming import StreamingIdentifier
+
+# fp32 on CPU; the sparse path reorders the softmax sums, so logits agree to rounding, not bit for bit.
+LOGIT_ATOL = 2e-4
+
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, max_position_embeddings=1024)
+STREAMING = {"default": {"pattern": "streaming", "sink": 16, "local": 32, "group_rows": 16}}
+
+
+def make_model(cls=LlamaForCausalLM, config_cls=LlamaConfig, **overrides):
+    torch.manual_seed(0)
+    config = config_cls(**{**TINY, **overrides})
+    config._attn_implementation = "sdpa"
+    return cls(config).eval()
+
+
+MODELS = {
+    "llama": lambda: make_model(),
+    "qwen2": lambda: make_model(Qwen2ForCausalLM, Qwen2Config),
+}
+
+
+def logits(model, ids, **kwargs):
+    with torch.no_grad():
+        return model(ids, **kwargs).logits
+
+
+def streaming_reference_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """Dense attention under the streaming plan's exact O(N^2) mask: the truth for the sparse path."""
+    ctx = AttentionContext.for_inputs(query, key, scaling)
+    plan = StreamingIdentifier(sink=16, local=32, group_rows=16).identify(query, key, ctx)
+    mask = plan.to_dense().repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+    group = query.shape[1] // key.shape[1]
+    out = F.scaled_dot_product_attention(query, key.repeat_interleave(group, 1), value.repeat_interleave(group, 1),
+                                         attn_mask=mask, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+@pytest.fixture(scope="module")
+def masked_reference():
+    AttentionInterface.register("test_streaming_reference", streaming_reference_attention)
+    AttentionMaskInterface.register("test_streaming_reference", sdpa_mask)
+    return "test_streaming_reference"
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_dense_policy_matches_unpatched(name):
+    model = MODELS[name]()
+    ids = torch.randint(0, 128, (2, 150))
+    expected = logits(model, ids)
+    handle = sparse_prefill.apply(model, "sparse_prefill/policies/dense.yaml")
+    torch.testing.assert_close(logits(model, ids), expected, atol=LOGIT_ATOL, rtol=0)
+    assert handle.stats.sparse_calls == 2 and handle.stats.dense_calls == 0
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_streaming_policy_matches_masked_dense_reference(name, masked_reference):
+    model = MODELS[name]()
+    ids = torch.randint(0, 128, (1, 200))
+    sparse_prefill.apply(model, STREAMING)
+    got = logits(model, ids)
+    sparse_prefill.remove(model)
+    model.set_attn_implementation(masked_reference)
+    torch.testing.assert_close(got, logits(model, ids), atol=LOGIT_ATOL, rtol=0)
+
+
+def test_remove_restores_previous_implementation():
+    model = make_model()
+    ids = torch.randint(0, 128, (1, 100))
+    expected = logits(model, ids)
+    handle = sparse_prefill.apply(model, STREAMING)
+    assert model.config._attn_implementation == handle.name
+    assert not torch.allclose(logits(model, ids), expected, atol=1e-3)
+    sparse_prefill.remove(model)
+    assert model.config._attn_implementation == "sdpa"
+    assert torch.equal(logits(model, ids), expected)
+    with pytest.raises(RuntimeError, match="not applied"):
+        sparse_prefill.remove(model)
+
+
+def test_apply_twice_is_an_error():
+    model = make_model()
+    sparse_prefill.apply(model, STREAMING)
+    with pytest.raises(RuntimeError, match="already applied"):
+        sparse_prefill.apply(model, STREAMING)
+
+
+def test_below_min_length_runs_the_previous_implementation():
+    model = make_model()
+    ids = torch.randint(0, 128, (1, 100))
+    expected = logits(model, ids)
+    handle = sparse_prefill.apply(model, {**STREAMING, "min_length": 101})
+    assert torch.equal(logits(model, ids), expected)
+    assert handle.stats.sparse_calls == 0 and handle.stats.dense_calls == 2
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_matches_each_sequence_alone(side):
+    model = make_model()
+    sparse_prefill.apply(model, STREAMING)
+    lengths = [200, 137]
+    seqs = [torch.randint(1, 128, (n,)) for n in lengths]
+    ids = torch.zeros(2, 200, dtype=torch.long)
+    mask = torch.zeros(2, 200, dtype=torch.long)
+    for b, seq in enumerate(seqs):
+        span = slice(200 - len(seq), 200) if side == "left" else slice(0, len(seq))
+        ids[b, span], mask[b, span] = seq, 1
+    batched = logits(model, ids, attention_mask=mask)
+    for b, seq in enumerate(seqs):
+        span = slice(200 - len(seq), 200) if side == "left" else slice(0, len(seq))
+        alone = logits(model, seq[None])
+        # Positions count from the first real token when the mask is given; the model derives
+        # position ids from the mask only during generate(), so compare right padding exactly and
+        # left padding with explicit position ids.
+        if side == "left":
+            positions = (mask[b : b + 1].cumsum(-1) - 1).clamp(min=0)
+            batched_b = logits(model, ids[b : b + 1], attention_mask=mask[b : b + 1], position_ids=positions)
+            torch.testing.assert_close(batched_b[0, span], alone[0], atol=LOGIT_ATOL, rtol=0)
+        else:
+            torch.testing.assert_close(batched[b, span], alone[0], atol=LOGIT_ATOL, rtol=0)
+    assert torch.isfinite(batched).all()
+
+
+def test_generate_decodes_with_previous_implementation():
+    model = make_model()
+    ids = torch.randint(0, 128, (1, 120))
+    expected = model.generate(ids, max_new_tokens=6, do_sample=False)
+    handle = sparse_prefill.apply(model, "sparse_prefill/policies/dense.yaml")
+    got = model.generate(ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(got, expected)
+    # prefill: one sparse-path call per layer; 5 decode steps: the previous implementation.
+    assert handle.stats.sparse_calls == 2 and handle.stats.dense_calls == 10
+
+
+def test_cached_prefix_continuation_runs_exactly_as_unpatched():
+    model = make_model()
+    ids = torch.randint(0, 128, (1, 160))
+    handle = sparse_prefill.apply(model, STREAMING)
+    with torch.no_grad():
+        prefix = model(ids[:, :128], use_cache=True)
+    cache_copy = copy.deepcopy(prefix.past_key_values)
+    patched = logits(model, ids[:, 128:], past_key_values=prefix.past_key_values)
+    assert handle.stats.dense_calls == 2  # the continuation (query shorter than keys) went to SDPA
+    sparse_prefill.remove(model)
+    torch.testing.assert_close(patched, logits(model, ids[:, 128:], past_key_values=cache_copy), atol=0, rtol=0)
+
+
+def test_per_head_overrides_split_heads_and_keep_kv_groups():
+    # Heads 0-1 read KV head 0: "dense" for head 1 only splits that group head by head.
+    model = make_model()
+    ids = torch.randint(0, 128, (1, 130))
+    policy = {"default": {"pattern": "dense"}, "overrides": [{"heads": [0, 2, 3], "pattern": "dense"},
+                                                            {"heads": 1, "layers": 0, "pattern": "dense"}]}
+    expected = logits(model, ids)
+    sparse_prefill.apply(model, policy)
+    torch.testing.assert_close(logits(model, ids), expected, atol=LOGIT_ATOL, rtol=0)
+
+
+def test_mixed_per_head_patterns_match_per_head_references(masked_reference):
+    model = make_model(num_hidden_layers=1)
+    ids = torch.randint(0, 128, (1, 100))
+    mixed = {**STREAMING, "overrides": [{"heads": 0, "pattern": "dense"}]}
+    captured = {}
+    layer = model.model.layers[0].self_attn
+    layer.o_proj.register_forward_hook(lambda mod, args, out: captured.__setitem__("x", args[0].detach().clone()))
+    sparse_prefill.apply(model, mixed)
+    logits(model, ids)
+    mixed_out = captured["x"].view(1, 100, 4, 16)
+    for policy, heads in ((STREAMING, [1, 2, 3]), ({"default": {"pattern": "dense"}}, [0])):
+        sparse_prefill.remove(model)
+        sparse_prefill.apply(model, policy)
+        logits(model, ids)
+        torch.testing.assert_close(mixed_out[:, :, heads], captured["x"].view(1, 100, 4, 16)[:, :, heads],
+                                   atol=1e-5, rtol=0)
+
+
+def test_model_without_attention_backends_is_refused():
+    with pytest.raises(TypeError, match="attention backends"):
+        sparse_prefill.apply(torch.nn.Linear(2, 2), STREAMING)
+
+
+def test_sliding_window_layers_keep_their_own_attention():
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    model = make_model(Gemma3ForCausalLM, Gemma3TextConfig, layer_types=["sliding_attention", "full_attention"],
+                       sliding_window=32)
+    ids = torch.randint(0, 128, (1, 150))
+    expected = logits(model, ids)
+    handle = sparse_prefill.apply(model, "sparse_prefill/policies/dense.yaml")
+    torch.testing.assert_close(logits(model, ids), expected, atol=LOGIT_ATOL, rtol=0)
+    assert handle.stats.sparse_calls == 1 and handle.stats.dense_calls == 1  # the sliding layer: SDPA
+
+
+# Attention shapes of the published configs, cut to 2 layers with a small MLP and vocabulary.
+LLAMA_31_8B = dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                   rope_theta=500000.0, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                      "high_freq_factor": 4.0,
+                                                      "original_max_position_embeddings": 8192})
+QWEN25_7B = dict(hidden_size=3584, num_attention_heads=28, num_key_value_heads=4, head_dim=128, rope_theta=1e6)
+
+
+@pytest.mark.parametrize("name, cls, config_cls, shape", [
+    ("llama-3.1-8b", LlamaForCausalLM, LlamaConfig, LLAMA_31_8B),
+    ("qwen2.5-7b", Qwen2ForCausalLM, Qwen2Config, QWEN25_7B),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_anchor_keeping_every_key_matches_unpatched_on_8b_shapes(name, cls, config_cls, shape):
+    model = make_model(cls, config_cls, intermediate_size=256, **shape)
+    ids = torch.randint(0, 128, (1, 300))
+    expected = logits(model, ids)
+    handle = sparse_prefill.apply(model, {"default": {"pattern": "anchor", "theta": 1e9, "block": 64, "sink": 64,
+                                                      "local": 64}}, collect_stats=True)
+    torch.testing.assert_close(logits(model, ids), expected, atol=LOGIT_ATOL, rtol=0)
+    assert handle.stats.densities == [pytest.approx(1.0)] * 2
