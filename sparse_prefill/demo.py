@@ -76,14 +76,15 @@ def compare_dense_and_sparse(model_path: str, policy: Policy, length: int, depth
 
 def format_side_by_side(prompt: NeedlePrompt, results: list[RunResult]) -> str:
     rows = [
-        ("answer", [r.answer.replace("\n", " ")[:48] for r in results]),
+        ("answer", [r.answer.replace("\n", " ")[:64] for r in results]),
         ("needle found", ["yes" if r.found else "no" for r in results]),
         ("prefill time (s)", [f"{r.prefill_seconds:.2f}" for r in results]),
         ("density", ["-" if r.density is None else f"{r.density:.3f}" for r in results]),
-        ("attention calls sparse/dense", [f"{r.sparse_calls}/{r.dense_calls}" for r in results]),
+        ("attention calls sparse/previous", [f"{r.sparse_calls}/{r.dense_calls}" if r.label != "dense" else "-"
+                                             for r in results]),
     ]
     width = max(len(cell) for _, cells in rows for cell in cells) + 2
-    header = f"{'':30}" + "".join(f"{r.label:<{width}}" for r in results)
+    header = f"{'':34}" + "".join(f"{r.label:<{width}}" for r in results)
     lines = [f"prompt: {prompt.input_ids.shape[1]} tokens, needle {prompt.answer!r} at depth {prompt.depth}", header]
-    lines += [f"{name:30}" + "".join(f"{cell:<{width}}" for cell in cells) for name, cells in rows]
+    lines += [f"{name:34}" + "".join(f"{cell:<{width}}" for cell in cells) for name, cells in rows]
     return "\n".join(lines)
