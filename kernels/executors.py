@@ -14,6 +14,7 @@ from sparse_prefill.kernels.reference import (
     stripe_attention_reference,
 )
 from sparse_prefill.kernels.runtime import triton_can_run
+from sparse_prefill.kernels.stripe_attention import STRIPE_HEAD_DIMS, stripe_attention
 from sparse_prefill.plan import BlockPlan, DensePlan, Plan, StripePlan
 
 __all__ = ["DenseSDPAExecutor", "ReferenceStripeExecutor", "ReferenceBlockExecutor", "TritonStripeExecutor"]
@@ -67,12 +68,10 @@ class TritonStripeExecutor(Executor):
     plan_kinds = (StripePlan,)
     devices = frozenset({"cuda"})
     priority = 100
-    head_dims: ClassVar[frozenset[int] | None] = frozenset({64, 96, 128, 256})
+    head_dims: ClassVar[frozenset[int] | None] = frozenset(STRIPE_HEAD_DIMS)
 
     def device_supported(self, device: torch.device) -> bool:
         return triton_can_run(device)
 
     def __call__(self, q, k, v, plan: Plan, ctx: AttentionContext, return_lse: bool = False):
-        from sparse_prefill.kernels.stripe_attention import stripe_attention
-
         return stripe_attention(q, k, v, plan, ctx.scale, return_lse=return_lse)

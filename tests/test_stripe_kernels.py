@@ -1,0 +1,327 @@
+"""Stripe executors: PyTorch references vs dense masked attention, Triton kernel vs reference.
+
+The references are checked against softmax over ``plan.to_dense()`` (small N only); the Triton
+kernel, interpreted on the CPU unless a GPU run sets TRITON_INTERPRET=0, against the stripe
+reference on the same low-precision inputs. Tolerances per dtype live in ``TOLERANCES``.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: kernels run on the CPU
+
+import dataclasses
+import re
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import sparse_prefill.kernels.stripe_attention as stripe_module
+from plan_factories import full_stripe_plan, random_block_plan, random_stripe_plan
+from sparse_prefill.kernels.reference import (
+    block_attention_reference,
+    dense_attention_reference,
+    stripe_attention_reference,
+)
+from sparse_prefill.kernels.stripe_attention import STRIPE_HEAD_DIMS, stripe_attention
+from sparse_prefill.plan import StripePlan
+
+if stripe_module._INTERPRET:
+    DEVICE = "cpu"
+elif torch.cuda.is_available():
+    DEVICE = "cuda"
+else:
+    DEVICE = None
+needs_kernel = pytest.mark.skipif(DEVICE is None, reason="needs a CUDA device or TRITON_INTERPRET=1")
+
+# Output: the kernel rounds probabilities to the input dtype before P @ V (fp16 ~1e-3, bf16 ~8e-3
+# relative), the reference keeps them in fp32. LSE is accumulated in fp32 by both.
+TOLERANCES = {
+    torch.float32: {"atol": 1e-5, "rtol": 1e-4, "lse_atol": 1e-5},
+    torch.float16: {"atol": 2e-3, "rtol": 1e-2, "lse_atol": 1e-4},
+    torch.bfloat16: {"atol": 1.6e-2, "rtol": 2e-2, "lse_atol": 1e-4},
+}
+REFERENCE_TOLERANCE = {"atol": 1e-5, "rtol": 1e-5}  # fp32 reference vs fp32 dense softmax
+
+
+@dataclass(frozen=True)
+class Case:
+    batch: int
+    num_q: int
+    num_kv: int
+    seq_len: int
+    head_dim: int
+    group_rows: int
+    sink: int
+    local: int
+    shared: bool  # plan_heads == num_kv (one list per GQA group) instead of num_q
+    dtype: torch.dtype = torch.float32
+    fraction: float = 0.3
+
+    @property
+    def plan_heads(self) -> int:
+        return self.num_kv if self.shared else self.num_q
+
+    def id(self) -> str:
+        heads = "kv" if self.shared else "q"
+        dtype = str(self.dtype).removeprefix("torch.")
+        return (
+            f"b{self.batch}-q{self.num_q}kv{self.num_kv}-n{self.seq_len}-d{self.head_dim}-g{self.group_rows}"
+            f"-sink{self.sink}-local{self.local}-plan_{heads}-{dtype}"
+        )
+
+
+def _inputs(case: Case, seed: int, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    shapes = [(case.batch, heads, case.seq_len, case.head_dim) for heads in (case.num_q, case.num_kv, case.num_kv)]
+    return tuple(torch.randn(shape, generator=generator).to(device=device, dtype=case.dtype) for shape in shapes)
+
+
+def _plan(case: Case, seed: int, device: str) -> StripePlan:
+    return random_stripe_plan(
+        case.batch, case.plan_heads, case.seq_len, case.group_rows, case.sink, case.local,
+        fraction=case.fraction, seed=seed, device=device,
+    )
+
+
+def _masked_attention(q, k, v, mask: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over a dense [B, plan heads, N, N] mask in fp32, K/V expanded: O(N^2), small N only."""
+    num_q = q.shape[1]
+    keys = k.float().repeat_interleave(num_q // k.shape[1], dim=1)
+    values = v.float().repeat_interleave(num_q // v.shape[1], dim=1)
+    allowed = mask.repeat_interleave(num_q // mask.shape[1], dim=1).to(q.device)
+    scores = (scale * q.float() @ keys.transpose(-1, -2)).masked_fill(~allowed, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ values, torch.logsumexp(scores, dim=-1)
+
+
+def _assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float, what: str) -> None:
+    """Finite and close; the failure message gives the max absolute and relative error."""
+    actual, expected = actual.float().cpu(), expected.float().cpu()
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    error = (actual - expected).abs()
+    relative = (error / expected.abs().clamp_min(1e-6)).max()
+    assert torch.allclose(actual, expected, atol=atol, rtol=rtol), (
+        f"{what}: max abs error {error.max():.3g}, max rel error {relative:.3g} (atol {atol}, rtol {rtol})"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# (a) References against dense masked attention
+# ---------------------------------------------------------------------------------------------
+
+REFERENCE_CASES = [
+    Case(1, 1, 1, 1, 16, 16, 0, 0, shared=False),
+    Case(2, 4, 2, 50, 16, 16, 4, 8, shared=False),
+    Case(1, 4, 1, 77, 8, 16, 0, 0, shared=True),
+    Case(2, 6, 2, 90, 8, 32, 5, 20, shared=True, fraction=0.6),
+]
+
+
+@pytest.mark.parametrize("case", REFERENCE_CASES, ids=Case.id)
+def test_stripe_reference_matches_dense_mask(case: Case) -> None:
+    q, k, v = _inputs(case, seed=1, device="cpu")
+    plan = _plan(case, seed=2, device="cpu")
+    out, lse = stripe_attention_reference(q, k, v, plan, 0.3, return_lse=True)
+    expected_out, expected_lse = _masked_attention(q, k, v, plan.to_dense(), 0.3)
+    _assert_close(out, expected_out, **REFERENCE_TOLERANCE, what="out")
+    _assert_close(lse, expected_lse, **REFERENCE_TOLERANCE, what="lse")
+
+
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("case", REFERENCE_CASES, ids=Case.id)
+def test_block_reference_matches_dense_mask(case: Case, block_size: int) -> None:
+    q, k, v = _inputs(case, seed=3, device="cpu")
+    plan = random_block_plan(case.batch, case.plan_heads, case.seq_len, block_size, seed=4)
+    out, lse = block_attention_reference(q, k, v, plan, 0.3, return_lse=True)
+    expected_out, expected_lse = _masked_attention(q, k, v, plan.to_dense(), 0.3)
+    _assert_close(out, expected_out, **REFERENCE_TOLERANCE, what="out")
+    _assert_close(lse, expected_lse, **REFERENCE_TOLERANCE, what="lse")
+
+
+@pytest.mark.parametrize("seq_len", [1, 300, 600])  # 600 spans several dense chunks
+def test_dense_reference_matches_causal_softmax(seq_len: int) -> None:
+    case = Case(1, 4, 2, seq_len, 16, 16, 0, 0, shared=True)
+    q, k, v = _inputs(case, seed=5, device="cpu")
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool).tril().expand(1, 2, -1, -1)
+    out, lse = dense_attention_reference(q, k, v, 0.25, return_lse=True)
+    expected_out, expected_lse = _masked_attention(q, k, v, causal, 0.25)
+    _assert_close(out, expected_out, **REFERENCE_TOLERANCE, what="out")
+    _assert_close(lse, expected_lse, **REFERENCE_TOLERANCE, what="lse")
+
+
+def test_reference_returns_input_dtype_and_no_lse_by_default() -> None:
+    case = Case(1, 2, 1, 20, 16, 16, 2, 4, shared=True, dtype=torch.bfloat16)
+    q, k, v = _inputs(case, seed=6, device="cpu")
+    out, lse = stripe_attention_reference(q, k, v, _plan(case, seed=7, device="cpu"), 0.25)
+    assert out.dtype == torch.bfloat16 and out.shape == q.shape and lse is None
+
+
+# ---------------------------------------------------------------------------------------------
+# (b, d, f) Triton kernel against the reference: output, lse, no NaN
+# ---------------------------------------------------------------------------------------------
+
+KERNEL_CASES = [
+    Case(1, 2, 1, 1, 64, 16, 0, 0, shared=False),  # a single row
+    Case(2, 2, 2, 50, 64, 16, 4, 16, shared=True, dtype=torch.float16),  # GQA 1, batch 2
+    Case(1, 4, 1, 200, 96, 32, 16, 32, shared=True, dtype=torch.bfloat16),  # GQA 4 stacked, padded head dim
+    Case(1, 4, 2, 333, 128, 48, 8, 40, shared=False, dtype=torch.float16),  # a plan per query head
+    Case(1, 8, 2, 333, 64, 64, 0, 64, shared=True),  # GQA 4, two KV heads, no sink
+    Case(1, 4, 2, 200, 64, 16, 0, 0, shared=True, dtype=torch.bfloat16),  # no windows but the own group
+    Case(1, 2, 1, 100, 256, 32, 16, 16, shared=True, dtype=torch.float16),  # head dim 256
+    Case(1, 6, 2, 120, 64, 32, 3, 17, shared=True, dtype=torch.float16),  # GQA 3: padded head tile
+    Case(1, 16, 1, 60, 64, 32, 4, 8, shared=True),  # GQA 16: two head chunks per plan head
+    Case(1, 2, 1, 100, 64, 24, 5, 30, shared=True),  # group_rows not a multiple of the row tile
+    Case(1, 2, 2, 90, 64, 16, 10, 1000, shared=False, dtype=torch.float16),  # local window covers all
+]
+
+
+@needs_kernel
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=Case.id)
+def test_kernel_matches_reference(case: Case) -> None:
+    q, k, v = _inputs(case, seed=11, device=DEVICE)
+    plan = _plan(case, seed=12, device=DEVICE)
+    scale = case.head_dim**-0.5
+    out, lse = stripe_attention(q, k, v, plan, scale, return_lse=True)
+    expected_out, expected_lse = stripe_attention_reference(q, k, v, plan, scale, return_lse=True)
+    tol = TOLERANCES[case.dtype]
+    assert out.dtype == q.dtype and out.shape == q.shape and lse.shape == q.shape[:3] and lse.dtype == torch.float32
+    _assert_close(out, expected_out, tol["atol"], tol["rtol"], what="out")
+    _assert_close(lse, expected_lse, tol["lse_atol"], 0.0, what="lse")
+
+
+@needs_kernel
+def test_kernel_without_lse_and_with_strided_inputs() -> None:
+    """[B, N, H, D] storage transposed to [B, H, N, D], and a head dim with stride 2."""
+    case = Case(1, 4, 2, 70, 64, 16, 4, 16, shared=True)
+    q, k, v = _inputs(case, seed=13, device=DEVICE)
+    q_strided = q.transpose(1, 2).contiguous().transpose(1, 2)
+    k_strided = torch.stack([k, torch.zeros_like(k)], dim=-1).flatten(-2)[..., ::2]
+    plan = _plan(case, seed=14, device=DEVICE)
+    out, lse = stripe_attention(q_strided, k_strided, v, plan, 0.125)
+    expected, _ = stripe_attention_reference(q, k, v, plan, 0.125)
+    assert lse is None
+    _assert_close(out, expected, TOLERANCES[torch.float32]["atol"], TOLERANCES[torch.float32]["rtol"], what="out")
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_kernel_large_scores_stay_finite(dtype: torch.dtype) -> None:
+    """Scores in the thousands: the online softmax must rescale without overflow or NaN."""
+    case = Case(1, 2, 1, 80, 64, 16, 8, 16, shared=True, dtype=dtype)
+    q, k, v = _inputs(case, seed=15, device=DEVICE)
+    plan = _plan(case, seed=16, device=DEVICE)
+    out, lse = stripe_attention(q * 20, k * 20, v, plan, 1.0, return_lse=True)
+    assert torch.isfinite(out.float()).all() and torch.isfinite(lse).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# (c) A plan that selects every candidate is dense causal attention
+# ---------------------------------------------------------------------------------------------
+
+FULL_CASES = [
+    Case(1, 4, 2, 150, 64, 32, 8, 32, shared=True),
+    Case(1, 2, 1, 97, 128, 16, 0, 0, shared=False, dtype=torch.float16),
+]
+
+
+@needs_kernel
+@pytest.mark.parametrize("case", FULL_CASES, ids=Case.id)
+def test_full_plan_equals_dense_causal(case: Case) -> None:
+    """Windows plus every candidate partition the causal range; tolerance as kernel vs reference."""
+    q, k, v = _inputs(case, seed=17, device=DEVICE)
+    plan = full_stripe_plan(case.batch, case.plan_heads, case.seq_len, case.group_rows, case.sink, case.local, DEVICE)
+    out, lse = stripe_attention(q, k, v, plan, 0.1, return_lse=True)
+    expected_out, expected_lse = dense_attention_reference(q, k, v, 0.1, return_lse=True)
+    tol = TOLERANCES[case.dtype]
+    _assert_close(out, expected_out, tol["atol"], tol["rtol"], what="out")
+    _assert_close(lse, expected_lse, tol["lse_atol"], 0.0, what="lse")
+    reference_out, _ = stripe_attention_reference(q, k, v, plan, 0.1)
+    _assert_close(reference_out, expected_out, tol["atol"], tol["rtol"], what="reference out")  # both rounded to dtype
+
+
+# ---------------------------------------------------------------------------------------------
+# (e) Validation: every refusal says what it got and what is allowed
+# ---------------------------------------------------------------------------------------------
+
+_VALID = Case(1, 4, 2, 32, 64, 16, 2, 4, shared=True)
+
+
+def _valid_call() -> dict:
+    q, k, v = _inputs(_VALID, seed=0, device="cpu")
+    return {"q": q, "k": k, "v": v, "plan": _plan(_VALID, seed=0, device="cpu"), "scale": 0.125}
+
+
+def _replace_plan(**changes):
+    def mutate(call: dict) -> None:
+        call["plan"] = dataclasses.replace(call["plan"], **changes)
+    return mutate
+
+
+def _set(name: str, make):
+    def mutate(call: dict) -> None:
+        call[name] = make(call)
+    return mutate
+
+
+ERROR_CASES = [
+    pytest.param(
+        _set("plan", lambda c: random_block_plan(1, 2, 32, 16)), TypeError, "StripePlan, got BlockPlan", id="plan-kind"
+    ),
+    pytest.param(_set("q", lambda c: c["q"][0]), ValueError, "must be 4-D", id="q-3d"),
+    pytest.param(_set("k", lambda c: c["k"].numpy()), TypeError, "k must be a torch.Tensor", id="k-numpy"),
+    pytest.param(_set("v", lambda c: c["v"][:, :1]), ValueError, "k and v must have one shape", id="kv-shapes"),
+    pytest.param(_set("q", lambda c: c["q"][:, :3]), ValueError, "Hq=3 and Hkv=2", id="gqa-ratio"),
+    pytest.param(_set("q", lambda c: c["q"][:, :, :31]), ValueError, "share non-empty batch, seq_len", id="q-len"),
+    pytest.param(_set("v", lambda c: c["v"].half()), TypeError, "share one dtype", id="dtype-mismatch"),
+    pytest.param(
+        lambda c: c.update({x: c[x].double() for x in "qkv"}), TypeError, "supports dtypes", id="dtype-float64"
+    ),
+    pytest.param(lambda c: c.update({x: c[x][..., :32] for x in "qkv"}), ValueError, "head dims", id="head-dim-32"),
+    pytest.param(_set("scale", lambda c: float("nan")), ValueError, "scale must be a positive finite", id="scale-nan"),
+    pytest.param(_set("scale", lambda c: -1.0), ValueError, "got -1.0", id="scale-negative"),
+    pytest.param(_replace_plan(batch=2), ValueError, "batch=2, seq_len=32 but q has batch=1", id="plan-batch"),
+    pytest.param(_replace_plan(seq_len=40), ValueError, "seq_len=40", id="plan-seq-len"),
+    pytest.param(_replace_plan(plan_heads=1), ValueError, "query heads (4) or the KV heads (2)", id="plan-heads"),
+    pytest.param(
+        _replace_plan(offsets=torch.zeros(5, dtype=torch.int64, device="meta")),
+        ValueError,
+        "build the plan on q's device",
+        id="plan-device",
+    ),
+    pytest.param(
+        lambda c: _replace_plan(offsets=c["plan"].offsets.int())(c), ValueError, "int64 offsets of length 5",
+        id="plan-csr-dtype",
+    ),
+]
+
+
+@pytest.mark.parametrize("mutate, error, message", ERROR_CASES)
+def test_kernel_validation_errors(mutate, error: type[Exception], message: str) -> None:
+    call = _valid_call()
+    mutate(call)
+    with pytest.raises(error, match=re.escape(message)):
+        stripe_attention(**call)
+
+
+def test_kernel_refuses_cpu_without_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # triton_can_run reads it at call time
+    with pytest.raises(ValueError, match="set TRITON_INTERPRET=1"):
+        stripe_attention(**_valid_call())
+
+
+@pytest.mark.parametrize("executor", [stripe_attention_reference, block_attention_reference], ids=lambda f: f.__name__)
+def test_references_validate_plan_heads(executor) -> None:
+    call = _valid_call()
+    plan = call.pop("plan")
+    if executor is block_attention_reference:
+        plan = random_block_plan(1, 3, 32, 16)
+    else:
+        plan = dataclasses.replace(plan, plan_heads=3)
+    with pytest.raises(ValueError, match=re.escape("has 3 heads; allowed: the query heads (4) or the KV heads (2)")):
+        executor(plan=plan, **call)
+
+
+def test_kernel_cases_cover_declared_head_dims() -> None:
+    assert set(STRIPE_HEAD_DIMS) <= {case.head_dim for case in KERNEL_CASES}
