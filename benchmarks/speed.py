@@ -38,7 +38,7 @@ def bench(fn) -> float:
     """Median milliseconds, after a warm-up that includes compilation and autotuning."""
     fn()
     torch.cuda.synchronize()
-    return float(triton.testing.do_bench(fn, warmup=50, rep=200, return_mode="median"))
+    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -65,8 +65,8 @@ def check_kernels(params: dict) -> list[dict]:
     return checks
 
 
-def measure(n: int, params: dict, min_length: int, hq: int, hkv: int, d: int) -> dict:
-    q, k, v = structured_qkv(n, hq, hkv, d, device="cuda")
+def measure(n: int, params: dict, min_length: int, hq: int, hkv: int, d: int, strength: float) -> dict:
+    q, k, v = structured_qkv(n, hq, hkv, d, device="cuda", strength=strength)
     scale = d ** -0.5
     ctx = AttentionContext.for_inputs(q, k, scale)
     identifier = ANCHOR.build(**params)
@@ -99,7 +99,7 @@ def measure(n: int, params: dict, min_length: int, hq: int, hkv: int, d: int) ->
     sparse_flops = dense_flops * density
     uses_sparse = n >= min_length
     row = dict(
-        seq_len=n, density=density, rel_err_vs_dense=err,
+        seq_len=n, strength=strength, density=density, rel_err_vs_dense=err,
         dense_ms=t_dense, identify_ms=t_identify, execute_ms=t_execute, anchor_ms=t_total,
         policy_ms=t_total if uses_sparse else t_dense, policy_path="anchor" if uses_sparse else "dense",
         anchor_over_dense=t_total / t_dense, policy_over_dense=(t_total if uses_sparse else t_dense) / t_dense,
@@ -119,6 +119,8 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--commit", default="unknown")
     parser.add_argument("--policy", default="sparse_prefill/policies/anchor.yaml")
+    parser.add_argument("--strengths", default="0.8,1.0",
+                        help="synthetic input strengths: 0.8 diffuse (harder than real), 1.0 sink-dominated")
     parser.add_argument("--heads", default="32,8,128", help="query heads, KV heads, head dim")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override an anchor parameter, e.g. --set theta=6")
@@ -133,15 +135,16 @@ def main() -> None:
         gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
         python=platform.python_version(), commit=args.commit, params=params, min_length=policy.min_length,
         shape=dict(batch=1, q_heads=hq, kv_heads=hkv, head_dim=d, dtype="bfloat16"),
-        inputs="sparse_prefill.evaluation.synthetic.structured_qkv (defaults)",
+        inputs="sparse_prefill.evaluation.synthetic.structured_qkv (defaults but strength)",
         checks=check_kernels(params), rows=[],
     )
-    for n in (int(x) for x in args.lengths.split(",")):
-        result["rows"].append(measure(n, params, policy.min_length, hq, hkv, d))
-        torch.cuda.empty_cache()
-    result["seconds"] = time.time() - started
-    with open(args.out, "w") as fh:
-        json.dump(result, fh, indent=2)
+    for strength in (float(x) for x in args.strengths.split(",")):
+        for n in (int(x) for x in args.lengths.split(",")):
+            result["rows"].append(measure(n, params, policy.min_length, hq, hkv, d, strength))
+            torch.cuda.empty_cache()
+            result["seconds"] = time.time() - started
+            with open(args.out, "w") as fh:  # after every row: a run cut short keeps what it measured
+                json.dump(result, fh, indent=2)
 
 
 if __name__ == "__main__":

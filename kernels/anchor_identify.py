@@ -38,9 +38,11 @@ MAX_SCAN_ROWS = 128  # kernels 2-3 hold a program's stacked pooled rows (and the
 # Pooled rows stacked per scan program: each K tile loaded then serves all of them. 32 fills a tensor-core
 # MMA (tl.dot needs >= 16 rows) and still leaves hundreds of programs at 8k tokens.
 _SCAN_ROWS = 32
-# fp32 dots on tensor cores at about fp32 accuracy: 16-bit K is exact in tf32, only the 3-way split of
-# the fp32 operand rounds. The interpreter computes every dot in numpy fp32 and needs no choice.
-_FP32_DOT_PRECISION = "ieee" if triton_interpreted() else "tf32x3"
+# Pooled scores on tensor cores in tf32: 16-bit K is exact in tf32 and the fp32 pooled query keeps a
+# 10-bit mantissa (score error ~1e-3 relative, far below theta's scale); the sums and the theta
+# comparison stay fp32. tf32x3 (fp32-exact) made identification ~3x slower on the H200. The
+# interpreter computes every dot in numpy fp32 and needs no choice.
+_FP32_DOT_PRECISION = "ieee" if triton_interpreted() else "tf32"
 
 
 @triton.jit
@@ -346,7 +348,7 @@ def anchor_identify(
     local: int,
     share_kv_heads: bool,
 ) -> StripePlan:
-    """AnchorAttention stripes for causal prefill: q [B, Hq, N, D], k [B, Hkv, N, D] -> validated StripePlan.
+    """AnchorAttention stripes for causal prefill: q [B, Hq, N, D], k [B, Hkv, N, D] -> StripePlan.
 
     Arguments and result are those of ``anchor_identify_reference``; q and k are read in place
     (any strides, K never expanded for GQA), on CUDA, or on the CPU under TRITON_INTERPRET=1.
@@ -381,6 +383,5 @@ def anchor_identify(
     indices = torch.empty(total, dtype=torch.int32, device=q.device)
     if total:
         _stripe_write_kernel[grid](pooled_q, pooled_anchor, k, offsets, indices, *scan_args, **constexprs)
-    plan = dataclasses.replace(plan, offsets=offsets, indices=indices)
-    plan.validate()
-    return plan
+    # No plan.validate() here: it costs several times the index memory and a sync; the tests validate.
+    return dataclasses.replace(plan, offsets=offsets, indices=indices)
