@@ -6,12 +6,12 @@ rounding at exact threshold ties), in three kernels that never materialise anyth
 1. ``_anchor_pool_kernel``, one program per (batch, query head, query block): the row max of
    ``scale * q . k`` over the row's window keys (QK^T only, no PV), averaged over the block's rows
    -> pooled_anchor [B, Hq, NB]; and the mean q row -> pooled_q [B, Hq, NB, D], both fp32.
-2. ``_stripe_count_kernel``: scores candidate key tiles against pooled rows stacked in M and counts,
+2. ``_stripe_scan_kernel`` (WRITE=False): scores candidate key tiles against pooled rows stacked in M and counts,
    per segment (batch, plan head, group), the keys that any of the segment's rows keeps. A segment
    owns group_blocks x shared-heads rows; one program stacks the segments of every plan head of one
    KV head over a few consecutive groups, so each K tile is loaded once for ~32 rows, not once per
    segment (with per-head lists and one block per group a segment has a single row).
-3. ``_stripe_write_kernel``: the same scan, writing kept keys in ascending order at each segment's
+3. ``_stripe_scan_kernel`` (WRITE=True): the same scan, writing kept keys in ascending order at each segment's
    CSR offset (the host takes a cumsum of the counts between 2 and 3; one sync sizes the buffer).
 
 Sequence length, scale and theta are runtime arguments, so new lengths do not recompile.
@@ -196,18 +196,21 @@ def _anchor_pool_kernel(
     tl.store(PooledAnchor + off_b.to(tl.int64) * stride_ab + off_h.to(tl.int64) * stride_ah + start_m * stride_am, anchor)
 
 
-@triton.autotune(_configs(), key=["HEAD_DIM_PAD", "SEG_PAD", "ROW_PAD"], prune_configs_by={"early_config_prune": _prune_score_tiles})
+@triton.autotune(_configs(), key=["HEAD_DIM_PAD", "SEG_PAD", "ROW_PAD", "WRITE"],
+                 prune_configs_by={"early_config_prune": _prune_score_tiles})
 @triton.jit
-def _stripe_count_kernel(
-    PooledQ, PooledAnchor, K, Counts,
+def _stripe_scan_kernel(
+    PooledQ, PooledAnchor, K, Offsets, Out,
     stride_pb, stride_ph, stride_pm, stride_pd,
     stride_ab, stride_ah, stride_am,
     stride_kb, stride_kh, stride_kn, stride_kd,
     num_kv_heads, num_plan_heads, plan_heads_per_kv, groups_per_chunk, num_groups,
     heads_per_plan, group_blocks, num_blocks, group_rows, sink, local, scale, theta,
     PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    SEG_PAD: tl.constexpr, ROW_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    SEG_PAD: tl.constexpr, ROW_PAD: tl.constexpr, BLOCK_N: tl.constexpr, WRITE: tl.constexpr,
 ):
+    """Kernels 2 and 3: WRITE=False stores kept-key counts per segment in Out; WRITE=True writes
+    the kept keys into Out (the CSR indices) from each segment's offset, in ascending order."""
     chunk = tl.program_id(0)
     off_b = tl.program_id(1) // num_kv_heads
     off_kv = tl.program_id(1) % num_kv_heads
@@ -223,51 +226,22 @@ def _stripe_count_kernel(
     )
     # Every segment of this program reads the same KV head: each K tile is loaded once for all of them.
     k_base = K + off_b.to(tl.int64) * stride_kb + off_kv.to(tl.int64) * stride_kh
-    counts = tl.zeros([SEG_PAD], dtype=tl.int32)
-    for start_n in range(key_lo, key_hi, BLOCK_N):
-        _, keep = _keep_tile(pooled_q, anchor, row_valid, k_base, stride_kn, stride_kd, start_n, key_hi,
-                             sink_end, local_start, scale, theta,
-                             PRECISION, HEAD_DIM, HEAD_DIM_PAD, SEG_PAD, ROW_PAD, BLOCK_N)
-        counts += tl.sum(keep.to(tl.int32), 1)
-    tl.store(Counts + segment, counts, mask=valid)
-
-
-@triton.autotune(_configs(), key=["HEAD_DIM_PAD", "SEG_PAD", "ROW_PAD"], prune_configs_by={"early_config_prune": _prune_score_tiles})
-@triton.jit
-def _stripe_write_kernel(
-    PooledQ, PooledAnchor, K, Offsets, Indices,
-    stride_pb, stride_ph, stride_pm, stride_pd,
-    stride_ab, stride_ah, stride_am,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    num_kv_heads, num_plan_heads, plan_heads_per_kv, groups_per_chunk, num_groups,
-    heads_per_plan, group_blocks, num_blocks, group_rows, sink, local, scale, theta,
-    PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    SEG_PAD: tl.constexpr, ROW_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    chunk = tl.program_id(0)
-    off_b = tl.program_id(1) // num_kv_heads
-    off_kv = tl.program_id(1) % num_kv_heads
-    segment, sink_end, local_start, valid, key_lo, key_hi = _program_segments(
-        chunk, off_b, off_kv, num_plan_heads, plan_heads_per_kv, groups_per_chunk, num_groups, group_rows, sink, local,
-        SEG_PAD,
-    )
-    pooled_q, anchor, row_valid = _load_pooled_rows(
-        PooledQ, PooledAnchor, off_b, off_kv, chunk,
-        stride_pb, stride_ph, stride_pm, stride_pd, stride_ab, stride_ah, stride_am,
-        plan_heads_per_kv, groups_per_chunk, num_groups, heads_per_plan, group_blocks, num_blocks,
-        HEAD_DIM, HEAD_DIM_PAD, SEG_PAD, ROW_PAD,
-    )
-    k_base = K + off_b.to(tl.int64) * stride_kb + off_kv.to(tl.int64) * stride_kh
-    cursor = tl.load(Offsets + segment, mask=valid, other=0)
+    if WRITE:
+        cursor = tl.load(Offsets + segment, mask=valid, other=0)
+    else:
+        cursor = tl.zeros([SEG_PAD], dtype=tl.int64)
     for start_n in range(key_lo, key_hi, BLOCK_N):
         keys, keep = _keep_tile(pooled_q, anchor, row_valid, k_base, stride_kn, stride_kd, start_n, key_hi,
                                 sink_end, local_start, scale, theta,
                                 PRECISION, HEAD_DIM, HEAD_DIM_PAD, SEG_PAD, ROW_PAD, BLOCK_N)
         keep = keep.to(tl.int32)
-        # An inclusive prefix sum along the keys places each kept key after the ones before it: ascending order.
-        slots = cursor[:, None] + tl.cumsum(keep, 1) - 1
-        tl.store(Indices + slots, tl.broadcast_to(keys[None, :], (SEG_PAD, BLOCK_N)), mask=keep > 0)
+        if WRITE:
+            # An inclusive prefix sum along the keys places each kept key after the ones before it: ascending order.
+            slots = cursor[:, None] + tl.cumsum(keep, 1) - 1
+            tl.store(Out + slots, tl.broadcast_to(keys[None, :], (SEG_PAD, BLOCK_N)), mask=keep > 0)
         cursor += tl.sum(keep, 1)
+    if not WRITE:
+        tl.store(Out + segment, cursor.to(tl.int32), mask=valid)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -376,12 +350,12 @@ def anchor_identify(
         SEG_PAD=layout.seg_pad, ROW_PAD=layout.row_pad,
     )
     counts = torch.empty(plan.offsets.numel() - 1, dtype=torch.int32, device=q.device)
-    _stripe_count_kernel[grid](pooled_q, pooled_anchor, k, counts, *scan_args, **constexprs)
+    _stripe_scan_kernel[grid](pooled_q, pooled_anchor, k, counts, counts, *scan_args, WRITE=False, **constexprs)
     offsets = plan.offsets.clone()
     torch.cumsum(counts, dim=0, out=offsets[1:])
     total = int(offsets[-1])  # the one host sync: sizes the index buffer
     indices = torch.empty(total, dtype=torch.int32, device=q.device)
     if total:
-        _stripe_write_kernel[grid](pooled_q, pooled_anchor, k, offsets, indices, *scan_args, **constexprs)
+        _stripe_scan_kernel[grid](pooled_q, pooled_anchor, k, offsets, indices, *scan_args, WRITE=True, **constexprs)
     # No plan.validate() here: it costs several times the index memory and a sync; the tests validate.
     return dataclasses.replace(plan, offsets=offsets, indices=indices)
