@@ -221,7 +221,16 @@ class BlockPlan:
         return (self.offsets[1:] - self.offsets[:-1]).view(self.batch, self.heads, self.num_blocks)
 
     def density(self) -> float:
-        return float(self.to_dense().sum()) / (self.batch * self.heads * self.seq_len * (self.seq_len + 1) / 2)
+        """Fraction of the causal score matrix this plan computes, from the CSR alone (no N^2 mask)."""
+        nnz = self.indices.numel()
+        causal = self.batch * self.heads * self.seq_len * (self.seq_len + 1) / 2
+        if nnz == 0:
+            return 0.0
+        query_block = _segment_ids(self.offsets, nnz) % self.num_blocks
+        rows = torch.clamp(self.seq_len - query_block * self.block_size, max=self.block_size)
+        # Blocks before the diagonal are whole (block_size keys per row); the diagonal is a triangle.
+        pairs = torch.where(self.indices.long() < query_block, rows * self.block_size, rows * (rows + 1) // 2)
+        return float(pairs.sum()) / causal
 
     def validate(self) -> None:
         for name in ("batch", "heads", "seq_len", "block_size"):

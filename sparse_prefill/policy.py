@@ -78,6 +78,7 @@ class Policy:
     min_length: int = 0
     source: str = "<dict>"
     _identifiers: dict[PatternChoice, Identifier] = field(default_factory=dict, repr=False, compare=False)
+    _assignments: dict[tuple, list[HeadAssignment]] = field(default_factory=dict, repr=False, compare=False)
 
     def choice_for(self, layer: int | None, head: int) -> PatternChoice:
         """The pattern choice of one (layer, global query head)."""
@@ -90,11 +91,17 @@ class Policy:
         return choice
 
     def assign_heads(self, layer: int | None, num_heads: int, head_offset: int = 0) -> list[HeadAssignment]:
-        """Group the local heads [0, num_heads) of one call by pattern choice (first-seen order)."""
-        groups: dict[PatternChoice, list[int]] = {}
-        for local in range(num_heads):
-            groups.setdefault(self.choice_for(layer, head_offset + local), []).append(local)
-        return [HeadAssignment(tuple(heads), choice) for choice, heads in groups.items()]
+        """Group the local heads [0, num_heads) of one call by pattern choice (first-seen order).
+
+        Computed once per (layer, num_heads, head_offset): attention calls it on every prefill.
+        """
+        key = (layer, num_heads, head_offset)
+        if key not in self._assignments:
+            groups: dict[PatternChoice, list[int]] = {}
+            for local in range(num_heads):
+                groups.setdefault(self.choice_for(layer, head_offset + local), []).append(local)
+            self._assignments[key] = [HeadAssignment(tuple(heads), choice) for choice, heads in groups.items()]
+        return self._assignments[key]
 
     def identifier(self, choice: PatternChoice) -> Identifier:
         """The identifier for a choice, built once and reused."""

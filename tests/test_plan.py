@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from plan_factories import random_block_plan
 from sparse_prefill.plan import BlockPlan, DensePlan, StripePlan
 
 
@@ -77,3 +78,10 @@ def test_dense_plan():
 def test_repr_shows_shape_and_density():
     text = repr(stripe_plan(selected={(0, 0, 2): [3]}))
     assert "StripePlan(" in text and "density=" in text and "selected=1" in text
+
+
+def test_block_density_matches_dense_mask_on_random_plans():
+    for seq_len, block in ((37, 8), (64, 16), (5, 4)):
+        plan = random_block_plan(2, 3, seq_len, block, fraction=0.5, seed=seq_len)
+        expected = plan.to_dense().sum().item() / (2 * 3 * seq_len * (seq_len + 1) / 2)
+        assert plan.density() == pytest.approx(expected)
