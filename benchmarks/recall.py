@@ -27,7 +27,7 @@ from sparse_prefill.evaluation.recall import attention_recall, capture_qk
 from sparse_prefill.patterns.anchor import ANCHOR
 from sparse_prefill.patterns.anchor.reference import anchor_identify_reference
 
-GRID_PARAMS = ("theta", "block", "group_blocks", "sink", "local", "share_kv_heads")
+GRID_PARAMS = ("theta", "block", "group_blocks", "sink", "local", "share_kv_heads", "dense_tail")
 DEFAULTS = {name: ANCHOR.parameters[name].default for name in GRID_PARAMS}  # the shipped defaults
 
 
@@ -40,6 +40,8 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--group-blocks", type=int, nargs="+", default=[DEFAULTS["group_blocks"]], help="blocks sharing one key list")
     parser.add_argument("--sink", type=int, nargs="+", default=[DEFAULTS["sink"]], help="initial-window keys")
     parser.add_argument("--local", type=int, nargs="+", default=[DEFAULTS["local"]], help="local-window keys before each group")
+    parser.add_argument("--dense-tail", type=int, nargs="+", default=[DEFAULTS["dense_tail"]],
+                        help="last rows whose groups attend every key")
     parser.add_argument("--share-kv-heads", type=_bool, nargs="+", default=[DEFAULTS["share_kv_heads"]], help="true/false: one list per KV head")
     parser.add_argument("--qk-cache", type=Path, help="load captured Q/K from here if it exists, else save them here")
     parser.add_argument("--out", type=Path, help="write the results as JSON (merged into an existing report)")

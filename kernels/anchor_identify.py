@@ -110,24 +110,27 @@ def _load_pooled_rows(
 @triton.jit
 def _program_segments(
     chunk, off_b, off_kv, num_plan_heads, plan_heads_per_kv, groups_per_chunk, num_groups, group_rows, sink, local,
-    SEG_PAD: tl.constexpr,
+    tail_start, SEG_PAD: tl.constexpr,
 ):
-    """Per segment slot [SEG_PAD]: CSR segment id, sink_end, local_start, valid; and the union key range to scan."""
+    """Per segment slot [SEG_PAD]: CSR segment id, sink_end, local_start, valid, keep_all (the group
+    reaches past tail_start); and the union key range to scan."""
     plan_head, group, valid = _segment_of(tl.arange(0, SEG_PAD), chunk, off_kv, plan_heads_per_kv, groups_per_chunk, num_groups)
     sink_end, local_start = _group_windows(group, group_rows, sink, local)
     segment = (off_b * num_plan_heads + plan_head).to(tl.int64) * num_groups + group
     key_lo = tl.min(tl.where(valid, sink_end, local_start), 0)
     key_hi = tl.max(tl.where(valid, local_start, 0), 0)
-    return segment, sink_end, local_start, valid, key_lo, key_hi
+    keep_all = valid & ((group + 1) * group_rows > tail_start)  # padded slots must never write
+    return segment, sink_end, local_start, valid, keep_all, key_lo, key_hi
 
 
 @triton.jit
 def _keep_tile(
-    pooled_q, anchor, row_valid, k_base, stride_kn, stride_kd, start_n, key_hi, sink_end, local_start, scale, theta,
-    PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    pooled_q, anchor, row_valid, k_base, stride_kn, stride_kd, start_n, key_hi, sink_end, local_start, keep_all,
+    scale, theta, PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     SEG_PAD: tl.constexpr, ROW_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """(keys [BLOCK_N], keep [SEG_PAD, BLOCK_N]): a segment keeps key j if any of its rows has score + theta >= anchor."""
+    """(keys [BLOCK_N], keep [SEG_PAD, BLOCK_N]): a segment keeps key j if any of its rows has score + theta >= anchor,
+    and every candidate when keep_all."""
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     keys = start_n + tl.arange(0, BLOCK_N)
     k_ptrs = k_base + keys[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd
@@ -136,7 +139,7 @@ def _keep_tile(
     hit = ((s + theta >= anchor[:, None]) & row_valid[:, None]).to(tl.int32)
     segment_hit = tl.max(tl.reshape(hit, (SEG_PAD, ROW_PAD, BLOCK_N)), 1)
     candidate = (keys[None, :] >= sink_end[:, None]) & (keys[None, :] < local_start[:, None])
-    return keys, (segment_hit > 0) & candidate
+    return keys, ((segment_hit > 0) | keep_all[:, None]) & candidate
 
 
 def _configs() -> list[triton.Config]:
@@ -205,7 +208,7 @@ def _stripe_scan_kernel(
     stride_ab, stride_ah, stride_am,
     stride_kb, stride_kh, stride_kn, stride_kd,
     num_kv_heads, num_plan_heads, plan_heads_per_kv, groups_per_chunk, num_groups,
-    heads_per_plan, group_blocks, num_blocks, group_rows, sink, local, scale, theta,
+    heads_per_plan, group_blocks, num_blocks, group_rows, sink, local, tail_start, scale, theta,
     PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     SEG_PAD: tl.constexpr, ROW_PAD: tl.constexpr, BLOCK_N: tl.constexpr, WRITE: tl.constexpr,
 ):
@@ -214,9 +217,9 @@ def _stripe_scan_kernel(
     chunk = tl.program_id(0)
     off_b = tl.program_id(1) // num_kv_heads
     off_kv = tl.program_id(1) % num_kv_heads
-    segment, sink_end, local_start, valid, key_lo, key_hi = _program_segments(
+    segment, sink_end, local_start, valid, keep_all, key_lo, key_hi = _program_segments(
         chunk, off_b, off_kv, num_plan_heads, plan_heads_per_kv, groups_per_chunk, num_groups, group_rows, sink, local,
-        SEG_PAD,
+        tail_start, SEG_PAD,
     )
     pooled_q, anchor, row_valid = _load_pooled_rows(
         PooledQ, PooledAnchor, off_b, off_kv, chunk,
@@ -232,7 +235,7 @@ def _stripe_scan_kernel(
         cursor = tl.zeros([SEG_PAD], dtype=tl.int64)
     for start_n in range(key_lo, key_hi, BLOCK_N):
         keys, keep = _keep_tile(pooled_q, anchor, row_valid, k_base, stride_kn, stride_kd, start_n, key_hi,
-                                sink_end, local_start, scale, theta,
+                                sink_end, local_start, keep_all, scale, theta,
                                 PRECISION, HEAD_DIM, HEAD_DIM_PAD, SEG_PAD, ROW_PAD, BLOCK_N)
         keep = keep.to(tl.int32)
         if WRITE:
@@ -310,6 +313,12 @@ def _pool_blocks(q: torch.Tensor, k: torch.Tensor, *, scale: float, block: int, 
     return pooled_q, pooled_anchor
 
 
+def _tail_start(seq_len: int, dense_tail: int) -> int:
+    """First row of the dense tail. The kernel tests (group + 1) * group_rows > tail_start, which a
+    partial last group passes with no tail at all, so "no tail" is a start no group reaches."""
+    return seq_len - dense_tail if dense_tail > 0 else 2**31 - 1
+
+
 def anchor_identify(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -321,6 +330,7 @@ def anchor_identify(
     sink: int,
     local: int,
     share_kv_heads: bool,
+    dense_tail: int = 0,
 ) -> StripePlan:
     """AnchorAttention stripes for causal prefill: q [B, Hq, N, D], k [B, Hkv, N, D] -> StripePlan.
 
@@ -329,7 +339,7 @@ def anchor_identify(
     """
     validate_anchor_inputs(
         q, k, scale=scale, theta=theta, block=block, group_blocks=group_blocks, sink=sink, local=local,
-        share_kv_heads=share_kv_heads,
+        share_kv_heads=share_kv_heads, dense_tail=dense_tail,
     )
     batch, num_q, seq_len, head_dim = q.shape
     num_kv = k.shape[1]
@@ -343,7 +353,8 @@ def anchor_identify(
     scan_args = (
         *pooled_q.stride(), *pooled_anchor.stride(), *k.stride(),
         num_kv, plan.plan_heads, layout.plan_heads_per_kv, layout.groups_per_chunk, plan.num_groups,
-        heads_per_plan, group_blocks, pooled_q.shape[2], plan.group_rows, sink, local, scale, theta,
+        heads_per_plan, group_blocks, pooled_q.shape[2], plan.group_rows, sink, local, _tail_start(seq_len, dense_tail),
+        scale, theta,
     )
     constexprs = dict(
         PRECISION=_FP32_DOT_PRECISION, HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim),

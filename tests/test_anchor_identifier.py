@@ -248,3 +248,23 @@ def test_bad_inputs_are_refused_with_reasons(name: str, make: Callable, override
 def test_kernel_refuses_what_it_cannot_run(make: Callable, overrides: dict, error: type, message: str) -> None:
     with pytest.raises(error, match=message):
         _call(anchor_identify, make, overrides)
+
+
+@pytest.mark.parametrize("seq_len, dense_tail", [(300, 1), (300, 100), (257, 200), (200, 0)], ids=str)
+@pytest.mark.parametrize("share_kv_heads", [False, True], ids=["per-head", "shared"])
+def test_dense_tail_keeps_every_candidate_of_the_last_groups(seq_len, dense_tail, share_kv_heads):
+    torch.manual_seed(seq_len + dense_tail)
+    q, k = torch.randn(1, 4, seq_len, 64), torch.randn(1, 2, seq_len, 64)
+    # theta -1e9: the scores keep nothing, so everything selected comes from the dense tail.
+    params = dict(scale=0.125, theta=-1e9, block=32, group_blocks=1, sink=16, local=32,
+                  share_kv_heads=share_kv_heads, dense_tail=dense_tail)
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
+    for identify in (anchor_identify_reference, anchor_identify):
+        plan = identify(q, k, **params)
+        plan.validate()
+        row_end = torch.clamp((torch.arange(plan.num_groups) + 1) * plan.group_rows, max=seq_len)
+        in_tail = row_end > seq_len - dense_tail
+        assert not plan.counts()[..., ~in_tail].any(), identify.__name__
+        tail_rows = torch.arange(seq_len) >= int(in_tail.int().argmax()) * plan.group_rows if in_tail.any() else []
+        mask = plan.to_dense()[0, 0]
+        assert torch.equal(mask[tail_rows], causal[tail_rows]), identify.__name__

@@ -23,10 +23,10 @@ __all__ = ["ANCHOR", "AnchorIdentifier"]
 class AnchorIdentifier(Identifier):
     """Runs the Triton identifier on CUDA (or under TRITON_INTERPRET=1), the reference elsewhere."""
 
-    def __init__(self, theta: float, block: int, group_blocks: int, sink: int, local: int, share_kv_heads: bool) -> None:
-        self.params = dict(
-            theta=theta, block=block, group_blocks=group_blocks, sink=sink, local=local, share_kv_heads=share_kv_heads
-        )
+    def __init__(self, theta: float, block: int, group_blocks: int, sink: int, local: int, share_kv_heads: bool,
+                 dense_tail: int) -> None:
+        self.params = dict(theta=theta, block=block, group_blocks=group_blocks, sink=sink, local=local,
+                           share_kv_heads=share_kv_heads, dense_tail=dense_tail)
 
     def identify(self, q: torch.Tensor, k: torch.Tensor, ctx: AttentionContext) -> StripePlan:
         if triton_can_run(q.device):
@@ -46,6 +46,7 @@ ANCHOR = PatternSpec(
         "sink": Parameter(int, 128, "initial keys every query attends densely", at_least(0)),
         "local": Parameter(int, 128, "keys before each query group attended densely (plus its own diagonal)", at_least(0)),
         "share_kv_heads": Parameter(bool, False, "query heads of one KV group share one key list (union)"),
+        "dense_tail": Parameter(int, 128, "last prompt rows (the question) whose groups attend every key", at_least(0)),
     },
     make_identifier=AnchorIdentifier,
 )

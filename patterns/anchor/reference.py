@@ -38,6 +38,7 @@ def validate_anchor_inputs(
     sink: int,
     local: int,
     share_kv_heads: bool,
+    dense_tail: int = 0,
 ) -> None:
     """Shape and parameter checks shared by every anchor identifier; raises with what was received."""
     if not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor):
@@ -55,7 +56,8 @@ def validate_anchor_inputs(
         raise ValueError(f"query heads must be a positive multiple of KV heads (GQA), got Hq={num_q} and Hkv={num_kv}")
     if q.device != k.device:
         raise ValueError(f"q and k must be on one device, got {q.device} and {k.device}")
-    for name, value, low in (("block", block, 1), ("group_blocks", group_blocks, 1), ("sink", sink, 0), ("local", local, 0)):
+    for name, value, low in (("block", block, 1), ("group_blocks", group_blocks, 1), ("sink", sink, 0), ("local", local, 0),
+                             ("dense_tail", dense_tail, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     for name, value in (("scale", scale), ("theta", theta)):
@@ -121,16 +123,19 @@ def anchor_identify_reference(
     sink: int,
     local: int,
     share_kv_heads: bool,
+    dense_tail: int = 0,
 ) -> StripePlan:
     """AnchorAttention stripes for causal prefill: q [B, Hq, N, D], k [B, Hkv, N, D] -> validated StripePlan.
 
     Groups hold ``block * group_blocks`` query rows; plan heads are the KV heads when
     ``share_kv_heads`` (one key list per GQA group, the union over its query heads), else the
-    query heads. ``theta`` is in natural-log units: larger keeps more keys.
+    query heads. ``theta`` is in natural-log units: larger keeps more keys. Groups holding any of
+    the last ``dense_tail`` rows keep every candidate: those rows (the question at the end of a
+    prompt) are where retrieval happens, and mean-pooling over a block would dilute them.
     """
     validate_anchor_inputs(
         q, k, scale=scale, theta=theta, block=block, group_blocks=group_blocks, sink=sink, local=local,
-        share_kv_heads=share_kv_heads,
+        share_kv_heads=share_kv_heads, dense_tail=dense_tail,
     )
     batch, num_q, seq_len, _ = q.shape
     num_kv = k.shape[1]
@@ -142,6 +147,8 @@ def anchor_identify_reference(
     for group in range(plan.num_groups):
         geometry = plan.group_bounds(group)
         keep = _group_keep(qf, kf, geometry, scale=scale, theta=theta, block=block, share_kv_heads=share_kv_heads)
+        if geometry[1] > seq_len - dense_tail:
+            keep = torch.ones_like(keep)
         b, h, candidate = keep.nonzero(as_tuple=True)
         segments.append((b * plan_heads + h) * plan.num_groups + group)
         positions.append(candidate + geometry[2])
