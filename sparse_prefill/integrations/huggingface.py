@@ -8,6 +8,10 @@ model's previous implementation would have built. Whenever a call is not a fresh
 prefill at or above the policy's ``min_length`` (decode, chunked prefill, cached prefixes,
 sliding-window or soft-capped layers, dropout in training), the previous implementation runs
 with that exact mask, so those paths behave as if the model were unpatched.
+
+Under transformers' tensor parallelism each rank's attention sees only its slice of the heads;
+:func:`apply` reads which slice from the model's TP plan and mesh so that per-head policies,
+written in global head indices, land on the right heads.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import functools
 import itertools
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -25,10 +29,17 @@ from sparse_prefill.interfaces import AttentionContext
 from sparse_prefill.plan import Plan
 from sparse_prefill.policy import Policy, PolicySource, load_policy
 
-__all__ = ["SparsePrefillHandle", "DeferredMask", "apply", "remove"]
+__all__ = ["SparsePrefillHandle", "DeferredMask", "apply", "remove", "tp_head_offset"]
 
 _HANDLE_ATTR = "_sparse_prefill_handle"
 _names = itertools.count()
+
+# Query projections of transformers' attention classes, and the TP styles that keep every head
+# on every rank (the projection's output is gathered). A "colwise" rule on an unfused projection
+# splits the heads; on a fused one (qkv) the head layout is model-specific.
+_QUERY_PROJECTIONS = ("q_proj", "q_b_proj", "qkv_proj", "query_key_value")
+_UNFUSED_QUERY_PROJECTIONS = ("q_proj", "q_b_proj")
+_GATHERED_STYLES = ("colwise_gather_output", "colwise_rep")
 
 
 @dataclass
@@ -74,6 +85,7 @@ class SparsePrefillHandle:
     previous_implementation: str
     previous_attention: Callable[..., Any]
     collect_stats: bool = False
+    head_offset: int = 0  # global index of this rank's first query head (tensor parallelism)
     stats: PrefillStats = field(default_factory=PrefillStats)
 
     def remove(self) -> None:
@@ -85,6 +97,49 @@ def _transformers_interfaces() -> tuple[Any, Any]:
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     return ALL_ATTENTION_FUNCTIONS, ALL_MASK_ATTENTION_FUNCTIONS
+
+
+def tp_head_offset(tp_plan: Mapping[str, str], tp_size: int, tp_rank: int, num_heads: int, num_kv_heads: int) -> int:
+    """Global index of the first query head that tensor-parallel rank ``tp_rank`` holds.
+
+    A "colwise" rule shards a projection's output features into ``tp_size`` contiguous slices in
+    rank order, so with whole heads per slice rank r holds query heads [r*H/tp, (r+1)*H/tp) and
+    the KV heads they read. Any layout this cannot vouch for raises: per-head policies would
+    otherwise silently run on the wrong heads.
+    """
+    if tp_size == 1:
+        return 0
+    rules = {(key.rsplit(".", 1)[-1], style) for key, style in tp_plan.items()
+             if key.rsplit(".", 1)[-1] in _QUERY_PROJECTIONS}
+    if rules and all(style in _GATHERED_STYLES for _, style in rules):
+        return 0
+    if not rules or any(name not in _UNFUSED_QUERY_PROJECTIONS or style != "colwise" for name, style in rules):
+        raise ValueError(
+            f"cannot tell which attention heads tensor-parallel rank {tp_rank} holds: the TP plan's query-projection "
+            f"rules are {sorted(rules) or 'missing'}; sparse prefill supports 'colwise' on "
+            f"{' or '.join(_UNFUSED_QUERY_PROJECTIONS)} (heads split across ranks) or {' / '.join(_GATHERED_STYLES)} "
+            "(every rank keeps every head)"
+        )
+    if num_heads % tp_size or num_kv_heads % tp_size:
+        raise ValueError(
+            f"{num_heads} query heads and {num_kv_heads} KV heads do not split evenly over tp_size={tp_size}; "
+            "sparse prefill needs whole heads and whole GQA groups on every rank"
+        )
+    return tp_rank * (num_heads // tp_size)
+
+
+def _model_head_offset(model: Any) -> int:
+    """:func:`tp_head_offset` of this process for a model loaded with transformers' TP (0 without it)."""
+    tp_size = getattr(model, "tp_size", None) or 1
+    if tp_size == 1:
+        return 0
+    mesh = getattr(model, "_device_mesh", None)
+    if mesh is None:
+        raise ValueError(f"model reports tp_size={tp_size} but has no device mesh to read this process's TP rank from")
+    tp_rank = mesh.get_local_rank("tp") if mesh.ndim > 1 else mesh.get_local_rank()
+    config = model.config.get_text_config()
+    num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return tp_head_offset(model.tp_plan or {}, tp_size, tp_rank, config.num_attention_heads, num_kv_heads)
 
 
 def _previous_attention(model: Any, implementation: str) -> Callable[..., Any]:
@@ -182,11 +237,11 @@ def _kv_aligned_chunks(heads: tuple[int, ...], group: int) -> list[tuple[list[in
 def _sparse_prefill(handle: SparsePrefillHandle, layer: int | None, q: torch.Tensor, k: torch.Tensor,
                     v: torch.Tensor, scale: float) -> torch.Tensor:
     """Sparse attention of one unpadded batch, head groups dispatched by the policy."""
-    hq, hkv = q.shape[1], k.shape[1]
+    hq, hkv, offset = q.shape[1], k.shape[1], handle.head_offset
     on_plan = _record_density(handle) if handle.collect_stats else None
-    assignments = handle.policy.assign_heads(layer, hq)
+    assignments = handle.policy.assign_heads(layer, hq, offset)
     if len(assignments) == 1:
-        ctx = AttentionContext.for_inputs(q, k, scale, layer_idx=layer)
+        ctx = AttentionContext.for_inputs(q, k, scale, layer_idx=layer, head_offset=offset)
         identifier = handle.policy.identifier(assignments[0].choice)
         return sparse_attention(q, k, v, identifier, ctx, on_plan=on_plan)[0]
     out = torch.empty_like(q)
@@ -194,7 +249,7 @@ def _sparse_prefill(handle: SparsePrefillHandle, layer: int | None, q: torch.Ten
         identifier = handle.policy.identifier(assignment.choice)
         for q_heads, kv_heads in _kv_aligned_chunks(assignment.heads, hq // hkv):
             q_sub, k_sub, v_sub = q[:, q_heads], k[:, kv_heads], v[:, kv_heads]
-            ctx = AttentionContext.for_inputs(q_sub, k_sub, scale, layer_idx=layer, head_offset=q_heads[0])
+            ctx = AttentionContext.for_inputs(q_sub, k_sub, scale, layer_idx=layer, head_offset=offset + q_heads[0])
             out[:, q_heads] = sparse_attention(q_sub, k_sub, v_sub, identifier, ctx, on_plan=on_plan)[0]
     return out
 
@@ -238,6 +293,7 @@ def apply(model: Any, policy: PolicySource, *, collect_stats: bool = False) -> S
 
     Decode, chunked prefill, cached prefixes and sliding-window layers keep the model's previous
     attention implementation. ``collect_stats`` records every plan's density (costs a host sync).
+    Under tensor parallelism, call it on every rank: each finds its own slice of the heads.
     """
     if getattr(model, _HANDLE_ATTR, None) is not None:
         raise RuntimeError("sparse prefill is already applied to this model; call sparse_prefill.remove(model) first")
@@ -247,12 +303,14 @@ def apply(model: Any, policy: PolicySource, *, collect_stats: bool = False) -> S
             "sparse prefill needs a model class that does"
         )
     resolved = load_policy(policy)
+    head_offset = _model_head_offset(model)
     attention_functions, mask_functions = _transformers_interfaces()
     previous = model.config._attn_implementation
     if previous not in mask_functions:
         raise ValueError(f"model uses attention implementation {previous!r}, which has no mask function to defer to")
     name = f"sparse_prefill_{next(_names)}"
-    handle = SparsePrefillHandle(model, resolved, name, previous, _previous_attention(model, previous), collect_stats)
+    handle = SparsePrefillHandle(model, resolved, name, previous, _previous_attention(model, previous), collect_stats,
+                                 head_offset)
     attention_functions.register(name, _attention_function(handle))
     mask_functions.register(name, _make_mask_function(mask_functions[previous]))
     model.set_attn_implementation(name)
