@@ -22,7 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from sparse_prefill.kernels.reference import validate_attention_inputs, validate_plan_layout
+from sparse_prefill.kernels.reference import validate_plan_layout
+from sparse_prefill.validation import validate_attention_inputs
 from sparse_prefill.kernels.runtime import triton_can_run, triton_interpreted
 from sparse_prefill.plan import StripePlan
 

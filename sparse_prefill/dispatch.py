@@ -9,6 +9,7 @@ import torch
 from sparse_prefill.interfaces import AttentionContext, Executor, Identifier
 from sparse_prefill.plan import Plan
 from sparse_prefill.registry import get_registry
+from sparse_prefill.validation import validate_attention_inputs
 
 __all__ = ["NoCapableExecutorError", "select_executor", "sparse_attention"]
 
@@ -30,26 +31,6 @@ def select_executor(q: torch.Tensor, plan: Plan, executors: list[Executor] | Non
         f"no executor supports {type(plan).__name__} with q of shape {tuple(q.shape)}, dtype {q.dtype} "
         f"on {q.device.type}:\n" + ("\n".join(refusals) or "  (no executors registered)")
     )
-
-
-def _validate_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(
-            f"expected q [B, Hq, N, D], k and v [B, Hkv, N, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-        )
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2] or q.shape[3] != k.shape[3]:
-        raise ValueError(
-            f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch, length and head dim "
-            "(sparse prefill covers fresh causal prefill: query length == key length)"
-        )
-    if q.shape[1] % k.shape[1]:
-        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of KV heads ({k.shape[1]})")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
 
 
 def sparse_attention(
@@ -74,7 +55,7 @@ def sparse_attention(
         scores = (q @ k.repeat_interleave(Hq // Hkv, 1).transpose(-1, -2)) * scale
         out = scores.masked_fill(~M, -inf).softmax(-1) @ v.repeat_interleave(Hq // Hkv, 1)
     """
-    _validate_inputs(q, k, v)
+    validate_attention_inputs(q, k, v)
     ctx = ctx or AttentionContext.for_inputs(q, k)
     plan = identifier.identify(q, k, ctx)
     if on_plan is not None:
