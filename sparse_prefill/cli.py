@@ -5,33 +5,31 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from importlib.resources import files
+from pathlib import Path
 
 import torch
 
 from sparse_prefill.policy import PolicyError, load_policy
 from sparse_prefill.registry import available_patterns, plugin_errors
 
-DEFAULT_POLICY = "anchor.yaml"
+# The shipped default (fast, recall >= 0.95) and the conservative one (keeps exact retrieval on small models).
+DEFAULT_POLICIES = ("anchor.yaml", "anchor-accurate.yaml")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _resolve_policy_path(value: str) -> str:
-    """A shipped policy's path for a bare name like ``anchor.yaml``; anything else as given."""
-    shipped = files("sparse_prefill") / "policies" / value
-    return str(shipped) if "/" not in value and shipped.is_file() else value
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from sparse_prefill.demo import compare_dense_and_sparse, format_side_by_side
 
-    policy = load_policy(_resolve_policy_path(args.policy))
-    if args.min_length is not None:
-        policy = dataclasses.replace(policy, min_length=args.min_length)
+    policies = {}
+    for name in args.policy or DEFAULT_POLICIES:
+        policy = load_policy(name)
+        if args.min_length is not None:
+            policy = dataclasses.replace(policy, min_length=args.min_length)
+        policies[Path(name).stem] = policy
+        print(policy.describe())
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = _DTYPES[args.dtype or ("bfloat16" if device == "cuda" else "float32")]
-    print(policy.describe())
-    prompt, results = compare_dense_and_sparse(args.model, policy, args.length, args.depth, device, dtype,
+    prompt, results = compare_dense_and_sparse(args.model, policies, args.length, args.depth, device, dtype,
                                                args.max_new_tokens)
     print(format_side_by_side(prompt, results))
     return 0
@@ -63,8 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="dense vs sparse prefill on a needle-in-a-haystack prompt, side by side")
     run.add_argument("--model", default="smollm2",
                      help="local Hugging Face model folder, a .gguf file, or 'smollm2' (the packaged default)")
-    run.add_argument("--policy", default=DEFAULT_POLICY,
-                     help="policy YAML path, or the name of a shipped policy (anchor.yaml, streaming.yaml, dense.yaml)")
+    run.add_argument("--policy", action="append", default=None,
+                     help="policy YAML path, or the name of a shipped policy (anchor.yaml, anchor-accurate.yaml, "
+                          "streaming.yaml, dense.yaml); repeat to compare several (default: "
+                          f"{' and '.join(DEFAULT_POLICIES)})")
     run.add_argument("--length", type=int, default=4096, help="prompt length in tokens")
     run.add_argument("--depth", type=float, default=0.5, help="needle position, 0 = start, 1 = end")
     run.add_argument("--min-length", type=int, default=0,

@@ -55,22 +55,23 @@ def _generate(model: Any, tokenizer: Any, prompt: NeedlePrompt, max_new_tokens: 
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip(), clock.first
 
 
-def compare_dense_and_sparse(model_path: str, policy: Policy, length: int, depth: float = 0.5,
+def compare_dense_and_sparse(model_path: str, policies: dict[str, Policy], length: int, depth: float = 0.5,
                              device: str = "cpu", dtype: torch.dtype = torch.float32,
                              max_new_tokens: int = 24) -> tuple[NeedlePrompt, list[RunResult]]:
-    """Run the same prompt dense, then with ``policy`` applied; the model is restored afterwards."""
+    """Run the same prompt dense, then under each labelled policy; the model is restored after each."""
     model, tokenizer = load_model(model_path, dtype=dtype, device=device)
     prompt = build_needle_prompt(tokenizer, length, depth)
     answer, seconds = _generate(model, tokenizer, prompt, max_new_tokens)
     results = [RunResult("dense", answer, prompt.found_in(answer), seconds, 1.0, 0, 0)]
-    handle = apply(model, policy, collect_stats=True)
-    try:
-        answer, seconds = _generate(model, tokenizer, prompt, max_new_tokens)
-    finally:
-        remove(model)
-    stats = handle.stats
-    results.append(RunResult(policy.default.pattern, answer, prompt.found_in(answer), seconds,
-                             stats.mean_density(), stats.sparse_calls, stats.dense_calls))
+    for label, policy in policies.items():
+        handle = apply(model, policy, collect_stats=True)
+        try:
+            answer, seconds = _generate(model, tokenizer, prompt, max_new_tokens)
+        finally:
+            remove(model)
+        stats = handle.stats
+        results.append(RunResult(label, answer, prompt.found_in(answer), seconds, stats.mean_density(),
+                                 stats.sparse_calls, stats.dense_calls))
     return prompt, results
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Union
 
@@ -27,7 +28,7 @@ import yaml
 from sparse_prefill.interfaces import Identifier, PatternSpec
 from sparse_prefill.registry import get_registry
 
-__all__ = ["Policy", "PolicyError", "PatternChoice", "HeadAssignment", "load_policy"]
+__all__ = ["Policy", "PolicyError", "PatternChoice", "HeadAssignment", "load_policy", "shipped_policies"]
 
 PolicySource = Union[str, os.PathLike, Mapping[str, Any], "Policy"]
 
@@ -214,15 +215,24 @@ class _Validator:
         raise self.fail(path, f"expected {allowed}, got {item!r}")
 
 
+def shipped_policies() -> list[str]:
+    """Names of the policies that ship with sparse-prefill (usable by bare name)."""
+    return sorted(entry.name for entry in files("sparse_prefill").joinpath("policies").iterdir()
+                  if entry.name.endswith(".yaml"))
+
+
 def load_policy(source: PolicySource) -> Policy:
-    """A validated :class:`Policy` from a YAML path, a dict, or a Policy (returned as is)."""
+    """A validated :class:`Policy` from a YAML path, a shipped policy's name (``"anchor.yaml"``),
+    a dict, or a Policy (returned as is). A file in the working directory wins over a shipped name."""
     if isinstance(source, Policy):
         return source
     if isinstance(source, Mapping):
         return _Validator("<dict>").policy(source)
     path = Path(source)
+    if not path.is_file() and path.name == str(source) and path.name in shipped_policies():
+        path = Path(str(files("sparse_prefill").joinpath("policies", path.name)))
     if not path.is_file():
-        raise PolicyError(f"{path}: no such policy file")
+        raise PolicyError(f"{path}: no such policy file (shipped policies: {', '.join(shipped_policies())})")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:

@@ -81,7 +81,8 @@ def test_yaml_is_loaded_safely(tmp_path):
 
 
 def test_shipped_policies_validate(capsys):
-    assert main(["validate", "sparse_prefill/policies/anchor.yaml", "sparse_prefill/policies/streaming.yaml",
+    assert main(["validate", "sparse_prefill/policies/anchor.yaml", "sparse_prefill/policies/anchor-accurate.yaml",
+                 "sparse_prefill/policies/streaming.yaml",
                  "sparse_prefill/policies/dense.yaml"]) == 0
     assert "default: anchor(" in capsys.readouterr().out
 
@@ -91,3 +92,12 @@ def test_cli_validate_reports_errors(tmp_path, capsys):
     path.write_text("default:\n  pattern: streaming\n  window: 3\n")
     assert main(["validate", str(path)]) == 1
     assert "default.window: unknown key" in capsys.readouterr().err
+
+
+def test_shipped_policies_load_by_bare_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert load_policy("anchor.yaml").default.pattern == "anchor"
+    (tmp_path / "anchor.yaml").write_text("default:\n  pattern: dense\n")
+    assert load_policy("anchor.yaml").default.pattern == "dense"  # a local file wins
+    with pytest.raises(PolicyError, match="shipped policies: anchor-accurate.yaml, anchor.yaml"):
+        load_policy("nope.yaml")
