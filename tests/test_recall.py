@@ -58,7 +58,9 @@ def test_default_parameters_keep_most_attention_at_lower_density(
     smollm2_qk: dict[int, tuple[torch.Tensor, torch.Tensor]],
 ) -> None:
     for layer, (q, k) in smollm2_qk.items():
-        plan = anchor_identify_reference(q, k, scale=0.125, **_default_params())
+        # The selection itself: at 1k tokens the dense tail (one full 128-row group) alone would
+        # cover a fifth of the causal matrix, so it is measured without it.
+        plan = anchor_identify_reference(q, k, scale=0.125, **{**_default_params(), "dense_tail": 0})
         recall = attention_recall(q, k, plan, scale=0.125)
         # At 1k tokens the 128-key windows alone cover about a third of the causal matrix.
         assert 0.9 <= recall <= 1.0 and 0.2 <= plan.density() <= 0.8, f"layer {layer}: {recall=}, {plan.density()=}"
