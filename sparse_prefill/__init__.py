@@ -9,7 +9,7 @@ from sparse_prefill.dispatch import NoCapableExecutorError, select_executor, spa
 from sparse_prefill.integrations.huggingface import SparsePrefillHandle, apply, remove
 from sparse_prefill.interfaces import AttentionContext, Executor, Identifier, Parameter, PatternSpec
 from sparse_prefill.plan import BlockPlan, DensePlan, Plan, StripePlan
-from sparse_prefill.policy import Policy, PolicyError, load_policy
+from sparse_prefill.policy import Policy, PolicyError, load_policy, shipped_policies
 from sparse_prefill.registry import (
     PatternInfo,
     PluginLoadError,
@@ -45,5 +45,6 @@ __all__ = [
     "register_plugin",
     "remove",
     "select_executor",
+    "shipped_policies",
     "sparse_attention",
 ]
