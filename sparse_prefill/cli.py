@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from sparse_prefill.policy import PolicyError, load_policy
+from sparse_prefill.policy import Policy, PolicyError, load_policy
 from sparse_prefill.registry import available_patterns, plugin_errors
 
 # The shipped default (fast, recall >= 0.95) and the conservative one (keeps exact retrieval on small models).
@@ -17,21 +17,47 @@ DEFAULT_POLICIES = ("anchor.yaml", "anchor-accurate.yaml")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    from sparse_prefill.demo import compare_dense_and_sparse, format_side_by_side
-
+def _policies(args: argparse.Namespace) -> dict[str, Policy]:
+    """The --policy files (or the defaults) by label, with --min-length applied."""
     policies = {}
     for name in args.policy or DEFAULT_POLICIES:
         policy = load_policy(name)
         if args.min_length is not None:
             policy = dataclasses.replace(policy, min_length=args.min_length)
         policies[Path(name).stem] = policy
-        print(policy.describe())
+    return policies
+
+
+def _device_and_dtype(args: argparse.Namespace) -> tuple[str, torch.dtype]:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = _DTYPES[args.dtype or ("bfloat16" if device == "cuda" else "float32")]
+    return device, _DTYPES[args.dtype or ("bfloat16" if device == "cuda" else "float32")]
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from sparse_prefill.demo import compare_dense_and_sparse, format_side_by_side
+
+    policies = _policies(args)
+    for policy in policies.values():
+        print(policy.describe())
+    device, dtype = _device_and_dtype(args)
     prompt, results = compare_dense_and_sparse(args.model, policies, args.length, args.depth, device, dtype,
                                                args.max_new_tokens)
     print(format_side_by_side(prompt, results))
+    return 0
+
+
+def _cmd_perplexity(args: argparse.Namespace) -> int:
+    from sparse_prefill.evaluation.models import essay_token_ids, load_model
+    from sparse_prefill.evaluation.perplexity import compare_perplexity
+
+    device, dtype = _device_and_dtype(args)
+    policies = _policies(args)
+    model, tokenizer = load_model(args.model, dtype=dtype, device=device)
+    ids = essay_token_ids(tokenizer, args.length)
+    results = compare_perplexity(model, ids, policies, args.score_last)
+    print(f"perplexity on {args.length} essay tokens, last {args.score_last or args.length - 1} scored:")
+    for label, value in results.items():
+        print(f"  {label:24} {value:.3f}")
     return 0
 
 
@@ -74,6 +100,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="default: bfloat16 on GPU, float32 on CPU")
     run.add_argument("--max-new-tokens", type=int, default=24)
     run.set_defaults(func=_cmd_run)
+
+    ppl = commands.add_parser("perplexity", help="perplexity on long real text, dense vs each policy")
+    ppl.add_argument("--model", default="smollm2", help="as for `run`")
+    ppl.add_argument("--policy", action="append", default=None, help="as for `run` (repeatable)")
+    ppl.add_argument("--length", type=int, default=4096, help="tokens of text in the one forward pass")
+    ppl.add_argument("--score-last", type=int, default=1024, help="score only the last N predictions")
+    ppl.add_argument("--min-length", type=int, default=0, help="as for `run` (-1 keeps the policy's)")
+    ppl.add_argument("--device", default=None)
+    ppl.add_argument("--dtype", choices=sorted(_DTYPES), default=None)
+    ppl.set_defaults(func=_cmd_perplexity)
 
     validate = commands.add_parser("validate", help="check policy files; print them resolved")
     validate.add_argument("policies", nargs="+")
