@@ -26,7 +26,7 @@ from typing import Any, Iterable, Mapping, Union
 import yaml
 
 from sparse_prefill.interfaces import Identifier, PatternSpec
-from sparse_prefill.registry import get_registry
+from sparse_prefill.registry import get_pattern, get_registry
 
 __all__ = ["Policy", "PolicyError", "PatternChoice", "HeadAssignment", "load_policy", "shipped_policies"]
 
@@ -107,8 +107,7 @@ class Policy:
     def identifier(self, choice: PatternChoice) -> Identifier:
         """The identifier for a choice, built once and reused."""
         if choice not in self._identifiers:
-            spec = get_registry().patterns()[choice.pattern][0]
-            self._identifiers[choice] = spec.build(**choice.as_dict())
+            self._identifiers[choice] = get_pattern(choice.pattern).build(**choice.as_dict())
         return self._identifiers[choice]
 
     def describe(self) -> str:

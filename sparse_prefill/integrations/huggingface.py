@@ -47,17 +47,39 @@ class DeferredMask:
     """What the attention function receives on a fresh prefill.
 
     ``padding`` is the [B, N] boolean mask of real tokens, or None when nothing is padded;
-    ``materialize()`` builds (once) the mask the previous implementation expects.
+    ``materialize()`` builds (once) the mask the previous implementation expects. Both derived
+    values are computed once per forward and shared by every layer.
     """
 
     padding: torch.Tensor | None
     build: Callable[[], Any]
     _built: list = field(default_factory=list, repr=False)
+    _ranges: list = field(default_factory=list, repr=False)
 
     def materialize(self) -> Any:
         if not self._built:
             self._built.append(self.build())
         return self._built[0]
+
+    def sequence_ranges(self) -> list[tuple[int, int]] | None:
+        """[start, end) of each sequence's real tokens, or None if some sequence has holes.
+
+        One host sync per forward (not per layer): the ranges decide how the batch is split.
+        """
+        if not self._ranges:
+            self._ranges.append(_valid_ranges(self.padding))
+        return self._ranges[0]
+
+
+def _valid_ranges(padding: torch.Tensor) -> list[tuple[int, int]] | None:
+    """Per row of ``padding`` [B, N], [first real, last real + 1) if the real tokens are contiguous."""
+    real = padding.int()
+    first = real.argmax(dim=1)
+    end = padding.shape[1] - real.flip(1).argmax(dim=1)
+    contiguous = (real.sum(dim=1) == end - first) & padding.any(dim=1)
+    if not bool(contiguous.all()):
+        return None
+    return list(zip(first.tolist(), end.tolist()))
 
 
 @dataclass
@@ -205,15 +227,6 @@ def _needs_previous(handle: SparsePrefillHandle, module: Any, query: torch.Tenso
     return query.shape[2] < handle.policy.min_length
 
 
-def _valid_range(padding_row: torch.Tensor) -> tuple[int, int] | None:
-    """[start, end) of the real tokens if they are contiguous, else None."""
-    positions = padding_row.nonzero().flatten()
-    if positions.numel() == 0:
-        return None
-    start, end = int(positions[0]), int(positions[-1]) + 1
-    return (start, end) if positions.numel() == end - start else None
-
-
 def _kv_aligned_chunks(heads: tuple[int, ...], group: int) -> list[tuple[list[int], list[int]]]:
     """Split query heads into (query heads, kv heads) chunks that keep GQA groups whole.
 
@@ -272,8 +285,8 @@ def _attention_function(handle: SparsePrefillHandle) -> Callable[..., Any]:
         if padding is None:
             out = _sparse_prefill(handle, layer, query, key, value, scale)
         else:
-            ranges = [_valid_range(row) for row in padding]
-            if any(r is None for r in ranges):  # holes inside a sequence: only the exact mask is right
+            ranges = attention_mask.sequence_ranges()
+            if ranges is None:  # holes inside a sequence: only the exact mask is right
                 handle.stats.dense_calls += 1
                 return handle.previous_attention(module, query, key, value, attention_mask.materialize(), **kwargs)
             out = torch.zeros_like(query)
