@@ -17,7 +17,7 @@ from sparse_prefill.kernels.runtime import triton_can_run
 from sparse_prefill.kernels.stripe_attention import STRIPE_HEAD_DIMS, stripe_attention
 from sparse_prefill.plan import BlockPlan, DensePlan, Plan, StripePlan
 
-__all__ = ["DenseSDPAExecutor", "ReferenceStripeExecutor", "ReferenceBlockExecutor", "TritonStripeExecutor"]
+__all__ = ["DenseSDPAExecutor", "ReferenceExecutor", "TritonStripeExecutor"]
 
 _ALL_DEVICES = frozenset({"cpu", "cuda", "xpu", "mps"})
 
@@ -37,28 +37,17 @@ class DenseSDPAExecutor(Executor):
         return out, None
 
 
-class ReferenceStripeExecutor(Executor):
-    """Plain PyTorch, float32, chunked per query group: the correctness reference on any device."""
+class ReferenceExecutor(Executor):
+    """Plain PyTorch, float32, chunked per query group or block: the correctness reference on any device."""
 
-    name = "reference-stripe"
-    plan_kinds = (StripePlan,)
+    name = "reference"
+    plan_kinds = (StripePlan, BlockPlan)
     devices = _ALL_DEVICES
     priority = 0
 
     def __call__(self, q, k, v, plan: Plan, ctx: AttentionContext, return_lse: bool = False):
-        return stripe_attention_reference(q, k, v, plan, ctx.scale, return_lse=return_lse)
-
-
-class ReferenceBlockExecutor(Executor):
-    """Plain PyTorch, float32, chunked per query block: the correctness reference on any device."""
-
-    name = "reference-block"
-    plan_kinds = (BlockPlan,)
-    devices = _ALL_DEVICES
-    priority = 0
-
-    def __call__(self, q, k, v, plan: Plan, ctx: AttentionContext, return_lse: bool = False):
-        return block_attention_reference(q, k, v, plan, ctx.scale, return_lse=return_lse)
+        reference = stripe_attention_reference if isinstance(plan, StripePlan) else block_attention_reference
+        return reference(q, k, v, plan, ctx.scale, return_lse=return_lse)
 
 
 class TritonStripeExecutor(Executor):

@@ -22,6 +22,5 @@ def sparse_prefill_executors() -> list[Executor]:
     return [
         executors.TritonStripeExecutor(),
         executors.DenseSDPAExecutor(),
-        executors.ReferenceStripeExecutor(),
-        executors.ReferenceBlockExecutor(),
+        executors.ReferenceExecutor(),
     ]
