@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 
@@ -11,3 +12,7 @@ def at_least(minimum: int) -> Callable[[Any], str | None]:
 
 def multiple_of(step: int) -> Callable[[Any], str | None]:
     return lambda value: None if value > 0 and value % step == 0 else f"must be a positive multiple of {step}"
+
+
+def finite(value: Any) -> str | None:
+    return None if math.isfinite(value) else "must be a finite number"

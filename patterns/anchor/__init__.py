@@ -13,7 +13,7 @@ import torch
 
 from sparse_prefill.interfaces import AttentionContext, Identifier, Parameter, PatternSpec
 from sparse_prefill.kernels.runtime import triton_can_run
-from sparse_prefill.patterns._checks import at_least, multiple_of
+from sparse_prefill.patterns._checks import at_least, finite, multiple_of
 from sparse_prefill.patterns.anchor.reference import anchor_identify_reference
 from sparse_prefill.plan import StripePlan
 
@@ -40,7 +40,7 @@ ANCHOR = PatternSpec(
     name="anchor",
     description="AnchorAttention: pattern-based anchor + difference-aware stripe selection",
     parameters={
-        "theta": Parameter(float, 8.5, "keep key j if pooled score + theta >= pooled anchor (natural-log units)"),
+        "theta": Parameter(float, 8.5, "keep key j if pooled score + theta >= pooled anchor (natural-log units)", finite),
         "block": Parameter(int, 128, "query rows pooled into one block", multiple_of(16)),
         "group_blocks": Parameter(int, 1, "query blocks sharing one key list", at_least(1)),
         "sink": Parameter(int, 128, "initial keys every query attends densely", at_least(0)),
