@@ -7,12 +7,13 @@ rounding at exact threshold ties), in three kernels that never materialise anyth
    ``scale * q . k`` over the row's window keys (QK^T only, no PV), averaged over the block's rows
    -> pooled_anchor [B, Hq, NB]; and the mean q row -> pooled_q [B, Hq, NB, D], both fp32.
 2. ``_stripe_scan_kernel`` (WRITE=False): scores candidate key tiles against pooled rows stacked in M and counts,
-   per segment (batch, plan head, group), the keys that any of the segment's rows keeps. A segment
-   owns group_blocks x shared-heads rows; one program stacks the segments of every plan head of one
-   KV head over a few consecutive groups, so each K tile is loaded once for ~32 rows, not once per
-   segment (with per-head lists and one block per group a segment has a single row).
-3. ``_stripe_scan_kernel`` (WRITE=True): the same scan, writing kept keys in ascending order at each segment's
-   CSR offset (the host takes a cumsum of the counts between 2 and 3; one sync sizes the buffer).
+   per segment (batch, plan head, group) and key slice, the keys that any of the segment's rows keeps. A
+   segment owns group_blocks x shared-heads rows; one program stacks the segments of every plan head of
+   one KV head over consecutive groups (~128 rows), so each K tile is loaded once for all of them, and
+   takes one slice of the key axis, so programs stay many and equally loaded at any length.
+3. ``_stripe_scan_kernel`` (WRITE=True): the same scan, writing kept keys in ascending order from each
+   (segment, slice) offset: the host takes one cumsum over the counts in (segment, slice) order between
+   2 and 3, whose every ``num_slices``-th entry is the plan's CSR offsets; one sync sizes the buffer.
 
 Sequence length, scale and theta are runtime arguments, so new lengths do not recompile.
 """
@@ -35,9 +36,12 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 HEAD_DIM_RANGE = (16, 256)  # tl.dot needs K >= 16; above 256 the q tile no longer fits on chip
 MAX_BLOCK = 128  # kernel 1 holds one block's q rows and a BLOCK_N score tile in registers
 MAX_SCAN_ROWS = 128  # kernels 2-3 hold a program's stacked pooled rows (and their score tile) in registers
-# Pooled rows stacked per scan program: each K tile loaded then serves all of them. 32 fills a tensor-core
-# MMA (tl.dot needs >= 16 rows) and still leaves hundreds of programs at 8k tokens.
-_SCAN_ROWS = 32
+# Pooled rows stacked per scan program: each K tile loaded then serves all of them, so K is read
+# N / (128 x block) times per KV head instead of once per pooled row. Splitting the key axis into
+# slices keeps the grid large however many rows a program stacks.
+_SCAN_ROWS = 128
+# Keys per scan program: about 1/16 of the sequence, a power of two between these bounds.
+_SLICE_KEYS_RANGE = (512, 8192)
 # Pooled scores on tensor cores in tf32: 16-bit K is exact in tf32 and the fp32 pooled query keeps a
 # 10-bit mantissa (score error ~1e-3 relative, far below theta's scale); the sums and the theta
 # comparison stay fp32. tf32x3 (fp32-exact) made identification ~3x slower on the H200. The
@@ -129,8 +133,8 @@ def _keep_tile(
     scale, theta, PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     SEG_PAD: tl.constexpr, ROW_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """(keys [BLOCK_N], keep [SEG_PAD, BLOCK_N]): a segment keeps key j if any of its rows has score + theta >= anchor,
-    and every candidate when keep_all."""
+    """(keys [BLOCK_N], keep [SEG_PAD, BLOCK_N]): a segment keeps key j < key_hi if any of its rows has
+    score + theta >= anchor, and every candidate when keep_all."""
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     keys = start_n + tl.arange(0, BLOCK_N)
     k_ptrs = k_base + keys[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd
@@ -138,7 +142,7 @@ def _keep_tile(
     s = tl.dot(pooled_q, tl.trans(k), input_precision=PRECISION) * scale
     hit = ((s + theta >= anchor[:, None]) & row_valid[:, None]).to(tl.int32)
     segment_hit = tl.max(tl.reshape(hit, (SEG_PAD, ROW_PAD, BLOCK_N)), 1)
-    candidate = (keys[None, :] >= sink_end[:, None]) & (keys[None, :] < local_start[:, None])
+    candidate = (keys[None, :] >= sink_end[:, None]) & (keys[None, :] < local_start[:, None]) & (keys[None, :] < key_hi)
     return keys, ((segment_hit > 0) | keep_all[:, None]) & candidate
 
 
@@ -209,18 +213,25 @@ def _stripe_scan_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     num_kv_heads, num_plan_heads, plan_heads_per_kv, groups_per_chunk, num_groups,
     heads_per_plan, group_blocks, num_blocks, group_rows, sink, local, tail_start, scale, theta,
+    slice_keys, num_slices,
     PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     SEG_PAD: tl.constexpr, ROW_PAD: tl.constexpr, BLOCK_N: tl.constexpr, WRITE: tl.constexpr,
 ):
-    """Kernels 2 and 3: WRITE=False stores kept-key counts per segment in Out; WRITE=True writes
-    the kept keys into Out (the CSR indices) from each segment's offset, in ascending order."""
+    """Kernels 2 and 3 for one (group chunk, key slice, batch x KV head): WRITE=False stores the kept-key
+    count of each (segment, slice) in Out; WRITE=True writes the kept keys into Out (the CSR indices),
+    ascending, from the (segment, slice) offsets in Offsets."""
     chunk = tl.program_id(0)
-    off_b = tl.program_id(1) // num_kv_heads
-    off_kv = tl.program_id(1) % num_kv_heads
+    key_slice = tl.program_id(1)
+    off_b = tl.program_id(2) // num_kv_heads
+    off_kv = tl.program_id(2) % num_kv_heads
     segment, sink_end, local_start, valid, keep_all, key_lo, key_hi = _program_segments(
         chunk, off_b, off_kv, num_plan_heads, plan_heads_per_kv, groups_per_chunk, num_groups, group_rows, sink, local,
         tail_start, SEG_PAD,
     )
+    key_lo = tl.maximum(key_lo, key_slice * slice_keys)
+    key_hi = tl.minimum(key_hi, (key_slice + 1) * slice_keys)
+    if key_lo >= key_hi:  # past the chunk's causal range: counts were zeroed by the host
+        return
     pooled_q, anchor, row_valid = _load_pooled_rows(
         PooledQ, PooledAnchor, off_b, off_kv, chunk,
         stride_pb, stride_ph, stride_pm, stride_pd, stride_ab, stride_ah, stride_am,
@@ -229,8 +240,9 @@ def _stripe_scan_kernel(
     )
     # Every segment of this program reads the same KV head: each K tile is loaded once for all of them.
     k_base = K + off_b.to(tl.int64) * stride_kb + off_kv.to(tl.int64) * stride_kh
+    slot = segment * num_slices + key_slice
     if WRITE:
-        cursor = tl.load(Offsets + segment, mask=valid, other=0)
+        cursor = tl.load(Offsets + slot, mask=valid, other=0)
     else:
         cursor = tl.zeros([SEG_PAD], dtype=tl.int64)
     for start_n in range(key_lo, key_hi, BLOCK_N):
@@ -244,7 +256,7 @@ def _stripe_scan_kernel(
             tl.store(Out + slots, tl.broadcast_to(keys[None, :], (SEG_PAD, BLOCK_N)), mask=keep > 0)
         cursor += tl.sum(keep, 1)
     if not WRITE:
-        tl.store(Out + segment, cursor.to(tl.int32), mask=valid)
+        tl.store(Out + slot, cursor.to(tl.int32), mask=valid)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,10 +273,12 @@ class _ScanLayout:
         return self.seg_pad * self.row_pad
 
 
-def _scan_layout(plan_heads_per_kv: int, rows_per_segment: int) -> _ScanLayout:
-    """Stack consecutive groups until a program holds about _SCAN_ROWS pooled rows (never fewer than 16)."""
+def _scan_layout(plan_heads_per_kv: int, rows_per_segment: int, head_dim: int) -> _ScanLayout:
+    """Stack consecutive groups until a program holds about _SCAN_ROWS pooled rows (half at head dim
+    above 128, whose fp32 pooled rows take twice the registers)."""
     row_pad = triton.next_power_of_2(rows_per_segment)
-    groups = max(1, _SCAN_ROWS // (row_pad * plan_heads_per_kv))
+    target = _SCAN_ROWS if head_dim <= 128 else _SCAN_ROWS // 2
+    groups = max(1, target // (row_pad * plan_heads_per_kv))
     return _ScanLayout(plan_heads_per_kv, groups, triton.next_power_of_2(plan_heads_per_kv * groups), row_pad)
 
 
@@ -313,6 +327,13 @@ def _pool_blocks(q: torch.Tensor, k: torch.Tensor, *, scale: float, block: int, 
     return pooled_q, pooled_anchor
 
 
+def _slice_keys(seq_len: int) -> int:
+    """Keys per scan program: ~1/16 of the sequence (a power of two in _SLICE_KEYS_RANGE), so a chunk of
+    groups splits into up to 16 equal programs and index offsets per (segment, slice) stay few."""
+    low, high = _SLICE_KEYS_RANGE
+    return min(high, max(low, triton.next_power_of_2(triton.cdiv(seq_len, 16))))
+
+
 def _tail_start(seq_len: int, dense_tail: int) -> int:
     """First row of the dense tail. The kernel tests (group + 1) * group_rows > tail_start, which a
     partial last group passes with no tail at all, so "no tail" is a start no group reaches."""
@@ -344,29 +365,33 @@ def anchor_identify(
     batch, num_q, seq_len, head_dim = q.shape
     num_kv = k.shape[1]
     heads_per_plan = num_q // num_kv if share_kv_heads else 1
-    layout = _scan_layout(num_q // num_kv // heads_per_plan, group_blocks * heads_per_plan)
+    layout = _scan_layout(num_q // num_kv // heads_per_plan, group_blocks * heads_per_plan, head_dim)
     _validate_kernel_inputs(q, k, block, group_blocks, layout)
     plan = empty_stripe_plan(batch, num_q // heads_per_plan, seq_len, block * group_blocks, sink, local, q.device)
     pooled_q, pooled_anchor = _pool_blocks(q, k, scale=scale, block=block, group_rows=plan.group_rows, sink=sink, local=local)
 
-    grid = (triton.cdiv(plan.num_groups, layout.groups_per_chunk), batch * num_kv)
+    slice_keys = _slice_keys(seq_len)
+    num_slices = triton.cdiv(seq_len, slice_keys)
+    grid = (triton.cdiv(plan.num_groups, layout.groups_per_chunk), num_slices, batch * num_kv)
     scan_args = (
         *pooled_q.stride(), *pooled_anchor.stride(), *k.stride(),
         num_kv, plan.plan_heads, layout.plan_heads_per_kv, layout.groups_per_chunk, plan.num_groups,
         heads_per_plan, group_blocks, pooled_q.shape[2], plan.group_rows, sink, local, _tail_start(seq_len, dense_tail),
-        scale, theta,
+        scale, theta, slice_keys, num_slices,
     )
     constexprs = dict(
         PRECISION=_FP32_DOT_PRECISION, HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
         SEG_PAD=layout.seg_pad, ROW_PAD=layout.row_pad,
     )
-    counts = torch.empty(plan.offsets.numel() - 1, dtype=torch.int32, device=q.device)
+    segments = plan.offsets.numel() - 1
+    counts = torch.zeros(segments * num_slices, dtype=torch.int32, device=q.device)  # (segment, slice) order
     _stripe_scan_kernel[grid](pooled_q, pooled_anchor, k, counts, counts, *scan_args, WRITE=False, **constexprs)
-    offsets = plan.offsets.clone()
-    torch.cumsum(counts, dim=0, out=offsets[1:])
-    total = int(offsets[-1])  # the one host sync: sizes the index buffer
+    slice_offsets = torch.zeros(segments * num_slices + 1, dtype=torch.int64, device=q.device)
+    torch.cumsum(counts, dim=0, out=slice_offsets[1:])
+    total = int(slice_offsets[-1])  # the one host sync: sizes the index buffer
     indices = torch.empty(total, dtype=torch.int32, device=q.device)
     if total:
-        _stripe_scan_kernel[grid](pooled_q, pooled_anchor, k, offsets, indices, *scan_args, WRITE=True, **constexprs)
+        _stripe_scan_kernel[grid](pooled_q, pooled_anchor, k, slice_offsets, indices, *scan_args, WRITE=True, **constexprs)
+    offsets = slice_offsets[::num_slices].contiguous()  # a segment's first slice starts where it does
     # No plan.validate() here: it costs several times the index memory and a sync; the tests validate.
     return dataclasses.replace(plan, offsets=offsets, indices=indices)
