@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from sparse_prefill.interfaces import AttentionContext, Executor
+from sparse_prefill.interfaces import AttentionContext, Executor, write_into
 from sparse_prefill.kernels.reference import (
     block_attention_reference,
     dense_attention_reference,
@@ -30,11 +30,12 @@ class DenseSDPAExecutor(Executor):
     devices = _ALL_DEVICES
     priority = 10
 
-    def __call__(self, q, k, v, plan: Plan, ctx: AttentionContext, return_lse: bool = False):
+    def __call__(self, q, k, v, plan: Plan, ctx: AttentionContext, return_lse: bool = False, out=None):
         if return_lse:  # SDPA does not expose the log-sum-exp
-            return dense_attention_reference(q, k, v, ctx.scale, return_lse=True)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=ctx.scale, enable_gqa=q.shape[1] != k.shape[1])
-        return out, None
+            result, lse = dense_attention_reference(q, k, v, ctx.scale, return_lse=True)
+            return write_into(result, out), lse
+        result = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=ctx.scale, enable_gqa=q.shape[1] != k.shape[1])
+        return write_into(result, out), None
 
 
 class ReferenceExecutor(Executor):
@@ -45,9 +46,10 @@ class ReferenceExecutor(Executor):
     devices = _ALL_DEVICES
     priority = 0
 
-    def __call__(self, q, k, v, plan: Plan, ctx: AttentionContext, return_lse: bool = False):
+    def __call__(self, q, k, v, plan: Plan, ctx: AttentionContext, return_lse: bool = False, out=None):
         reference = stripe_attention_reference if isinstance(plan, StripePlan) else block_attention_reference
-        return reference(q, k, v, plan, ctx.scale, return_lse=return_lse)
+        result, lse = reference(q, k, v, plan, ctx.scale, return_lse=return_lse)
+        return write_into(result, out), lse
 
 
 class TritonStripeExecutor(Executor):
@@ -62,5 +64,5 @@ class TritonStripeExecutor(Executor):
     def device_supported(self, device: torch.device) -> bool:
         return triton_can_run(device)
 
-    def __call__(self, q, k, v, plan: Plan, ctx: AttentionContext, return_lse: bool = False):
-        return stripe_attention(q, k, v, plan, ctx.scale, return_lse=return_lse)
+    def __call__(self, q, k, v, plan: Plan, ctx: AttentionContext, return_lse: bool = False, out=None):
+        return stripe_attention(q, k, v, plan, ctx.scale, return_lse=return_lse, out=out)

@@ -16,7 +16,7 @@ import torch
 
 from sparse_prefill.plan import Plan
 
-__all__ = ["AttentionContext", "Identifier", "Executor", "Parameter", "PatternSpec"]
+__all__ = ["AttentionContext", "Identifier", "Executor", "Parameter", "PatternSpec", "write_into"]
 
 
 @dataclass(frozen=True)
@@ -110,8 +110,22 @@ class Executor(abc.ABC):
         plan: Plan,
         ctx: AttentionContext,
         return_lse: bool = False,
+        out: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Return (output [B, Hq, N, D] in q's dtype, log-sum-exp [B, Hq, N] float32 or None)."""
+        """Return (output [B, Hq, N, D] in q's dtype, log-sum-exp [B, Hq, N] float32 or None).
+
+        With ``out`` (q's shape and dtype, possibly a strided view of a larger tensor) the output
+        is written there and ``out`` returned: the dispatcher runs heads in chunks into one
+        result. An executor that cannot write in place returns :func:`write_into` of its result.
+        """
+
+
+def write_into(result: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """``result`` copied into ``out`` when the caller gave one, else ``result`` itself."""
+    if out is None:
+        return result
+    out.copy_(result)
+    return out
 
 
 @dataclass(frozen=True)

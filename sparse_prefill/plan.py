@@ -16,12 +16,12 @@ int64 offsets keep the layout valid beyond 2^31 selected entries.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Union
 
 import torch
 
-__all__ = ["Plan", "DensePlan", "StripePlan", "BlockPlan"]
+__all__ = ["Plan", "DensePlan", "StripePlan", "BlockPlan", "plan_nbytes"]
 
 
 def _check_csr(name: str, offsets: torch.Tensor, indices: torch.Tensor, segments: int) -> None:
@@ -270,3 +270,9 @@ class BlockPlan:
 
 
 Plan = Union[DensePlan, StripePlan, BlockPlan]
+
+
+def plan_nbytes(plan: object) -> int:
+    """Device bytes held by a plan's tensors (any dataclass plan, third-party kinds included)."""
+    tensors = (getattr(plan, f.name) for f in fields(plan))  # type: ignore[arg-type]
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))

@@ -84,17 +84,28 @@ def _valid_ranges(padding: torch.Tensor) -> list[tuple[int, int]] | None:
 
 @dataclass
 class PrefillStats:
-    """Counts of what the attention function did, and the plans' densities when collected."""
+    """Counts of what the attention function did, and the plans' densities when collected.
+
+    A layer call can make several plans (per-head policies, memory-bounded head chunks):
+    ``densities`` has one entry per plan, ``plan_heads`` the query heads each covered.
+    """
 
     sparse_calls: int = 0
     dense_calls: int = 0
     densities: list[float] = field(default_factory=list)
+    plan_heads: list[int] = field(default_factory=list)
 
     def mean_density(self) -> float | None:
-        return sum(self.densities) / len(self.densities) if self.densities else None
+        """Density over every query head of every sparse call (plans weighted by their heads)."""
+        heads = sum(self.plan_heads)
+        return sum(d * h for d, h in zip(self.densities, self.plan_heads)) / heads if heads else None
+
+    def record(self, plan: Plan, ctx: AttentionContext) -> None:
+        self.densities.append(plan.density())
+        self.plan_heads.append(ctx.num_q_heads)
 
     def reset(self) -> None:
-        self.sparse_calls, self.dense_calls, self.densities = 0, 0, []
+        self.sparse_calls, self.dense_calls, self.densities, self.plan_heads = 0, 0, [], []
 
 
 @dataclass
@@ -251,7 +262,7 @@ def _sparse_prefill(handle: SparsePrefillHandle, layer: int | None, q: torch.Ten
                     v: torch.Tensor, scale: float) -> torch.Tensor:
     """Sparse attention of one unpadded batch, head groups dispatched by the policy."""
     hq, hkv, offset = q.shape[1], k.shape[1], handle.head_offset
-    on_plan = _record_density(handle) if handle.collect_stats else None
+    on_plan = handle.stats.record if handle.collect_stats else None
     assignments = handle.policy.assign_heads(layer, hq, offset)
     if len(assignments) == 1:
         ctx = AttentionContext.for_inputs(q, k, scale, layer_idx=layer, head_offset=offset)
@@ -265,10 +276,6 @@ def _sparse_prefill(handle: SparsePrefillHandle, layer: int | None, q: torch.Ten
             ctx = AttentionContext.for_inputs(q_sub, k_sub, scale, layer_idx=layer, head_offset=offset + q_heads[0])
             out[:, q_heads] = sparse_attention(q_sub, k_sub, v_sub, identifier, ctx, on_plan=on_plan)[0]
     return out
-
-
-def _record_density(handle: SparsePrefillHandle) -> Callable[[Plan], None]:
-    return lambda plan: handle.stats.densities.append(plan.density())
 
 
 def _attention_function(handle: SparsePrefillHandle) -> Callable[..., Any]:

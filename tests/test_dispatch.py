@@ -1,0 +1,118 @@
+"""sparse_attention: executor choice, and heads run in memory-bounded chunks that change no result."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: kernels run on the CPU
+
+import pytest
+import torch
+
+from sparse_prefill.dispatch import NoCapableExecutorError, default_plan_budget, sparse_attention
+from sparse_prefill.interfaces import AttentionContext
+from sparse_prefill.kernels.executors import DenseSDPAExecutor, ReferenceExecutor, TritonStripeExecutor
+from sparse_prefill.kernels.stripe_attention import stripe_attention
+from sparse_prefill.patterns.anchor import ANCHOR
+from sparse_prefill.patterns.dense import DenseIdentifier
+from sparse_prefill.plan import plan_nbytes
+
+ANCHOR_PARAMS = dict(theta=4.0, block=16, sink=16, local=16, dense_tail=0)
+
+
+def qkv(hq: int = 8, hkv: int = 4, n: int = 150, d: int = 32, dtype=torch.float32, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(2, h, n, d, generator=gen).to(dtype) for h in (hq, hkv, hkv))
+
+
+class Recorder:
+    """on_plan callback that keeps each chunk's context and plan size."""
+
+    def __init__(self) -> None:
+        self.contexts: list[AttentionContext] = []
+        self.nbytes: list[int] = []
+
+    def __call__(self, plan, ctx: AttentionContext) -> None:
+        self.contexts.append(ctx)
+        self.nbytes.append(plan_nbytes(plan))
+
+
+@pytest.mark.parametrize("budget", [0, 10_000, None])
+def test_chunked_heads_give_the_unchunked_result(budget):
+    q, k, v = qkv()
+    identifier = ANCHOR.build(**ANCHOR_PARAMS)
+    ctx = AttentionContext.for_inputs(q, k, head_offset=8)
+    whole, whole_lse = sparse_attention(q, k, v, identifier, ctx, executor=ReferenceExecutor(), return_lse=True,
+                                        max_plan_bytes=2**62)
+    recorder = Recorder()
+    out, lse = sparse_attention(q, k, v, identifier, ctx, executor=ReferenceExecutor(), return_lse=True,
+                                max_plan_bytes=budget, on_plan=recorder)
+    torch.testing.assert_close(out, whole, atol=1e-6, rtol=0)
+    torch.testing.assert_close(lse, whole_lse, atol=1e-6, rtol=0)
+    # The chunks cover every head once, in order, with their global offsets and whole KV groups.
+    offsets = [c.head_offset for c in recorder.contexts]
+    heads = [c.num_q_heads for c in recorder.contexts]
+    assert offsets == [8 + sum(heads[:i]) for i in range(len(heads))] and sum(heads) == 8
+    assert all(c.num_q_heads == 2 * c.num_kv_heads for c in recorder.contexts)
+    if budget == 0:
+        assert heads == [2, 2, 2, 2]  # nothing fits: one KV head at a time
+
+
+def test_a_budget_sizes_later_chunks_from_the_first():
+    q, k, v = qkv(hq=8, hkv=8)
+    identifier = ANCHOR.build(**ANCHOR_PARAMS)
+    probe = Recorder()
+    sparse_attention(q, k, v, identifier, executor=ReferenceExecutor(), max_plan_bytes=0, on_plan=probe)
+    largest = max(probe.nbytes)
+    recorder = Recorder()
+    sparse_attention(q, k, v, identifier, executor=ReferenceExecutor(), max_plan_bytes=3 * largest, on_plan=recorder)
+    assert recorder.contexts[0].num_kv_heads == 1
+    assert all(c.num_kv_heads <= 3 for c in recorder.contexts)
+    assert all(b <= 3 * largest for b in recorder.nbytes)
+
+
+def test_default_budget_is_a_quarter_of_the_inputs():
+    q, k, v = qkv(dtype=torch.bfloat16)
+    assert default_plan_budget(q, k, v) == (q.nbytes + k.nbytes + v.nbytes) // 4
+
+
+def test_a_named_executor_that_cannot_run_says_why():
+    q, k, v = qkv()
+    with pytest.raises(NoCapableExecutorError, match="dense-sdpa cannot run.*StripePlan"):
+        sparse_attention(q, k, v, ANCHOR.build(**ANCHOR_PARAMS), executor=DenseSDPAExecutor())
+
+
+@pytest.mark.parametrize("executor, identifier", [
+    (ReferenceExecutor(), ANCHOR.build(**ANCHOR_PARAMS)),
+    (DenseSDPAExecutor(), DenseIdentifier()),
+], ids=["reference", "dense-sdpa"])
+def test_executors_write_into_a_strided_out(executor, identifier):
+    q, k, v = qkv()
+    ctx = AttentionContext.for_inputs(q, k)
+    plan = identifier.identify(q, k, ctx)
+    expected = executor(q, k, v, plan, ctx)[0]
+    big = torch.zeros(2, 12, 150, 32)
+    result = executor(q, k, v, plan, ctx, out=big[:, 2:10])[0]
+    assert result.data_ptr() == big[:, 2:10].data_ptr()
+    torch.testing.assert_close(big[:, 2:10], expected, atol=1e-6, rtol=0)
+    assert not big[:, :2].any() and not big[:, 10:].any()
+
+
+def test_triton_stripe_kernel_writes_into_a_strided_out():
+    q, k, v = qkv(n=100, d=64, dtype=torch.float16)
+    plan = ANCHOR.build(**ANCHOR_PARAMS).identify(q, k, AttentionContext.for_inputs(q, k))
+    expected = stripe_attention(q, k, v, plan, 0.125)[0]
+    big = torch.zeros(2, 12, 100, 64, dtype=torch.float16)
+    stripe_attention(q, k, v, plan, 0.125, out=big[:, 4:12])
+    torch.testing.assert_close(big[:, 4:12], expected, atol=0, rtol=0)
+    assert not big[:, :4].any()
+    with pytest.raises(ValueError, match="out must match q"):
+        stripe_attention(q, k, v, plan, 0.125, out=big[:, 4:12].float())
+
+
+def test_triton_executor_accepts_out_through_dispatch():
+    q, k, v = qkv(n=100, d=64, dtype=torch.float16)
+    identifier = ANCHOR.build(**ANCHOR_PARAMS)
+    chunked = sparse_attention(q, k, v, identifier, executor=TritonStripeExecutor(), max_plan_bytes=0)[0]
+    whole = stripe_attention(q, k, v, identifier.identify(q, k, AttentionContext.for_inputs(q, k)), 64**-0.5)[0]
+    torch.testing.assert_close(chunked, whole, atol=0, rtol=0)
