@@ -39,6 +39,7 @@ _MIN_ROWS = 16  # tl.dot needs every tile dimension >= 16
 _MAX_TILE_ROWS = 128  # stacked rows per program: one 128-row MMA tile, as the fused-attention tutorial
 _MAX_TILE_ROWS_D256 = 64  # at head dim 256 the q tile and accumulator need twice the registers
 _SMEM_BUDGET = 192 * 1024
+_MAX_GRID_Y = 65535  # CUDA's limit on the second grid axis (query tiles here)
 # Experiment switch (GPU A/B in benchmarks/speed.py): one loop over all key tiles vs one loop per part.
 SINGLE_LOOP = True  # Hopper gives 227 KiB per block; Triton needs the rest for layout conversions
 
@@ -211,7 +212,10 @@ def _stripe_fwd(
     SINGLE_LOOP: tl.constexpr,
 ):
     # Which rows: tile t of group g covers rows [r0, r0 + ROWS) clipped to the group and sequence.
-    tile = tl.program_id(0)
+    # Last groups first, every head of one before the next (axis 0 varies fastest): they attend the
+    # most keys (the dense tail keeps all of them), and a long program launched last would run
+    # alone at the end of the grid.
+    tile = tl.num_programs(1) - 1 - tl.program_id(1)
     group = tile // tiles_per_group
     group_start = group * group_rows
     r0 = group_start + (tile % tiles_per_group) * ROWS
@@ -219,7 +223,7 @@ def _stripe_fwd(
     if r0 >= row_hi:  # a last group shorter than its tiles
         return
     # Which heads: HEAD_TILE consecutive query heads of plan head hp, all reading one KV head.
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)
     chunk = pid_bh % head_chunks
     hp = (pid_bh // head_chunks) % plan_heads
     b = (pid_bh // head_chunks // plan_heads).to(tl.int64)
@@ -386,7 +390,12 @@ def stripe_attention(
         _validate_out(out, q)
     lse = torch.empty(batch, num_q, seq_len, dtype=torch.float32, device=q.device) if return_lse else None
     dot_precision, upcast = _dot_settings(q.dtype)
-    grid = (plan.num_groups * tiles_per_group, batch * plan_heads * head_chunks)
+    grid = (batch * plan_heads * head_chunks, plan.num_groups * tiles_per_group)
+    if grid[1] > _MAX_GRID_Y:
+        raise ValueError(
+            f"{seq_len} rows in tiles of {rows} need {grid[1]} programs along the grid's second axis, CUDA allows "
+            f"{_MAX_GRID_Y}; use per-query-head plans (share_kv_heads: false) or larger query groups"
+        )
     _stripe_fwd[grid](
         q, k, v, out, out if lse is None else lse, plan.offsets, plan.indices,
         q.stride(0), q.stride(1), q.stride(2),
