@@ -22,7 +22,6 @@ import triton
 import triton.testing
 import yaml
 
-import sparse_prefill.kernels.stripe_attention as stripe_module
 from sparse_prefill.dispatch import sparse_attention
 from sparse_prefill.evaluation.synthetic import structured_qkv
 from sparse_prefill.interfaces import AttentionContext
@@ -35,8 +34,6 @@ from sparse_prefill.patterns.anchor.reference import anchor_identify_reference
 from sparse_prefill.policy import load_policy
 
 KB = 1024
-DEFAULT_LOOP = stripe_module.SINGLE_LOOP
-LOOP_VARIANTS = (True, False)  # executor A/B: one loop over all key tiles vs one loop per part
 
 
 def bench(fn) -> float:
@@ -61,17 +58,12 @@ def check_kernels(params: dict) -> list[dict]:
         plan = anchor_identify(q, k, scale=scale, **params)
         ref_plan = anchor_identify_reference(q, k, scale=scale, **params)
         same = plan.indices.numel() == ref_plan.indices.numel() and bool((plan.offsets == ref_plan.offsets).all())
+        out = stripe_attention(q, k, v, plan, scale)[0]
         ref = stripe_attention_reference(q, k, v, plan, scale)[0]
-        for single_loop in LOOP_VARIANTS:
-            stripe_module.SINGLE_LOOP = single_loop
-            out = stripe_attention(q, k, v, plan, scale)[0]
-            err = float((out.float() - ref.float()).abs().max())
-            ok = bool(torch.isfinite(out).all()) and err < (2e-2 if dtype == torch.bfloat16 else 4e-3)
-            checks.append(dict(n=n, hq=hq, hkv=hkv, d=d, dtype=str(dtype), single_loop=single_loop, same_plan=same,
-                               max_abs_err=err, ok=ok))
-            print(f"check n={n} hq={hq} hkv={hkv} d={d} {dtype} single_loop={single_loop}: plan identical={same} "
-                  f"max|err|={err:.2e} ok={ok}")
-        stripe_module.SINGLE_LOOP = DEFAULT_LOOP
+        err = float((out.float() - ref.float()).abs().max())
+        ok = bool(torch.isfinite(out).all()) and err < (2e-2 if dtype == torch.bfloat16 else 4e-3)
+        checks.append(dict(n=n, hq=hq, hkv=hkv, d=d, dtype=str(dtype), same_plan=same, max_abs_err=err, ok=ok))
+        print(f"check n={n} hq={hq} hkv={hkv} d={d} {dtype}: plan identical={same} max|err|={err:.2e} ok={ok}")
     return checks
 
 
@@ -92,11 +84,7 @@ def measure(n: int, params: dict, min_length: int, hq: int, hkv: int, d: int, st
     density = plan.density()
     del out
     t_identify = bench(lambda: identifier.identify(q, k, ctx))
-    t_execute = {}
-    for single_loop in LOOP_VARIANTS:
-        stripe_module.SINGLE_LOOP = single_loop
-        t_execute[single_loop] = bench(lambda: stripe_attention(q, k, v, plan, scale))
-    stripe_module.SINGLE_LOOP = DEFAULT_LOOP
+    t_execute = bench(lambda: stripe_attention(q, k, v, plan, scale))
     # What a user pays: identification and execution through the dispatcher, heads chunked to
     # bound the plans' memory (sparse_attention's default budget).
     executor = TritonStripeExecutor()
@@ -119,17 +107,14 @@ def measure(n: int, params: dict, min_length: int, hq: int, hkv: int, d: int, st
     dense_flops = 4 * causal_pairs * hq * d
     sparse_flops = dense_flops * density
     uses_sparse = n >= min_length
-    executor_ms = t_execute[DEFAULT_LOOP]
     row = dict(
         seq_len=n, strength=strength, density=density, rel_err_vs_dense=err, chunked_rel_err_vs_dense=chunked_err,
-        dense_ms=t_dense, identify_ms=t_identify, execute_ms=executor_ms,
-        execute_single_loop_ms=t_execute[True], execute_loop_per_part_ms=t_execute[False], anchor_ms=t_total,
+        dense_ms=t_dense, identify_ms=t_identify, execute_ms=t_execute, anchor_ms=t_total,
         kv_heads_per_call=chunks,
         policy_ms=t_total if uses_sparse else t_dense, policy_path="anchor" if uses_sparse else "dense",
         anchor_over_dense=t_total / t_dense, policy_over_dense=(t_total if uses_sparse else t_dense) / t_dense,
-        dense_tflops=dense_flops / t_dense / 1e9, executor_tflops_per_computed_score=sparse_flops / executor_ms / 1e9,
-        executor_efficiency_vs_sdpa=(sparse_flops / executor_ms) / (dense_flops / t_dense),
-        executor_efficiency_loop_per_part=(sparse_flops / t_execute[False]) / (dense_flops / t_dense),
+        dense_tflops=dense_flops / t_dense / 1e9, executor_tflops_per_computed_score=sparse_flops / t_execute / 1e9,
+        executor_efficiency_vs_sdpa=(sparse_flops / t_execute) / (dense_flops / t_dense),
         peak_extra_bytes=int(extra), peak_extra_over_qkv=extra / qkv_bytes,
         finite=bool(torch.isfinite(out).all()),
     )

@@ -38,10 +38,8 @@ _LOG2E = 1.4426950408889634  # scores go through exp2: fold log2(e) into the sca
 _MIN_ROWS = 16  # tl.dot needs every tile dimension >= 16
 _MAX_TILE_ROWS = 128  # stacked rows per program: one 128-row MMA tile, as the fused-attention tutorial
 _MAX_TILE_ROWS_D256 = 64  # at head dim 256 the q tile and accumulator need twice the registers
-_SMEM_BUDGET = 192 * 1024
+_SMEM_BUDGET = 192 * 1024  # Hopper gives 227 KiB per block; Triton needs the rest for layout conversions
 _MAX_GRID_Y = 65535  # CUDA's limit on the second grid axis (query tiles here)
-# Experiment switch (GPU A/B in benchmarks/speed.py): one loop over all key tiles vs one loop per part.
-SINGLE_LOOP = True  # Hopper gives 227 KiB per block; Triton needs the rest for layout conversions
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,37 +121,6 @@ def _gathered_keys(
     return acc, m_i, l_i
 
 
-@triton.jit
-def _all_keys_one_loop(
-    acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, Indices, seg_start, seg_end, sink_end, local_start,
-    row_hi, row_pos, offs_n, offs_d, d_ok, qk_scale,
-    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-):
-    """Initial window, selected keys and local window as one run of BLOCK_N-key tiles: one software
-    pipeline overlaps every tile's loads (at low density each part is only a tile or two long)."""
-    sink_tiles = tl.cdiv(sink_end, BLOCK_N)
-    gather_end = sink_tiles + tl.cdiv(seg_end - seg_start, BLOCK_N)
-    num_tiles = gather_end + tl.cdiv(row_hi - local_start, BLOCK_N)
-    for t in range(0, num_tiles):
-        # Slots fall inside [seg_start, seg_end) only on selected-key tiles; window keys fall inside
-        # [0, window_hi) only on window tiles (window_hi is 0 on the others).
-        slots = seg_start + (t - sink_tiles) * BLOCK_N + offs_n
-        slot_ok = (slots >= seg_start) & (slots < seg_end)
-        selected = tl.load(Indices + slots, mask=slot_ok, other=0)
-        in_sink = t < sink_tiles
-        window = tl.where(in_sink, t * BLOCK_N, local_start + (t - gather_end) * BLOCK_N) + offs_n
-        window_hi = tl.where(in_sink, sink_end, tl.where(t >= gather_end, row_hi, 0))
-        keys = tl.where(slot_ok, selected, window)
-        key_ok = slot_ok | ((window >= 0) & (window < window_hi))
-        keys64 = keys.to(tl.int64)
-        k = _load_rows(k_base, keys64, key_ok, stride_kn, offs_d, d_ok)
-        v = _load_rows(v_base, keys64, key_ok, stride_vn, offs_d, d_ok)
-        # Window and selected keys all precede the group; only local tiles reaching the rows need key <= row.
-        allowed = key_ok[None, :] & (keys[None, :] <= row_pos[:, None])
-        acc, m_i, l_i = _softmax_update(acc, m_i, l_i, q, k, v, allowed, qk_scale, True, DOT_PRECISION, UPCAST)
-    return acc, m_i, l_i
-
-
 # ---------------------------------------------------------------------------------------------
 # Autotuning
 # ---------------------------------------------------------------------------------------------
@@ -195,7 +162,7 @@ def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> 
 
 @triton.autotune(
     configs=_configs(),
-    key=["HEAD_DIM", "HEAD_TILE", "ROWS", "SINGLE_LOOP"],  # the autotuner adds the tensors' dtypes itself
+    key=["HEAD_DIM", "HEAD_TILE", "ROWS"],  # the autotuner adds the tensors' dtypes itself
     prune_configs_by={"early_config_prune": _prune_configs},
 )
 @triton.jit
@@ -209,7 +176,6 @@ def _stripe_fwd(
     group_rows, num_groups, tiles_per_group, sink, local, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_TILE: tl.constexpr, ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr, RETURN_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    SINGLE_LOOP: tl.constexpr,
 ):
     # Which rows: tile t of group g covers rows [r0, r0 + ROWS) clipped to the group and sequence.
     # Last groups first, every head of one before the next (axis 0 varies fastest): they attend the
@@ -257,30 +223,24 @@ def _stripe_fwd(
     l_i = tl.zeros([HEAD_TILE * ROWS], dtype=tl.float32)
     acc = tl.zeros([HEAD_TILE * ROWS, BLOCK_D], dtype=tl.float32)
 
-    if SINGLE_LOOP:
-        acc, m_i, l_i = _all_keys_one_loop(
-            acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, Indices, seg_start, seg_end, sink_end,
-            local_start, row_hi, row_pos, offs_n, offs_d, d_ok, qk_scale, BLOCK_N, DOT_PRECISION, UPCAST,
-        )
-    else:
-        acc, m_i, l_i = _contiguous_window(
-            acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, 0, sink_end, row_pos, offs_n, offs_d, d_ok,
-            qk_scale, BLOCK_N, False, True, DOT_PRECISION, UPCAST,
-        )
-        acc, m_i, l_i = _gathered_keys(
-            acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, Indices, seg_start, seg_end, offs_n, offs_d, d_ok,
-            qk_scale, BLOCK_N, DOT_PRECISION, UPCAST,
-        )
-        # Local window: whole tiles before r0 precede every row (no mask), the rest needs the causal mask.
-        unmasked_end = local_start + (r0 - local_start) // BLOCK_N * BLOCK_N
-        acc, m_i, l_i = _contiguous_window(
-            acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, local_start, unmasked_end, row_pos, offs_n, offs_d,
-            d_ok, qk_scale, BLOCK_N, False, False, DOT_PRECISION, UPCAST,
-        )
-        acc, m_i, l_i = _contiguous_window(
-            acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, unmasked_end, row_hi, row_pos, offs_n, offs_d, d_ok,
-            qk_scale, BLOCK_N, True, True, DOT_PRECISION, UPCAST,
-        )
+    acc, m_i, l_i = _contiguous_window(
+        acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, 0, sink_end, row_pos, offs_n, offs_d, d_ok,
+        qk_scale, BLOCK_N, False, True, DOT_PRECISION, UPCAST,
+    )
+    acc, m_i, l_i = _gathered_keys(
+        acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, Indices, seg_start, seg_end, offs_n, offs_d, d_ok,
+        qk_scale, BLOCK_N, DOT_PRECISION, UPCAST,
+    )
+    # Local window: whole tiles before r0 precede every row (no mask), the rest needs the causal mask.
+    unmasked_end = local_start + (r0 - local_start) // BLOCK_N * BLOCK_N
+    acc, m_i, l_i = _contiguous_window(
+        acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, local_start, unmasked_end, row_pos, offs_n, offs_d,
+        d_ok, qk_scale, BLOCK_N, False, False, DOT_PRECISION, UPCAST,
+    )
+    acc, m_i, l_i = _contiguous_window(
+        acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, unmasked_end, row_hi, row_pos, offs_n, offs_d, d_ok,
+        qk_scale, BLOCK_N, True, True, DOT_PRECISION, UPCAST,
+    )
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
@@ -405,6 +365,6 @@ def stripe_attention(
         seq_len, num_q, plan_heads, heads_per_plan, num_q // k.shape[1], head_chunks,
         plan.group_rows, plan.num_groups, tiles_per_group, plan.sink, plan.local, scale * _LOG2E,
         HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), HEAD_TILE=head_tile, ROWS=rows,
-        RETURN_LSE=return_lse, DOT_PRECISION=dot_precision, UPCAST=upcast, SINGLE_LOOP=SINGLE_LOOP,
+        RETURN_LSE=return_lse, DOT_PRECISION=dot_precision, UPCAST=upcast,
     )
     return out, lse
