@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from sparse_prefill.interfaces import PlanBudgetExceeded
 from sparse_prefill.kernels.runtime import triton_can_run, triton_interpreted
 from sparse_prefill.patterns.anchor.reference import empty_stripe_plan, validate_anchor_inputs
 from sparse_prefill.plan import StripePlan
@@ -327,6 +328,14 @@ def _pool_blocks(q: torch.Tensor, k: torch.Tensor, *, scale: float, block: int, 
     return pooled_q, pooled_anchor
 
 
+def _bytes_per_kv_head(selected: list[int], segments: int) -> list[int]:
+    """Plan bytes per KV head: its int32 indices (``selected`` per KV head) plus its share of the
+    int64 offsets (the one extra offset goes to the first head)."""
+    offsets = [segments // len(selected) * 8] * len(selected)
+    offsets[0] += 8
+    return [4 * n + o for n, o in zip(selected, offsets)]
+
+
 def _slice_keys(seq_len: int) -> int:
     """Keys per scan program: ~1/16 of the sequence (a power of two in _SLICE_KEYS_RANGE), so a chunk of
     groups splits into up to 16 equal programs and index offsets per (segment, slice) stay few."""
@@ -352,11 +361,14 @@ def anchor_identify(
     local: int,
     share_kv_heads: bool,
     dense_tail: int = 0,
+    max_plan_bytes: int | None = None,
 ) -> StripePlan:
     """AnchorAttention stripes for causal prefill: q [B, Hq, N, D], k [B, Hkv, N, D] -> StripePlan.
 
     Arguments and result are those of ``anchor_identify_reference``; q and k are read in place
     (any strides, K never expanded for GQA), on CUDA, or on the CPU under TRITON_INTERPRET=1.
+    Raises :class:`~sparse_prefill.interfaces.PlanBudgetExceeded` after counting, before
+    allocating, when the plan would take more than ``max_plan_bytes``.
     """
     validate_anchor_inputs(
         q, k, scale=scale, theta=theta, block=block, group_blocks=group_blocks, sink=sink, local=local,
@@ -386,9 +398,13 @@ def anchor_identify(
     segments = plan.offsets.numel() - 1
     counts = torch.zeros(segments * num_slices, dtype=torch.int32, device=q.device)  # (segment, slice) order
     _stripe_scan_kernel[grid](pooled_q, pooled_anchor, k, counts, counts, *scan_args, WRITE=False, **constexprs)
+    selected = counts.view(batch, num_kv, -1).sum(dim=(0, 2), dtype=torch.int64).tolist()  # the one host sync
+    need = _bytes_per_kv_head(selected, segments)
+    if max_plan_bytes is not None and sum(need) > max_plan_bytes:
+        raise PlanBudgetExceeded(need, max_plan_bytes)
     slice_offsets = torch.zeros(segments * num_slices + 1, dtype=torch.int64, device=q.device)
     torch.cumsum(counts, dim=0, out=slice_offsets[1:])
-    total = int(slice_offsets[-1])  # the one host sync: sizes the index buffer
+    total = sum(selected)
     indices = torch.empty(total, dtype=torch.int32, device=q.device)
     if total:
         _stripe_scan_kernel[grid](pooled_q, pooled_anchor, k, slice_offsets, indices, *scan_args, WRITE=True, **constexprs)

@@ -7,8 +7,8 @@ from typing import Callable
 
 import torch
 
-from sparse_prefill.interfaces import AttentionContext, Executor, Identifier
-from sparse_prefill.plan import Plan, plan_nbytes
+from sparse_prefill.interfaces import AttentionContext, Executor, Identifier, PlanBudgetExceeded
+from sparse_prefill.plan import Plan
 from sparse_prefill.registry import get_registry
 from sparse_prefill.validation import validate_attention_inputs
 
@@ -62,10 +62,11 @@ def sparse_attention(
     sees each plan before execution with the context of the heads it covers (statistics, debugging).
 
     Memory: a plan's size is known only once identified, and on diffuse attention a long
-    sequence's key lists can outgrow q, k and v together. So heads run in chunks of whole KV
-    groups, each identified, executed into the shared output and freed before the next: first
-    one KV head, then as many as ``max_plan_bytes`` (default :func:`default_plan_budget`) holds
-    at the largest plan size per KV head seen so far.
+    sequence's key lists can outgrow q, k and v together. The identifier gets a budget
+    (``max_plan_bytes``, default :func:`default_plan_budget`) in ``ctx.plan_budget``; one that
+    would pass it raises :class:`PlanBudgetExceeded` with its size per KV head, and the heads
+    then run in consecutive KV-group chunks that fit, each identified, executed into the shared
+    output and freed before the next. Identifiers that ignore the budget run in one call.
 
     Equivalent PyTorch code for a plan's mask ``M`` (for testing only; O(N^2))::
 
@@ -75,34 +76,61 @@ def sparse_attention(
     validate_attention_inputs(q, k, v)
     ctx = ctx or AttentionContext.for_inputs(q, k)
     budget = default_plan_budget(q, k, v) if max_plan_bytes is None else max_plan_bytes
-    num_kv, group = k.shape[1], q.shape[1] // k.shape[1]
+    try:
+        plan = identifier.identify(q, k, dataclasses.replace(ctx, plan_budget=budget))
+    except PlanBudgetExceeded as exceeded:
+        return _run_in_chunks(q, k, v, identifier, ctx, _kv_chunks(exceeded.kv_head_bytes, budget),
+                              executor=executor, return_lse=return_lse, on_plan=on_plan)
+    if on_plan is not None:
+        on_plan(plan, ctx)
+    return _execute(q, k, v, plan, ctx, executor, return_lse)
+
+
+def _kv_chunks(kv_head_bytes: list[int], budget: int) -> list[slice]:
+    """Consecutive KV heads packed greedily into calls whose plans fit ``budget`` (a head over it
+    alone gets a call of its own)."""
+    chunks, start, size = [], 0, 0
+    for head, nbytes in enumerate(kv_head_bytes):
+        if head > start and size + nbytes > budget:
+            chunks.append(slice(start, head))
+            start, size = head, 0
+        size += nbytes
+    chunks.append(slice(start, len(kv_head_bytes)))
+    return chunks
+
+
+def _run_in_chunks(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, identifier: Identifier, ctx: AttentionContext,
+    kv_chunks: list[slice], *, executor: Executor | None, return_lse: bool,
+    on_plan: Callable[[Plan, AttentionContext], None] | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Identify and execute each chunk of KV heads (with its query heads) into one output; a chunk's
+    plan is freed before the next is built."""
+    group = q.shape[1] // k.shape[1]
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device) if return_lse else None
-    kv_start, bytes_per_kv_head = 0, 0
-    while kv_start < num_kv:
-        kv_count = 1 if kv_start == 0 else max(1, min(num_kv - kv_start, budget // max(bytes_per_kv_head, 1)))
-        kv_heads = slice(kv_start, kv_start + kv_count)
-        q_heads = slice(kv_start * group, (kv_start + kv_count) * group)
+    for kv_heads in kv_chunks:
+        q_heads = slice(kv_heads.start * group, kv_heads.stop * group)
         chunk_ctx = dataclasses.replace(
-            ctx, num_q_heads=kv_count * group, num_kv_heads=kv_count, head_offset=ctx.head_offset + q_heads.start
+            ctx, num_q_heads=q_heads.stop - q_heads.start, num_kv_heads=kv_heads.stop - kv_heads.start,
+            head_offset=ctx.head_offset + q_heads.start, plan_budget=None,
         )
-        plan = identifier.identify(q[:, q_heads], k[:, kv_heads], chunk_ctx)
+        chunk_q, chunk_k, chunk_v = q[:, q_heads], k[:, kv_heads], v[:, kv_heads]
+        plan = identifier.identify(chunk_q, chunk_k, chunk_ctx)
         if on_plan is not None:
             on_plan(plan, chunk_ctx)
-        bytes_per_kv_head = max(bytes_per_kv_head, -(-plan_nbytes(plan) // kv_count))
-        chunk_lse = _execute(q[:, q_heads], k[:, kv_heads], v[:, kv_heads], plan, chunk_ctx, executor, return_lse,
-                             out[:, q_heads])
+        chunk_lse = _execute(chunk_q, chunk_k, chunk_v, plan, chunk_ctx, executor, return_lse, out=out[:, q_heads])[1]
         if lse is not None:
             lse[:, q_heads] = chunk_lse
         del plan
-        kv_start += kv_count
     return out, lse
 
 
 def _execute(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, ctx: AttentionContext,
-             executor: Executor | None, return_lse: bool, out: torch.Tensor) -> torch.Tensor | None:
-    """Runs ``plan`` on ``executor`` (or the best capable one), writing into ``out``; returns the lse."""
+             executor: Executor | None, return_lse: bool, out: torch.Tensor | None = None,
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Runs ``plan`` on ``executor`` (or the best capable one), writing into ``out`` when given."""
     if executor is not None and (reasons := executor.not_supported_reasons(q, plan)):
         raise NoCapableExecutorError(f"executor {executor.name} cannot run these inputs: {'; '.join(reasons)}")
     chosen = executor or select_executor(q, plan)
-    return chosen(q, k, v, plan, ctx, return_lse=return_lse, out=out)[1]
+    return chosen(q, k, v, plan, ctx, return_lse=return_lse, out=out)

@@ -16,7 +16,7 @@ import torch
 
 from sparse_prefill.plan import Plan
 
-__all__ = ["AttentionContext", "Identifier", "Executor", "Parameter", "PatternSpec", "write_into"]
+__all__ = ["AttentionContext", "Identifier", "Executor", "Parameter", "PatternSpec", "PlanBudgetExceeded", "write_into"]
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,8 @@ class AttentionContext:
 
     ``head_offset`` is the global index of the first query head in this call, so per-head
     policies stay right when heads are split (a head subset of one layer, or tensor parallelism).
+    ``plan_budget`` (bytes, or None for no limit): an identifier whose plan size grows with the
+    input should raise :class:`PlanBudgetExceeded` before allocating a plan larger than this.
     """
 
     scale: float
@@ -33,6 +35,7 @@ class AttentionContext:
     seq_len: int
     layer_idx: int | None = None
     head_offset: int = 0
+    plan_budget: int | None = None
 
     def __post_init__(self) -> None:
         if self.num_kv_heads <= 0 or self.num_q_heads % self.num_kv_heads:
@@ -55,6 +58,19 @@ class AttentionContext:
             seq_len=q.shape[2],
             **kwargs,
         )
+
+
+class PlanBudgetExceeded(Exception):
+    """An identifier's plan would pass ``ctx.plan_budget``; raised once its size is known, before allocating.
+
+    ``kv_head_bytes[i]`` is what the plan takes for KV head ``i`` of the call (with its query
+    heads), so the dispatcher can split the heads into calls that fit.
+    """
+
+    def __init__(self, kv_head_bytes: list[int], budget: int) -> None:
+        super().__init__(f"the plan needs {sum(kv_head_bytes)} bytes, the budget is {budget}")
+        self.kv_head_bytes = kv_head_bytes
+        self.budget = budget
 
 
 class Identifier(abc.ABC):

@@ -9,7 +9,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: ker
 import pytest
 import torch
 
-from sparse_prefill.dispatch import NoCapableExecutorError, default_plan_budget, sparse_attention
+from sparse_prefill.dispatch import NoCapableExecutorError, _kv_chunks, default_plan_budget, sparse_attention
 from sparse_prefill.interfaces import AttentionContext
 from sparse_prefill.kernels.executors import DenseSDPAExecutor, ReferenceExecutor, TritonStripeExecutor
 from sparse_prefill.kernels.stripe_attention import stripe_attention
@@ -58,17 +58,32 @@ def test_chunked_heads_give_the_unchunked_result(budget):
         assert heads == [2, 2, 2, 2]  # nothing fits: one KV head at a time
 
 
-def test_a_budget_sizes_later_chunks_from_the_first():
+def test_chunks_fit_the_budget_and_an_unbounded_call_is_one_plan():
     q, k, v = qkv(hq=8, hkv=8)
     identifier = ANCHOR.build(**ANCHOR_PARAMS)
-    probe = Recorder()
-    sparse_attention(q, k, v, identifier, executor=ReferenceExecutor(), max_plan_bytes=0, on_plan=probe)
-    largest = max(probe.nbytes)
+    per_head = Recorder()
+    sparse_attention(q, k, v, identifier, executor=ReferenceExecutor(), max_plan_bytes=0, on_plan=per_head)
+    assert [c.num_kv_heads for c in per_head.contexts] == [1] * 8
+    budget = 3 * max(per_head.nbytes)
     recorder = Recorder()
-    sparse_attention(q, k, v, identifier, executor=ReferenceExecutor(), max_plan_bytes=3 * largest, on_plan=recorder)
-    assert recorder.contexts[0].num_kv_heads == 1
-    assert all(c.num_kv_heads <= 3 for c in recorder.contexts)
-    assert all(b <= 3 * largest for b in recorder.nbytes)
+    sparse_attention(q, k, v, identifier, executor=ReferenceExecutor(), max_plan_bytes=budget, on_plan=recorder)
+    assert 1 < len(recorder.contexts) < 8 and all(b <= budget for b in recorder.nbytes)
+    whole = Recorder()
+    sparse_attention(q, k, v, identifier, executor=ReferenceExecutor(), max_plan_bytes=sum(per_head.nbytes),
+                     on_plan=whole)
+    assert [c.num_kv_heads for c in whole.contexts] == [8]
+
+
+def test_kv_heads_are_packed_greedily_in_order():
+    assert _kv_chunks([5, 5, 5, 20, 1], budget=10) == [slice(0, 2), slice(2, 3), slice(3, 4), slice(4, 5)]
+    assert _kv_chunks([1, 1, 1], budget=10) == [slice(0, 3)]
+
+
+def test_an_identifier_that_ignores_the_budget_runs_in_one_call():
+    q, k, v = qkv()
+    recorder = Recorder()
+    sparse_attention(q, k, v, DenseIdentifier(), executor=DenseSDPAExecutor(), max_plan_bytes=0, on_plan=recorder)
+    assert len(recorder.contexts) == 1
 
 
 def test_default_budget_is_a_quarter_of_the_inputs():

@@ -21,7 +21,10 @@ __all__ = ["ANCHOR", "AnchorIdentifier"]
 
 
 class AnchorIdentifier(Identifier):
-    """Runs the Triton identifier on CUDA (or under TRITON_INTERPRET=1), the reference elsewhere."""
+    """Runs the Triton identifier on CUDA (or under TRITON_INTERPRET=1), the reference elsewhere.
+
+    The Triton identifier honours ``ctx.plan_budget``; the reference (CPU, correctness) does not.
+    """
 
     def __init__(self, theta: float, block: int, group_blocks: int, sink: int, local: int, share_kv_heads: bool,
                  dense_tail: int) -> None:
@@ -32,7 +35,7 @@ class AnchorIdentifier(Identifier):
         if triton_can_run(q.device):
             from sparse_prefill.kernels.anchor_identify import anchor_identify
 
-            return anchor_identify(q, k, scale=ctx.scale, **self.params)
+            return anchor_identify(q, k, scale=ctx.scale, max_plan_bytes=ctx.plan_budget, **self.params)
         return anchor_identify_reference(q, k, scale=ctx.scale, **self.params)
 
 
