@@ -328,12 +328,14 @@ def _pool_blocks(q: torch.Tensor, k: torch.Tensor, *, scale: float, block: int, 
     return pooled_q, pooled_anchor
 
 
-def _bytes_per_kv_head(selected: list[int], segments: int) -> list[int]:
-    """Plan bytes per KV head: its int32 indices (``selected`` per KV head) plus its share of the
-    int64 offsets (the one extra offset goes to the first head)."""
-    offsets = [segments // len(selected) * 8] * len(selected)
-    offsets[0] += 8
-    return [4 * n + o for n, o in zip(selected, offsets)]
+def _raise_budget_exceeded(selected: list[int], segments: int, num_kv: int, per_query_head: bool, budget: int) -> None:
+    """PlanBudgetExceeded with the plan's bytes per KV head (and per query head when each has its own
+    list): int32 indices plus an equal share of the int64 offsets."""
+    offsets_each = segments // len(selected) * 8
+    plan_head_bytes = [4 * n + offsets_each for n in selected]
+    per_kv = len(selected) // num_kv
+    kv_head_bytes = [sum(plan_head_bytes[h * per_kv:(h + 1) * per_kv]) for h in range(num_kv)]
+    raise PlanBudgetExceeded(kv_head_bytes, budget, plan_head_bytes if per_query_head else None)
 
 
 def _slice_keys(seq_len: int) -> int:
@@ -398,13 +400,12 @@ def anchor_identify(
     segments = plan.offsets.numel() - 1
     counts = torch.zeros(segments * num_slices, dtype=torch.int32, device=q.device)  # (segment, slice) order
     _stripe_scan_kernel[grid](pooled_q, pooled_anchor, k, counts, counts, *scan_args, WRITE=False, **constexprs)
-    selected = counts.view(batch, num_kv, -1).sum(dim=(0, 2), dtype=torch.int64).tolist()  # the one host sync
-    need = _bytes_per_kv_head(selected, segments)
-    if max_plan_bytes is not None and sum(need) > max_plan_bytes:
-        raise PlanBudgetExceeded(need, max_plan_bytes)
+    selected = counts.view(batch, plan.plan_heads, -1).sum(dim=(0, 2), dtype=torch.int64).tolist()  # the one sync
+    total = sum(selected)
+    if max_plan_bytes is not None and 4 * total + 8 * (segments + 1) > max_plan_bytes:
+        _raise_budget_exceeded(selected, segments, num_kv, heads_per_plan == 1, max_plan_bytes)
     slice_offsets = torch.zeros(segments * num_slices + 1, dtype=torch.int64, device=q.device)
     torch.cumsum(counts, dim=0, out=slice_offsets[1:])
-    total = sum(selected)
     indices = torch.empty(total, dtype=torch.int32, device=q.device)
     if total:
         _stripe_scan_kernel[grid](pooled_q, pooled_anchor, k, slice_offsets, indices, *scan_args, WRITE=True, **constexprs)

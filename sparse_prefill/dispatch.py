@@ -65,8 +65,9 @@ def sparse_attention(
     sequence's key lists can outgrow q, k and v together. The identifier gets a budget
     (``max_plan_bytes``, default :func:`default_plan_budget`) in ``ctx.plan_budget``; one that
     would pass it raises :class:`PlanBudgetExceeded` with its size per KV head, and the heads
-    then run in consecutive KV-group chunks that fit, each identified, executed into the shared
-    output and freed before the next. Identifiers that ignore the budget run in one call.
+    then run in chunks that fit (whole KV groups, or the query heads of one group when the
+    identifier allows), each identified, executed into the shared output and freed before the
+    next. Identifiers that ignore the budget run in one call.
 
     Equivalent PyTorch code for a plan's mask ``M`` (for testing only; O(N^2))::
 
@@ -79,43 +80,64 @@ def sparse_attention(
     try:
         plan = identifier.identify(q, k, dataclasses.replace(ctx, plan_budget=budget))
     except PlanBudgetExceeded as exceeded:
-        return _run_in_chunks(q, k, v, identifier, ctx, _kv_chunks(exceeded.kv_head_bytes, budget),
-                              executor=executor, return_lse=return_lse, on_plan=on_plan)
+        chunks = _head_chunks(exceeded, q.shape[1] // k.shape[1], budget)
+        return _run_in_chunks(q, k, v, identifier, ctx, chunks, executor=executor, return_lse=return_lse,
+                              on_plan=on_plan)
     if on_plan is not None:
         on_plan(plan, ctx)
     return _execute(q, k, v, plan, ctx, executor, return_lse)
 
 
-def _kv_chunks(kv_head_bytes: list[int], budget: int) -> list[slice]:
-    """Consecutive KV heads packed greedily into calls whose plans fit ``budget`` (a head over it
-    alone gets a call of its own)."""
-    chunks, start, size = [], 0, 0
-    for head, nbytes in enumerate(kv_head_bytes):
-        if head > start and size + nbytes > budget:
-            chunks.append(slice(start, head))
-            start, size = head, 0
-        size += nbytes
-    chunks.append(slice(start, len(kv_head_bytes)))
+def _head_chunks(exceeded: PlanBudgetExceeded, group: int, budget: int) -> list[tuple[slice, slice]]:
+    """(query heads, KV heads) per call: consecutive whole KV groups packed greedily while their plans
+    fit ``budget``; a group too large alone is split into runs of its query heads when the identifier
+    allows it (``query_head_bytes``), else runs alone."""
+    chunks: list[tuple[slice, slice]] = []
+    start, size = 0, 0  # the open run of whole KV groups [start, kv)
+    for kv, nbytes in enumerate(exceeded.kv_head_bytes):
+        if kv > start and size + nbytes > budget:
+            chunks.append((slice(start * group, kv * group), slice(start, kv)))
+            start, size = kv, 0
+        if nbytes > budget and exceeded.query_head_bytes is not None and group > 1:
+            heads = exceeded.query_head_bytes[kv * group:(kv + 1) * group]
+            chunks += [(slice(kv * group + run.start, kv * group + run.stop), slice(kv, kv + 1))
+                       for run in _greedy_runs(heads, budget)]
+            start, size = kv + 1, 0
+        else:
+            size += nbytes
+    if start < len(exceeded.kv_head_bytes):
+        chunks.append((slice(start * group, len(exceeded.kv_head_bytes) * group), slice(start, None)))
     return chunks
+
+
+def _greedy_runs(sizes: list[int], budget: int) -> list[slice]:
+    """Consecutive items packed greedily into runs whose sizes sum within ``budget`` (an item over it
+    alone gets a run of its own)."""
+    runs, start, total = [], 0, 0
+    for i, size in enumerate(sizes):
+        if i > start and total + size > budget:
+            runs.append(slice(start, i))
+            start, total = i, 0
+        total += size
+    runs.append(slice(start, len(sizes)))
+    return runs
 
 
 def _run_in_chunks(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, identifier: Identifier, ctx: AttentionContext,
-    kv_chunks: list[slice], *, executor: Executor | None, return_lse: bool,
+    chunks: list[tuple[slice, slice]], *, executor: Executor | None, return_lse: bool,
     on_plan: Callable[[Plan, AttentionContext], None] | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Identify and execute each chunk of KV heads (with its query heads) into one output; a chunk's
-    plan is freed before the next is built."""
-    group = q.shape[1] // k.shape[1]
+    """Identify and execute each (query heads, KV heads) chunk into one output; a chunk's plan is
+    freed before the next is built."""
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device) if return_lse else None
-    for kv_heads in kv_chunks:
-        q_heads = slice(kv_heads.start * group, kv_heads.stop * group)
+    for q_heads, kv_heads in chunks:
+        chunk_q, chunk_k, chunk_v = q[:, q_heads], k[:, kv_heads], v[:, kv_heads]
         chunk_ctx = dataclasses.replace(
-            ctx, num_q_heads=q_heads.stop - q_heads.start, num_kv_heads=kv_heads.stop - kv_heads.start,
+            ctx, num_q_heads=chunk_q.shape[1], num_kv_heads=chunk_k.shape[1],
             head_offset=ctx.head_offset + q_heads.start, plan_budget=None,
         )
-        chunk_q, chunk_k, chunk_v = q[:, q_heads], k[:, kv_heads], v[:, kv_heads]
         plan = identifier.identify(chunk_q, chunk_k, chunk_ctx)
         if on_plan is not None:
             on_plan(plan, chunk_ctx)

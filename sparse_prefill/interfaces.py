@@ -64,12 +64,16 @@ class PlanBudgetExceeded(Exception):
     """An identifier's plan would pass ``ctx.plan_budget``; raised once its size is known, before allocating.
 
     ``kv_head_bytes[i]`` is what the plan takes for KV head ``i`` of the call (with its query
-    heads), so the dispatcher can split the heads into calls that fit.
+    heads), so the dispatcher can split the heads into calls that fit. ``query_head_bytes``, when
+    given, is the same per query head, and promises that a call on some query heads of one KV
+    group selects exactly what the whole call would for them (one key list per query head), so
+    a KV group too large alone may be split too.
     """
 
-    def __init__(self, kv_head_bytes: list[int], budget: int) -> None:
+    def __init__(self, kv_head_bytes: list[int], budget: int, query_head_bytes: list[int] | None = None) -> None:
         super().__init__(f"the plan needs {sum(kv_head_bytes)} bytes, the budget is {budget}")
         self.kv_head_bytes = kv_head_bytes
+        self.query_head_bytes = query_head_bytes
         self.budget = budget
 
 

@@ -9,8 +9,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: ker
 import pytest
 import torch
 
-from sparse_prefill.dispatch import NoCapableExecutorError, _kv_chunks, default_plan_budget, sparse_attention
-from sparse_prefill.interfaces import AttentionContext
+from sparse_prefill.dispatch import NoCapableExecutorError, _head_chunks, default_plan_budget, sparse_attention
+from sparse_prefill.interfaces import AttentionContext, PlanBudgetExceeded
 from sparse_prefill.kernels.executors import DenseSDPAExecutor, ReferenceExecutor, TritonStripeExecutor
 from sparse_prefill.kernels.stripe_attention import stripe_attention
 from sparse_prefill.patterns.anchor import ANCHOR
@@ -53,9 +53,9 @@ def test_chunked_heads_give_the_unchunked_result(budget):
     offsets = [c.head_offset for c in recorder.contexts]
     heads = [c.num_q_heads for c in recorder.contexts]
     assert offsets == [8 + sum(heads[:i]) for i in range(len(heads))] and sum(heads) == 8
-    assert all(c.num_q_heads == 2 * c.num_kv_heads for c in recorder.contexts)
+    assert all(c.num_kv_heads == 1 or c.num_q_heads == 2 * c.num_kv_heads for c in recorder.contexts)
     if budget == 0:
-        assert heads == [2, 2, 2, 2]  # nothing fits: one KV head at a time
+        assert heads == [1] * 8  # nothing fits: one query head at a time (each has its own key list)
 
 
 def test_chunks_fit_the_budget_and_an_unbounded_call_is_one_plan():
@@ -63,7 +63,7 @@ def test_chunks_fit_the_budget_and_an_unbounded_call_is_one_plan():
     identifier = ANCHOR.build(**ANCHOR_PARAMS)
     per_head = Recorder()
     sparse_attention(q, k, v, identifier, executor=ReferenceExecutor(), max_plan_bytes=0, on_plan=per_head)
-    assert [c.num_kv_heads for c in per_head.contexts] == [1] * 8
+    assert [c.num_q_heads for c in per_head.contexts] == [1] * 8
     budget = 3 * max(per_head.nbytes)
     recorder = Recorder()
     sparse_attention(q, k, v, identifier, executor=ReferenceExecutor(), max_plan_bytes=budget, on_plan=recorder)
@@ -74,9 +74,22 @@ def test_chunks_fit_the_budget_and_an_unbounded_call_is_one_plan():
     assert [c.num_kv_heads for c in whole.contexts] == [8]
 
 
-def test_kv_heads_are_packed_greedily_in_order():
-    assert _kv_chunks([5, 5, 5, 20, 1], budget=10) == [slice(0, 2), slice(2, 3), slice(3, 4), slice(4, 5)]
-    assert _kv_chunks([1, 1, 1], budget=10) == [slice(0, 3)]
+def chunks_for(kv_bytes, query_bytes, group, budget):
+    return [(q.start, q.stop, kv.start, kv.stop) for q, kv in
+            _head_chunks(PlanBudgetExceeded(kv_bytes, budget, query_bytes), group, budget)]
+
+
+def test_whole_kv_groups_are_packed_greedily_in_order():
+    # 2 query heads per KV head; no per-query-head sizes: a group over budget runs alone.
+    assert chunks_for([5, 5, 5, 20, 1], None, 2, 10) == [(0, 4, 0, 2), (4, 6, 2, 3), (6, 8, 3, 4), (8, 10, 4, None)]
+    assert chunks_for([1, 1, 1], None, 2, 10) == [(0, 6, 0, None)]
+
+
+def test_a_group_over_budget_splits_into_its_query_heads_when_allowed():
+    query = [2, 2, 8, 8, 9, 9, 1, 1]  # 4 KV heads x 2 query heads
+    kv = [4, 16, 18, 2]
+    assert chunks_for(kv, query, 2, 10) == [(0, 2, 0, 1), (2, 3, 1, 2), (3, 4, 1, 2), (4, 5, 2, 3), (5, 6, 2, 3),
+                                            (6, 8, 3, None)]
 
 
 def test_an_identifier_that_ignores_the_budget_runs_in_one_call():
@@ -131,3 +144,13 @@ def test_triton_executor_accepts_out_through_dispatch():
     chunked = sparse_attention(q, k, v, identifier, executor=TritonStripeExecutor(), max_plan_bytes=0)[0]
     whole = stripe_attention(q, k, v, identifier.identify(q, k, AttentionContext.for_inputs(q, k)), 64**-0.5)[0]
     torch.testing.assert_close(chunked, whole, atol=0, rtol=0)
+
+
+def test_shared_key_lists_are_never_split_inside_a_kv_group():
+    q, k, v = qkv()
+    identifier = ANCHOR.build(**ANCHOR_PARAMS, share_kv_heads=True)  # one list per KV group: a union
+    whole = sparse_attention(q, k, v, identifier, executor=ReferenceExecutor(), max_plan_bytes=2**62)[0]
+    recorder = Recorder()
+    out = sparse_attention(q, k, v, identifier, executor=ReferenceExecutor(), max_plan_bytes=0, on_plan=recorder)[0]
+    assert [(c.num_q_heads, c.num_kv_heads) for c in recorder.contexts] == [(2, 1)] * 4
+    torch.testing.assert_close(out, whole, atol=1e-6, rtol=0)
