@@ -35,7 +35,7 @@ def main(src: str, dst: str) -> None:
         ax.legend(fontsize=8)
     shape = result["shape"]
     fig.suptitle(f"{result['gpu']}, {shape['q_heads']}q/{shape['kv_heads']}kv heads, d={shape['head_dim']}, "
-                 f"bf16, commit {result['commit']}", fontsize=10)
+                 f"bf16, commit {result['commit'].split()[0]}", fontsize=10)
     fig.tight_layout()
     fig.savefig(dst, dpi=110)
 

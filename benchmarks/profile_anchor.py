@@ -16,7 +16,6 @@ from torch.profiler import ProfilerActivity, profile
 from sparse_prefill.dispatch import sparse_attention
 from sparse_prefill.evaluation.synthetic import structured_qkv
 from sparse_prefill.interfaces import AttentionContext
-from sparse_prefill.kernels.executors import TritonStripeExecutor
 from sparse_prefill.patterns.anchor import ANCHOR
 from sparse_prefill.policy import load_policy
 
@@ -32,7 +31,7 @@ def main() -> None:
     q, k, v = structured_qkv(args.length, hq, hkv, d, device="cuda", strength=args.strength)
     identifier = ANCHOR.build(**load_policy(args.policy).default.as_dict())
     ctx = AttentionContext.for_inputs(q, k)
-    run = lambda: sparse_attention(q, k, v, identifier, ctx, executor=TritonStripeExecutor())  # noqa: E731
+    run = lambda: sparse_attention(q, k, v, identifier, ctx)  # noqa: E731
     for _ in range(3):  # compile, autotune, warm the allocator
         run()
     torch.cuda.synchronize()

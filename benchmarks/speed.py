@@ -22,11 +22,10 @@ import triton
 import triton.testing
 import yaml
 
-from sparse_prefill.dispatch import sparse_attention
+from sparse_prefill.dispatch import select_executor, sparse_attention
 from sparse_prefill.evaluation.synthetic import structured_qkv
 from sparse_prefill.interfaces import AttentionContext
 from sparse_prefill.kernels.anchor_identify import anchor_identify
-from sparse_prefill.kernels.executors import TritonStripeExecutor
 from sparse_prefill.kernels.reference import stripe_attention_reference
 from sparse_prefill.kernels.stripe_attention import stripe_attention
 from sparse_prefill.patterns.anchor import ANCHOR
@@ -55,8 +54,9 @@ def check_kernels(params: dict) -> list[dict]:
         torch.manual_seed(n)
         q, k, v = (torch.randn(2, h, n, d, device="cuda", dtype=dtype) for h in (hq, hkv, hkv))
         scale = d ** -0.5
-        plan = anchor_identify(q, k, scale=scale, **params)
-        ref_plan = anchor_identify_reference(q, k, scale=scale, **params)
+        exact = {**params, "dense_above": 1.0}  # always stripes here: this checks the kernels
+        plan = anchor_identify(q, k, scale=scale, **exact)
+        ref_plan = anchor_identify_reference(q, k, scale=scale, **exact)
         same = plan.indices.numel() == ref_plan.indices.numel() and bool((plan.offsets == ref_plan.offsets).all())
         out = stripe_attention(q, k, v, plan, scale)[0]
         ref = stripe_attention_reference(q, k, v, plan, scale)[0]
@@ -67,8 +67,9 @@ def check_kernels(params: dict) -> list[dict]:
     return checks
 
 
-def measure(n: int, params: dict, min_length: int, hq: int, hkv: int, d: int, strength: float) -> dict:
-    q, k, v = structured_qkv(n, hq, hkv, d, device="cuda", strength=strength)
+def measure(n: int, params: dict, min_length: int, hq: int, hkv: int, d: int, strength: float,
+            synthetic: dict) -> dict:
+    q, k, v = structured_qkv(n, hq, hkv, d, device="cuda", strength=strength, **synthetic)
     scale = d ** -0.5
     ctx = AttentionContext.for_inputs(q, k, scale)
     identifier = ANCHOR.build(**params)
@@ -78,27 +79,28 @@ def measure(n: int, params: dict, min_length: int, hq: int, hkv: int, d: int, st
     dense_out = dense()
     t_dense = bench(dense)
 
-    plan = identifier.identify(q, k, ctx)
-    out = stripe_attention(q, k, v, plan, scale)[0]
+    plan = identifier.identify(q, k, ctx)  # a DensePlan when denser than the policy's dense_above
+    executor = select_executor(q, plan)
+    out = executor(q, k, v, plan, ctx)[0]
     err = relative_error(out, dense_out)
     density = plan.density()
     del out
     t_identify = bench(lambda: identifier.identify(q, k, ctx))
-    t_execute = bench(lambda: stripe_attention(q, k, v, plan, scale))
-    # What a user pays: identification and execution through the dispatcher, heads chunked to
-    # bound the plans' memory (sparse_attention's default budget).
-    executor = TritonStripeExecutor()
+    t_execute = bench(lambda: executor(q, k, v, plan, ctx))
+    # What a user pays: identification and execution through the dispatcher, heads chunked when
+    # the plan would pass the default memory budget.
     chunks = []
-    run = lambda: sparse_attention(q, k, v, identifier, ctx, executor=executor)[0]
+    run = lambda: sparse_attention(q, k, v, identifier, ctx)[0]
     t_total = bench(run)
 
+    plan_kind = type(plan).__name__
     del plan
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    out = sparse_attention(q, k, v, identifier, ctx, executor=executor,
-                           on_plan=lambda plan, chunk_ctx: chunks.append(chunk_ctx.num_kv_heads))[0]
+    out = sparse_attention(q, k, v, identifier, ctx,
+                           on_plan=lambda plan, chunk_ctx: chunks.append((chunk_ctx.num_q_heads, chunk_ctx.num_kv_heads)))[0]
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base - out.numel() * out.element_size()
     chunked_err = relative_error(out, dense_out)
@@ -110,7 +112,7 @@ def measure(n: int, params: dict, min_length: int, hq: int, hkv: int, d: int, st
     row = dict(
         seq_len=n, strength=strength, density=density, rel_err_vs_dense=err, chunked_rel_err_vs_dense=chunked_err,
         dense_ms=t_dense, identify_ms=t_identify, execute_ms=t_execute, anchor_ms=t_total,
-        kv_heads_per_call=chunks,
+        plan_kind=plan_kind, executor=executor.name, heads_per_call=chunks,
         policy_ms=t_total if uses_sparse else t_dense, policy_path="anchor" if uses_sparse else "dense",
         anchor_over_dense=t_total / t_dense, policy_over_dense=(t_total if uses_sparse else t_dense) / t_dense,
         dense_tflops=dense_flops / t_dense / 1e9, executor_tflops_per_computed_score=sparse_flops / t_execute / 1e9,
@@ -134,23 +136,26 @@ def main() -> None:
     parser.add_argument("--heads", default="32,8,128", help="query heads, KV heads, head dim")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override an anchor parameter, e.g. --set theta=6")
+    parser.add_argument("--synthetic", action="append", default=[], metavar="KEY=VALUE",
+                        help="another structured_qkv argument, e.g. --synthetic heavy_fraction=0.01")
     args = parser.parse_args()
     policy = load_policy(args.policy)
     overrides = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.set)}
     # Re-validate through the policy loader so a bad --set gets the same precise error as YAML.
     params = load_policy({"default": {**policy.default.as_dict(), "pattern": "anchor", **overrides}}).default.as_dict()
     hq, hkv, d = (int(x) for x in args.heads.split(","))
+    synthetic = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.synthetic)}
     started = time.time()
     result = dict(
         gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
         python=platform.python_version(), commit=args.commit, params=params, min_length=policy.min_length,
         shape=dict(batch=1, q_heads=hq, kv_heads=hkv, head_dim=d, dtype="bfloat16"),
-        inputs="sparse_prefill.evaluation.synthetic.structured_qkv (defaults but strength)",
+        inputs=f"sparse_prefill.evaluation.synthetic.structured_qkv (defaults but strength; {synthetic or 'nothing else'})",
         checks=check_kernels(params), rows=[],
     )
     for strength in (float(x) for x in args.strengths.split(",")):
         for n in (int(x) for x in args.lengths.split(",")):
-            result["rows"].append(measure(n, params, policy.min_length, hq, hkv, d, strength))
+            result["rows"].append(measure(n, params, policy.min_length, hq, hkv, d, strength, synthetic))
             torch.cuda.empty_cache()
             result["seconds"] = time.time() - started
             with open(args.out, "w") as fh:  # after every row: a run cut short keeps what it measured

@@ -29,7 +29,7 @@ import triton.language as tl
 from sparse_prefill.interfaces import PlanBudgetExceeded
 from sparse_prefill.kernels.runtime import triton_can_run, triton_interpreted
 from sparse_prefill.patterns.anchor.reference import empty_stripe_plan, validate_anchor_inputs
-from sparse_prefill.plan import StripePlan
+from sparse_prefill.plan import DensePlan, StripePlan
 
 __all__ = ["anchor_identify", "SUPPORTED_DTYPES", "HEAD_DIM_RANGE", "MAX_BLOCK", "MAX_SCAN_ROWS"]
 
@@ -363,18 +363,20 @@ def anchor_identify(
     local: int,
     share_kv_heads: bool,
     dense_tail: int = 0,
+    dense_above: float = 1.0,
     max_plan_bytes: int | None = None,
-) -> StripePlan:
+) -> StripePlan | DensePlan:
     """AnchorAttention stripes for causal prefill: q [B, Hq, N, D], k [B, Hkv, N, D] -> StripePlan.
 
     Arguments and result are those of ``anchor_identify_reference``; q and k are read in place
     (any strides, K never expanded for GQA), on CUDA, or on the CPU under TRITON_INTERPRET=1.
-    Raises :class:`~sparse_prefill.interfaces.PlanBudgetExceeded` after counting, before
-    allocating, when the plan would take more than ``max_plan_bytes``.
+    Decided after counting, before writing any key list: a plan denser than ``dense_above``
+    becomes a DensePlan; one that would take more than ``max_plan_bytes`` raises
+    :class:`~sparse_prefill.interfaces.PlanBudgetExceeded`.
     """
     validate_anchor_inputs(
         q, k, scale=scale, theta=theta, block=block, group_blocks=group_blocks, sink=sink, local=local,
-        share_kv_heads=share_kv_heads, dense_tail=dense_tail,
+        share_kv_heads=share_kv_heads, dense_tail=dense_tail, dense_above=dense_above,
     )
     batch, num_q, seq_len, head_dim = q.shape
     num_kv = k.shape[1]
@@ -400,8 +402,13 @@ def anchor_identify(
     segments = plan.offsets.numel() - 1
     counts = torch.zeros(segments * num_slices, dtype=torch.int32, device=q.device)  # (segment, slice) order
     _stripe_scan_kernel[grid](pooled_q, pooled_anchor, k, counts, counts, *scan_args, WRITE=False, **constexprs)
-    selected = counts.view(batch, plan.plan_heads, -1).sum(dim=(0, 2), dtype=torch.int64).tolist()  # the one sync
-    total = sum(selected)
+    grid_counts = counts.view(batch, plan.plan_heads, plan.num_groups, num_slices)
+    per_head = grid_counts.sum(dim=(0, 2, 3), dtype=torch.int64)
+    per_group = grid_counts.sum(dim=(0, 1, 3), dtype=torch.int64)
+    totals = torch.cat([per_head, per_group]).cpu()  # the one host sync
+    selected, total = totals[:plan.plan_heads].tolist(), int(totals[:plan.plan_heads].sum())
+    if plan.density_with(totals[plan.plan_heads:]) > dense_above:
+        return DensePlan(batch, num_q, seq_len)
     if max_plan_bytes is not None and 4 * total + 8 * (segments + 1) > max_plan_bytes:
         _raise_budget_exceeded(selected, segments, num_kv, heads_per_plan == 1, max_plan_bytes)
     slice_offsets = torch.zeros(segments * num_slices + 1, dtype=torch.int64, device=q.device)

@@ -16,3 +16,7 @@ def multiple_of(step: int) -> Callable[[Any], str | None]:
 
 def finite(value: Any) -> str | None:
     return None if math.isfinite(value) else "must be a finite number"
+
+
+def density(value: Any) -> str | None:
+    return None if 0 < value <= 1 else "must be a density in (0, 1] (1: never fall back to dense)"

@@ -131,11 +131,16 @@ class StripePlan:
 
     def density(self) -> float:
         """Fraction of the causal score matrix this plan computes."""
+        return self.density_with(self.counts().sum(dim=(0, 1)))
+
+    def density_with(self, selected_per_group: torch.Tensor) -> float:
+        """What :meth:`density` would be with ``selected_per_group[g]`` keys selected in group g, summed
+        over batch and plan heads: an identifier can decide on it before writing any key list."""
         row_start, row_end, sink_end, local_start = self.group_geometry()
         rows = row_end - row_start
         # Row r attends its window keys [0, sink_end) and [local_start, r].
         window = rows * sink_end + rows * (row_start - local_start) + rows * (rows + 1) // 2
-        stripes = self.counts().cpu() * rows
+        stripes = selected_per_group.cpu().to(torch.int64) * rows
         n = self.seq_len
         total = self.batch * self.plan_heads * float(window.sum()) + float(stripes.sum())
         return total / (self.batch * self.plan_heads * n * (n + 1) / 2)

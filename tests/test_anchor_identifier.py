@@ -20,7 +20,7 @@ import torch
 
 from sparse_prefill.kernels.anchor_identify import anchor_identify
 from sparse_prefill.patterns.anchor.reference import anchor_identify_reference
-from sparse_prefill.plan import StripePlan
+from sparse_prefill.plan import DensePlan, StripePlan
 
 TIE = 1e-4  # fp32 rounding of D-term dot products and block means stays far below this
 
@@ -220,6 +220,7 @@ SHARED_ERRORS = {
     "theta-nan": (_good, {"theta": float("nan")}, ValueError, "theta must be a real number"),
     "scale-zero": (_good, {"scale": 0.0}, ValueError, "scale must be positive"),
     "share-not-bool": (_good, {"share_kv_heads": "yes"}, TypeError, "share_kv_heads must be a bool"),
+    "dense-above-zero": (_good, {"dense_above": 0.0}, ValueError, r"dense_above must be a density in \(0, 1\], got 0.0"),
 }
 KERNEL_ERRORS = {
     "int-dtype": (lambda: (torch.ones(1, 2, 40, 64, dtype=torch.int32), torch.ones(1, 1, 40, 64, dtype=torch.int32)), {}, TypeError, "torch.int32"),
@@ -268,3 +269,20 @@ def test_dense_tail_keeps_every_candidate_of_the_last_groups(seq_len, dense_tail
         tail_rows = torch.arange(seq_len) >= int(in_tail.int().argmax()) * plan.group_rows if in_tail.any() else []
         mask = plan.to_dense()[0, 0]
         assert torch.equal(mask[tail_rows], causal[tail_rows]), identify.__name__
+
+
+@pytest.mark.parametrize("share_kv_heads", [False, True], ids=["per-head", "shared"])
+def test_plans_denser_than_dense_above_become_dense(share_kv_heads):
+    torch.manual_seed(5)
+    q, k = torch.randn(2, 4, 300, 64), torch.randn(2, 2, 300, 64)
+    params = dict(scale=0.125, theta=0.5, block=32, group_blocks=1, sink=16, local=32, share_kv_heads=share_kv_heads)
+    sparse = anchor_identify_reference(q, k, **params)
+    density = sparse.density()
+    assert 0 < density < 1
+    for identify in (anchor_identify_reference, anchor_identify):
+        # Just above the plan's density: the stripes are kept, identical to the plan without a threshold.
+        kept = identify(q, k, **params, dense_above=min(1.0, density + 1e-6))
+        assert isinstance(kept, StripePlan) and torch.equal(kept.offsets, sparse.offsets), identify.__name__
+        # Just below: dense attention for every query head.
+        dense = identify(q, k, **params, dense_above=density - 1e-6)
+        assert isinstance(dense, DensePlan) and (dense.batch, dense.heads, dense.seq_len) == (2, 4, 300)

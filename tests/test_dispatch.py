@@ -17,7 +17,7 @@ from sparse_prefill.patterns.anchor import ANCHOR
 from sparse_prefill.patterns.dense import DenseIdentifier
 from sparse_prefill.plan import plan_nbytes
 
-ANCHOR_PARAMS = dict(theta=4.0, block=16, sink=16, local=16, dense_tail=0)
+ANCHOR_PARAMS = dict(theta=4.0, block=16, sink=16, local=16, dense_tail=0, dense_above=1.0)  # always a StripePlan
 
 
 def qkv(hq: int = 8, hkv: int = 4, n: int = 150, d: int = 32, dtype=torch.float32, seed: int = 0):

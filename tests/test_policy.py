@@ -44,6 +44,7 @@ def test_assign_heads_groups_local_heads_with_global_offset():
         ({"default": {"pattern": "anchor", "block": 100}}, "default.block", "multiple of 16"),
         ({"default": {"pattern": "anchor", "theta": float("inf")}}, "default.theta", "finite"),
         ({"default": {"pattern": "anchor", "dense_tail": -1}}, "default.dense_tail", ">= 0"),
+        ({"default": {"pattern": "anchor", "dense_above": 1.5}}, "default.dense_above", r"density in \(0, 1\]"),
         ({"default": {"pattern": "anchor", "share_kv_heads": 1}}, "default.share_kv_heads", "expected bool"),
         ({"default": {"pattern": "anchor", "sink": True}}, "default.sink", "expected int"),
         ({"default": {"pattern": "anchor", "layers": 1}}, "default.layers", "unknown key"),

@@ -13,9 +13,9 @@ import torch
 
 from sparse_prefill.interfaces import AttentionContext, Identifier, Parameter, PatternSpec
 from sparse_prefill.kernels.runtime import triton_can_run
-from sparse_prefill.patterns._checks import at_least, finite, multiple_of
+from sparse_prefill.patterns._checks import at_least, density, finite, multiple_of
 from sparse_prefill.patterns.anchor.reference import anchor_identify_reference
-from sparse_prefill.plan import StripePlan
+from sparse_prefill.plan import DensePlan, StripePlan
 
 __all__ = ["ANCHOR", "AnchorIdentifier"]
 
@@ -27,11 +27,11 @@ class AnchorIdentifier(Identifier):
     """
 
     def __init__(self, theta: float, block: int, group_blocks: int, sink: int, local: int, share_kv_heads: bool,
-                 dense_tail: int) -> None:
+                 dense_tail: int, dense_above: float) -> None:
         self.params = dict(theta=theta, block=block, group_blocks=group_blocks, sink=sink, local=local,
-                           share_kv_heads=share_kv_heads, dense_tail=dense_tail)
+                           share_kv_heads=share_kv_heads, dense_tail=dense_tail, dense_above=dense_above)
 
-    def identify(self, q: torch.Tensor, k: torch.Tensor, ctx: AttentionContext) -> StripePlan:
+    def identify(self, q: torch.Tensor, k: torch.Tensor, ctx: AttentionContext) -> StripePlan | DensePlan:
         if triton_can_run(q.device):
             from sparse_prefill.kernels.anchor_identify import anchor_identify
 
@@ -50,6 +50,8 @@ ANCHOR = PatternSpec(
         "local": Parameter(int, 128, "keys before each query group attended densely (plus its own diagonal)", at_least(0)),
         "share_kv_heads": Parameter(bool, False, "query heads of one KV group share one key list (union)"),
         "dense_tail": Parameter(int, 128, "last prompt rows (the question) whose groups attend every key", at_least(0)),
+        "dense_above": Parameter(float, 0.4, "plans denser than this run as dense attention (faster there, and exact)",
+                                 density),
     },
     make_identifier=AnchorIdentifier,
 )

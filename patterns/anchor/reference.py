@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from sparse_prefill.plan import StripePlan
+from sparse_prefill.plan import DensePlan, StripePlan
 
 __all__ = ["anchor_identify_reference", "empty_stripe_plan", "validate_anchor_inputs"]
 
@@ -39,6 +39,7 @@ def validate_anchor_inputs(
     local: int,
     share_kv_heads: bool,
     dense_tail: int = 0,
+    dense_above: float = 1.0,
 ) -> None:
     """Shape and parameter checks shared by every anchor identifier; raises with what was received."""
     if not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor):
@@ -65,6 +66,8 @@ def validate_anchor_inputs(
             raise ValueError(f"{name} must be a real number, got {value!r}")
     if not isinstance(share_kv_heads, bool):
         raise TypeError(f"share_kv_heads must be a bool, got {share_kv_heads!r}")
+    if isinstance(dense_above, bool) or not isinstance(dense_above, (int, float)) or not 0 < dense_above <= 1:
+        raise ValueError(f"dense_above must be a density in (0, 1], got {dense_above!r}")
     if not 0 < scale < math.inf:
         raise ValueError(f"scale must be positive and finite (usually 1/sqrt(head_dim)), got {scale}")
 
@@ -124,18 +127,20 @@ def anchor_identify_reference(
     local: int,
     share_kv_heads: bool,
     dense_tail: int = 0,
-) -> StripePlan:
+    dense_above: float = 1.0,
+) -> StripePlan | DensePlan:
     """AnchorAttention stripes for causal prefill: q [B, Hq, N, D], k [B, Hkv, N, D] -> validated StripePlan.
 
     Groups hold ``block * group_blocks`` query rows; plan heads are the KV heads when
     ``share_kv_heads`` (one key list per GQA group, the union over its query heads), else the
     query heads. ``theta`` is in natural-log units: larger keeps more keys. Groups holding any of
     the last ``dense_tail`` rows keep every candidate: those rows (the question at the end of a
-    prompt) are where retrieval happens, and mean-pooling over a block would dilute them.
+    prompt) are where retrieval happens, and mean-pooling over a block would dilute them. A plan
+    denser than ``dense_above`` becomes a :class:`DensePlan`: dense attention is then faster and exact.
     """
     validate_anchor_inputs(
         q, k, scale=scale, theta=theta, block=block, group_blocks=group_blocks, sink=sink, local=local,
-        share_kv_heads=share_kv_heads, dense_tail=dense_tail,
+        share_kv_heads=share_kv_heads, dense_tail=dense_tail, dense_above=dense_above,
     )
     batch, num_q, seq_len, _ = q.shape
     num_kv = k.shape[1]
@@ -152,7 +157,8 @@ def anchor_identify_reference(
         b, h, candidate = keep.nonzero(as_tuple=True)
         segments.append((b * plan_heads + h) * plan.num_groups + group)
         positions.append(candidate + geometry[2])
-    return _assemble(plan, torch.cat(segments), torch.cat(positions))
+    plan = _assemble(plan, torch.cat(segments), torch.cat(positions))
+    return DensePlan(batch, num_q, seq_len) if plan.density() > dense_above else plan
 
 
 def empty_stripe_plan(
