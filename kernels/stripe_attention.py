@@ -106,18 +106,35 @@ def _contiguous_window(
 @triton.jit
 def _gathered_keys(
     acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, Indices, seg_start, seg_end, offs_n, offs_d, d_ok,
-    qk_scale, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    qk_scale, BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """Selected keys Indices[seg_start:seg_end], BLOCK_N per tile, K and V rows loaded by index."""
-    for slot0 in range(seg_start, seg_end, BLOCK_N):
-        slots = slot0 + offs_n
+    """Selected keys Indices[seg_start:seg_end], BLOCK_N per tile, K and V rows loaded by index.
+
+    Whole tiles run without masks; only a last, partial tile masks its missing slots. PREFETCH
+    (an autotuning choice) loads the next tile's indices one iteration ahead, so the K/V address
+    computation never waits on an index load.
+    """
+    full_end = seg_start + (seg_end - seg_start) // BLOCK_N * BLOCK_N
+    whole = offs_n < BLOCK_N  # all true, known at compile time
+    if PREFETCH:
+        upcoming = tl.load(Indices + seg_start + offs_n, mask=seg_start + offs_n < full_end, other=0)
+    for slot0 in range(seg_start, full_end, BLOCK_N):
+        if PREFETCH:
+            keys = upcoming.to(tl.int64)
+            following = slot0 + BLOCK_N + offs_n
+            upcoming = tl.load(Indices + following, mask=following < full_end, other=0)
+        else:
+            keys = tl.load(Indices + slot0 + offs_n).to(tl.int64)
+        k = _load_rows(k_base, keys, whole, stride_kn, offs_d, d_ok)
+        v = _load_rows(v_base, keys, whole, stride_vn, offs_d, d_ok)
+        acc, m_i, l_i = _softmax_update(acc, m_i, l_i, q, k, v, whole[None, :], qk_scale, False, DOT_PRECISION, UPCAST)
+    if full_end < seg_end:
+        slots = full_end + offs_n
         slot_ok = slots < seg_end
         keys = tl.load(Indices + slots, mask=slot_ok, other=0).to(tl.int64)
         k = _load_rows(k_base, keys, slot_ok, stride_kn, offs_d, d_ok)
         v = _load_rows(v_base, keys, slot_ok, stride_vn, offs_d, d_ok)
-        acc, m_i, l_i = _softmax_update(
-            acc, m_i, l_i, q, k, v, slot_ok[None, :], qk_scale, True, DOT_PRECISION, UPCAST
-        )
+        acc, m_i, l_i = _softmax_update(acc, m_i, l_i, q, k, v, slot_ok[None, :], qk_scale, True, DOT_PRECISION, UPCAST)
     return acc, m_i, l_i
 
 
@@ -129,12 +146,13 @@ def _gathered_keys(
 def _configs() -> list[triton.Config]:
     """Smallest first (the pruning fallback); one config under the interpreter, which cannot time."""
     if _INTERPRET:
-        return [triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=1)]
+        return [triton.Config({"BLOCK_N": 32, "PREFETCH": False}, num_warps=4, num_stages=1)]
     return [
-        triton.Config({"BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+        triton.Config({"BLOCK_N": block_n, "PREFETCH": prefetch}, num_warps=warps, num_stages=stages)
         for block_n in (32, 64, 128)
         for warps in (4, 8)
         for stages in (2, 3, 4)
+        for prefetch in (False, True)
     ]
 
 
@@ -175,7 +193,8 @@ def _stripe_fwd(
     seq_len, num_q_heads, plan_heads, heads_per_plan, q_per_kv, head_chunks,
     group_rows, num_groups, tiles_per_group, sink, local, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_TILE: tl.constexpr, ROWS: tl.constexpr,
-    BLOCK_N: tl.constexpr, RETURN_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr, RETURN_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     # Which rows: tile t of group g covers rows [r0, r0 + ROWS) clipped to the group and sequence.
     # Last groups first, every head of one before the next (axis 0 varies fastest): they attend the
@@ -229,7 +248,7 @@ def _stripe_fwd(
     )
     acc, m_i, l_i = _gathered_keys(
         acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, Indices, seg_start, seg_end, offs_n, offs_d, d_ok,
-        qk_scale, BLOCK_N, DOT_PRECISION, UPCAST,
+        qk_scale, BLOCK_N, PREFETCH, DOT_PRECISION, UPCAST,
     )
     # Local window: whole tiles before r0 precede every row (no mask), the rest needs the causal mask.
     unmasked_end = local_start + (r0 - local_start) // BLOCK_N * BLOCK_N

@@ -206,6 +206,25 @@ def test_kernel_without_lse_and_with_strided_inputs() -> None:
 
 
 @needs_kernel
+@pytest.mark.parametrize("prefetch", [False, True], ids=["load-indices", "prefetch-indices"])
+def test_every_tuning_choice_of_the_gathered_loop_matches_the_reference(prefetch: bool, monkeypatch) -> None:
+    """Segments of several whole tiles plus a partial one, with each way of loading the indices."""
+    import triton  # noqa: PLC0415  (only this test builds a config)
+
+    case = Case(2, 4, 2, 300, 64, 32, 8, 16, shared=False, dtype=torch.float16, fraction=0.6)
+    config = triton.Config({"BLOCK_N": 16, "PREFETCH": prefetch}, num_warps=4, num_stages=1)
+    monkeypatch.setattr(stripe_module._stripe_fwd, "configs", [config])
+    q, k, v = _inputs(case, seed=17, device=DEVICE)
+    plan = _plan(case, seed=18, device=DEVICE)
+    assert (plan.counts() > 2 * 16).any() and (plan.counts() % 16 != 0).any()
+    out, lse = stripe_attention(q, k, v, plan, 0.125, return_lse=True)
+    expected, expected_lse = stripe_attention_reference(q, k, v, plan, 0.125, return_lse=True)
+    tol = TOLERANCES[case.dtype]
+    _assert_close(out, expected, tol["atol"], tol["rtol"], what="out")
+    _assert_close(lse, expected_lse, tol["lse_atol"], 0.0, what="lse")
+
+
+@needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_kernel_large_scores_stay_finite(dtype: torch.dtype) -> None:
     """Scores in the thousands: the online softmax must rescale without overflow or NaN."""
