@@ -136,6 +136,8 @@ def main() -> None:
     parser.add_argument("--heads", default="32,8,128", help="query heads, KV heads, head dim")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override an anchor parameter, e.g. --set theta=6")
+    parser.add_argument("--no-checks", action="store_true",
+                        help="skip the kernel checks (each checked shape costs its autotuning; say where they ran)")
     parser.add_argument("--synthetic", action="append", default=[], metavar="KEY=VALUE",
                         help="another structured_qkv argument, e.g. --synthetic heavy_fraction=0.01")
     args = parser.parse_args()
@@ -151,7 +153,7 @@ def main() -> None:
         python=platform.python_version(), commit=args.commit, params=params, min_length=policy.min_length,
         shape=dict(batch=1, q_heads=hq, kv_heads=hkv, head_dim=d, dtype="bfloat16"),
         inputs=f"sparse_prefill.evaluation.synthetic.structured_qkv (defaults but strength; {synthetic or 'nothing else'})",
-        checks=check_kernels(params), rows=[],
+        checks="skipped (--no-checks)" if args.no_checks else check_kernels(params), rows=[],
     )
     for strength in (float(x) for x in args.strengths.split(",")):
         for n in (int(x) for x in args.lengths.split(",")):
