@@ -42,7 +42,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     config = LlamaConfig(num_hidden_layers=args.layers, **LLAMA_31_8B)
-    model = LlamaForCausalLM(config).to("cuda", torch.bfloat16).eval()
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):  # initialise on the GPU: 1B random parameters take minutes on the CPU
+        model = LlamaForCausalLM(config).eval()
+    torch.set_default_dtype(torch.float32)
     ids = torch.randint(0, config.vocab_size, (1, args.length), device="cuda")
     with torch.no_grad():
         expected = model(ids, logits_to_keep=1).logits.float()
