@@ -28,7 +28,7 @@ import triton.language as tl
 
 from sparse_prefill.interfaces import PlanBudgetExceeded
 from sparse_prefill.kernels.runtime import triton_can_run, triton_interpreted
-from sparse_prefill.patterns.anchor.reference import empty_stripe_plan, validate_anchor_inputs
+from sparse_prefill.patterns.anchor.reference import validate_anchor_inputs
 from sparse_prefill.plan import DensePlan, StripePlan
 
 __all__ = ["anchor_identify", "SUPPORTED_DTYPES", "HEAD_DIM_RANGE", "MAX_BLOCK", "MAX_SCAN_ROWS"]
@@ -383,7 +383,7 @@ def anchor_identify(
     heads_per_plan = num_q // num_kv if share_kv_heads else 1
     layout = _scan_layout(num_q // num_kv // heads_per_plan, group_blocks * heads_per_plan, head_dim)
     _validate_kernel_inputs(q, k, block, group_blocks, layout)
-    plan = empty_stripe_plan(batch, num_q // heads_per_plan, seq_len, block * group_blocks, sink, local, q.device)
+    plan = StripePlan.empty(batch, num_q // heads_per_plan, seq_len, block * group_blocks, sink, local, q.device)
     pooled_q, pooled_anchor = _pool_blocks(q, k, scale=scale, block=block, group_rows=plan.group_rows, sink=sink, local=local)
 
     slice_keys = _slice_keys(seq_len)

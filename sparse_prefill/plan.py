@@ -103,6 +103,14 @@ class StripePlan:
     offsets: torch.Tensor
     indices: torch.Tensor
 
+    @classmethod
+    def empty(cls, batch: int, plan_heads: int, seq_len: int, group_rows: int, sink: int, local: int,
+              device: torch.device | str) -> "StripePlan":
+        """A plan that selects nothing (windows only): the layout identifiers fill in."""
+        segments = batch * plan_heads * -(-seq_len // group_rows)
+        offsets = torch.zeros(segments + 1, dtype=torch.int64, device=device)
+        return cls(batch, plan_heads, seq_len, group_rows, sink, local, offsets, offsets.new_zeros(0, dtype=torch.int32))
+
     @property
     def num_groups(self) -> int:
         return -(-self.seq_len // self.group_rows)

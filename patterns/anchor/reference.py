@@ -24,7 +24,7 @@ import torch
 
 from sparse_prefill.plan import DensePlan, StripePlan
 
-__all__ = ["anchor_identify_reference", "empty_stripe_plan", "validate_anchor_inputs"]
+__all__ = ["anchor_identify_reference", "validate_anchor_inputs"]
 
 
 def validate_anchor_inputs(
@@ -145,7 +145,7 @@ def anchor_identify_reference(
     batch, num_q, seq_len, _ = q.shape
     num_kv = k.shape[1]
     plan_heads = num_kv if share_kv_heads else num_q
-    plan = empty_stripe_plan(batch, plan_heads, seq_len, block * group_blocks, sink, local, q.device)
+    plan = StripePlan.empty(batch, plan_heads, seq_len, block * group_blocks, sink, local, q.device)
     qf = q.float().unflatten(1, (num_kv, num_q // num_kv))
     kf = k.float()
     segments, positions = [], []
@@ -159,15 +159,6 @@ def anchor_identify_reference(
         positions.append(candidate + geometry[2])
     plan = _assemble(plan, torch.cat(segments), torch.cat(positions))
     return DensePlan(batch, num_q, seq_len) if plan.density() > dense_above else plan
-
-
-def empty_stripe_plan(
-    batch: int, plan_heads: int, seq_len: int, group_rows: int, sink: int, local: int, device: torch.device
-) -> StripePlan:
-    """A plan that selects nothing: its geometry (groups, windows) comes from StripePlan, the one definition."""
-    segments = batch * plan_heads * -(-seq_len // group_rows)
-    offsets = torch.zeros(segments + 1, dtype=torch.int64, device=device)
-    return StripePlan(batch, plan_heads, seq_len, group_rows, sink, local, offsets, offsets.new_zeros(0, dtype=torch.int32))
 
 
 def _assemble(layout: StripePlan, segments: torch.Tensor, positions: torch.Tensor) -> StripePlan:
