@@ -72,7 +72,8 @@ def _evaluate(qk: dict[int, tuple[torch.Tensor, torch.Tensor]], params: dict[str
     per_layer = {}
     for layer, (q, k) in qk.items():
         scale = q.shape[-1] ** -0.5
-        plan = anchor_identify_reference(q, k, scale=scale, **params)
+        # The selection itself: never its dense fallback (dense_above), which would report recall 1.
+        plan = anchor_identify_reference(q, k, scale=scale, **{**params, "dense_above": 1.0})
         per_layer[layer] = {"density": plan.density(), "recall": attention_recall(q, k, plan, scale)}
     mean = {name: sum(r[name] for r in per_layer.values()) / len(per_layer) for name in ("density", "recall")}
     return {"params": params, "layers": per_layer, "mean_density": mean["density"], "mean_recall": mean["recall"]}

@@ -45,7 +45,8 @@ def smollm2_qk() -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
 
 
 def _default_params() -> dict:
-    return {name: parameter.default for name, parameter in ANCHOR.parameters.items()}
+    """The pattern's defaults, measuring the selection itself (no dense fallback)."""
+    return {**{name: parameter.default for name, parameter in ANCHOR.parameters.items()}, "dense_above": 1.0}
 
 
 def test_capture_gives_post_rope_gqa_shapes(smollm2_qk: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:

@@ -4,6 +4,10 @@ Attention recall of a plan is the mean, over batch, query heads and rows, of the
 probability mass that falls on the keys the plan selects. A plan with recall 1.0 changes nothing;
 the identifier's job is high recall at low :meth:`StripePlan.density`.
 
+The oracles give the best any selection of a given granularity can do: the smallest density at
+which each query row (:func:`oracle_row_density`) or each 128-row query block with windows
+(:func:`oracle_stripe_plan`) keeps a target recall, choosing keys greedily by softmax mass.
+
 Everything here runs on the CPU and never builds an N x N score matrix for all heads at once: the
 exact softmax is computed one query group at a time.
 """
@@ -11,6 +15,7 @@ exact softmax is computed one query group at a time.
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 from typing import Any, Iterable
 
 import torch
@@ -19,7 +24,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from sparse_prefill.plan import StripePlan
 
-__all__ = ["capture_qk", "attention_recall"]
+__all__ = ["capture_qk", "attention_recall", "oracle_row_density", "oracle_stripe_plan"]
 
 _CAPTURE_IMPL = "sparse_prefill_capture"
 
@@ -123,3 +128,73 @@ def attention_recall(q: torch.Tensor, k: torch.Tensor, plan: StripePlan, scale: 
             selected = selected.repeat_interleave(num_q // plan.plan_heads, dim=0)
             mass += float(probs.masked_fill_(~selected, 0.0).sum(dtype=torch.float64))
     return mass / (batch * num_q * seq_len)
+
+
+_ORACLE_ROWS = 128  # rows per softmax chunk of oracle_row_density: bounds memory, any value gives the same result
+_ORACLE_TOP = 256  # first top-k tried per row; grown 4x until every row of the chunk reaches the target
+
+
+def _check_target(recall: float) -> None:
+    if not 0.0 < recall <= 1.0:
+        raise ValueError(f"recall must be in (0, 1], got {recall}")
+
+
+def oracle_row_density(q: torch.Tensor, k: torch.Tensor, scale: float, recall: float = 0.95) -> float:
+    """Density when every query row keeps its own highest-probability keys until their mass reaches ``recall``.
+
+    The lower bound for any selection: a row's keys sorted by softmax probability, the fewest
+    whose sum reaches ``recall``, summed over rows and heads, as a fraction of the causal matrix.
+    q is [B, Hq, N, D], k is [B, Hkv, N, D]; one block of rows at a time, like :func:`attention_recall`.
+    """
+    _check_target(recall)
+    batch, num_q, seq_len, _ = q.shape
+    q, k = q.cpu(), k.cpu()
+    kept = 0
+    for b in range(batch):
+        for row_start in range(0, seq_len, _ORACLE_ROWS):
+            row_end = min(row_start + _ORACLE_ROWS, seq_len)
+            probs = _group_probabilities(q[b], k[b], row_start, row_end, scale).flatten(0, 1)
+            top = min(_ORACLE_TOP, row_end)
+            while True:  # the largest probabilities only: a partial top-k is several times cheaper than a sort
+                reached = probs.topk(top, dim=-1).values.cumsum(dim=-1) >= recall
+                if top == row_end or bool(reached.any(dim=-1).all()):
+                    break
+                top = min(4 * top, row_end)
+            # First key at which the sorted mass reaches the target; a row whose rounding never reaches it keeps all.
+            needed = torch.where(reached.any(-1), reached.int().argmax(-1) + 1, torch.arange(row_start + 1, row_end + 1))
+            kept += int(needed.sum())
+    return kept / (batch * num_q * seq_len * (seq_len + 1) / 2)
+
+
+def oracle_stripe_plan(
+    q: torch.Tensor, k: torch.Tensor, scale: float, recall: float = 0.95, *, block: int = 128, sink: int = 128
+) -> StripePlan:
+    """The sparsest stripes-with-windows plan in which every query block keeps ``recall`` of its softmax mass.
+
+    Per query head and ``block``-row query block: the first ``sink`` keys and the block's own causal
+    diagonal are always kept (a :class:`StripePlan` with ``local=0``); the other key columns are
+    added in order of their softmax mass summed over the block's rows until the block's mean recall
+    reaches ``recall``. ``plan.density()`` is then the best any identifier of this granularity can do.
+    """
+    _check_target(recall)
+    batch, num_q, seq_len, _ = q.shape
+    q, k = q.cpu(), k.cpu()
+    layout = StripePlan.empty(batch, num_q, seq_len, block, sink, 0, torch.device("cpu"))
+    selected = [torch.zeros(0, dtype=torch.int32)] * (batch * num_q * layout.num_groups)
+    for b in range(batch):
+        for group in range(layout.num_groups):
+            row_start, row_end, sink_end, _ = layout.group_bounds(group)
+            probs = _group_probabilities(q[b], k[b], row_start, row_end, scale).flatten(0, 1)
+            window_mass = probs[..., :sink_end].sum((-1, -2)) + probs[..., row_start:].sum((-1, -2))
+            columns = probs[..., sink_end:row_start].sum(dim=-2).sort(dim=-1, descending=True)
+            missing = recall * (row_end - row_start) - window_mass
+            counts = (columns.values.cumsum(dim=-1) < missing[:, None]).sum(dim=-1) + 1
+            counts = torch.where(missing > 0, counts.clamp(max=row_start - sink_end), 0)
+            for head in range(num_q):
+                keys = columns.indices[head, : int(counts[head])].sort().values + sink_end
+                selected[(b * num_q + head) * layout.num_groups + group] = keys.to(torch.int32)
+    offsets = torch.zeros_like(layout.offsets)
+    torch.cumsum(torch.tensor([len(keys) for keys in selected]), dim=0, out=offsets[1:])
+    plan = dataclasses.replace(layout, offsets=offsets, indices=torch.cat(selected))
+    plan.validate()
+    return plan
