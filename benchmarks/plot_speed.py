@@ -29,7 +29,7 @@ def main(src: str, dst: str) -> None:
             ax.annotate(f"d={r['density']:.3f}\nerr={r['rel_err_vs_dense']:.3f}", (x, r["anchor_ms"]),
                         textcoords="offset points", xytext=(4, -22), fontsize=7)
         ax.set(xscale="log", yscale="log", xlabel="sequence length (k tokens)", ylabel="ms (median)",
-               title=f"synthetic strength {strength}")
+               title=f"synthetic strength {strength}" + "".join(f", {k} {v}" for k, v in result.get("synthetic", {}).items()))
         ax.set_xticks(n, [str(x) for x in n])
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)

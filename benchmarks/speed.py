@@ -153,6 +153,7 @@ def main() -> None:
         python=platform.python_version(), commit=args.commit, params=params, min_length=policy.min_length,
         shape=dict(batch=1, q_heads=hq, kv_heads=hkv, head_dim=d, dtype="bfloat16"),
         inputs=f"sparse_prefill.evaluation.synthetic.structured_qkv (defaults but strength; {synthetic or 'nothing else'})",
+        synthetic=synthetic,
         checks="skipped (--no-checks)" if args.no_checks else check_kernels(params), rows=[],
     )
     for strength in (float(x) for x in args.strengths.split(",")):
