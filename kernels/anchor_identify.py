@@ -406,7 +406,8 @@ def anchor_identify(
     per_head = grid_counts.sum(dim=(0, 2, 3), dtype=torch.int64)
     per_group = grid_counts.sum(dim=(0, 1, 3), dtype=torch.int64)
     totals = torch.cat([per_head, per_group]).cpu()  # the one host sync
-    selected, total = totals[:plan.plan_heads].tolist(), int(totals[:plan.plan_heads].sum())
+    selected = totals[:plan.plan_heads].tolist()
+    total = sum(selected)
     if plan.density_with(totals[plan.plan_heads:]) > dense_above:
         return DensePlan(batch, num_q, seq_len)
     if max_plan_bytes is not None and 4 * total + 8 * (segments + 1) > max_plan_bytes:

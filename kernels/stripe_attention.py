@@ -82,6 +82,17 @@ def _softmax_update(
 
 
 @triton.jit
+def _key_tile(
+    acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, keys, key_ok, allowed, offs_d, d_ok, qk_scale,
+    MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Load the K and V rows of ``keys`` (int64; rows not ``key_ok`` read 0) and fold them in."""
+    k = _load_rows(k_base, keys, key_ok, stride_kn, offs_d, d_ok)
+    v = _load_rows(v_base, keys, key_ok, stride_vn, offs_d, d_ok)
+    return _softmax_update(acc, m_i, l_i, q, k, v, allowed, qk_scale, MASKED, DOT_PRECISION, UPCAST)
+
+
+@triton.jit
 def _contiguous_window(
     acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, start, end, row_pos, offs_n, offs_d, d_ok, qk_scale,
     BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASK_TAIL: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -91,15 +102,12 @@ def _contiguous_window(
     for n0 in range(start, end, BLOCK_N):
         keys = n0 + offs_n
         key_ok = keys < end
-        k = _load_rows(k_base, keys.to(tl.int64), key_ok, stride_kn, offs_d, d_ok)
-        v = _load_rows(v_base, keys.to(tl.int64), key_ok, stride_vn, offs_d, d_ok)
         if CAUSAL:
             allowed = keys[None, :] <= row_pos[:, None]
         else:
             allowed = key_ok[None, :]
-        acc, m_i, l_i = _softmax_update(
-            acc, m_i, l_i, q, k, v, allowed, qk_scale, CAUSAL or MASK_TAIL, DOT_PRECISION, UPCAST
-        )
+        acc, m_i, l_i = _key_tile(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, keys.to(tl.int64), key_ok,
+                                  allowed, offs_d, d_ok, qk_scale, CAUSAL or MASK_TAIL, DOT_PRECISION, UPCAST)
     return acc, m_i, l_i
 
 
@@ -125,16 +133,14 @@ def _gathered_keys(
             upcoming = tl.load(Indices + following, mask=following < full_end, other=0)
         else:
             keys = tl.load(Indices + slot0 + offs_n).to(tl.int64)
-        k = _load_rows(k_base, keys, whole, stride_kn, offs_d, d_ok)
-        v = _load_rows(v_base, keys, whole, stride_vn, offs_d, d_ok)
-        acc, m_i, l_i = _softmax_update(acc, m_i, l_i, q, k, v, whole[None, :], qk_scale, False, DOT_PRECISION, UPCAST)
+        acc, m_i, l_i = _key_tile(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, keys, whole, whole[None, :],
+                                  offs_d, d_ok, qk_scale, False, DOT_PRECISION, UPCAST)
     if full_end < seg_end:
         slots = full_end + offs_n
         slot_ok = slots < seg_end
         keys = tl.load(Indices + slots, mask=slot_ok, other=0).to(tl.int64)
-        k = _load_rows(k_base, keys, slot_ok, stride_kn, offs_d, d_ok)
-        v = _load_rows(v_base, keys, slot_ok, stride_vn, offs_d, d_ok)
-        acc, m_i, l_i = _softmax_update(acc, m_i, l_i, q, k, v, slot_ok[None, :], qk_scale, True, DOT_PRECISION, UPCAST)
+        acc, m_i, l_i = _key_tile(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, keys, slot_ok,
+                                  slot_ok[None, :], offs_d, d_ok, qk_scale, True, DOT_PRECISION, UPCAST)
     return acc, m_i, l_i
 
 

@@ -40,8 +40,7 @@ def random_stripe_plan(
     ``fraction=1`` selects every candidate, so the plan covers the whole causal range.
     """
     generator = torch.Generator().manual_seed(seed)
-    no_selection = torch.zeros(1, dtype=torch.int64), torch.zeros(0, dtype=torch.int32)
-    layout = StripePlan(batch, plan_heads, seq_len, group_rows, sink, local, *no_selection)  # for group_bounds
+    layout = StripePlan.empty(batch, plan_heads, seq_len, group_rows, sink, local, "cpu")  # for group_bounds
     segments = []
     for _ in range(batch * plan_heads):
         for group in range(layout.num_groups):
