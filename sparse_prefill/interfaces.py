@@ -42,6 +42,12 @@ class AttentionContext:
             raise ValueError(
                 f"query heads ({self.num_q_heads}) must be a positive multiple of KV heads ({self.num_kv_heads})"
             )
+        budget = self.plan_budget
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 0):
+            raise ValueError(
+                f"plan_budget (sparse_attention's max_plan_bytes) must be None (no limit) or an int >= 0 (bytes), "
+                f"got {budget!r}"
+            )
 
     @property
     def gqa_group_size(self) -> int:

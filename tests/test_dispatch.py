@@ -154,3 +154,10 @@ def test_shared_key_lists_are_never_split_inside_a_kv_group():
     out = sparse_attention(q, k, v, identifier, executor=ReferenceExecutor(), max_plan_bytes=0, on_plan=recorder)[0]
     assert [(c.num_q_heads, c.num_kv_heads) for c in recorder.contexts] == [(2, 1)] * 4
     torch.testing.assert_close(out, whole, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("budget", [-1, 1.5, "1GB", True], ids=repr)
+def test_a_bad_budget_says_what_is_allowed(budget):
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match=r"max_plan_bytes\) must be None \(no limit\) or an int >= 0"):
+        sparse_attention(q, k, v, ANCHOR.build(**ANCHOR_PARAMS), max_plan_bytes=budget)
