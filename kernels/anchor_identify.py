@@ -6,14 +6,17 @@ rounding at exact threshold ties), in three kernels that never materialise anyth
 1. ``_anchor_pool_kernel``, one program per (batch, query head, query block): the row max of
    ``scale * q . k`` over the row's window keys (QK^T only, no PV), averaged over the block's rows
    -> pooled_anchor [B, Hq, NB]; and the mean q row -> pooled_q [B, Hq, NB, D], both fp32.
-2. ``_stripe_scan_kernel`` (WRITE=False): scores candidate key tiles against pooled rows stacked in M and counts,
-   per segment (batch, plan head, group) and key slice, the keys that any of the segment's rows keeps. A
-   segment owns group_blocks x shared-heads rows; one program stacks the segments of every plan head of
-   one KV head over consecutive groups (~128 rows), so each K tile is loaded once for all of them, and
-   takes one slice of the key axis, so programs stay many and equally loaded at any length.
-3. ``_stripe_scan_kernel`` (WRITE=True): the same scan, writing kept keys in ascending order from each
-   (segment, slice) offset: the host takes one cumsum over the counts in (segment, slice) order between
-   2 and 3, whose every ``num_slices``-th entry is the plan's CSR offsets; one sync sizes the buffer.
+2. ``_stripe_scan_kernel`` (WRITE=False): scores candidate key tiles against pooled rows stacked in M, stores
+   each segment's kept keys as a bit row (1 bit per candidate key: a 32nd of the int32 index list at
+   density 1, a third at the 0.09 of long real-calibrated prompts) and counts, per segment (batch, plan
+   head, group) and key slice, the keys that any of the segment's rows keeps. A segment owns
+   group_blocks x shared-heads rows; one program stacks the segments of every plan head of one KV
+   head over consecutive groups (~128 rows), so each K tile is loaded once for all of them, and takes
+   one slice of the key axis, so programs stay many and equally loaded at any length.
+3. ``_stripe_scan_kernel`` (WRITE=True): the same programs expand the bit rows into kept keys, ascending,
+   from each (segment, slice) offset, without scoring again: the host takes one cumsum over the
+   counts in (segment, slice) order between 2 and 3, whose every ``num_slices``-th entry is the
+   plan's CSR offsets; one sync sizes the buffer.
 
 Sequence length, scale and theta are runtime arguments, so new lengths do not recompile.
 """
@@ -48,6 +51,7 @@ _SLICE_KEYS_RANGE = (512, 8192)
 # comparison stay fp32. tf32x3 (fp32-exact) made identification ~3x slower on the H200. The
 # interpreter computes every dot in numpy fp32 and needs no choice.
 _FP32_DOT_PRECISION = "ieee" if triton_interpreted() else "tf32"
+_SPLIT_POOLED_Q = True
 
 
 @triton.jit
@@ -130,21 +134,64 @@ def _program_segments(
 
 @triton.jit
 def _keep_tile(
-    pooled_q, anchor, row_valid, k_base, stride_kn, stride_kd, start_n, key_hi, sink_end, local_start, keep_all,
-    scale, theta, PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    SEG_PAD: tl.constexpr, ROW_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    q_hi, q_lo, anchor, row_valid, k_base, stride_kn, stride_kd, keys, key_lo, key_hi, sink_end, local_start,
+    keep_all, scale, theta, SPLIT: tl.constexpr, PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr, SEG_PAD: tl.constexpr, ROW_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """(keys [BLOCK_N], keep [SEG_PAD, BLOCK_N]): a segment keeps key j < key_hi if any of its rows has
-    score + theta >= anchor, and every candidate when keep_all."""
+    """keep [SEG_PAD, BLOCK_N]: a segment keeps key j in [key_lo, key_hi) if any of its rows has
+    score + theta >= anchor, and every candidate when keep_all. Scores as in _split_pooled_q."""
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    keys = start_n + tl.arange(0, BLOCK_N)
     k_ptrs = k_base + keys[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd
-    k = tl.load(k_ptrs, mask=(keys[:, None] < key_hi) & (offs_d[None, :] < HEAD_DIM), other=0.0).to(tl.float32)
-    s = tl.dot(pooled_q, tl.trans(k), input_precision=PRECISION) * scale
+    k = tl.load(k_ptrs, mask=(keys[:, None] < key_hi) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    if SPLIT:
+        s = (tl.dot(q_hi, tl.trans(k)) + tl.dot(q_lo, tl.trans(k))) * scale
+    else:
+        s = tl.dot(q_hi, tl.trans(k.to(tl.float32)), input_precision=PRECISION) * scale
     hit = ((s + theta >= anchor[:, None]) & row_valid[:, None]).to(tl.int32)
     segment_hit = tl.max(tl.reshape(hit, (SEG_PAD, ROW_PAD, BLOCK_N)), 1)
-    candidate = (keys[None, :] >= sink_end[:, None]) & (keys[None, :] < local_start[:, None]) & (keys[None, :] < key_hi)
-    return keys, ((segment_hit > 0) | keep_all[:, None]) & candidate
+    in_slice = (keys >= key_lo) & (keys < key_hi)
+    candidate = (keys[None, :] >= sink_end[:, None]) & (keys[None, :] < local_start[:, None]) & in_slice[None, :]
+    return ((segment_hit > 0) | keep_all[:, None]) & candidate
+
+
+@triton.jit
+def _split_pooled_q(pooled_q, dtype: tl.constexpr, SPLIT: tl.constexpr):
+    """(hi, lo) with hi + lo = the fp32 pooled query to about 16 mantissa bits, both in K's 16-bit
+    dtype when SPLIT: two 16-bit MMAs on K as loaded beat one tf32 MMA on an fp32 copy of each K
+    tile, and lose less (tf32 keeps 10 bits). Without SPLIT (fp32 K, the interpreter's bf16): (q, q)."""
+    if SPLIT:
+        hi = pooled_q.to(dtype)
+        lo = (pooled_q - hi.to(tl.float32)).to(dtype)
+    else:
+        hi = pooled_q
+        lo = pooled_q
+    return hi, lo
+
+
+@triton.jit
+def _bit_rows(segment, group, words_per_step, num_groups):
+    """(first word, words) of each segment's keep-bit row. Group g's row covers keys [0, g x group_rows),
+    its candidates' upper bound, in g x words_per_step uint32 words; the rows of one (batch, plan head)
+    lie back to back, so it takes words_per_step x G(G-1)/2 words in all: half the square, causal."""
+    plan_head = segment // num_groups  # segment = (batch x plan heads + plan head) x G + group
+    head_words = words_per_step * num_groups.to(tl.int64) * (num_groups - 1) // 2
+    return plan_head * head_words + words_per_step * group * (group - 1) // 2, words_per_step * group
+
+
+@triton.jit
+def _pack_bits(keep, SEG_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
+    """keep [SEG_PAD, BLOCK_N] -> words [SEG_PAD, BLOCK_N // 32], key j of a word in bit j % 32."""
+    bits = tl.reshape(keep.to(tl.uint32), (SEG_PAD, BLOCK_N // 32, 32))
+    words = tl.sum(bits << tl.arange(0, 32).to(tl.uint32)[None, None, :], 2)  # distinct bits: the sum is an OR
+    return words.to(tl.int32, bitcast=True)  # stored in an int32 buffer (torch has few uint32 ops)
+
+
+@triton.jit
+def _unpack_bits(words, SEG_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The inverse of _pack_bits: int32 words [SEG_PAD, BLOCK_N // 32] -> int32 0/1 [SEG_PAD, BLOCK_N]."""
+    words = words.to(tl.uint32, bitcast=True)  # logical shifts
+    bits = (words[:, :, None] >> tl.arange(0, 32).to(tl.uint32)[None, None, :]) & 1
+    return tl.reshape(bits, (SEG_PAD, BLOCK_N)).to(tl.int32)
 
 
 def _configs() -> list[triton.Config]:
@@ -204,23 +251,24 @@ def _anchor_pool_kernel(
     tl.store(PooledAnchor + off_b.to(tl.int64) * stride_ab + off_h.to(tl.int64) * stride_ah + start_m * stride_am, anchor)
 
 
-@triton.autotune(_configs(), key=["HEAD_DIM_PAD", "SEG_PAD", "ROW_PAD", "WRITE"],
+@triton.autotune(_configs(), key=["HEAD_DIM_PAD", "SEG_PAD", "ROW_PAD", "WRITE", "SPLIT"],
                  prune_configs_by={"early_config_prune": _prune_score_tiles})
 @triton.jit
 def _stripe_scan_kernel(
-    PooledQ, PooledAnchor, K, Offsets, Out,
+    PooledQ, PooledAnchor, K, Bits, Offsets, Out,
     stride_pb, stride_ph, stride_pm, stride_pd,
     stride_ab, stride_ah, stride_am,
     stride_kb, stride_kh, stride_kn, stride_kd,
     num_kv_heads, num_plan_heads, plan_heads_per_kv, groups_per_chunk, num_groups,
     heads_per_plan, group_blocks, num_blocks, group_rows, sink, local, tail_start, scale, theta,
-    slice_keys, num_slices,
-    PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    slice_keys, num_slices, words_per_step,
+    SPLIT: tl.constexpr, PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     SEG_PAD: tl.constexpr, ROW_PAD: tl.constexpr, BLOCK_N: tl.constexpr, WRITE: tl.constexpr,
 ):
-    """Kernels 2 and 3 for one (group chunk, key slice, batch x KV head): WRITE=False stores the kept-key
-    count of each (segment, slice) in Out; WRITE=True writes the kept keys into Out (the CSR indices),
-    ascending, from the (segment, slice) offsets in Offsets."""
+    """Kernels 2 and 3 for one (group chunk, key slice, batch x KV head). WRITE=False scores the slice,
+    stores each segment's keep bits in Bits and the kept-key count of each (segment, slice) in Out;
+    WRITE=True expands the bits into the kept keys (the CSR indices, Out), ascending, from the
+    (segment, slice) offsets in Offsets."""
     chunk = tl.program_id(0)
     key_slice = tl.program_id(1)
     off_b = tl.program_id(2) // num_kv_heads
@@ -233,28 +281,40 @@ def _stripe_scan_kernel(
     key_hi = tl.minimum(key_hi, (key_slice + 1) * slice_keys)
     if key_lo >= key_hi:  # past the chunk's causal range: counts were zeroed by the host
         return
-    pooled_q, anchor, row_valid = _load_pooled_rows(
-        PooledQ, PooledAnchor, off_b, off_kv, chunk,
-        stride_pb, stride_ph, stride_pm, stride_pd, stride_ab, stride_ah, stride_am,
-        plan_heads_per_kv, groups_per_chunk, num_groups, heads_per_plan, group_blocks, num_blocks,
-        HEAD_DIM, HEAD_DIM_PAD, SEG_PAD, ROW_PAD,
-    )
-    # Every segment of this program reads the same KV head: each K tile is loaded once for all of them.
-    k_base = K + off_b.to(tl.int64) * stride_kb + off_kv.to(tl.int64) * stride_kh
+    first_word, row_words = _bit_rows(segment, segment % num_groups, words_per_step, num_groups)
     slot = segment * num_slices + key_slice
     if WRITE:
         cursor = tl.load(Offsets + slot, mask=valid, other=0)
     else:
         cursor = tl.zeros([SEG_PAD], dtype=tl.int64)
-    for start_n in range(key_lo, key_hi, BLOCK_N):
-        keys, keep = _keep_tile(pooled_q, anchor, row_valid, k_base, stride_kn, stride_kd, start_n, key_hi,
-                                sink_end, local_start, keep_all, scale, theta,
-                                PRECISION, HEAD_DIM, HEAD_DIM_PAD, SEG_PAD, ROW_PAD, BLOCK_N)
-        keep = keep.to(tl.int32)
+        pooled_q, anchor, row_valid = _load_pooled_rows(
+            PooledQ, PooledAnchor, off_b, off_kv, chunk,
+            stride_pb, stride_ph, stride_pm, stride_pd, stride_ab, stride_ah, stride_am,
+            plan_heads_per_kv, groups_per_chunk, num_groups, heads_per_plan, group_blocks, num_blocks,
+            HEAD_DIM, HEAD_DIM_PAD, SEG_PAD, ROW_PAD,
+        )
+        q_hi, q_lo = _split_pooled_q(pooled_q, K.dtype.element_ty, SPLIT)
+        # Every segment of this program reads the same KV head: each K tile is loaded once for all of them.
+        k_base = K + off_b.to(tl.int64) * stride_kb + off_kv.to(tl.int64) * stride_kh
+    # Tiles start on a multiple of BLOCK_N, so each covers whole bit words; keys outside the slice stay unkept.
+    for start_n in range(key_lo // BLOCK_N * BLOCK_N, key_hi, BLOCK_N):
+        keys = start_n + tl.arange(0, BLOCK_N)
+        words = start_n // 32 + tl.arange(0, BLOCK_N // 32)
+        word_ptrs = Bits + first_word[:, None] + words[None, :]
+        word_ok = valid[:, None] & (words[None, :] < row_words[:, None])
         if WRITE:
+            in_slice = (keys >= key_lo) & (keys < key_hi)
+            keep = _unpack_bits(tl.load(word_ptrs, mask=word_ok, other=0), SEG_PAD, BLOCK_N) * in_slice[None, :]
             # An inclusive prefix sum along the keys places each kept key after the ones before it: ascending order.
             slots = cursor[:, None] + tl.cumsum(keep, 1) - 1
             tl.store(Out + slots, tl.broadcast_to(keys[None, :], (SEG_PAD, BLOCK_N)), mask=keep > 0)
+        else:
+            keep = _keep_tile(q_hi, q_lo, anchor, row_valid, k_base, stride_kn, stride_kd, keys, key_lo, key_hi,
+                              sink_end, local_start, keep_all, scale, theta,
+                              SPLIT, PRECISION, HEAD_DIM, HEAD_DIM_PAD, SEG_PAD, ROW_PAD, BLOCK_N).to(tl.int32)
+            # Slices start on multiples of slice_keys (>= BLOCK_N), so no other program writes these words,
+            # and the expansion reads exactly the words written here.
+            tl.store(word_ptrs, _pack_bits(keep, SEG_PAD, BLOCK_N), mask=word_ok)
         cursor += tl.sum(keep, 1)
     if not WRITE:
         tl.store(Out + slot, cursor.to(tl.int32), mask=valid)
@@ -328,11 +388,11 @@ def _pool_blocks(q: torch.Tensor, k: torch.Tensor, *, scale: float, block: int, 
     return pooled_q, pooled_anchor
 
 
-def _raise_budget_exceeded(selected: list[int], segments: int, num_kv: int, per_query_head: bool, budget: int) -> None:
-    """PlanBudgetExceeded with the plan's bytes per KV head (and per query head when each has its own
-    list): int32 indices plus an equal share of the int64 offsets."""
-    offsets_each = segments // len(selected) * 8
-    plan_head_bytes = [4 * n + offsets_each for n in selected]
+def _raise_budget_exceeded(selected: list[int], fixed_bytes: int, num_kv: int, per_query_head: bool, budget: int) -> None:
+    """PlanBudgetExceeded with the bytes per KV head (and per query head when each has its own list):
+    int32 indices plus an equal share of ``fixed_bytes`` (the int64 offsets and the keep bits)."""
+    fixed_each = fixed_bytes // len(selected)
+    plan_head_bytes = [4 * n + fixed_each for n in selected]
     per_kv = len(selected) // num_kv
     kv_head_bytes = [sum(plan_head_bytes[h * per_kv:(h + 1) * per_kv]) for h in range(num_kv)]
     raise PlanBudgetExceeded(kv_head_bytes, budget, plan_head_bytes if per_query_head else None)
@@ -396,12 +456,18 @@ def anchor_identify(
         scale, theta, slice_keys, num_slices,
     )
     constexprs = dict(
+        SPLIT=_SPLIT_POOLED_Q and q.dtype != torch.float32 and not _interpreter_cannot_dot(q.dtype),
         PRECISION=_FP32_DOT_PRECISION, HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
         SEG_PAD=layout.seg_pad, ROW_PAD=layout.row_pad,
     )
     segments = plan.offsets.numel() - 1
     counts = torch.zeros(segments * num_slices, dtype=torch.int32, device=q.device)  # (segment, slice) order
-    _stripe_scan_kernel[grid](pooled_q, pooled_anchor, k, counts, counts, *scan_args, WRITE=False, **constexprs)
+    # Keep bits: every word the expansion reads is written by the count pass, so no zeroing.
+    words_per_step = triton.cdiv(plan.group_rows, 32)
+    bits = torch.empty(batch * plan.plan_heads * words_per_step * plan.num_groups * (plan.num_groups - 1) // 2,
+                       dtype=torch.int32, device=q.device)
+    _stripe_scan_kernel[grid](pooled_q, pooled_anchor, k, bits, counts, counts, *scan_args, words_per_step,
+                              WRITE=False, **constexprs)
     grid_counts = counts.view(batch, plan.plan_heads, plan.num_groups, num_slices)
     per_head = grid_counts.sum(dim=(0, 2, 3), dtype=torch.int64)
     per_group = grid_counts.sum(dim=(0, 1, 3), dtype=torch.int64)
@@ -410,13 +476,15 @@ def anchor_identify(
     total = sum(selected)
     if plan.density_with(totals[plan.plan_heads:]) > dense_above:
         return DensePlan(batch, num_q, seq_len)
-    if max_plan_bytes is not None and 4 * total + 8 * (segments + 1) > max_plan_bytes:
-        _raise_budget_exceeded(selected, segments, num_kv, heads_per_plan == 1, max_plan_bytes)
+    fixed_bytes = 8 * (segments + 1) + bits.numel() * bits.element_size()  # alive with the indices
+    if max_plan_bytes is not None and 4 * total + fixed_bytes > max_plan_bytes:
+        _raise_budget_exceeded(selected, fixed_bytes, num_kv, heads_per_plan == 1, max_plan_bytes)
     slice_offsets = torch.zeros(segments * num_slices + 1, dtype=torch.int64, device=q.device)
     torch.cumsum(counts, dim=0, out=slice_offsets[1:])
     indices = torch.empty(total, dtype=torch.int32, device=q.device)
     if total:
-        _stripe_scan_kernel[grid](pooled_q, pooled_anchor, k, slice_offsets, indices, *scan_args, WRITE=True, **constexprs)
+        _stripe_scan_kernel[grid](pooled_q, pooled_anchor, k, bits, slice_offsets, indices, *scan_args, words_per_step,
+                                  WRITE=True, **constexprs)
     offsets = slice_offsets[::num_slices].contiguous()  # a segment's first slice starts where it does
     # No plan.validate() here: it costs several times the index memory and a sync; the tests validate.
     return dataclasses.replace(plan, offsets=offsets, indices=indices)
