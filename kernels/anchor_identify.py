@@ -44,14 +44,14 @@ MAX_SCAN_ROWS = 128  # kernels 2-3 hold a program's stacked pooled rows (and the
 # N / (128 x block) times per KV head instead of once per pooled row. Splitting the key axis into
 # slices keeps the grid large however many rows a program stacks.
 _SCAN_ROWS = 128
-# Keys per scan program: about 1/16 of the sequence, a power of two between these bounds.
+# Keys per scan program: about 1/16 of the sequence, a power of two between these bounds. The lower
+# bound is at least the largest scan BLOCK_N, so slices start on tile (and keep-bit word) boundaries.
 _SLICE_KEYS_RANGE = (512, 8192)
-# Pooled scores on tensor cores in tf32: 16-bit K is exact in tf32 and the fp32 pooled query keeps a
-# 10-bit mantissa (score error ~1e-3 relative, far below theta's scale); the sums and the theta
-# comparison stay fp32. tf32x3 (fp32-exact) made identification ~3x slower on the H200. The
+# fp32 operands (fp32 inputs; 16-bit ones take the hi + lo split, _split_pooled_q) on tensor cores in
+# tf32: 10-bit mantissas, score error ~1e-3 relative, far below theta's scale; the sums and the
+# theta comparison stay fp32. tf32x3 (fp32-exact) made identification ~3x slower on the H200. The
 # interpreter computes every dot in numpy fp32 and needs no choice.
 _FP32_DOT_PRECISION = "ieee" if triton_interpreted() else "tf32"
-_SPLIT_POOLED_Q = True
 
 
 @triton.jit
@@ -456,7 +456,7 @@ def anchor_identify(
         scale, theta, slice_keys, num_slices,
     )
     constexprs = dict(
-        SPLIT=_SPLIT_POOLED_Q and q.dtype != torch.float32 and not _interpreter_cannot_dot(q.dtype),
+        SPLIT=q.dtype != torch.float32 and not _interpreter_cannot_dot(q.dtype),
         PRECISION=_FP32_DOT_PRECISION, HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
         SEG_PAD=layout.seg_pad, ROW_PAD=layout.row_pad,
     )

@@ -18,9 +18,10 @@ from typing import Callable
 import pytest
 import torch
 
+from sparse_prefill.interfaces import PlanBudgetExceeded
 from sparse_prefill.kernels.anchor_identify import anchor_identify
 from sparse_prefill.patterns.anchor.reference import anchor_identify_reference
-from sparse_prefill.plan import DensePlan, StripePlan
+from sparse_prefill.plan import DensePlan, StripePlan, plan_nbytes
 
 TIE = 1e-4  # fp32 rounding of D-term dot products and block means stays far below this
 
@@ -286,3 +287,21 @@ def test_plans_denser_than_dense_above_become_dense(share_kv_heads):
         # Just below: dense attention for every query head.
         dense = identify(q, k, **params, dense_above=density - 1e-6)
         assert isinstance(dense, DensePlan) and (dense.batch, dense.heads, dense.seq_len) == (2, 4, 300)
+
+
+@pytest.mark.parametrize("share_kv_heads", [False, True], ids=["per-head", "shared"])
+def test_the_declared_budget_covers_the_plan_and_the_keep_bits(share_kv_heads):
+    torch.manual_seed(6)
+    q, k = torch.randn(1, 4, 700, 64), torch.randn(1, 2, 700, 64)
+    params = dict(scale=0.125, theta=2.0, block=32, group_blocks=1, sink=16, local=32, share_kv_heads=share_kv_heads)
+    plan = anchor_identify(q, k, **params)
+    with pytest.raises(PlanBudgetExceeded) as exceeded:
+        anchor_identify(q, k, **params, max_plan_bytes=plan_nbytes(plan))
+    declared = sum(exceeded.value.kv_head_bytes)
+    # The keep bits live beside the key lists, so they count: a budget of the plan alone is too small ...
+    assert declared > plan_nbytes(plan)
+    per_head = exceeded.value.query_head_bytes
+    assert (per_head is None) == share_kv_heads and (per_head is None or sum(per_head) == declared)
+    # ... and the declared bytes are exactly enough, for the same plan.
+    fitted = anchor_identify(q, k, **params, max_plan_bytes=declared)
+    assert torch.equal(fitted.offsets, plan.offsets) and torch.equal(fitted.indices, plan.indices)

@@ -17,7 +17,8 @@ from sparse_prefill.patterns.anchor import ANCHOR
 from sparse_prefill.patterns.dense import DenseIdentifier
 from sparse_prefill.plan import plan_nbytes
 
-ANCHOR_PARAMS = dict(theta=4.0, block=16, sink=16, local=16, dense_tail=0, dense_above=1.0)  # always a StripePlan
+# Always a StripePlan, one key list per query head (so a KV group can be split by query head).
+ANCHOR_PARAMS = dict(theta=4.0, block=16, sink=16, local=16, dense_tail=0, dense_above=1.0, share_kv_heads=False)
 
 
 def qkv(hq: int = 8, hkv: int = 4, n: int = 150, d: int = 32, dtype=torch.float32, seed: int = 0):
@@ -69,8 +70,7 @@ def test_chunks_fit_the_budget_and_an_unbounded_call_is_one_plan():
     sparse_attention(q, k, v, identifier, executor=ReferenceExecutor(), max_plan_bytes=budget, on_plan=recorder)
     assert 1 < len(recorder.contexts) < 8 and all(b <= budget for b in recorder.nbytes)
     whole = Recorder()
-    sparse_attention(q, k, v, identifier, executor=ReferenceExecutor(), max_plan_bytes=sum(per_head.nbytes),
-                     on_plan=whole)
+    sparse_attention(q, k, v, identifier, executor=ReferenceExecutor(), max_plan_bytes=2**62, on_plan=whole)
     assert [c.num_kv_heads for c in whole.contexts] == [8]
 
 
@@ -148,7 +148,7 @@ def test_triton_executor_accepts_out_through_dispatch():
 
 def test_shared_key_lists_are_never_split_inside_a_kv_group():
     q, k, v = qkv()
-    identifier = ANCHOR.build(**ANCHOR_PARAMS, share_kv_heads=True)  # one list per KV group: a union
+    identifier = ANCHOR.build(**{**ANCHOR_PARAMS, "share_kv_heads": True})  # one list per KV group: a union
     whole = sparse_attention(q, k, v, identifier, executor=ReferenceExecutor(), max_plan_bytes=2**62)[0]
     recorder = Recorder()
     out = sparse_attention(q, k, v, identifier, executor=ReferenceExecutor(), max_plan_bytes=0, on_plan=recorder)[0]
