@@ -312,8 +312,9 @@ def _stripe_scan_kernel(
             keep = _keep_tile(q_hi, q_lo, anchor, row_valid, k_base, stride_kn, stride_kd, keys, key_lo, key_hi,
                               sink_end, local_start, keep_all, scale, theta,
                               SPLIT, PRECISION, HEAD_DIM, HEAD_DIM_PAD, SEG_PAD, ROW_PAD, BLOCK_N).to(tl.int32)
-            # Slices start on multiples of slice_keys (>= BLOCK_N), so no other program writes these words,
-            # and the expansion reads exactly the words written here.
+            # Slices start on multiples of slice_keys (>= BLOCK_N), so no other program writes these words.
+            # Every word holding a key of [key_lo, key_hi) is written here; the expansion, which may tile
+            # with another BLOCK_N, keeps only keys of that range, so the words it reads beyond are never used.
             tl.store(word_ptrs, _pack_bits(keep, SEG_PAD, BLOCK_N), mask=word_ok)
         cursor += tl.sum(keep, 1)
     if not WRITE:
