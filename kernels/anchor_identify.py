@@ -18,6 +18,11 @@ rounding at exact threshold ties), in three kernels that never materialise anyth
    counts in (segment, slice) order between 2 and 3, whose every ``num_slices``-th entry is the
    plan's CSR offsets; one sync sizes the buffer.
 
+The bit rows grow as N^2 / (2 x group_rows) bits per plan head: 64 MiB at 128k for Llama-3.1-8B with
+shared lists, but 4 GiB at 1M. Beyond a tenth of q+k+v's bytes (``_KEEP_BITS_FRACTION``; for that
+shape past ~300k tokens with shared lists, ~80k per query head) no bits are kept (BITS=False) and
+kernel 3 scores every candidate again instead, so memory stays linear in N beside the plan.
+
 Sequence length, scale and theta are runtime arguments, so new lengths do not recompile.
 """
 
@@ -47,6 +52,8 @@ _SCAN_ROWS = 128
 # Keys per scan program: about 1/16 of the sequence, a power of two between these bounds. The lower
 # bound is at least the largest scan BLOCK_N, so slices start on tile (and keep-bit word) boundaries.
 _SLICE_KEYS_RANGE = (512, 8192)
+# Keep bits may take this fraction of q, k and v's bytes (see the module docstring).
+_KEEP_BITS_FRACTION = 0.1
 # fp32 operands (fp32 inputs; 16-bit ones take the hi + lo split, _split_pooled_q) on tensor cores in
 # tf32: 10-bit mantissas, score error ~1e-3 relative, far below theta's scale; the sums and the
 # theta comparison stay fp32. tf32x3 (fp32-exact) made identification ~3x slower on the H200. The
@@ -251,7 +258,7 @@ def _anchor_pool_kernel(
     tl.store(PooledAnchor + off_b.to(tl.int64) * stride_ab + off_h.to(tl.int64) * stride_ah + start_m * stride_am, anchor)
 
 
-@triton.autotune(_configs(), key=["HEAD_DIM_PAD", "SEG_PAD", "ROW_PAD", "WRITE", "SPLIT"],
+@triton.autotune(_configs(), key=["HEAD_DIM_PAD", "SEG_PAD", "ROW_PAD", "WRITE", "BITS", "SPLIT"],
                  prune_configs_by={"early_config_prune": _prune_score_tiles})
 @triton.jit
 def _stripe_scan_kernel(
@@ -263,12 +270,12 @@ def _stripe_scan_kernel(
     heads_per_plan, group_blocks, num_blocks, group_rows, sink, local, tail_start, scale, theta,
     slice_keys, num_slices, words_per_step,
     SPLIT: tl.constexpr, PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    SEG_PAD: tl.constexpr, ROW_PAD: tl.constexpr, BLOCK_N: tl.constexpr, WRITE: tl.constexpr,
+    SEG_PAD: tl.constexpr, ROW_PAD: tl.constexpr, BLOCK_N: tl.constexpr, WRITE: tl.constexpr, BITS: tl.constexpr,
 ):
     """Kernels 2 and 3 for one (group chunk, key slice, batch x KV head). WRITE=False scores the slice,
-    stores each segment's keep bits in Bits and the kept-key count of each (segment, slice) in Out;
-    WRITE=True expands the bits into the kept keys (the CSR indices, Out), ascending, from the
-    (segment, slice) offsets in Offsets."""
+    stores each segment's keep bits in Bits (when BITS) and the kept-key count of each (segment,
+    slice) in Out; WRITE=True writes the kept keys (the CSR indices, Out), ascending, from the
+    (segment, slice) offsets in Offsets: expanded from the bits when BITS, else scored again."""
     chunk = tl.program_id(0)
     key_slice = tl.program_id(1)
     off_b = tl.program_id(2) // num_kv_heads
@@ -287,6 +294,7 @@ def _stripe_scan_kernel(
         cursor = tl.load(Offsets + slot, mask=valid, other=0)
     else:
         cursor = tl.zeros([SEG_PAD], dtype=tl.int64)
+    if not (WRITE and BITS):  # this pass scores
         pooled_q, anchor, row_valid = _load_pooled_rows(
             PooledQ, PooledAnchor, off_b, off_kv, chunk,
             stride_pb, stride_ph, stride_pm, stride_pd, stride_ab, stride_ah, stride_am,
@@ -302,20 +310,22 @@ def _stripe_scan_kernel(
         words = start_n // 32 + tl.arange(0, BLOCK_N // 32)
         word_ptrs = Bits + first_word[:, None] + words[None, :]
         word_ok = valid[:, None] & (words[None, :] < row_words[:, None])
-        if WRITE:
+        if WRITE and BITS:
             in_slice = (keys >= key_lo) & (keys < key_hi)
             keep = _unpack_bits(tl.load(word_ptrs, mask=word_ok, other=0), SEG_PAD, BLOCK_N) * in_slice[None, :]
-            # An inclusive prefix sum along the keys places each kept key after the ones before it: ascending order.
-            slots = cursor[:, None] + tl.cumsum(keep, 1) - 1
-            tl.store(Out + slots, tl.broadcast_to(keys[None, :], (SEG_PAD, BLOCK_N)), mask=keep > 0)
         else:
             keep = _keep_tile(q_hi, q_lo, anchor, row_valid, k_base, stride_kn, stride_kd, keys, key_lo, key_hi,
                               sink_end, local_start, keep_all, scale, theta,
                               SPLIT, PRECISION, HEAD_DIM, HEAD_DIM_PAD, SEG_PAD, ROW_PAD, BLOCK_N).to(tl.int32)
+        if BITS and not WRITE:
             # Slices start on multiples of slice_keys (>= BLOCK_N), so no other program writes these words.
             # Every word holding a key of [key_lo, key_hi) is written here; the expansion, which may tile
             # with another BLOCK_N, keeps only keys of that range, so the words it reads beyond are never used.
             tl.store(word_ptrs, _pack_bits(keep, SEG_PAD, BLOCK_N), mask=word_ok)
+        if WRITE:
+            # An inclusive prefix sum along the keys places each kept key after the ones before it: ascending order.
+            slots = cursor[:, None] + tl.cumsum(keep, 1) - 1
+            tl.store(Out + slots, tl.broadcast_to(keys[None, :], (SEG_PAD, BLOCK_N)), mask=keep > 0)
         cursor += tl.sum(keep, 1)
     if not WRITE:
         tl.store(Out + slot, cursor.to(tl.int32), mask=valid)
@@ -463,10 +473,12 @@ def anchor_identify(
     )
     segments = plan.offsets.numel() - 1
     counts = torch.zeros(segments * num_slices, dtype=torch.int32, device=q.device)  # (segment, slice) order
-    # Keep bits: every word the expansion reads is written by the count pass, so no zeroing.
+    # Keep bits where they fit _KEEP_BITS_FRACTION (every word the expansion uses is written by the
+    # count pass, so no zeroing); the bound depends on this call's q and k alone, so head chunks decide alike.
     words_per_step = triton.cdiv(plan.group_rows, 32)
-    bits = torch.empty(batch * plan.plan_heads * words_per_step * plan.num_groups * (plan.num_groups - 1) // 2,
-                       dtype=torch.int32, device=q.device)
+    bits_words = batch * plan.plan_heads * words_per_step * plan.num_groups * (plan.num_groups - 1) // 2
+    constexprs["BITS"] = 4 * bits_words <= _KEEP_BITS_FRACTION * (q.numel() * q.element_size() + 2 * k.numel() * k.element_size())
+    bits = torch.empty(bits_words if constexprs["BITS"] else 1, dtype=torch.int32, device=q.device)
     _stripe_scan_kernel[grid](pooled_q, pooled_anchor, k, bits, counts, counts, *scan_args, words_per_step,
                               WRITE=False, **constexprs)
     grid_counts = counts.view(batch, plan.plan_heads, plan.num_groups, num_slices)
@@ -477,7 +489,7 @@ def anchor_identify(
     total = sum(selected)
     if plan.density_with(totals[plan.plan_heads:]) > dense_above:
         return DensePlan(batch, num_q, seq_len)
-    fixed_bytes = 8 * (segments + 1) + bits.numel() * bits.element_size()  # alive with the indices
+    fixed_bytes = 8 * (segments + 1) + (4 * bits_words if constexprs["BITS"] else 0)  # alive with the indices
     if max_plan_bytes is not None and 4 * total + fixed_bytes > max_plan_bytes:
         _raise_budget_exceeded(selected, fixed_bytes, num_kv, heads_per_plan == 1, max_plan_bytes)
     slice_offsets = torch.zeros(segments * num_slices + 1, dtype=torch.int64, device=q.device)
