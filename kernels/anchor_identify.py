@@ -176,11 +176,12 @@ def _split_pooled_q(pooled_q, dtype: tl.constexpr, SPLIT: tl.constexpr):
 
 
 @triton.jit
-def _bit_rows(segment, group, words_per_step, num_groups):
+def _bit_rows(segment, words_per_step, num_groups):
     """(first word, words) of each segment's keep-bit row. Group g's row covers keys [0, g x group_rows),
     its candidates' upper bound, in g x words_per_step uint32 words; the rows of one (batch, plan head)
     lie back to back, so it takes words_per_step x G(G-1)/2 words in all: half the square, causal."""
     plan_head = segment // num_groups  # segment = (batch x plan heads + plan head) x G + group
+    group = segment % num_groups
     head_words = words_per_step * num_groups.to(tl.int64) * (num_groups - 1) // 2
     return plan_head * head_words + words_per_step * group * (group - 1) // 2, words_per_step * group
 
@@ -288,7 +289,7 @@ def _stripe_scan_kernel(
     key_hi = tl.minimum(key_hi, (key_slice + 1) * slice_keys)
     if key_lo >= key_hi:  # past the chunk's causal range: counts were zeroed by the host
         return
-    first_word, row_words = _bit_rows(segment, segment % num_groups, words_per_step, num_groups)
+    first_word, row_words = _bit_rows(segment, words_per_step, num_groups)
     slot = segment * num_slices + key_slice
     if WRITE:
         cursor = tl.load(Offsets + slot, mask=valid, other=0)
@@ -460,27 +461,26 @@ def anchor_identify(
     slice_keys = _slice_keys(seq_len)
     num_slices = triton.cdiv(seq_len, slice_keys)
     grid = (triton.cdiv(plan.num_groups, layout.groups_per_chunk), num_slices, batch * num_kv)
+    words_per_step = triton.cdiv(plan.group_rows, 32)  # keep-bit words per group step (see _bit_rows)
     scan_args = (
         *pooled_q.stride(), *pooled_anchor.stride(), *k.stride(),
         num_kv, plan.plan_heads, layout.plan_heads_per_kv, layout.groups_per_chunk, plan.num_groups,
         heads_per_plan, group_blocks, pooled_q.shape[2], plan.group_rows, sink, local, _tail_start(seq_len, dense_tail),
-        scale, theta, slice_keys, num_slices,
-    )
-    constexprs = dict(
-        SPLIT=q.dtype != torch.float32 and not _interpreter_cannot_dot(q.dtype),
-        PRECISION=_FP32_DOT_PRECISION, HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
-        SEG_PAD=layout.seg_pad, ROW_PAD=layout.row_pad,
+        scale, theta, slice_keys, num_slices, words_per_step,
     )
     segments = plan.offsets.numel() - 1
     counts = torch.zeros(segments * num_slices, dtype=torch.int32, device=q.device)  # (segment, slice) order
     # Keep bits where they fit _KEEP_BITS_FRACTION (every word the expansion uses is written by the
     # count pass, so no zeroing); the bound depends on this call's q and k alone, so head chunks decide alike.
-    words_per_step = triton.cdiv(plan.group_rows, 32)
     bits_words = batch * plan.plan_heads * words_per_step * plan.num_groups * (plan.num_groups - 1) // 2
-    constexprs["BITS"] = 4 * bits_words <= _KEEP_BITS_FRACTION * (q.numel() * q.element_size() + 2 * k.numel() * k.element_size())
-    bits = torch.empty(bits_words if constexprs["BITS"] else 1, dtype=torch.int32, device=q.device)
-    _stripe_scan_kernel[grid](pooled_q, pooled_anchor, k, bits, counts, counts, *scan_args, words_per_step,
-                              WRITE=False, **constexprs)
+    keep_bits = 4 * bits_words <= _KEEP_BITS_FRACTION * (q.numel() * q.element_size() + 2 * k.numel() * k.element_size())
+    bits = torch.empty(bits_words if keep_bits else 1, dtype=torch.int32, device=q.device)
+    constexprs = dict(
+        SPLIT=q.dtype != torch.float32 and not _interpreter_cannot_dot(q.dtype),
+        PRECISION=_FP32_DOT_PRECISION, HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
+        SEG_PAD=layout.seg_pad, ROW_PAD=layout.row_pad, BITS=keep_bits,
+    )
+    _stripe_scan_kernel[grid](pooled_q, pooled_anchor, k, bits, counts, counts, *scan_args, WRITE=False, **constexprs)
     grid_counts = counts.view(batch, plan.plan_heads, plan.num_groups, num_slices)
     per_head = grid_counts.sum(dim=(0, 2, 3), dtype=torch.int64)
     per_group = grid_counts.sum(dim=(0, 1, 3), dtype=torch.int64)
@@ -489,14 +489,14 @@ def anchor_identify(
     total = sum(selected)
     if plan.density_with(totals[plan.plan_heads:]) > dense_above:
         return DensePlan(batch, num_q, seq_len)
-    fixed_bytes = 8 * (segments + 1) + (4 * bits_words if constexprs["BITS"] else 0)  # alive with the indices
+    fixed_bytes = 8 * (segments + 1) + (4 * bits_words if keep_bits else 0)  # alive with the indices
     if max_plan_bytes is not None and 4 * total + fixed_bytes > max_plan_bytes:
         _raise_budget_exceeded(selected, fixed_bytes, num_kv, heads_per_plan == 1, max_plan_bytes)
     slice_offsets = torch.zeros(segments * num_slices + 1, dtype=torch.int64, device=q.device)
     torch.cumsum(counts, dim=0, out=slice_offsets[1:])
     indices = torch.empty(total, dtype=torch.int32, device=q.device)
     if total:
-        _stripe_scan_kernel[grid](pooled_q, pooled_anchor, k, bits, slice_offsets, indices, *scan_args, words_per_step,
+        _stripe_scan_kernel[grid](pooled_q, pooled_anchor, k, bits, slice_offsets, indices, *scan_args,
                                   WRITE=True, **constexprs)
     offsets = slice_offsets[::num_slices].contiguous()  # a segment's first slice starts where it does
     # No plan.validate() here: it costs several times the index memory and a sync; the tests validate.
