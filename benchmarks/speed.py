@@ -30,7 +30,7 @@ from sparse_prefill.kernels.reference import stripe_attention_reference
 from sparse_prefill.kernels.stripe_attention import stripe_attention
 from sparse_prefill.patterns.anchor import ANCHOR
 from sparse_prefill.patterns.anchor.reference import anchor_identify_reference
-from sparse_prefill.policy import load_policy
+from sparse_prefill.policy import Policy, load_policy
 
 KB = 1024
 
@@ -44,6 +44,17 @@ def bench(fn) -> float:
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.float() - ref.float()).norm() / ref.float().norm())
+
+
+def assignments(items: list[str]) -> dict:
+    """``KEY=VALUE`` strings -> {key: value}, values read as YAML (numbers, booleans)."""
+    return {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in items)}
+
+
+def anchor_params(policy: Policy, overrides: dict) -> dict:
+    """The policy's default anchor parameters with ``overrides``, re-validated through the policy loader
+    so that a bad override gets the same precise error as YAML."""
+    return load_policy({"default": {**policy.default.as_dict(), "pattern": "anchor", **overrides}}).default.as_dict()
 
 
 def check_kernels(params: dict) -> list[dict]:
@@ -142,11 +153,9 @@ def main() -> None:
                         help="another structured_qkv argument, e.g. --synthetic heavy_fraction=0.01")
     args = parser.parse_args()
     policy = load_policy(args.policy)
-    overrides = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.set)}
-    # Re-validate through the policy loader so a bad --set gets the same precise error as YAML.
-    params = load_policy({"default": {**policy.default.as_dict(), "pattern": "anchor", **overrides}}).default.as_dict()
+    params = anchor_params(policy, assignments(args.set))
     hq, hkv, d = (int(x) for x in args.heads.split(","))
-    synthetic = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.synthetic)}
+    synthetic = assignments(args.synthetic)
     started = time.time()
     result = dict(
         gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,

@@ -15,17 +15,15 @@ import json
 
 import torch
 import triton
-import yaml
 
 import speed
 from sparse_prefill.kernels.stripe_attention import _stripe_fwd
-from sparse_prefill.patterns.anchor import ANCHOR
+from sparse_prefill.policy import load_policy
 
 
 def _variant(text: str) -> tuple[str, dict]:
     label, _, settings = text.partition(":")
-    overrides = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in settings.split(",") if item)}
-    return label, overrides
+    return label, speed.assignments([item for item in settings.split(",") if item])
 
 
 def main() -> None:
@@ -37,13 +35,13 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--commit", default="unknown")
     args = parser.parse_args()
-    synthetic = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.synthetic)}
+    synthetic = speed.assignments(args.synthetic)
     strength = synthetic.pop("strength")
-    defaults = {name: spec.default for name, spec in ANCHOR.parameters.items()}
+    policy = load_policy("anchor.yaml")  # the shipped policy, by name: the script runs from any folder
     result = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                   commit=args.commit, strength=strength, synthetic=synthetic, rows=[])
     for label, overrides in args.variant:
-        params = {**defaults, **overrides}
+        params = speed.anchor_params(policy, overrides)
         checks = speed.check_kernels(params) if args.check else "skipped"
         for n in (int(x) for x in args.lengths.split(",")):
             row = speed.measure(n, params, 0, 32, 8, 128, strength, synthetic)
