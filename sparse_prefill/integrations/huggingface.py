@@ -53,22 +53,24 @@ class DeferredMask:
 
     padding: torch.Tensor | None
     build: Callable[[], Any]
-    _built: list = field(default_factory=list, repr=False)
-    _ranges: list = field(default_factory=list, repr=False)
 
     def materialize(self) -> Any:
-        if not self._built:
-            self._built.append(self.build())
-        return self._built[0]
+        return self._mask
 
     def sequence_ranges(self) -> list[tuple[int, int]] | None:
         """[start, end) of each sequence's real tokens, or None if some sequence has holes.
 
         One host sync per forward (not per layer): the ranges decide how the batch is split.
         """
-        if not self._ranges:
-            self._ranges.append(_valid_ranges(self.padding))
-        return self._ranges[0]
+        return self._ranges
+
+    @functools.cached_property
+    def _mask(self) -> Any:
+        return self.build()
+
+    @functools.cached_property
+    def _ranges(self) -> list[tuple[int, int]] | None:
+        return _valid_ranges(self.padding)
 
 
 def _valid_ranges(padding: torch.Tensor) -> list[tuple[int, int]] | None:
