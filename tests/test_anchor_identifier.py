@@ -256,14 +256,20 @@ def test_kernel_refuses_what_it_cannot_run(make: Callable, overrides: dict, erro
         _call(anchor_identify, make, overrides)
 
 
+def _gaussian_problem(seed: int, batch: int, seq_len: int, theta: float, share_kv_heads: bool, **params: object
+                      ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Plain Gaussian q [batch, 4, N, 64], k [batch, 2, N, 64] and small-tile anchor parameters."""
+    torch.manual_seed(seed)
+    q, k = torch.randn(batch, 4, seq_len, 64), torch.randn(batch, 2, seq_len, 64)
+    return q, k, dict(scale=0.125, theta=theta, block=32, group_blocks=1, sink=16, local=32,
+                      share_kv_heads=share_kv_heads, **params)
+
+
 @pytest.mark.parametrize("seq_len, dense_tail", [(300, 1), (300, 100), (257, 200), (200, 0)], ids=str)
 @pytest.mark.parametrize("share_kv_heads", [False, True], ids=["per-head", "shared"])
 def test_dense_tail_keeps_every_candidate_of_the_last_groups(seq_len, dense_tail, share_kv_heads):
-    torch.manual_seed(seq_len + dense_tail)
-    q, k = torch.randn(1, 4, seq_len, 64), torch.randn(1, 2, seq_len, 64)
     # theta -1e9: the scores keep nothing, so everything selected comes from the dense tail.
-    params = dict(scale=0.125, theta=-1e9, block=32, group_blocks=1, sink=16, local=32,
-                  share_kv_heads=share_kv_heads, dense_tail=dense_tail)
+    q, k, params = _gaussian_problem(seq_len + dense_tail, 1, seq_len, -1e9, share_kv_heads, dense_tail=dense_tail)
     causal = torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
     for identify in (anchor_identify_reference, anchor_identify):
         plan = identify(q, k, **params)
@@ -278,9 +284,7 @@ def test_dense_tail_keeps_every_candidate_of_the_last_groups(seq_len, dense_tail
 
 @pytest.mark.parametrize("share_kv_heads", [False, True], ids=["per-head", "shared"])
 def test_plans_denser_than_dense_above_become_dense(share_kv_heads):
-    torch.manual_seed(5)
-    q, k = torch.randn(2, 4, 300, 64), torch.randn(2, 2, 300, 64)
-    params = dict(scale=0.125, theta=0.5, block=32, group_blocks=1, sink=16, local=32, share_kv_heads=share_kv_heads)
+    q, k, params = _gaussian_problem(5, 2, 300, 0.5, share_kv_heads)
     sparse = anchor_identify_reference(q, k, **params)
     density = sparse.density()
     assert 0 < density < 1
@@ -295,9 +299,7 @@ def test_plans_denser_than_dense_above_become_dense(share_kv_heads):
 
 @pytest.mark.parametrize("share_kv_heads", [False, True], ids=["per-head", "shared"])
 def test_the_declared_budget_covers_the_plan_and_the_keep_bits(share_kv_heads):
-    torch.manual_seed(6)
-    q, k = torch.randn(1, 4, 700, 64), torch.randn(1, 2, 700, 64)
-    params = dict(scale=0.125, theta=2.0, block=32, group_blocks=1, sink=16, local=32, share_kv_heads=share_kv_heads)
+    q, k, params = _gaussian_problem(6, 1, 700, 2.0, share_kv_heads)
     plan = anchor_identify(q, k, **params)
     with pytest.raises(PlanBudgetExceeded) as exceeded:
         anchor_identify(q, k, **params, max_plan_bytes=plan_nbytes(plan))
