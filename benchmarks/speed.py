@@ -27,7 +27,7 @@ from sparse_prefill.evaluation.synthetic import structured_qkv
 from sparse_prefill.interfaces import AttentionContext
 from sparse_prefill.kernels.anchor_identify import anchor_identify
 from sparse_prefill.kernels.reference import stripe_attention_reference
-from sparse_prefill.kernels.stripe_attention import stripe_attention
+from sparse_prefill.kernels.stripe_attention import _stripe_fwd, stripe_attention
 from sparse_prefill.patterns.anchor import ANCHOR
 from sparse_prefill.patterns.anchor.reference import anchor_identify_reference
 from sparse_prefill.policy import Policy, load_policy
@@ -98,6 +98,8 @@ def measure(n: int, params: dict, min_length: int, hq: int, hkv: int, d: int, st
     del out
     t_identify = bench(lambda: identifier.identify(q, k, ctx))
     t_execute = bench(lambda: executor(q, k, v, plan, ctx))
+    # The tuned tile for this length's bucket: the last configuration the autotuner ran.
+    executor_config = str(_stripe_fwd.best_config) if executor.name == "triton-stripe" else None
     # What a user pays: identification and execution through the dispatcher, heads chunked when
     # the plan would pass the default memory budget.
     chunks = []
@@ -123,7 +125,7 @@ def measure(n: int, params: dict, min_length: int, hq: int, hkv: int, d: int, st
     row = dict(
         seq_len=n, strength=strength, density=density, rel_err_vs_dense=err, chunked_rel_err_vs_dense=chunked_err,
         dense_ms=t_dense, identify_ms=t_identify, execute_ms=t_execute, anchor_ms=t_total,
-        plan_kind=plan_kind, executor=executor.name, heads_per_call=chunks,
+        plan_kind=plan_kind, executor=executor.name, executor_config=executor_config, heads_per_call=chunks,
         policy_ms=t_total if uses_sparse else t_dense, policy_path="anchor" if uses_sparse else "dense",
         anchor_over_dense=t_total / t_dense, policy_over_dense=(t_total if uses_sparse else t_dense) / t_dense,
         dense_tflops=dense_flops / t_dense / 1e9, executor_tflops_per_computed_score=sparse_flops / t_execute / 1e9,

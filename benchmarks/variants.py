@@ -4,7 +4,7 @@
         --variant "shared theta 7.7:share_kv_heads=true,theta=7.7" --lengths 32768,131072 --out ab.json
 
 Each ``--variant`` is ``label:key=value,...`` over the shipped defaults; rows are speed.py's
-(real-calibrated inputs unless ``--synthetic`` says otherwise), plus the executor's tuned config.
+(real-calibrated inputs unless ``--synthetic`` says otherwise), the executor's tuned config among them.
 ``--check`` first compares the kernels with their references (speed.py's checks) for each variant.
 """
 
@@ -17,7 +17,6 @@ import torch
 import triton
 
 import speed
-from sparse_prefill.kernels.stripe_attention import _stripe_fwd
 from sparse_prefill.policy import load_policy
 
 
@@ -45,8 +44,7 @@ def main() -> None:
         checks = speed.check_kernels(params) if args.check else "skipped"
         for n in (int(x) for x in args.lengths.split(",")):
             row = speed.measure(n, params, 0, 32, 8, 128, strength, synthetic)
-            result["rows"].append(dict(variant=label, params=params, checks=checks,
-                                       executor_config=str(_stripe_fwd.best_config), **row))
+            result["rows"].append(dict(variant=label, params=params, checks=checks, **row))
             torch.cuda.empty_cache()
             with open(args.out, "w") as fh:  # after every row: a run cut short keeps what it measured
                 json.dump(result, fh, indent=2)

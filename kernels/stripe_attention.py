@@ -186,7 +186,11 @@ def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> 
 
 @triton.autotune(
     configs=_configs(),
-    key=["HEAD_DIM", "HEAD_TILE", "ROWS"],  # the autotuner adds the tensors' dtypes itself
+    # The autotuner adds the tensors' dtypes itself. length_bucket: the best tile differs between
+    # short and long prompts (BLOCK_N 32 with 4 warps at 16k, 64 with 8 warps at 128k on the H200),
+    # so each power of two of the length is tuned once; compiled configs are shared, so a new
+    # bucket costs only the timing runs.
+    key=["HEAD_DIM", "HEAD_TILE", "ROWS", "length_bucket"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )
 @triton.jit
@@ -196,7 +200,7 @@ def _stripe_fwd(
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
-    seq_len, num_q_heads, plan_heads, heads_per_plan, q_per_kv, head_chunks,
+    seq_len, length_bucket, num_q_heads, plan_heads, heads_per_plan, q_per_kv, head_chunks,
     group_rows, num_groups, tiles_per_group, sink, local, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_TILE: tl.constexpr, ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr, RETURN_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -387,7 +391,7 @@ def stripe_attention(
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        seq_len, num_q, plan_heads, heads_per_plan, num_q // k.shape[1], head_chunks,
+        seq_len, triton.next_power_of_2(seq_len), num_q, plan_heads, heads_per_plan, num_q // k.shape[1], head_chunks,
         plan.group_rows, plan.num_groups, tiles_per_group, plan.sink, plan.local, scale * _LOG2E,
         HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), HEAD_TILE=head_tile, ROWS=rows,
         RETURN_LSE=return_lse, DOT_PRECISION=dot_precision, UPCAST=upcast,

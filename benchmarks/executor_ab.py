@@ -1,0 +1,90 @@
+"""Stripe executor kernels side by side on the GPU: same plans, same inputs, same dense SDPA.
+
+    python benchmarks/executor_ab.py --kernel base=/tmp/old_stripe_attention.py --out ab.json
+
+Each ``--kernel label=path`` is a copy of ``sparse_prefill/kernels/stripe_attention.py`` (an older
+commit's, or an experiment's); the installed one runs as ``current``. Every file is loaded as its
+own module, so each autotunes on its own. For each length the default anchor plan is identified
+once and every kernel executes it: time, TFLOP/s per computed score over dense SDPA's, the error
+vs dense, and the largest difference from ``current``'s output (the same plan must give the same
+answer). Kernel-only changes are judged here, not across runs on different days.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+import triton
+
+import speed
+from sparse_prefill.evaluation.synthetic import structured_qkv
+from sparse_prefill.interfaces import AttentionContext
+from sparse_prefill.kernels import stripe_attention as installed
+from sparse_prefill.patterns.anchor import ANCHOR
+from sparse_prefill.plan import StripePlan
+from sparse_prefill.policy import load_policy
+
+
+def _load_kernel(text: str) -> tuple[str, ModuleType]:
+    label, _, path = text.partition("=")
+    if not label or not Path(path).is_file():
+        raise argparse.ArgumentTypeError(f"--kernel takes label=path to a stripe_attention.py copy, got {text!r}")
+    spec = importlib.util.spec_from_file_location(f"stripe_attention_{label}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return label, module
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kernel", action="append", default=[], type=_load_kernel, metavar="LABEL=PATH")
+    parser.add_argument("--lengths", default="32768,131072")
+    parser.add_argument("--synthetic", action="append", default=["strength=0.8", "heavy_fraction=0.055"])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--commit", default="unknown")
+    args = parser.parse_args()
+    kernels = [("current", installed), *args.kernel]
+    synthetic = speed.assignments(args.synthetic)
+    strength = synthetic.pop("strength")
+    params = speed.anchor_params(load_policy("anchor.yaml"), {"dense_above": 1.0})  # always a stripe plan
+    hq, hkv, d = 32, 8, 128
+    result = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                  commit=args.commit, strength=strength, synthetic=synthetic, params=params, rows=[])
+    for n in (int(x) for x in args.lengths.split(",")):
+        q, k, v = structured_qkv(n, hq, hkv, d, device="cuda", strength=strength, **synthetic)
+        scale = d ** -0.5
+        plan = ANCHOR.build(**params).identify(q, k, AttentionContext.for_inputs(q, k, scale))
+        assert isinstance(plan, StripePlan)
+        dense_out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        t_dense = speed.bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                                                      enable_gqa=True))
+        density = plan.density()
+        dense_flops = 4 * n * (n + 1) / 2 * hq * d
+        reference = None
+        for label, module in kernels:
+            out = module.stripe_attention(q, k, v, plan, scale)[0]
+            reference = out if reference is None else reference
+            t_execute = speed.bench(lambda: module.stripe_attention(q, k, v, plan, scale))
+            row = dict(kernel=label, seq_len=n, density=density, dense_ms=t_dense, execute_ms=t_execute,
+                       executor_efficiency_vs_sdpa=(dense_flops * density / t_execute) / (dense_flops / t_dense),
+                       rel_err_vs_dense=speed.relative_error(out, dense_out),
+                       max_abs_diff_vs_current=float((out.float() - reference.float()).abs().max()),
+                       finite=bool(torch.isfinite(out).all()), executor_config=str(module._stripe_fwd.best_config))
+            print(" ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
+                           for key, value in row.items()), flush=True)
+            result["rows"].append(row)
+            del out
+            with open(args.out, "w") as fh:  # after every row: a run cut short keeps what it measured
+                json.dump(result, fh, indent=2)
+        del q, k, v, plan, dense_out, reference
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
