@@ -25,7 +25,7 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=131072)
     parser.add_argument("--strength", type=float, default=0.8)
     parser.add_argument("--heavy-fraction", type=float, default=0.055, help="with strength 0.8: calibrated to real attention")
-    parser.add_argument("--policy", default="sparse_prefill/policies/anchor.yaml")
+    parser.add_argument("--policy", default="anchor.yaml", help="a shipped policy name or a YAML path")
     parser.add_argument("--heads", default="32,8,128", help="query heads, KV heads, head dim")
     args = parser.parse_args()
     hq, hkv, d = (int(x) for x in args.heads.split(","))

@@ -143,7 +143,7 @@ def main() -> None:
     parser.add_argument("--lengths", default="4096,8192,16384,32768,65536,131072")
     parser.add_argument("--out", required=True)
     parser.add_argument("--commit", default="unknown")
-    parser.add_argument("--policy", default="sparse_prefill/policies/anchor.yaml")
+    parser.add_argument("--policy", default="anchor.yaml", help="a shipped policy name or a YAML path")
     parser.add_argument("--strengths", default="0.8,1.0",
                         help="synthetic input strengths: 0.8 diffuse (harder than real), 1.0 sink-dominated")
     parser.add_argument("--heads", default="32,8,128", help="query heads, KV heads, head dim")
