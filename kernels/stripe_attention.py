@@ -186,10 +186,11 @@ def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> 
 
 @triton.autotune(
     configs=_configs(),
-    # The autotuner adds the tensors' dtypes itself. length_bucket: the best tile differs between
-    # short and long prompts (BLOCK_N 32 with 4 warps at 16k, 64 with 8 warps at 128k on the H200),
-    # so each power of two of the length is tuned once; compiled configs are shared, so a new
-    # bucket costs only the timing runs.
+    # The autotuner adds the tensors' dtypes itself. length_bucket (a key only, unused in the body):
+    # the best tile differs between short and long prompts (BLOCK_N 32 with 4 warps at 16k, 64 with
+    # 8 warps at 128k on the H200), so each power of two of the length is tuned once. A new bucket
+    # re-times the compiled binaries; it compiles only where an integer argument is in a
+    # divisible-by-16 class not seen before (benchmarks/compile_check.py).
     key=["HEAD_DIM", "HEAD_TILE", "ROWS", "length_bucket"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )
