@@ -2,12 +2,14 @@
 
     python benchmarks/executor_ab.py --kernel base=/tmp/old_stripe_attention.py --out ab.json
 
-Each ``--kernel label=path`` is a copy of ``sparse_prefill/kernels/stripe_attention.py`` (an older
-commit's, or an experiment's); the installed one runs as ``current``. Every file is loaded as its
-own module, so each autotunes on its own. For each length the default anchor plan is identified
-once and every kernel executes it: time, TFLOP/s per computed score over dense SDPA's, the error
-vs dense, and the largest difference from ``current``'s output (the same plan must give the same
-answer). Kernel-only changes are judged here, not across runs on different days.
+Each ``--kernel label=path`` is a copy of ``kernels/stripe_attention.py`` (an older commit's, or
+an experiment's); the installed one runs as ``current``. Every file is loaded as its own module,
+so each autotunes on its own. For each length the default anchor plan is identified once and every
+kernel executes it: time (the median of ``--rounds`` timings, the kernels interleaved in each
+round), TFLOP/s per computed score over dense SDPA's, the error vs dense, the largest difference
+from ``current``'s output (the same plan must give the same answer), and the seconds of each
+kernel's first call at that length (its autotuning, and compiling on first use). Kernel-only
+changes are judged here, not across runs on different days.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import statistics
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -46,6 +50,7 @@ def main() -> None:
     parser.add_argument("--kernel", action="append", default=[], type=_load_kernel, metavar="LABEL=PATH")
     parser.add_argument("--lengths", default="32768,131072")
     parser.add_argument("--synthetic", action="append", default=["strength=0.8", "heavy_fraction=0.055"])
+    parser.add_argument("--rounds", type=int, default=1, help="timings per kernel, interleaved; the median is kept")
     parser.add_argument("--out", required=True)
     parser.add_argument("--commit", default="unknown")
     args = parser.parse_args()
@@ -65,25 +70,34 @@ def main() -> None:
         t_dense = speed.bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
                                                                       enable_gqa=True))
         density = plan.density()
-        reference = None
+        outputs, first_call_s = {}, {}
+        for label, module in kernels:  # the first call at a length autotunes (and compiles, the first time)
+            start = time.perf_counter()
+            outputs[label] = module.stripe_attention(q, k, v, plan, scale)[0]
+            torch.cuda.synchronize()
+            first_call_s[label] = time.perf_counter() - start
+        reference = outputs["current"]  # the installed kernel
+        # Rounds interleave the kernels, so a slow spell of the GPU hits all of them alike.
+        times = {label: [] for label, _ in kernels}
+        for _ in range(args.rounds):
+            for label, module in kernels:
+                times[label].append(speed.bench(lambda: module.stripe_attention(q, k, v, plan, scale)))
         for label, module in kernels:
-            out = module.stripe_attention(q, k, v, plan, scale)[0]
-            if reference is None:  # the installed kernel runs first
-                reference = out
-            t_execute = speed.bench(lambda: module.stripe_attention(q, k, v, plan, scale))
+            out = outputs[label]
+            t_execute = statistics.median(times[label])
             row = dict(kernel=label, seq_len=n, density=density, dense_ms=t_dense, execute_ms=t_execute,
+                       execute_ms_rounds=times[label], first_call_s=first_call_s[label],
                        # speed.py's ratio of FLOP rates; the FLOPs per score cancel.
                        executor_efficiency_vs_sdpa=density * t_dense / t_execute,
                        rel_err_vs_dense=speed.relative_error(out, dense_out),
                        max_abs_diff_vs_current=float((out.float() - reference.float()).abs().max()),
                        finite=bool(torch.isfinite(out).all()), executor_config=str(module._stripe_fwd.best_config))
             print(" ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
-                           for key, value in row.items()), flush=True)
+                           for key, value in row.items() if key != "execute_ms_rounds"), flush=True)
             result["rows"].append(row)
-            del out
             with open(args.out, "w") as fh:  # after every row: a run cut short keeps what it measured
                 json.dump(result, fh, indent=2)
-        del q, k, v, plan, dense_out, reference
+        del q, k, v, plan, dense_out, reference, outputs
         torch.cuda.empty_cache()
 
 
