@@ -114,25 +114,23 @@ def _contiguous_window(
 @triton.jit
 def _gathered_keys(
     acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, Indices, seg_start, seg_end, offs_n, offs_d, d_ok,
-    qk_scale, BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    qk_scale, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Selected keys Indices[seg_start:seg_end], BLOCK_N per tile, K and V rows loaded by index.
 
-    Whole tiles run without masks; only a last, partial tile masks its missing slots. PREFETCH
-    (an autotuning choice) loads the next tile's indices one iteration ahead, so the K/V address
-    computation never waits on an index load.
+    Whole tiles run without masks; only a last, partial tile masks its missing slots. The next
+    tile's indices are loaded one iteration ahead: with the index load in the same iteration,
+    Triton's pipeliner waits for every copy in flight before each tile (``async_wait {num = 0}``
+    in the TTGIR), so the gather's latency was never hidden; with it ahead, the K/V copies of the
+    next tile stay in flight during this one.
     """
     full_end = seg_start + (seg_end - seg_start) // BLOCK_N * BLOCK_N
     whole = offs_n < BLOCK_N  # all true, known at compile time
-    if PREFETCH:
-        upcoming = tl.load(Indices + seg_start + offs_n, mask=seg_start + offs_n < full_end, other=0)
+    upcoming = tl.load(Indices + seg_start + offs_n, mask=seg_start + offs_n < full_end, other=0)
     for slot0 in range(seg_start, full_end, BLOCK_N):
-        if PREFETCH:
-            keys = upcoming.to(tl.int64)
-            following = slot0 + BLOCK_N + offs_n
-            upcoming = tl.load(Indices + following, mask=following < full_end, other=0)
-        else:
-            keys = tl.load(Indices + slot0 + offs_n).to(tl.int64)
+        keys = upcoming.to(tl.int64)
+        following = slot0 + BLOCK_N + offs_n
+        upcoming = tl.load(Indices + following, mask=following < full_end, other=0)
         acc, m_i, l_i = _key_tile(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, keys, whole, whole[None, :],
                                   offs_d, d_ok, qk_scale, False, DOT_PRECISION, UPCAST)
     if full_end < seg_end:
@@ -152,13 +150,12 @@ def _gathered_keys(
 def _configs() -> list[triton.Config]:
     """Smallest first (the pruning fallback); one config under the interpreter, which cannot time."""
     if _INTERPRET:
-        return [triton.Config({"BLOCK_N": 32, "PREFETCH": False}, num_warps=4, num_stages=1)]
+        return [triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=1)]
     return [
-        triton.Config({"BLOCK_N": block_n, "PREFETCH": prefetch}, num_warps=warps, num_stages=stages)
+        triton.Config({"BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
         for block_n in (32, 64, 128)
         for warps in (4, 8)
         for stages in (2, 3, 4)
-        for prefetch in (False, True)
     ]
 
 
@@ -204,7 +201,7 @@ def _stripe_fwd(
     seq_len, length_bucket, num_q_heads, plan_heads, heads_per_plan, q_per_kv, head_chunks,
     group_rows, num_groups, tiles_per_group, sink, local, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_TILE: tl.constexpr, ROWS: tl.constexpr,
-    BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr, RETURN_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, RETURN_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     # Which rows: tile t of group g covers rows [r0, r0 + ROWS) clipped to the group and sequence.
@@ -259,7 +256,7 @@ def _stripe_fwd(
     )
     acc, m_i, l_i = _gathered_keys(
         acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, Indices, seg_start, seg_end, offs_n, offs_d, d_ok,
-        qk_scale, BLOCK_N, PREFETCH, DOT_PRECISION, UPCAST,
+        qk_scale, BLOCK_N, DOT_PRECISION, UPCAST,
     )
     # Local window: whole tiles before r0 precede every row (no mask), the rest needs the causal mask.
     unmasked_end = local_start + (r0 - local_start) // BLOCK_N * BLOCK_N
