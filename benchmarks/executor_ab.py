@@ -39,10 +39,18 @@ def _load_kernel(text: str) -> tuple[str, ModuleType]:
     label, _, path = text.partition("=")
     if not label or not Path(path).is_file():
         raise argparse.ArgumentTypeError(f"--kernel takes label=path to a stripe_attention.py copy, got {text!r}")
+    if label == "current":
+        raise argparse.ArgumentTypeError("--kernel label 'current' is taken by the installed kernel; choose another")
     spec = importlib.util.spec_from_file_location(f"stripe_attention_{label}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return label, module
+
+
+def _rounds(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"--rounds takes an integer >= 1, got {text!r}")
+    return int(text)
 
 
 def main() -> None:
@@ -50,11 +58,14 @@ def main() -> None:
     parser.add_argument("--kernel", action="append", default=[], type=_load_kernel, metavar="LABEL=PATH")
     parser.add_argument("--lengths", default="32768,131072")
     parser.add_argument("--synthetic", action="append", default=["strength=0.8", "heavy_fraction=0.055"])
-    parser.add_argument("--rounds", type=int, default=1, help="timings per kernel, interleaved; the median is kept")
+    parser.add_argument("--rounds", type=_rounds, default=1, help="timings per kernel, interleaved; the median is kept")
     parser.add_argument("--out", required=True)
     parser.add_argument("--commit", default="unknown")
     args = parser.parse_args()
     kernels = [("current", installed), *args.kernel]
+    labels = [label for label, _ in kernels]
+    if len(set(labels)) != len(labels):
+        parser.error(f"--kernel labels must differ from each other, got {labels[1:]}")
     synthetic = speed.assignments(args.synthetic)
     strength = synthetic.pop("strength")
     params = speed.anchor_params(load_policy("anchor.yaml"), {"dense_above": 1.0})  # always a stripe plan

@@ -201,8 +201,7 @@ def _stripe_fwd(
     seq_len, length_bucket, num_q_heads, plan_heads, heads_per_plan, q_per_kv, head_chunks,
     group_rows, num_groups, tiles_per_group, sink, local, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_TILE: tl.constexpr, ROWS: tl.constexpr,
-    BLOCK_N: tl.constexpr, RETURN_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, RETURN_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     # Which rows: tile t of group g covers rows [r0, r0 + ROWS) clipped to the group and sequence.
     # Last groups first, every head of one before the next (axis 0 varies fastest): they attend the
