@@ -1,6 +1,7 @@
 """Policies: which pattern, with which parameters, runs on each layer and head.
 
-A policy is YAML (loaded with ``yaml.safe_load`` only) or a dict of the same shape::
+A policy is UTF-8 YAML (loaded with ``yaml.safe_load`` only, after a check that no key repeats) or
+a dict of the same shape::
 
     min_length: 8192          # shorter prefills stay dense (optional, default 0)
     default:                  # the pattern for every layer and head not overridden
@@ -12,16 +13,19 @@ A policy is YAML (loaded with ``yaml.safe_load`` only) or a dict of the same sha
         pattern: dense
 
 Every key is checked: unknown keys, wrong types and out-of-range values raise
-:class:`PolicyError` naming the file, the key path and what is allowed.
+:class:`PolicyError` naming the file, the key path and what is allowed. Layer and head indices
+have no upper bound in the file (it does not know the model); :meth:`Policy.check_model` checks
+them against one.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Union
+from typing import Any, Mapping, Union
 
 import yaml
 
@@ -34,6 +38,8 @@ PolicySource = Union[str, os.PathLike, Mapping[str, Any], "Policy"]
 
 _TOP_KEYS = ("min_length", "default", "overrides")
 _SELECTOR_KEYS = ("layers", "heads")
+# ASCII digits only: str.isdigit() also accepts "²", which int() then rejects.
+_RANGE = re.compile(r"\s*([0-9]+)\s*-\s*([0-9]+)\s*", re.ASCII)
 
 
 class PolicyError(ValueError):
@@ -64,9 +70,26 @@ class HeadAssignment:
 
 
 @dataclass(frozen=True)
+class _Selector:
+    """Layer or head indices as sorted, disjoint ranges, so that "0-20000000" stays two numbers."""
+
+    ranges: tuple[range, ...]
+
+    def __contains__(self, index: int) -> bool:
+        return any(index in r for r in self.ranges)
+
+    def __str__(self) -> str:
+        return ",".join(str(r.start) if len(r) == 1 else f"{r.start}-{r[-1]}" for r in self.ranges)
+
+    def first_at_or_above(self, bound: int) -> int | None:
+        """The smallest selected index >= bound (one the model lacks when bound is its size), or None."""
+        return next((max(r.start, bound) for r in self.ranges if r.stop > bound), None)
+
+
+@dataclass(frozen=True)
 class _Override:
-    layers: frozenset[int] | None
-    heads: frozenset[int] | None
+    layers: _Selector | None
+    heads: _Selector | None
     choice: PatternChoice
 
 
@@ -78,8 +101,11 @@ class Policy:
     overrides: tuple[_Override, ...] = ()
     min_length: int = 0
     source: str = "<dict>"
-    _identifiers: dict[PatternChoice, Identifier] = field(default_factory=dict, repr=False, compare=False)
-    _assignments: dict[tuple, list[HeadAssignment]] = field(default_factory=dict, repr=False, compare=False)
+    # Caches, not state: init=False, so a dataclasses.replace() copy starts empty instead of sharing stale ones.
+    _identifiers: dict[PatternChoice, Identifier] = field(init=False, default_factory=dict, repr=False,
+                                                          compare=False)
+    _assignments: dict[tuple, list[HeadAssignment]] = field(init=False, default_factory=dict, repr=False,
+                                                            compare=False)
 
     def choice_for(self, layer: int | None, head: int) -> PatternChoice:
         """The pattern choice of one (layer, global query head)."""
@@ -110,17 +136,52 @@ class Policy:
             self._identifiers[choice] = get_pattern(choice.pattern).build(**choice.as_dict())
         return self._identifiers[choice]
 
+    def check_model(self, num_layers: int, num_heads: int) -> None:
+        """Raise PolicyError if an override selects a layer or query head the model lacks.
+
+        Loading cannot know the model, and an index past its end would otherwise be silently unused.
+        ``num_heads`` counts the query heads of one attention layer (all of them, not one TP rank's).
+        """
+        for i, override in enumerate(self.overrides):
+            self._check_selector(override.layers, f"overrides[{i}].layers", "layer", num_layers)
+            self._check_selector(override.heads, f"overrides[{i}].heads", "query head", num_heads)
+
+    def _check_selector(self, selector: _Selector | None, path: str, noun: str, count: int) -> None:
+        missing = None if selector is None else selector.first_at_or_above(count)
+        if missing is not None:
+            raise PolicyError(f"{self.source}: {path}: selects {noun} {missing}, but the model has {count} "
+                              f"{noun}s; allowed: 0..{count - 1}")
+
     def describe(self) -> str:
         lines = [f"policy from {self.source}", f"  min_length: {self.min_length}", f"  default: {self.default}"]
         for o in self.overrides:
-            layers = "all" if o.layers is None else _format_indices(o.layers)
-            heads = "all" if o.heads is None else _format_indices(o.heads)
+            layers = "all" if o.layers is None else o.layers
+            heads = "all" if o.heads is None else o.heads
             lines.append(f"  layers {layers}, heads {heads}: {o.choice}")
         return "\n".join(lines)
 
 
-def _format_indices(indices: Iterable[int]) -> str:
-    return ",".join(str(i) for i in sorted(indices))
+def _reject_repeated_keys(node: yaml.Node | None) -> None:
+    """Raise on a key given twice in one mapping (PyYAML would silently keep the last one).
+
+    Works on the composed node graph, which builds no Python objects, so loading itself stays
+    ``yaml.safe_load``.
+    """
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key_node, value_node in node.value:
+            # `<<` merge keys may repeat (and local keys may override merged ones); non-scalar keys
+            # are left to safe_load, which rejects what it cannot hash.
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                if key_node.value in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"repeated key {key_node.value!r}; each key may appear once per mapping",
+                        key_node.start_mark)
+                seen.add(key_node.value)
+            _reject_repeated_keys(value_node)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _reject_repeated_keys(item)
 
 
 class _Validator:
@@ -151,9 +212,12 @@ class _Validator:
         if isinstance(min_length, bool) or not isinstance(min_length, int) or min_length < 0:
             raise self.fail("min_length", f"expected an integer >= 0, got {min_length!r}")
         default = self.choice(self.mapping(raw["default"], "default"), "default", allow_selectors=False)
-        overrides_raw = raw.get("overrides") or []
+        overrides_raw = raw.get("overrides")
+        if overrides_raw is None:  # missing or null; `{}`, `false` and the like are mistakes, not "none"
+            overrides_raw = []
         if not isinstance(overrides_raw, list):
-            raise self.fail("overrides", f"expected a list of overrides, got {type(overrides_raw).__name__}")
+            raise self.fail("overrides", f"expected a list of overrides (or null for none), got "
+                                         f"{type(overrides_raw).__name__} {overrides_raw!r}")
         overrides = tuple(self.override(item, f"overrides[{i}]") for i, item in enumerate(overrides_raw))
         return Policy(default=default, overrides=overrides, min_length=min_length, source=self.source)
 
@@ -170,7 +234,7 @@ class _Validator:
         name = raw.get("pattern")
         if name is None:
             raise self.fail(f"{path}.pattern", f"missing; available patterns: {', '.join(sorted(patterns))}")
-        if name not in patterns:
+        if not isinstance(name, str) or name not in patterns:
             raise self.fail(f"{path}.pattern", f"unknown pattern {name!r}; available: {', '.join(sorted(patterns))}")
         spec: PatternSpec = patterns[name][0]
         allowed = ("pattern", *(_SELECTOR_KEYS if allow_selectors else ()), *spec.parameters)
@@ -194,23 +258,25 @@ class _Validator:
             raise self.fail(path, f"{problem} (got {value!r})")
         return value
 
-    def indices(self, raw: Any, path: str) -> frozenset[int]:
+    def indices(self, raw: Any, path: str) -> _Selector:
         items = raw if isinstance(raw, list) else [raw]
         if not items:
             raise self.fail(path, "empty list; omit the key to mean all")
-        result: set[int] = set()
-        for item in items:
-            result.update(self.index_item(item, path))
-        return frozenset(result)
+        merged: list[range] = []
+        for item in sorted((self.index_item(item, path) for item in items), key=lambda r: r.start):
+            if merged and item.start <= merged[-1].stop:
+                merged[-1] = range(merged[-1].start, max(merged[-1].stop, item.stop))
+            else:
+                merged.append(item)
+        return _Selector(tuple(merged))
 
     def index_item(self, item: Any, path: str) -> range:
         allowed = 'an integer >= 0, a range "a-b" (inclusive), or a list of them'
         if isinstance(item, int) and not isinstance(item, bool) and item >= 0:
             return range(item, item + 1)
-        if isinstance(item, str):
-            first, sep, last = item.partition("-")
-            if sep and first.strip().isdigit() and last.strip().isdigit() and int(first) <= int(last):
-                return range(int(first), int(last) + 1)
+        match = _RANGE.fullmatch(item) if isinstance(item, str) else None
+        if match and int(match[1]) <= int(match[2]):
+            return range(int(match[1]), int(match[2]) + 1)
         raise self.fail(path, f"expected {allowed}, got {item!r}")
 
 
@@ -232,8 +298,22 @@ def load_policy(source: PolicySource) -> Policy:
         path = Path(str(files("sparse_prefill").joinpath("policies", path.name)))
     if not path.is_file():
         raise PolicyError(f"{path}: no such policy file (shipped policies: {', '.join(shipped_policies())})")
+    return _Validator(str(path)).policy(_read_yaml(path))
+
+
+def _read_yaml(path: Path) -> Any:
+    """The file's YAML; any failure to read or parse it is a PolicyError that names the file."""
     try:
-        raw = yaml.safe_load(path.read_text())
+        data = path.read_bytes()
+    except OSError as exc:
+        raise PolicyError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    try:
+        text = data.decode("utf-8")  # whole file at once, so the error's offset is the file's
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise PolicyError(f"{path}: line {line}: not UTF-8 text ({exc.reason}); save it as UTF-8") from exc
+    try:
+        _reject_repeated_keys(yaml.compose(text, Loader=yaml.SafeLoader))
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise PolicyError(f"{path}: not valid YAML: {exc}") from exc
-    return _Validator(str(path)).policy(raw)

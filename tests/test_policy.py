@@ -1,3 +1,4 @@
+import dataclasses
 import re
 
 import pytest
@@ -55,6 +56,17 @@ def test_assign_heads_groups_local_heads_with_global_offset():
         ({"default": {"pattern": "dense"}, "overrides": [{"heads": [], "pattern": "dense"}]},
          r"overrides\[0\].heads", "empty"),
         ({"default": {"pattern": "dense"}, "overrides": [{"layers": 1}]}, r"overrides\[0\].pattern", "missing"),
+        ({"default": {"pattern": ["anchor"]}}, "default.pattern", "available: .*anchor"),
+        ({"default": {"pattern": "dense"}, "overrides": [{"layers": "\u00b2-5", "pattern": "dense"}]},
+         r"overrides\[0\].layers", '"a-b"'),
+        ({"default": {"pattern": "dense"}, "overrides": [{"heads": "\u0661-3", "pattern": "dense"}]},
+         r"overrides\[0\].heads", '"a-b"'),
+        ({"default": {"pattern": "dense"}, "overrides": {}}, "overrides", "list"),
+        ({"default": {"pattern": "dense"}, "overrides": False}, "overrides", "list"),
+        ({"default": {"pattern": "dense"}, "overrides": 0}, "overrides", "list"),
+        ({"default": {"pattern": "dense"}, "overrides": ""}, "overrides", "list"),
+        ({"default": {"pattern": "anchor", "block": 256}}, "default.block", "at most 128"),
+        ({"default": {"pattern": "anchor", "block": 144}}, "default.block", "at most 128"),
     ],
 )
 def test_invalid_policies_name_the_key_and_what_is_allowed(raw, where, allowed):
@@ -104,3 +116,91 @@ def test_shipped_policies_load_by_bare_name(tmp_path, monkeypatch):
     assert load_policy("anchor.yaml").default.pattern == "dense"  # a local file wins
     with pytest.raises(PolicyError, match="shipped policies: anchor-accurate.yaml, anchor.yaml"):
         load_policy("nope.yaml")
+
+
+def test_overrides_missing_or_null_mean_none():
+    assert load_policy({"default": {"pattern": "dense"}, "overrides": None}).overrides == ()
+    assert load_policy({"default": {"pattern": "dense"}}).overrides == ()
+
+
+def test_non_utf8_file_names_the_file(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("default:\n  pattern: anchor\n# caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(PolicyError, match=rf"{path}: line 3: .*UTF-8"):
+        load_policy(path)
+
+
+def test_unreadable_file_names_the_file(tmp_path, monkeypatch):
+    path = tmp_path / "p.yaml"
+    path.write_text("default:\n  pattern: dense\n")
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(type(path), "read_bytes", refuse)
+    with pytest.raises(PolicyError, match=rf"{path}: cannot read: Permission denied"):
+        load_policy(path)
+
+
+def test_repeated_yaml_key_names_file_line_and_key(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("default:\n  pattern: anchor\n  theta: 12.0\n  theta: 2.0\n")
+    with pytest.raises(PolicyError, match=rf"^{path}: ") as info:
+        load_policy(path)
+    assert "'theta'" in str(info.value) and "line 4" in str(info.value)
+
+
+def test_yaml_merge_keys_still_load(tmp_path):
+    path = tmp_path / "merge.yaml"
+    path.write_text("overrides:\n  - &dense {layers: 0, pattern: dense}\n  - {<<: *dense, layers: 1}\n"
+                    "default:\n  <<: {pattern: anchor, theta: 3.0}\n  theta: 5.0\n")
+    policy = load_policy(path)
+    assert policy.default.as_dict()["theta"] == 5.0
+    assert policy.choice_for(1, 0).pattern == "dense"
+
+
+def test_replaced_policy_does_not_share_caches():
+    policy = load_policy({"default": {"pattern": "anchor"}, "overrides": [{"heads": 0, "pattern": "dense"}]})
+    assert policy.assign_heads(0, 2)[0].choice.pattern == "dense"
+    plain = dataclasses.replace(policy, overrides=())
+    assert [(g.heads, g.choice.pattern) for g in plain.assign_heads(0, 2)] == [((0, 1), "anchor")]
+
+
+def test_huge_ranges_stay_compact():
+    policy = load_policy({"default": {"pattern": "anchor"},
+                          "overrides": [{"layers": [5, "3-7", 9, "0-1000000"], "heads": [8, "3-4", 5],
+                                         "pattern": "dense"}]})
+    assert "layers 0-1000000, heads 3-5,8: dense()" in policy.describe()
+    assert policy.choice_for(1000000, 3).pattern == "dense"
+    assert policy.choice_for(1000001, 3).pattern == "anchor"
+    assert policy.choice_for(0, 6).pattern == "anchor"
+
+
+@pytest.mark.parametrize(
+    "override, where, index, allowed",
+    [
+        ({"layers": 2}, r"overrides\[1\]\.layers", "layer 2", "0..1"),
+        ({"layers": ["0-1", "3-9"]}, r"overrides\[1\]\.layers", "layer 3", "0..1"),
+        ({"heads": "4-7"}, r"overrides\[1\]\.heads", "query head 4", "0..3"),
+    ],
+)
+def test_check_model_names_the_override_index_and_range(override, where, index, allowed):
+    policy = load_policy({"default": {"pattern": "anchor"},
+                          "overrides": [{"layers": 0, "heads": 0, "pattern": "dense"}, {**override, "pattern": "dense"}]})
+    with pytest.raises(PolicyError, match=rf"^<dict>: {where}: ") as info:
+        policy.check_model(num_layers=2, num_heads=4)
+    assert index in str(info.value) and allowed in str(info.value)
+
+
+def test_check_model_accepts_indices_inside_the_model():
+    policy = load_policy({"default": {"pattern": "anchor"},
+                          "overrides": [{"layers": "0-1", "heads": [0, "2-3"], "pattern": "dense"}, {"pattern": "dense"}]})
+    policy.check_model(num_layers=2, num_heads=4)
+
+
+def test_anchor_block_limit_matches_the_triton_identifier():
+    from sparse_prefill.kernels.anchor_identify import MAX_BLOCK
+
+    assert load_policy({"default": {"pattern": "anchor", "block": MAX_BLOCK}}).default.as_dict()["block"] == MAX_BLOCK
+    with pytest.raises(PolicyError, match="default.block"):
+        load_policy({"default": {"pattern": "anchor", "block": MAX_BLOCK + 16}})

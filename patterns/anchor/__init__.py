@@ -19,6 +19,17 @@ from sparse_prefill.plan import DensePlan, StripePlan
 
 __all__ = ["ANCHOR", "AnchorIdentifier"]
 
+# The Triton identifier's largest block: kernels/anchor_identify.py MAX_BLOCK (its kernel 1 holds a block's
+# q rows in registers). Not imported: that module loads Triton, which this one defers to identify().
+_MAX_BLOCK = 128
+
+
+def _block_check(value: int) -> str | None:
+    """Reject at load time the blocks the Triton identifier would reject at run time."""
+    if value > _MAX_BLOCK:
+        return f"must be at most {_MAX_BLOCK} (the Triton identifier's limit)"
+    return multiple_of(16)(value)
+
 
 class AnchorIdentifier(Identifier):
     """Runs the Triton identifier on CUDA (or under TRITON_INTERPRET=1), the reference elsewhere.
@@ -44,7 +55,8 @@ ANCHOR = PatternSpec(
     description="AnchorAttention: pattern-based anchor + difference-aware stripe selection",
     parameters={
         "theta": Parameter(float, 7.7, "keep key j if pooled score + theta >= pooled anchor (natural-log units)", finite),
-        "block": Parameter(int, 128, "query rows pooled into one block", multiple_of(16)),
+        "block": Parameter(int, 128, f"query rows pooled into one block (multiple of 16, at most {_MAX_BLOCK})",
+                           _block_check),
         "group_blocks": Parameter(int, 1, "query blocks sharing one key list", at_least(1)),
         "sink": Parameter(int, 128, "initial keys every query attends densely", at_least(0)),
         "local": Parameter(int, 128, "keys before each query group attended densely (plus its own diagonal)", at_least(0)),
