@@ -20,10 +20,10 @@ TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_la
 STREAMING = {"default": {"pattern": "streaming", "sink": 16, "local": 32, "group_rows": 16}}
 
 
-def make_model(cls=LlamaForCausalLM, config_cls=LlamaConfig, **overrides):
+def make_model(cls=LlamaForCausalLM, config_cls=LlamaConfig, attn_implementation="sdpa", **overrides):
     torch.manual_seed(0)
     config = config_cls(**{**TINY, **overrides})
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = attn_implementation
     return cls(config).eval()
 
 
@@ -225,3 +225,115 @@ def test_anchor_keeping_every_key_matches_unpatched_on_8b_shapes(name, cls, conf
     torch.testing.assert_close(logits(model, ids), expected, atol=LOGIT_ATOL, rtol=0)
     assert handle.stats.densities == [pytest.approx(1.0)] * len(handle.stats.densities)
     assert sum(handle.stats.plan_heads) == 2 * shape["num_attention_heads"]  # every head of both layers
+
+
+# What the sparse path does not honour goes to the previous implementation, so the dense policy
+# (the sparse path's own code, keeping every key) must leave these models exactly as unpatched.
+DENSE_POLICY = {"default": {"pattern": "dense"}}
+
+
+def _unchanged_by_dense_policy(model, ids, **kwargs):
+    expected = logits(model, ids, **kwargs)
+    handle = sparse_prefill.apply(model, DENSE_POLICY)
+    torch.testing.assert_close(logits(model, ids, **kwargs), expected, atol=LOGIT_ATOL, rtol=0)
+    sparse_prefill.remove(model)
+    return handle.stats
+
+
+def test_attention_sinks_are_not_dropped():
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    model = make_model(GptOssForCausalLM, GptOssConfig, "eager", layer_types=["full_attention"] * 2,
+                       num_local_experts=2, num_experts_per_tok=1)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.sinks.normal_(0, 3)  # trained sinks are far from zero
+    stats = _unchanged_by_dense_policy(model, torch.randint(0, 128, (1, 150)))
+    assert stats.sparse_calls == 0  # s_aux is a keyword the sparse path does not honour
+
+
+def test_chunked_layers_whose_window_only_the_mask_knows_keep_it():
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+    model = make_model(Llama4ForCausalLM, Llama4TextConfig, attention_chunk_size=32, num_local_experts=2,
+                       num_experts_per_tok=1, intermediate_size_mlp=128, interleave_moe_layer_step=1)
+    stats = _unchanged_by_dense_policy(model, torch.randint(0, 128, (1, 150)))
+    assert stats.sparse_calls == 0
+
+
+def test_value_head_dim_other_than_the_query_one_runs_the_previous_implementation():
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    model = make_model(DeepseekV3ForCausalLM, DeepseekV3Config, num_key_value_heads=4, head_dim=8, q_lora_rank=32,
+                       kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, n_routed_experts=2,
+                       num_experts_per_tok=1, first_k_dense_replace=2, n_group=1, topk_group=1,
+                       moe_intermediate_size=32)
+    assert _unchanged_by_dense_policy(model, torch.randint(0, 128, (1, 150))).sparse_calls == 0
+
+
+def test_a_window_wider_than_the_input_is_plain_causal():
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    model = make_model(Phi3ForCausalLM, Phi3Config, sliding_window=262144, pad_token_id=0)
+    assert _unchanged_by_dense_policy(model, torch.randint(0, 128, (1, 150))).sparse_calls == 2
+
+
+def test_output_attentions_still_returns_them():
+    model = make_model(attn_implementation="eager")
+    ids = torch.randint(0, 128, (1, 150))
+    sparse_prefill.apply(model, DENSE_POLICY)
+    with torch.no_grad():
+        attentions = model(ids, output_attentions=True).attentions
+    assert [tuple(a.shape) for a in attentions] == [(1, 4, 150, 150)] * 2
+
+
+def test_eager_models_use_each_attention_class_own_eager_function():
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(0)
+    text = LlamaConfig(**{**TINY, "vocab_size": 160})
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=32, patch_size=16, projection_dim=32)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=150)
+    model = LlavaForConditionalGeneration._from_config(config, attn_implementation="eager").eval()
+    ids = torch.randint(0, 128, (1, 150))
+    expected = model.generate(ids, max_new_tokens=3, do_sample=False)
+    sparse_prefill.apply(model, DENSE_POLICY)
+    assert torch.equal(model.generate(ids, max_new_tokens=3, do_sample=False), expected)
+
+
+def test_training_keeps_gradients():
+    model = make_model(hidden_size=128, num_attention_heads=2, num_key_value_heads=1, head_dim=64).train()
+    ids = torch.randint(0, 128, (1, 96))
+    handle = sparse_prefill.apply(model, STREAMING)
+    model(ids, labels=ids).loss.backward()
+    assert model.model.layers[0].self_attn.q_proj.weight.grad is not None
+    assert handle.stats.sparse_calls == 0  # the sparse kernels have no backward
+
+
+def test_min_length_holds_per_sequence_of_a_padded_batch():
+    model = make_model()
+    handle = sparse_prefill.apply(model, {**STREAMING, "min_length": 150})
+    short, long = torch.randint(1, 128, (100,)), torch.randint(1, 128, (200,))
+    ids, mask = torch.zeros(2, 200, dtype=torch.long), torch.zeros(2, 200, dtype=torch.long)
+    ids[0], mask[0] = long, 1
+    ids[1, :100], mask[1, :100] = short, 1
+    batched = logits(model, ids, attention_mask=mask)
+    assert handle.stats.sparse_calls == 2  # the long row is sparse ...
+    torch.testing.assert_close(batched[1, :100], logits(model, short[None])[0], atol=LOGIT_ATOL, rtol=0)  # ... not this
+
+
+def test_chunks_of_whole_kv_groups_hold_consecutive_heads():
+    from sparse_prefill.integrations.huggingface import _kv_aligned_chunks
+
+    assert _kv_aligned_chunks((0, 1, 4, 5), 2) == [([0, 1], [0]), ([4, 5], [2])]
+    assert _kv_aligned_chunks((0, 1, 2, 3, 5), 2) == [([0, 1, 2, 3], [0, 1]), ([5], [2])]
+
+
+def test_overrides_for_layers_or_heads_the_model_lacks_are_refused():
+    model = make_model()
+    with pytest.raises(sparse_prefill.PolicyError, match=r"overrides\[0\]\.layers"):
+        sparse_prefill.apply(model, {"default": {"pattern": "dense"}, "overrides": [{"layers": 31, "pattern": "dense"}]})
+    with pytest.raises(sparse_prefill.PolicyError, match=r"overrides\[0\]\.heads"):
+        sparse_prefill.apply(model, {"default": {"pattern": "dense"}, "overrides": [{"heads": "4-7", "pattern": "dense"}]})
+    assert getattr(model, "_sparse_prefill_handle", None) is None

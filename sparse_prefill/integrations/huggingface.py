@@ -4,10 +4,12 @@
 name in transformers' ``AttentionInterface`` / ``AttentionMaskInterface`` and switches the
 model to it. The mask function hands the attention function a :class:`DeferredMask`: the 2-D
 padding mask (no S x S tensor is built for the sparse path) plus a recipe for the exact mask the
-model's previous implementation would have built. Whenever a call is not a fresh causal
-prefill at or above the policy's ``min_length`` (decode, chunked prefill, cached prefixes,
-sliding-window or soft-capped layers, dropout in training), the previous implementation runs
-with that exact mask, so those paths behave as if the model were unpatched.
+model's previous implementation would have built. Whenever a call is not a plain causal prefill
+at or above the policy's ``min_length`` the sparse path does not honour (decode, chunked
+prefill, cached prefixes, sliding or chunked windows shorter than the input, soft-capping,
+attention sinks and any other keyword it does not know, a value head dim other than the query's,
+dropout or gradients in training, ``output_attentions``), the previous implementation runs with
+that exact mask, so those paths behave as if the model were unpatched.
 
 Under transformers' tensor parallelism each rank's attention sees only its slice of the heads;
 :func:`apply` reads which slice from the model's TP plan and mesh so that per-head policies,
@@ -182,15 +184,27 @@ def _previous_attention(model: Any, implementation: str) -> Callable[..., Any]:
     attention_functions, _ = _transformers_interfaces()
     if implementation in attention_functions:
         return attention_functions[implementation]
-    # "eager" lives in each model's own module, not in the interface.
-    for module in model.modules():
-        eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
-        if eager is not None:
-            return eager
+    if implementation == "eager":
+        return _eager_attention
     raise ValueError(
         f"cannot find the model's current attention implementation {implementation!r}; "
         "load the model with attn_implementation='sdpa' or 'eager' before calling apply()"
     )
+
+
+def _eager_attention(module: Any, *args: Any, **kwargs: Any) -> Any:
+    """"eager": each attention class's own module's ``eager_attention_forward``, since a model can
+    hold several (a vision tower's and the language model's differ in GQA and shapes)."""
+    return _eager_attention_of(type(module))(module, *args, **kwargs)
+
+
+@functools.cache
+def _eager_attention_of(cls: type) -> Callable[..., Any]:
+    eager = getattr(sys.modules.get(cls.__module__), "eager_attention_forward", None)
+    if eager is None:
+        raise ValueError(f"{cls.__name__} has no eager_attention_forward in {cls.__module__}; load the model with "
+                         "attn_implementation='sdpa' before calling apply()")
+    return eager
 
 
 def _is_fresh_prefill(q_length: int, kv_length: int, q_offset: Any, kv_offset: Any, allow_is_causal_skip: bool) -> bool:
@@ -217,6 +231,11 @@ def _make_mask_function(previous_mask: Callable[..., Any]) -> Callable[..., Any]
         build = functools.partial(previous_mask, **arguments)
         if not _is_fresh_prefill(q_length, kv_length, q_offset, kv_offset, allow_is_causal_skip):
             return build()
+        # Sliding and chunked layers pass their window here only (Llama 4, PhiMoE, Qwen2-MoE
+        # never hand it to attention); a window at least as long as the keys is plain causal.
+        local_size = kwargs.get("local_size")
+        if local_size is not None and kv_length > local_size:
+            return build()
         padding = None
         if attention_mask is not None:
             padding = attention_mask[:, -kv_length:].bool()
@@ -227,13 +246,33 @@ def _make_mask_function(previous_mask: Callable[..., Any]) -> Callable[..., Any]
     return mask_function
 
 
+# Keywords the sparse path honours, or that do not change attention's result. Any other one with
+# a value (attention sinks ``s_aux``, ``position_bias``, DSA ``indices``, varlen ``cu_seq_lens_q``,
+# ...) sends the call to the previous implementation: a model feature this layer does not know
+# never gives a silently different answer.
+_HONOURED_KWARGS = frozenset({
+    "scaling", "dropout", "sliding_window", "softcap", "output_attentions", "is_causal", "position_ids",
+    "cache_position", "use_cache", "past_key_values", "past_key_value",
+})
+
+
 def _needs_previous(handle: SparsePrefillHandle, module: Any, query: torch.Tensor, key: torch.Tensor,
-                    mask: Any, kwargs: dict[str, Any]) -> bool:
+                    value: torch.Tensor, mask: Any, kwargs: dict[str, Any]) -> bool:
     if not isinstance(mask, DeferredMask) or query.shape[2] != key.shape[2]:
         return True
-    if kwargs.get("sliding_window") is not None or kwargs.get("softcap") is not None:
+    if value.shape[-1] != query.shape[-1]:  # MLA (DeepSeek): the executors take one head dim
+        return True
+    window = kwargs.get("sliding_window")
+    if window is not None and key.shape[2] > window:  # a window at least as long as the keys is causal
+        return True
+    if kwargs.get("softcap") is not None or kwargs.get("output_attentions") or kwargs.get("is_causal") is False:
+        return True
+    if any(given is not None and given is not False for name, given in kwargs.items()
+           if name not in _HONOURED_KWARGS):
         return True
     if kwargs.get("dropout", 0.0) and module.training:
+        return True
+    if torch.is_grad_enabled() and query.requires_grad:  # the sparse kernels have no backward
         return True
     if not getattr(module, "is_causal", True):
         return True
@@ -243,21 +282,23 @@ def _needs_previous(handle: SparsePrefillHandle, module: Any, query: torch.Tenso
 def _kv_aligned_chunks(heads: tuple[int, ...], group: int) -> list[tuple[list[int], list[int]]]:
     """Split query heads into (query heads, kv heads) chunks that keep GQA groups whole.
 
-    Runs of complete KV groups share one call; a KV group only partly in ``heads`` runs head by
-    head against its single KV head (a view, never a copy per query head).
+    Each run of adjacent complete KV groups is one call, so a chunk's heads are consecutive and its
+    ``head_offset`` is exact; a KV group only partly in ``heads`` runs head by head against its
+    single KV head (a view, never a copy per query head).
     """
     head_set = set(heads)
-    whole_q, whole_kv, chunks = [], [], []
+    runs: list[tuple[list[int], list[int]]] = []
+    partial: list[tuple[list[int], list[int]]] = []
     for kv in sorted({h // group for h in heads}):
-        members = [h for h in range(kv * group, (kv + 1) * group)]
-        if head_set.issuperset(members):
-            whole_q.extend(members)
-            whole_kv.append(kv)
+        members = list(range(kv * group, (kv + 1) * group))
+        if not head_set.issuperset(members):
+            partial.extend(([h], [kv]) for h in members if h in head_set)
+        elif runs and runs[-1][1][-1] == kv - 1:
+            runs[-1][0].extend(members)
+            runs[-1][1].append(kv)
         else:
-            chunks.extend(([h], [kv]) for h in members if h in head_set)
-    if whole_kv:
-        chunks.insert(0, (whole_q, whole_kv))
-    return chunks
+            runs.append((members, [kv]))
+    return runs + partial
 
 
 def _sparse_prefill(handle: SparsePrefillHandle, layer: int | None, q: torch.Tensor, k: torch.Tensor,
@@ -280,10 +321,16 @@ def _sparse_prefill(handle: SparsePrefillHandle, layer: int | None, q: torch.Ten
     return out
 
 
+def _dense_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Exact causal attention of one unpadded sequence shorter than the policy's min_length."""
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                                            enable_gqa=q.shape[1] != k.shape[1])
+
+
 def _attention_function(handle: SparsePrefillHandle) -> Callable[..., Any]:
     def attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   attention_mask: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
-        if _needs_previous(handle, module, query, key, attention_mask, kwargs):
+        if _needs_previous(handle, module, query, key, value, attention_mask, kwargs):
             mask = attention_mask.materialize() if isinstance(attention_mask, DeferredMask) else attention_mask
             handle.stats.dense_calls += 1
             return handle.previous_attention(module, query, key, value, mask, **kwargs)
@@ -300,10 +347,11 @@ def _attention_function(handle: SparsePrefillHandle) -> Callable[..., Any]:
                 return handle.previous_attention(module, query, key, value, attention_mask.materialize(), **kwargs)
             out = torch.zeros_like(query)
             for b, (start, end) in enumerate(ranges):
-                sl = slice(start, end)
-                out[b : b + 1, :, sl] = _sparse_prefill(
-                    handle, layer, query[b : b + 1, :, sl], key[b : b + 1, :, sl], value[b : b + 1, :, sl], scale
-                )
+                q_b, k_b, v_b = (x[b : b + 1, :, start:end] for x in (query, key, value))
+                # min_length holds per sequence, so a row's output never depends on its batch.
+                run = _dense_causal if end - start < handle.policy.min_length else functools.partial(
+                    _sparse_prefill, handle, layer)
+                out[b : b + 1, :, start:end] = run(q_b, k_b, v_b, scale)
         handle.stats.sparse_calls += 1
         return out.transpose(1, 2).contiguous(), None
 
@@ -325,6 +373,8 @@ def apply(model: Any, policy: PolicySource, *, collect_stats: bool = False) -> S
             "sparse prefill needs a model class that does"
         )
     resolved = load_policy(policy)
+    config = model.config.get_text_config()
+    resolved.check_model(config.num_hidden_layers, config.num_attention_heads)  # overrides name real layers/heads
     head_offset = _model_head_offset(model)
     attention_functions, mask_functions = _transformers_interfaces()
     previous = model.config._attn_implementation
