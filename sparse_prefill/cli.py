@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from sparse_prefill.evaluation import BASELINE_LABEL
 from sparse_prefill.policy import Policy, PolicyError, load_policy
 from sparse_prefill.registry import available_patterns, plugin_errors
 
@@ -18,19 +19,30 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def _policies(args: argparse.Namespace) -> dict[str, Policy]:
-    """The --policy files (or the defaults) by label, with --min-length applied."""
-    policies = {}
+    """The --policy files (or the defaults) by label, with --min-length applied.
+
+    A policy's label is its file name without the suffix; where that is taken (by another policy,
+    or by ``dense``, the unpatched baseline every comparison starts with) it is the path as given,
+    so no result silently replaces another.
+    """
+    policies: dict[str, Policy] = {}
     for name in args.policy or DEFAULT_POLICIES:
+        label = Path(name).stem
+        if label == BASELINE_LABEL or label in policies:
+            label = name
+        if label in policies:
+            raise PolicyError(f"{name}: given twice with --policy")
         policy = load_policy(name)
         if args.min_length is not None:
             policy = dataclasses.replace(policy, min_length=args.min_length)
-        policies[Path(name).stem] = policy
+        policies[label] = policy
     return policies
 
 
 def _device_and_dtype(args: argparse.Namespace) -> tuple[str, torch.dtype]:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return device, _DTYPES[args.dtype or ("bfloat16" if device == "cuda" else "float32")]
+    on_gpu = torch.device(device).type == "cuda"  # "cuda:1" too
+    return device, _DTYPES[args.dtype or ("bfloat16" if on_gpu else "float32")]
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -55,7 +67,7 @@ def _cmd_perplexity(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model, dtype=dtype, device=device)
     ids = essay_token_ids(tokenizer, args.length)
     results = compare_perplexity(model, ids, policies, args.score_last)
-    print(f"perplexity on {args.length} essay tokens, last {args.score_last or args.length - 1} scored:")
+    print(f"perplexity on {args.length} essay tokens, last {args.score_last} scored:")
     for label, value in results.items():
         print(f"  {label:24} {value:.3f}")
     return 0
@@ -105,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--model", default="smollm2", help="as for `run`")
     ppl.add_argument("--policy", action="append", default=None, help="as for `run` (repeatable)")
     ppl.add_argument("--length", type=int, default=4096, help="tokens of text in the one forward pass")
-    ppl.add_argument("--score-last", type=int, default=1024, help="score only the last N predictions")
+    ppl.add_argument("--score-last", type=int, default=None,
+                     help="score only the last N predictions (default: min(1024, length - 1); 0: all of them)")
     ppl.add_argument("--min-length", type=int, default=0, help="as for `run` (-1 keeps the policy's)")
     ppl.add_argument("--device", default=None)
     ppl.add_argument("--dtype", choices=sorted(_DTYPES), default=None)
@@ -120,8 +133,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_lengths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject impossible numbers before a model is loaded (which takes seconds to minutes)."""
+    if getattr(args, "min_length", None) is not None and args.min_length < -1:
+        parser.error(f"--min-length must be >= 0, or -1 to keep the policy's, got {args.min_length}")
+    if args.command in ("run", "perplexity") and args.length < 2:
+        parser.error(f"--length must be at least 2 tokens, got {args.length}")
+    if args.command == "perplexity":
+        if args.score_last is None:
+            args.score_last = min(1024, args.length - 1)
+        elif args.score_last == 0:
+            args.score_last = args.length - 1
+        elif not 0 < args.score_last < args.length:
+            parser.error(f"--score-last must be in [0, {args.length - 1}] for --length {args.length}, "
+                         f"got {args.score_last}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_lengths(parser, args)
     if getattr(args, "min_length", None) == -1:
         args.min_length = None
     try:

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from sparse_prefill.evaluation import BASELINE_LABEL
 from sparse_prefill.evaluation.models import load_model
 from sparse_prefill.evaluation.needle import NeedlePrompt, build_needle_prompt
 from sparse_prefill.integrations.huggingface import apply, remove
@@ -55,15 +56,34 @@ def _generate(model: Any, tokenizer: Any, prompt: NeedlePrompt, max_new_tokens: 
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip(), clock.first
 
 
+def _warm_up(model: Any, tokenizer: Any, prompt: NeedlePrompt, policy: Policy | None = None) -> None:
+    """One untimed prefill on a GPU, where the first call compiles (and tunes) the Triton kernels
+    and warms cuBLAS: no part of a prefill's time. The CPU runs PyTorch code with nothing to
+    compile, so nothing is done there. Not under the timed run's stats."""
+    if next(model.parameters()).device.type != "cuda":
+        return
+    if policy is not None:
+        apply(model, policy)
+    try:
+        _generate(model, tokenizer, prompt, 1)
+    finally:
+        if policy is not None:
+            remove(model)
+
+
 def compare_dense_and_sparse(model_path: str, policies: dict[str, Policy], length: int, depth: float = 0.5,
                              device: str = "cpu", dtype: torch.dtype = torch.float32,
                              max_new_tokens: int = 24) -> tuple[NeedlePrompt, list[RunResult]]:
     """Run the same prompt dense, then under each labelled policy; the model is restored after each."""
+    if BASELINE_LABEL in policies:
+        raise ValueError(f"the label {BASELINE_LABEL!r} names the unpatched model's run; give the policy another")
     model, tokenizer = load_model(model_path, dtype=dtype, device=device)
     prompt = build_needle_prompt(tokenizer, length, depth)
+    _warm_up(model, tokenizer, prompt)
     answer, seconds = _generate(model, tokenizer, prompt, max_new_tokens)
-    results = [RunResult("dense", answer, prompt.found_in(answer), seconds, 1.0, 0, 0)]
+    results = [RunResult(BASELINE_LABEL, answer, prompt.found_in(answer), seconds, 1.0, 0, 0)]
     for label, policy in policies.items():
+        _warm_up(model, tokenizer, prompt, policy)
         handle = apply(model, policy, collect_stats=True)
         try:
             answer, seconds = _generate(model, tokenizer, prompt, max_new_tokens)
@@ -76,15 +96,17 @@ def compare_dense_and_sparse(model_path: str, policies: dict[str, Policy], lengt
 
 
 def format_side_by_side(prompt: NeedlePrompt, results: list[RunResult]) -> str:
+    """A table with one column per run; the first run is the unpatched baseline."""
     rows = [
         ("answer", [r.answer.replace("\n", " ")[:64] for r in results]),
         ("needle found", ["yes" if r.found else "no" for r in results]),
         ("prefill time (s)", [f"{r.prefill_seconds:.2f}" for r in results]),
         ("density", ["-" if r.density is None else f"{r.density:.3f}" for r in results]),
-        ("attention calls sparse/previous", [f"{r.sparse_calls}/{r.dense_calls}" if r.label != "dense" else "-"
-                                             for r in results]),
+        ("attention calls sparse/previous", [f"{r.sparse_calls}/{r.dense_calls}" if i else "-"
+                                             for i, r in enumerate(results)]),
     ]
-    width = max(len(cell) for _, cells in rows for cell in cells) + 2
+    # Columns fit their widest cell or label, so long policy names never run into each other.
+    width = max([len(cell) for _, cells in rows for cell in cells] + [len(r.label) for r in results]) + 2
     header = f"{'':34}" + "".join(f"{r.label:<{width}}" for r in results)
     lines = [f"prompt: {prompt.input_ids.shape[1]} tokens, needle {prompt.answer!r} at depth {prompt.depth}", header]
     lines += [f"{name:34}" + "".join(f"{cell:<{width}}" for cell in cells) for name, cells in rows]

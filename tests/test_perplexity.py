@@ -29,3 +29,12 @@ def test_dense_policy_keeps_perplexity_and_streaming_changes_it(tiny_llama):
 def test_score_last_is_checked(tiny_llama):
     with pytest.raises(ValueError, match="score_last must be in"):
         perplexity(tiny_llama, torch.randint(0, 128, (1, 10)), score_last=10)
+
+
+def test_perplexity_equals_the_loss_over_full_logits(tiny_llama):
+    # perplexity() asks the model for the scored positions' logits only (logits_to_keep).
+    ids = torch.randint(0, 128, (1, 64))
+    with torch.inference_mode():
+        logits = tiny_llama(ids, use_cache=False).logits[0, -21:-1].float()
+    expected = math.exp(float(torch.nn.functional.cross_entropy(logits, ids[0, -20:])))
+    assert perplexity(tiny_llama, ids, score_last=20) == pytest.approx(expected, rel=1e-5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,8 @@ class NeedlePrompt:
     depth: float
 
     def found_in(self, text: str) -> bool:
-        return self.answer in text
+        """Whether the answer appears as a whole number: "17311" or "73110" do not find "7311"."""
+        return re.search(rf"(?<![0-9]){re.escape(self.answer)}(?![0-9])", text) is not None
 
 
 def build_needle_prompt(tokenizer: Any, length: int, depth: float = 0.5, seed: int = 0) -> NeedlePrompt:

@@ -7,11 +7,13 @@ context matters most and where sparse attention has the most keys to drop.
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any
 
 import torch
 
+from sparse_prefill.evaluation import BASELINE_LABEL
 from sparse_prefill.integrations.huggingface import apply, remove
 from sparse_prefill.policy import PolicySource
 
@@ -26,16 +28,25 @@ def perplexity(model: Any, input_ids: torch.Tensor, score_last: int | None = Non
         raise ValueError(f"score_last must be in [1, {n - 1}] for {n} tokens, got {score_last}")
     device = next(model.parameters()).device
     ids = input_ids.to(device)
+    # Only the scored positions' logits: all N of them would be N x vocab floats (34 GB for
+    # Llama-3 at 128k in bf16). Models whose forward lacks logits_to_keep return all of them.
+    keep = {"logits_to_keep": score_last + 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     with torch.inference_mode():
-        logits = model(ids, use_cache=False).logits[0, -score_last - 1 : -1].float()
+        logits = model(ids, use_cache=False, **keep).logits[0, -score_last - 1 : -1].float()
     loss = torch.nn.functional.cross_entropy(logits, ids[0, -score_last:])
     return math.exp(float(loss))
+
+
+def _check_labels(policies: dict[str, Any]) -> None:
+    if BASELINE_LABEL in policies:
+        raise ValueError(f"the label {BASELINE_LABEL!r} names the unpatched model's result; give the policy another")
 
 
 def compare_perplexity(model: Any, input_ids: torch.Tensor, policies: dict[str, PolicySource],
                        score_last: int | None = None) -> dict[str, float]:
     """Perplexity dense and under each labelled policy; the model is restored after each."""
-    results = {"dense": perplexity(model, input_ids, score_last)}
+    _check_labels(policies)
+    results = {BASELINE_LABEL: perplexity(model, input_ids, score_last)}
     for label, policy in policies.items():
         apply(model, policy)
         try:
