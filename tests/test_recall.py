@@ -1,9 +1,20 @@
-"""Recall measurement: attention_recall against a dense restatement, then on real SmolLM2 Q/K (1,024 tokens)."""
+"""Recall measurement: attention_recall against a dense restatement, then on real SmolLM2 Q/K (1,024 tokens).
+
+Also: capture_qk records what the model itself computes (sliding-window layers included), and the benchmark's
+report merges only results of the same model and input.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
 import pytest
 import torch
+from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from sparse_prefill.evaluation.models import essay_token_ids, load_model
 from sparse_prefill.evaluation.recall import attention_recall, capture_qk
@@ -72,3 +83,70 @@ def test_huge_theta_recalls_everything(smollm2_qk: dict[int, tuple[torch.Tensor,
     plan = anchor_identify_reference(q, k, scale=0.125, **{**_default_params(), "theta": 1e30})
     assert plan.density() == pytest.approx(1.0)
     assert attention_recall(q, k, plan, scale=0.125) == pytest.approx(1.0, abs=1e-4)
+
+
+def _tiny_gemma3() -> Gemma3ForCausalLM:
+    """Random Gemma-3 whose 8-key sliding windows are much shorter than the test's 64 tokens."""
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32, sliding_window=8,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+    )
+    config._attn_implementation = "sdpa"
+    return Gemma3ForCausalLM(config).eval()
+
+
+def _sdpa_qk(model: Gemma3ForCausalLM, ids: torch.Tensor, monkeypatch: pytest.MonkeyPatch
+             ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Q/K of every layer as the model's own SDPA forward (with its own masks) sees them."""
+    recorded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+    def recording(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        recorded[module.layer_idx] = (query.clone(), key.clone())
+        return sdpa(module, query, key, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "sdpa", recording)
+        with torch.inference_mode():
+            model(input_ids=ids, use_cache=False)
+    return recorded
+
+
+def test_capture_matches_the_models_own_forward_with_sliding_windows(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _tiny_gemma3()
+    ids = torch.randint(0, 128, (1, 64), generator=torch.Generator().manual_seed(0))
+    expected = _sdpa_qk(model, ids, monkeypatch)
+    captured = capture_qk(model, ids, range(model.config.num_hidden_layers))
+    assert list(captured) == list(expected) == [0, 1, 2, 3]
+    for layer, (q, k) in captured.items():
+        torch.testing.assert_close(q, expected[layer][0], rtol=0, atol=0, msg=f"layer {layer} queries")
+        torch.testing.assert_close(k, expected[layer][1], rtol=0, atol=0, msg=f"layer {layer} keys")
+    assert model.config._attn_implementation == "sdpa"
+
+
+def _benchmark_module() -> Any:
+    """benchmarks/recall.py, imported by path (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(
+        "recall_benchmark", Path(__file__).parents[1] / "benchmarks" / "recall.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _result(theta: float) -> dict[str, Any]:
+    return {"params": {"theta": theta}, "layers": {}, "mean_density": 0.1, "mean_recall": 0.9}
+
+
+def test_report_merges_only_results_of_the_same_model_and_input(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    write, out = _benchmark_module()._write_report, tmp_path / "report.json"
+    write(out, "smollm2", 1024, [5], [_result(6.0)])
+    write(out, "smollm2", 1024, [5], [_result(8.0)])
+    assert [r["params"]["theta"] for r in json.loads(out.read_text())["results"]] == [6.0, 8.0]
+    assert capsys.readouterr().out == ""
+    write(out, "/models/gemma-3-270m.gguf", 1024, [5], [_result(7.0)])
+    report = json.loads(out.read_text())
+    assert report["model"] == "gemma-3-270m.gguf" and [r["params"]["theta"] for r in report["results"]] == [7.0]
+    assert "overwriting" in capsys.readouterr().out

@@ -56,8 +56,20 @@ def essay_text(min_chars: int | None = None) -> str:
 
 
 def essay_token_ids(tokenizer: Any, num_tokens: int) -> torch.Tensor:
-    """The first ``num_tokens`` tokens of :func:`essay_text`, as [1, N]."""
+    """``num_tokens`` tokens as [1, N]: BOS if the tokenizer adds one by default, then the start of :func:`essay_text`.
+
+    Models trained with BOS see text without it as out of distribution (Gemma-3-270M at 1k tokens: perplexity
+    27.6 without, 21.4 with). No end-of-text token is added: the essays continue past the window.
+    """
+    prefix = _default_bos(tokenizer)
+    text_tokens = num_tokens - len(prefix)
     ids = tokenizer(essay_text(min_chars=num_tokens * 8), add_special_tokens=False)["input_ids"]
-    if len(ids) < num_tokens:
-        raise ValueError(f"the essays hold {len(ids)} tokens, fewer than the {num_tokens} requested")
-    return torch.tensor([ids[:num_tokens]])
+    if len(ids) < text_tokens:
+        raise ValueError(f"the essays hold {len(ids)} tokens, fewer than the {text_tokens} requested")
+    return torch.tensor([prefix + ids[:text_tokens]])
+
+
+def _default_bos(tokenizer: Any) -> list[int]:
+    """[BOS id] when the tokenizer's default encoding starts with BOS (the model expects it there), else []."""
+    bos = tokenizer.bos_token_id
+    return [bos] if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] else []

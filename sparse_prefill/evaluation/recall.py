@@ -21,6 +21,7 @@ from typing import Any, Iterable
 import torch
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from sparse_prefill.plan import StripePlan
 
@@ -55,6 +56,8 @@ def _capturing_attention(
 
 
 AttentionInterface.register(_CAPTURE_IMPL, _capturing_attention)
+# Transformers builds masks only for names it knows: without this, sliding-window layers would attend the whole prefix.
+AttentionMaskInterface.register(_CAPTURE_IMPL, sdpa_mask)
 
 
 def capture_qk(

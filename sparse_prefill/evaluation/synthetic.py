@@ -61,7 +61,9 @@ def structured_qkv(
     """
     gen = torch.Generator(device="cpu").manual_seed(seed)
     group = num_q_heads // num_kv_heads
-    slow = max(2, head_dim // 16)  # lowest-frequency dims (last of each RoPE half): nearly position-free
+    # Lowest-frequency dims, nearly position-free: the last of each RoPE half, in pairs (dims i and i + D/2 rotate
+    # together), so any even head_dim works; about D/16 of them (8 at head_dim 128).
+    slow = 2 * max(1, head_dim // 32)
 
     def randn(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=gen).to(device)
