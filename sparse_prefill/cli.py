@@ -1,4 +1,4 @@
-"""`sparse-prefill`: run the side-by-side demo, validate policies, list patterns."""
+"""`sparse-prefill`: run the side-by-side demo, measure perplexity, calibrate theta, validate policies, list patterns."""
 
 from __future__ import annotations
 
@@ -73,6 +73,32 @@ def _cmd_perplexity(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from sparse_prefill.evaluation.calibrate import calibrate_layers, calibrated_policy
+    from sparse_prefill.evaluation.models import essay_token_ids, load_model
+    from sparse_prefill.evaluation.recall import capture_qk
+
+    base = load_policy(args.policy)
+    device, dtype = _device_and_dtype(args)
+    model, tokenizer = load_model(args.model, dtype=dtype, device=device)
+    layers = args.layers if args.layers else range(model.config.get_text_config().num_hidden_layers)
+    qk = capture_qk(model, essay_token_ids(tokenizer, args.tokens), layers)
+    qk = {layer: (q.float(), k.float()) for layer, (q, k) in qk.items()}  # scores and theta compared in fp32
+    results = calibrate_layers(qk, base.default.as_dict(), args.target_recall,
+                               progress=lambda layers: tqdm(layers, desc="layers", unit="layer"))
+    header = (f"Written by `sparse-prefill calibrate` from {base.source}: {args.model}, {args.tokens} essay tokens,\n"
+              f"the smallest theta per layer keeping attention recall >= {args.target_recall}.")
+    text = calibrated_policy(base, results, header)
+    args.out.write_text(text)
+    print(text, end="")
+    missed = [r.layer for r in results if not r.reached]
+    if missed:
+        print(f"warning: layers {missed} stay below recall {args.target_recall} even at theta 16", file=sys.stderr)
+    return 0
+
+
 def _cmd_validate(args: argparse.Namespace) -> int:
     failed = 0
     for path in args.policies:
@@ -124,6 +150,19 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--dtype", choices=sorted(_DTYPES), default=None)
     ppl.set_defaults(func=_cmd_perplexity)
 
+    calibrate = commands.add_parser(
+        "calibrate", help="per-layer theta for a recall target on a model's own attention; writes a policy")
+    calibrate.add_argument("--model", default="smollm2", help="as for `run`")
+    calibrate.add_argument("--policy", default="anchor.yaml",
+                           help="the anchor policy to start from (its other parameters are kept)")
+    calibrate.add_argument("--tokens", type=int, default=8192, help="essay tokens to run through the model")
+    calibrate.add_argument("--layers", type=int, nargs="*", default=None, help="layers to calibrate (default: all)")
+    calibrate.add_argument("--target-recall", type=float, default=0.95, help="softmax mass each layer must keep")
+    calibrate.add_argument("--out", type=Path, required=True, help="where to write the calibrated policy YAML")
+    calibrate.add_argument("--device", default=None)
+    calibrate.add_argument("--dtype", choices=sorted(_DTYPES), default=None)
+    calibrate.set_defaults(func=_cmd_calibrate)
+
     validate = commands.add_parser("validate", help="check policy files; print them resolved")
     validate.add_argument("policies", nargs="+")
     validate.set_defaults(func=_cmd_validate)
@@ -139,6 +178,11 @@ def _check_lengths(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         parser.error(f"--min-length must be >= 0, or -1 to keep the policy's, got {args.min_length}")
     if args.command in ("run", "perplexity") and args.length < 2:
         parser.error(f"--length must be at least 2 tokens, got {args.length}")
+    if args.command == "calibrate":
+        if not 0 < args.target_recall <= 1:
+            parser.error(f"--target-recall must be in (0, 1], got {args.target_recall}")
+        if args.tokens < 2:
+            parser.error(f"--tokens must be at least 2, got {args.tokens}")
     if args.command == "perplexity":
         if args.score_last is None:
             args.score_last = min(1024, args.length - 1)
