@@ -47,6 +47,7 @@ class ReferenceExecutor(Executor):
     priority = 0
 
     def __call__(self, q, k, v, plan: Plan, ctx: AttentionContext, return_lse: bool = False, out=None):
+        plan.validate()  # the correctness path: a plan from a faulty identifier is an error, not an answer
         reference = stripe_attention_reference if isinstance(plan, StripePlan) else block_attention_reference
         result, lse = reference(q, k, v, plan, ctx.scale, return_lse=return_lse)
         return write_into(result, out), lse

@@ -131,13 +131,16 @@ def _run_in_chunks(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Identify and execute each (query heads, KV heads) chunk into one output; a chunk's plan is
     freed before the next is built."""
-    out = torch.empty_like(q)
+    # Contiguous, not empty_like: q may be a view whose head dim is not innermost, and executors
+    # write into unit-stride outputs.
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device) if return_lse else None
     for q_heads, kv_heads in chunks:
         chunk_q, chunk_k, chunk_v = q[:, q_heads], k[:, kv_heads], v[:, kv_heads]
+        # The whole call's plan passed the budget, so it was not dense: no chunk may turn dense.
         chunk_ctx = dataclasses.replace(
             ctx, num_q_heads=chunk_q.shape[1], num_kv_heads=chunk_k.shape[1],
-            head_offset=ctx.head_offset + q_heads.start, plan_budget=None,
+            head_offset=ctx.head_offset + q_heads.start, plan_budget=None, dense_fallback=False,
         )
         plan = identifier.identify(chunk_q, chunk_k, chunk_ctx)
         if on_plan is not None:

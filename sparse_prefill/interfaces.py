@@ -27,6 +27,9 @@ class AttentionContext:
     policies stay right when heads are split (a head subset of one layer, or tensor parallelism).
     ``plan_budget`` (bytes, or None for no limit): an identifier whose plan size grows with the
     input should raise :class:`PlanBudgetExceeded` before allocating a plan larger than this.
+    ``dense_fallback``: whether the identifier may answer a dense-enough selection with a
+    :class:`~sparse_prefill.plan.DensePlan`. The chunks of a call whose whole plan was already
+    found sparse get False, so splitting the heads never changes the answer.
     """
 
     scale: float
@@ -36,6 +39,7 @@ class AttentionContext:
     layer_idx: int | None = None
     head_offset: int = 0
     plan_budget: int | None = None
+    dense_fallback: bool = True
 
     def __post_init__(self) -> None:
         if self.num_kv_heads <= 0 or self.num_q_heads % self.num_kv_heads:
@@ -167,6 +171,22 @@ class Parameter:
     help: str
     check: Callable[[Any], str | None] | None = None
 
+    def coerce(self, value: Any) -> Any:
+        """``value`` as this parameter takes it (an int where a float is expected becomes one).
+
+        Raises ValueError saying what is allowed; the policy loader and :meth:`PatternSpec.build`
+        both go through here, so a value is never accepted by one and refused by the other.
+        """
+        expected = self.type if isinstance(self.type, tuple) else (self.type,)
+        if float in expected and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if (isinstance(value, bool) and bool not in expected) or not isinstance(value, expected):
+            names = " or ".join(t.__name__ for t in expected)
+            raise ValueError(f"expected {names} ({self.help}), got {value!r}")
+        if self.check is not None and (problem := self.check(value)):
+            raise ValueError(f"{problem} (got {value!r})")
+        return value
+
 
 @dataclass(frozen=True)
 class PatternSpec:
@@ -178,7 +198,15 @@ class PatternSpec:
     make_identifier: Callable[..., Identifier]
 
     def build(self, **params: Any) -> Identifier:
-        """An identifier with the given parameters, defaults filled in."""
+        """An identifier with the given parameters, checked as a policy checks them, defaults filled in."""
+        unknown = sorted(set(params) - set(self.parameters))
+        if unknown:
+            raise ValueError(f"pattern {self.name!r} has no parameter {', '.join(map(repr, unknown))}; "
+                             f"allowed: {', '.join(self.parameters)}")
         values = {key: spec.default for key, spec in self.parameters.items()}
-        values.update(params)
+        for key, value in params.items():
+            try:
+                values[key] = self.parameters[key].coerce(value)
+            except ValueError as exc:
+                raise ValueError(f"pattern {self.name!r}, parameter {key!r}: {exc}") from None
         return self.make_identifier(**values)

@@ -1,8 +1,9 @@
 """Sparse plans: the data structure an Identifier hands to an Executor.
 
 A plan says, for every query row of a causal prefill, which keys it attends. Every plan is
-device-resident, validated on construction, and its memory grows with what it selects (never
-with N^2). Three kinds exist:
+device-resident, its memory grows with what it selects (never with N^2), and ``validate()``
+checks it whole (the reference executor runs it on every plan it gets; the Triton executor
+checks only the layout, which costs no host sync). Three kinds exist:
 
 * :class:`DensePlan` - every query attends its whole causal prefix.
 * :class:`StripePlan` - per (batch, plan head, query group): two dense windows plus a sorted
@@ -165,10 +166,10 @@ class StripePlan:
         nnz = self.indices.numel()
         if int(self.offsets[0]) != 0 or int(self.offsets[-1]) != nnz:
             raise ValueError(f"StripePlan.offsets must run from 0 to len(indices)={nnz}")
-        if nnz == 0:
-            return
         if bool((self.offsets[1:] < self.offsets[:-1]).any()):
             raise ValueError("StripePlan.offsets must be non-decreasing")
+        if nnz == 0:
+            return
         seg = _segment_ids(self.offsets, nnz)
         group = seg % self.num_groups
         _, _, sink_end, local_start = self.group_geometry(self.device)
@@ -254,6 +255,8 @@ class BlockPlan:
         nnz = self.indices.numel()
         if int(self.offsets[0]) != 0 or int(self.offsets[-1]) != nnz:
             raise ValueError(f"BlockPlan.offsets must run from 0 to len(indices)={nnz}")
+        if bool((self.offsets[1:] < self.offsets[:-1]).any()):
+            raise ValueError("BlockPlan.offsets must be non-decreasing")
         if nnz == 0:
             return
         seg = _segment_ids(self.offsets, nnz)

@@ -247,16 +247,10 @@ class _Validator:
         return PatternChoice(name, tuple(sorted(params.items())))
 
     def parameter(self, spec: PatternSpec, key: str, value: Any, path: str) -> Any:
-        parameter = spec.parameters[key]
-        expected = parameter.type if isinstance(parameter.type, tuple) else (parameter.type,)
-        if float in expected and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if (isinstance(value, bool) and bool not in expected) or not isinstance(value, expected):
-            names = " or ".join(t.__name__ for t in expected)
-            raise self.fail(path, f"expected {names} ({parameter.help}), got {value!r}")
-        if parameter.check is not None and (problem := parameter.check(value)):
-            raise self.fail(path, f"{problem} (got {value!r})")
-        return value
+        try:
+            return spec.parameters[key].coerce(value)
+        except ValueError as exc:
+            raise self.fail(path, str(exc)) from None
 
     def indices(self, raw: Any, path: str) -> _Selector:
         items = raw if isinstance(raw, list) else [raw]

@@ -161,3 +161,59 @@ def test_a_bad_budget_says_what_is_allowed(budget):
     q, k, v = qkv()
     with pytest.raises(ValueError, match=r"max_plan_bytes\) must be None \(no limit\) or an int >= 0"):
         sparse_attention(q, k, v, ANCHOR.build(**ANCHOR_PARAMS), max_plan_bytes=budget)
+
+
+def test_chunks_keep_the_whole_calls_sparse_decision():
+    # Head 1 is denser than the whole (dense_above between the two): one call gives a StripePlan,
+    # and its chunks must not turn head 1 into a DensePlan (a different answer).
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 192, 64, generator=g) for _ in range(3))
+    q[:, 1] *= 4.0
+    identifier = ANCHOR.build(theta=2.0, block=16, group_blocks=1, sink=16, local=16, share_kv_heads=False,
+                              dense_tail=0, dense_above=0.48)
+    kinds = []
+    whole = sparse_attention(q, k, v, identifier, max_plan_bytes=2**62, on_plan=lambda p, c: kinds.append(type(p)))
+    chunked = sparse_attention(q, k, v, identifier, max_plan_bytes=0, on_plan=lambda p, c: kinds.append(type(p)))
+    assert len(set(kinds)) == 1 and len(kinds) == 3  # one plan, then one per head, all of one kind
+    torch.testing.assert_close(chunked[0], whole[0], atol=1e-5, rtol=0)
+
+
+def test_chunked_calls_accept_inputs_whose_head_dim_is_not_innermost():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 64, 64, generator=g).half().transpose(-1, -2) for _ in range(3))
+    identifier = ANCHOR.build(theta=4.0, block=16, sink=16, local=16, dense_tail=0, dense_above=1.0,
+                              share_kv_heads=False)
+    whole = sparse_attention(q, k, v, identifier, max_plan_bytes=2**62)[0]
+    torch.testing.assert_close(sparse_attention(q, k, v, identifier, max_plan_bytes=0)[0], whole, atol=0, rtol=0)
+
+
+def test_the_reference_executor_refuses_an_invalid_plan():
+    from sparse_prefill.interfaces import Identifier
+    from sparse_prefill.plan import StripePlan
+
+    class FutureKey(Identifier):  # rows 16-31 "select" key 35, which lies in their future
+        def identify(self, q, k, ctx):
+            return StripePlan(1, 1, 40, 16, 4, 8, torch.tensor([0, 0, 1, 1]), torch.tensor([35], dtype=torch.int32))
+
+    q, k, v = torch.randn(1, 2, 40, 16), torch.randn(1, 1, 40, 16), torch.randn(1, 1, 40, 16)
+    with pytest.raises(ValueError, match="StripePlan.indices"):
+        sparse_attention(q, k, v, FutureKey(), executor=ReferenceExecutor())
+
+
+def test_decreasing_offsets_are_invalid_even_when_nothing_is_selected():
+    from sparse_prefill.plan import BlockPlan, StripePlan
+
+    with pytest.raises(ValueError, match="non-decreasing"):
+        StripePlan(1, 1, 40, 16, 4, 8, torch.tensor([0, 2, 0, 0]), torch.zeros(0, dtype=torch.int32)).validate()
+    with pytest.raises(ValueError, match="non-decreasing"):
+        BlockPlan(1, 1, 40, 16, torch.tensor([0, 2, 1, 3]), torch.tensor([0, 0, 1], dtype=torch.int32)).validate()
+
+
+@pytest.mark.parametrize("params, problem", [
+    ({"sink": -4}, ">= 0"), ({"local": "16"}, "expected int"), ({"sinks": 4}, "no parameter"),
+])
+def test_pattern_build_checks_parameters_as_a_policy_does(params, problem):
+    from sparse_prefill.registry import get_pattern
+
+    with pytest.raises(ValueError, match=problem):
+        get_pattern("streaming").build(**params)

@@ -43,11 +43,12 @@ class AnchorIdentifier(Identifier):
                            share_kv_heads=share_kv_heads, dense_tail=dense_tail, dense_above=dense_above)
 
     def identify(self, q: torch.Tensor, k: torch.Tensor, ctx: AttentionContext) -> StripePlan | DensePlan:
+        params = self.params if ctx.dense_fallback else {**self.params, "dense_above": 1.0}
         if triton_can_run(q.device):
             from sparse_prefill.kernels.anchor_identify import anchor_identify
 
-            return anchor_identify(q, k, scale=ctx.scale, max_plan_bytes=ctx.plan_budget, **self.params)
-        return anchor_identify_reference(q, k, scale=ctx.scale, **self.params)
+            return anchor_identify(q, k, scale=ctx.scale, max_plan_bytes=ctx.plan_budget, **params)
+        return anchor_identify_reference(q, k, scale=ctx.scale, **params)
 
 
 ANCHOR = PatternSpec(
