@@ -43,8 +43,10 @@ def validate_plan_layout(q: torch.Tensor, k: torch.Tensor, plan: StripePlan | Bl
         raise ValueError(
             f"{kind} has {heads} heads; allowed: the query heads ({num_q}) or the KV heads ({num_kv})"
         )
-    if plan.offsets.device != q.device:
-        raise ValueError(f"{kind} lives on {plan.offsets.device} but q on {q.device}; build the plan on q's device")
+    for name in ("offsets", "indices"):
+        if getattr(plan, name).device != q.device:
+            raise ValueError(f"{kind}.{name} lives on {getattr(plan, name).device} but q on {q.device}; "
+                             "build the plan on q's device")
     return heads
 
 

@@ -39,7 +39,7 @@ _MIN_ROWS = 16  # tl.dot needs every tile dimension >= 16
 _MAX_TILE_ROWS = 128  # stacked rows per program: one 128-row MMA tile, as the fused-attention tutorial
 _MAX_TILE_ROWS_D256 = 64  # at head dim 256 the q tile and accumulator need twice the registers
 _SMEM_BUDGET = 192 * 1024  # Hopper gives 227 KiB per block; Triton needs the rest for layout conversions
-_MAX_GRID_Y = 65535  # CUDA's limit on the second grid axis (query tiles here)
+_MAX_GRID_X = 2**31 - 1  # CUDA's limit on the first grid axis, the only one the kernel uses
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,11 +203,15 @@ def _stripe_fwd(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_TILE: tl.constexpr, ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr, RETURN_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
+    # One grid axis (CUDA allows 2^31 - 1 programs there, 65535 on the second axis, which 16-row
+    # tiles pass at 2^20 tokens): program p runs head tile p % head_programs of query tile
+    # p // head_programs counted from the end, the order a (heads, tiles) grid launches in.
     # Which rows: tile t of group g covers rows [r0, r0 + ROWS) clipped to the group and sequence.
-    # Last groups first, every head of one before the next (axis 0 varies fastest): they attend the
-    # most keys (the dense tail keeps all of them), and a long program launched last would run
-    # alone at the end of the grid.
-    tile = tl.num_programs(1) - 1 - tl.program_id(1)
+    # Last groups first, every head of one before the next: they attend the most keys (the dense
+    # tail keeps all of them), and a long program launched last would run alone at the end.
+    tiles = num_groups * tiles_per_group
+    head_programs = tl.num_programs(0) // tiles
+    tile = tiles - 1 - tl.program_id(0) // head_programs
     group = tile // tiles_per_group
     group_start = group * group_rows
     r0 = group_start + (tile % tiles_per_group) * ROWS
@@ -215,7 +219,7 @@ def _stripe_fwd(
     if r0 >= row_hi:  # a last group shorter than its tiles
         return
     # Which heads: HEAD_TILE consecutive query heads of plan head hp, all reading one KV head.
-    pid_bh = tl.program_id(0)
+    pid_bh = tl.program_id(0) % head_programs
     chunk = pid_bh % head_chunks
     hp = (pid_bh // head_chunks) % plan_heads
     b = (pid_bh // head_chunks // plan_heads).to(tl.int64)
@@ -316,6 +320,9 @@ def _validate_out(out: torch.Tensor, q: torch.Tensor) -> None:
             f"out must match q (shape {tuple(q.shape)}, {q.dtype}, {q.device}) with unit stride along the head dim, "
             f"got shape {tuple(out.shape)}, {out.dtype}, {out.device}, strides {out.stride()}"
         )
+    if any(stride == 0 and size > 1 for stride, size in zip(out.stride(), out.shape)):
+        # An expanded tensor: every row would write the same memory (PyTorch's out= refuses these too).
+        raise ValueError(f"out must not overlap itself, got strides {out.stride()} for shape {tuple(out.shape)}")
 
 
 def _tile_shape(heads_per_plan: int, group_rows: int, head_dim: int) -> tuple[int, int]:
@@ -376,14 +383,14 @@ def stripe_attention(
         _validate_out(out, q)
     lse = torch.empty(batch, num_q, seq_len, dtype=torch.float32, device=q.device) if return_lse else None
     dot_precision, upcast = _dot_settings(q.dtype)
-    grid = (batch * plan_heads * head_chunks, plan.num_groups * tiles_per_group)
-    if grid[1] > _MAX_GRID_Y:
-        raise ValueError(
-            f"{seq_len} rows in tiles of {rows} need {grid[1]} programs along the grid's second axis, CUDA allows "
-            f"{_MAX_GRID_Y}; use per-query-head plans (share_kv_heads: false) or larger query groups"
-        )
-    _stripe_fwd[grid](
-        q, k, v, out, out if lse is None else lse, plan.offsets, plan.indices,
+    programs = batch * plan_heads * head_chunks * plan.num_groups * tiles_per_group
+    if programs > _MAX_GRID_X:
+        raise ValueError(f"{programs} programs (batch x heads x query tiles) pass CUDA's grid limit {_MAX_GRID_X}; "
+                         "split the batch")
+    # The kernel reads the CSR through raw pointers: a strided view (a plugin's plan) must be made dense.
+    offsets, indices = plan.offsets.contiguous(), plan.indices.contiguous()
+    _stripe_fwd[(programs,)](
+        q, k, v, out, out if lse is None else lse, offsets, indices,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),

@@ -206,6 +206,29 @@ def test_kernel_without_lse_and_with_strided_inputs() -> None:
 
 
 @needs_kernel
+def test_kernel_reads_a_plan_with_strided_csr_tensors() -> None:
+    """A plugin's plan may hold views: the kernel reads raw pointers, so it must get dense copies."""
+    case = Case(1, 4, 2, 70, 64, 16, 4, 16, shared=True)
+    q, k, v = _inputs(case, seed=15, device=DEVICE)
+    plan = _plan(case, seed=16, device=DEVICE)
+    spread = lambda x: torch.stack([x, torch.zeros_like(x)], dim=-1).flatten()[::2]  # noqa: E731
+    strided = dataclasses.replace(plan, offsets=spread(plan.offsets), indices=spread(plan.indices))
+    assert not strided.offsets.is_contiguous() and torch.equal(strided.offsets, plan.offsets)
+    out, _ = stripe_attention(q, k, v, strided, 0.125)
+    expected, _ = stripe_attention_reference(q, k, v, plan, 0.125)
+    _assert_close(out, expected, TOLERANCES[torch.float32]["atol"], TOLERANCES[torch.float32]["rtol"], what="out")
+
+
+@needs_kernel
+def test_kernel_refuses_an_out_that_overlaps_itself() -> None:
+    case = Case(1, 4, 2, 70, 64, 16, 4, 16, shared=True)
+    q, k, v = _inputs(case, seed=17, device=DEVICE)
+    expanded = torch.empty(1, 4, 1, 64, dtype=q.dtype, device=DEVICE).expand(q.shape)
+    with pytest.raises(ValueError, match="overlap"):
+        stripe_attention(q, k, v, _plan(case, seed=18, device=DEVICE), 0.125, out=expanded)
+
+
+@needs_kernel
 def test_gathered_loop_with_several_whole_tiles_matches_the_reference(monkeypatch) -> None:
     """Segments of several whole tiles plus a partial one: the indices prefetched one tile ahead."""
     import triton  # noqa: PLC0415  (only this test builds a config)
