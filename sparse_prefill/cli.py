@@ -172,8 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_lengths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Reject impossible numbers before a model is loaded (which takes seconds to minutes)."""
+def _check_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject impossible numeric arguments before a model is loaded (which takes seconds to minutes)."""
     if getattr(args, "min_length", None) is not None and args.min_length < -1:
         parser.error(f"--min-length must be >= 0, or -1 to keep the policy's, got {args.min_length}")
     if args.command in ("run", "perplexity") and args.length < 2:
@@ -196,7 +196,7 @@ def _check_lengths(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _check_lengths(parser, args)
+    _check_numbers(parser, args)
     if getattr(args, "min_length", None) == -1:
         args.min_length = None
     try:

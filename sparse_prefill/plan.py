@@ -39,6 +39,11 @@ def _check_csr(name: str, offsets: torch.Tensor, indices: torch.Tensor, segments
         raise ValueError(f"{name}.indices must be 1-D, got shape {tuple(indices.shape)}")
     if offsets.device != indices.device:
         raise ValueError(f"{name}: offsets on {offsets.device} but indices on {indices.device}")
+    nnz = indices.numel()
+    if int(offsets[0]) != 0 or int(offsets[-1]) != nnz:
+        raise ValueError(f"{name}.offsets must run from 0 to len(indices)={nnz}")
+    if bool((offsets[1:] < offsets[:-1]).any()):
+        raise ValueError(f"{name}.offsets must be non-decreasing")
 
 
 def _segment_ids(offsets: torch.Tensor, nnz: int) -> torch.Tensor:
@@ -164,10 +169,6 @@ class StripePlan:
         segments = self.batch * self.plan_heads * self.num_groups
         _check_csr("StripePlan", self.offsets, self.indices, segments)
         nnz = self.indices.numel()
-        if int(self.offsets[0]) != 0 or int(self.offsets[-1]) != nnz:
-            raise ValueError(f"StripePlan.offsets must run from 0 to len(indices)={nnz}")
-        if bool((self.offsets[1:] < self.offsets[:-1]).any()):
-            raise ValueError("StripePlan.offsets must be non-decreasing")
         if nnz == 0:
             return
         seg = _segment_ids(self.offsets, nnz)
@@ -253,10 +254,6 @@ class BlockPlan:
         segments = self.batch * self.heads * self.num_blocks
         _check_csr("BlockPlan", self.offsets, self.indices, segments)
         nnz = self.indices.numel()
-        if int(self.offsets[0]) != 0 or int(self.offsets[-1]) != nnz:
-            raise ValueError(f"BlockPlan.offsets must run from 0 to len(indices)={nnz}")
-        if bool((self.offsets[1:] < self.offsets[:-1]).any()):
-            raise ValueError("BlockPlan.offsets must be non-decreasing")
         if nnz == 0:
             return
         seg = _segment_ids(self.offsets, nnz)

@@ -5,7 +5,7 @@ import argparse
 import pytest
 import torch
 
-from sparse_prefill.cli import _check_lengths, _device_and_dtype, _policies, build_parser, main
+from sparse_prefill.cli import _check_numbers, _device_and_dtype, _policies, build_parser, main
 from sparse_prefill.demo import RunResult, format_side_by_side
 from sparse_prefill.evaluation import BASELINE_LABEL
 from sparse_prefill.evaluation.needle import NeedlePrompt
@@ -53,7 +53,7 @@ def test_score_last_default_fits_short_texts():
     for length, given, expected in ((1000, None, 999), (4096, None, 1024), (300, 0, 299), (300, 50, 50)):
         argv = ["perplexity", "--length", str(length)] + ([] if given is None else ["--score-last", str(given)])
         args = parser.parse_args(argv)
-        _check_lengths(parser, args)
+        _check_numbers(parser, args)
         assert args.score_last == expected
 
 

@@ -30,6 +30,7 @@ from sparse_prefill.dispatch import sparse_attention
 from sparse_prefill.interfaces import AttentionContext
 from sparse_prefill.plan import Plan
 from sparse_prefill.policy import Policy, PolicySource, load_policy
+from sparse_prefill.registry import get_pattern
 
 __all__ = ["SparsePrefillHandle", "DeferredMask", "apply", "remove", "tp_head_offset"]
 
@@ -251,8 +252,8 @@ def _make_mask_function(previous_mask: Callable[..., Any]) -> Callable[..., Any]
 # ...) sends the call to the previous implementation: a model feature this layer does not know
 # never gives a silently different answer.
 _HONOURED_KWARGS = frozenset({
-    "scaling", "dropout", "sliding_window", "softcap", "output_attentions", "is_causal", "position_ids",
-    "cache_position", "use_cache", "past_key_values", "past_key_value",
+    "scaling", "dropout", "sliding_window", "is_causal", "position_ids", "cache_position", "use_cache",
+    "past_key_values", "past_key_value",
 })
 
 
@@ -265,8 +266,9 @@ def _needs_previous(handle: SparsePrefillHandle, module: Any, query: torch.Tenso
     window = kwargs.get("sliding_window")
     if window is not None and key.shape[2] > window:  # a window at least as long as the keys is causal
         return True
-    if kwargs.get("softcap") is not None or kwargs.get("output_attentions") or kwargs.get("is_causal") is False:
+    if kwargs.get("is_causal") is False:
         return True
+    # softcap, output_attentions=True, attention sinks, ...: what the sparse path does not honour.
     if any(given is not None and given is not False for name, given in kwargs.items()
            if name not in _HONOURED_KWARGS):
         return True
@@ -322,9 +324,9 @@ def _sparse_prefill(handle: SparsePrefillHandle, layer: int | None, q: torch.Ten
 
 
 def _dense_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Exact causal attention of one unpadded sequence shorter than the policy's min_length."""
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
-                                                            enable_gqa=q.shape[1] != k.shape[1])
+    """Exact causal attention of one unpadded sequence shorter than the policy's min_length: the
+    registered dense pattern, dispatched like any other plan."""
+    return sparse_attention(q, k, v, get_pattern("dense").build(), AttentionContext.for_inputs(q, k, scale))[0]
 
 
 def _attention_function(handle: SparsePrefillHandle) -> Callable[..., Any]:
@@ -349,9 +351,10 @@ def _attention_function(handle: SparsePrefillHandle) -> Callable[..., Any]:
             for b, (start, end) in enumerate(ranges):
                 q_b, k_b, v_b = (x[b : b + 1, :, start:end] for x in (query, key, value))
                 # min_length holds per sequence, so a row's output never depends on its batch.
-                run = _dense_causal if end - start < handle.policy.min_length else functools.partial(
-                    _sparse_prefill, handle, layer)
-                out[b : b + 1, :, start:end] = run(q_b, k_b, v_b, scale)
+                if end - start < handle.policy.min_length:
+                    out[b : b + 1, :, start:end] = _dense_causal(q_b, k_b, v_b, scale)
+                else:
+                    out[b : b + 1, :, start:end] = _sparse_prefill(handle, layer, q_b, k_b, v_b, scale)
         handle.stats.sparse_calls += 1
         return out.transpose(1, 2).contiguous(), None
 
