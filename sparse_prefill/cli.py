@@ -183,6 +183,8 @@ def _check_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
             parser.error(f"--target-recall must be in (0, 1], got {args.target_recall}")
         if args.tokens < 2:
             parser.error(f"--tokens must be at least 2, got {args.tokens}")
+        if args.layers and min(args.layers) < 0:
+            parser.error(f"--layers takes layer indices >= 0, got {args.layers}")
     if args.command == "perplexity":
         if args.score_last is None:
             args.score_last = min(1024, args.length - 1)

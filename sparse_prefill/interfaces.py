@@ -46,6 +46,8 @@ class AttentionContext:
             raise ValueError(
                 f"query heads ({self.num_q_heads}) must be a positive multiple of KV heads ({self.num_kv_heads})"
             )
+        if not isinstance(self.dense_fallback, bool):
+            raise ValueError(f"dense_fallback must be True or False, got {self.dense_fallback!r}")
         budget = self.plan_budget
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 0):
             raise ValueError(

@@ -40,6 +40,7 @@ def test_any_cuda_device_defaults_to_bfloat16(device):
     ["perplexity", "--length", "100", "--score-last", "-3"],
     ["perplexity", "--length", "1"],
     ["run", "--min-length", "-7"],
+    ["calibrate", "--out", "unused.yaml", "--layers", "-1"],
 ])
 def test_impossible_numbers_are_refused_before_loading_a_model(argv, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -217,3 +217,8 @@ def test_pattern_build_checks_parameters_as_a_policy_does(params, problem):
 
     with pytest.raises(ValueError, match=problem):
         get_pattern("streaming").build(**params)
+
+
+def test_dense_fallback_must_be_a_bool():
+    with pytest.raises(ValueError, match="dense_fallback"):
+        AttentionContext(scale=1.0, num_q_heads=2, num_kv_heads=1, seq_len=8, dense_fallback="no")
