@@ -1,10 +1,13 @@
 """Stripe executor kernels side by side on the GPU: same plans, same inputs, same dense SDPA.
 
     python benchmarks/executor_ab.py --kernel base=/tmp/old_stripe_attention.py --out ab.json
+    python benchmarks/executor_ab.py --pin r128=32/8/2/128 --out ab.json
 
 Each ``--kernel label=path`` is a copy of ``kernels/stripe_attention.py`` (an older commit's, or
-an experiment's); the installed one runs as ``current``. Every file is loaded as its own module,
-so each autotunes on its own. For each length the default anchor plan is identified once and every
+an experiment's); each ``--pin label=BLOCK_N/warps/stages[/maxnreg]`` is the installed kernel held
+to that one autotuning configuration (no tuning), for trying configurations before adding them to
+the tuning space. The installed kernel runs as ``current``. Every file is loaded as its own
+module, so each autotunes on its own. For each length the default anchor plan is identified once and every
 kernel executes it: time (the median of ``--rounds`` timings, the kernels interleaved in each
 round), TFLOP/s per computed score over dense SDPA's, the error vs dense, the largest difference
 from ``current``'s output (the same plan must give the same answer), and the seconds of each
@@ -47,6 +50,19 @@ def _load_kernel(text: str) -> tuple[str, ModuleType]:
     return label, module
 
 
+def _pin_config(text: str) -> tuple[str, ModuleType]:
+    label, _, spec = text.partition("=")
+    fields = spec.split("/")
+    if not label or len(fields) not in (3, 4) or not all(field.isdigit() for field in fields):
+        raise argparse.ArgumentTypeError(f"--pin takes label=BLOCK_N/warps/stages[/maxnreg], got {text!r}")
+    block_n, warps, stages, *maxnreg = (int(field) for field in fields)
+    label, module = _load_kernel(f"{label}={installed.__file__}")
+    config = triton.Config({"BLOCK_N": block_n}, num_warps=warps, num_stages=stages,
+                           maxnreg=maxnreg[0] if maxnreg else None)
+    module._stripe_fwd.configs = [config]  # one configuration: the autotuner runs it without timing
+    return label, module
+
+
 def _rounds(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"--rounds takes an integer >= 1, got {text!r}")
@@ -56,13 +72,14 @@ def _rounds(text: str) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kernel", action="append", default=[], type=_load_kernel, metavar="LABEL=PATH")
+    parser.add_argument("--pin", action="append", default=[], type=_pin_config, metavar="LABEL=BLOCK_N/WARPS/STAGES[/MAXNREG]")
     parser.add_argument("--lengths", default="32768,131072")
     parser.add_argument("--synthetic", action="append", default=["strength=0.8", "heavy_fraction=0.055"])
     parser.add_argument("--rounds", type=_rounds, default=1, help="timings per kernel, interleaved; the median is kept")
     parser.add_argument("--out", required=True)
     parser.add_argument("--commit", default="unknown")
     args = parser.parse_args()
-    kernels = [("current", installed), *args.kernel]
+    kernels = [("current", installed), *args.kernel, *args.pin]
     labels = [label for label, _ in kernels]
     if len(set(labels)) != len(labels):
         parser.error(f"--kernel labels must differ from each other, got {labels[1:]}")
