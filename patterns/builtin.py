@@ -11,8 +11,9 @@ def sparse_prefill_patterns() -> list[PatternSpec]:
     from sparse_prefill.patterns.anchor import ANCHOR
     from sparse_prefill.patterns.dense import DENSE
     from sparse_prefill.patterns.streaming import STREAMING
+    from sparse_prefill.patterns.vertical_slash import VERTICAL_SLASH
 
-    return [DENSE, STREAMING, ANCHOR]
+    return [DENSE, STREAMING, ANCHOR, VERTICAL_SLASH]
 
 
 @hookimpl

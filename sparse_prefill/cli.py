@@ -111,8 +111,10 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_patterns(args: argparse.Namespace) -> int:
-    for info in available_patterns():
-        print(f"{info.name:12} {info.description}  [plugin {info.plugin}, from {info.distribution}]")
+    infos = available_patterns()
+    width = max((len(info.name) for info in infos), default=0)
+    for info in infos:
+        print(f"{info.name:{width}}  {info.description}  [plugin {info.plugin}, from {info.distribution}]")
     for error in plugin_errors():
         print(f"error: {error}", file=sys.stderr)
     return 0
