@@ -57,7 +57,7 @@ def _bool(text: str) -> bool:
     return text.lower() == "true"
 
 
-def _load_qk(model_path: str, tokens: int, layers: list[int], cache: Path | None
+def load_qk(model_path: str, tokens: int, layers: list[int], cache: Path | None
              ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Captured Q/K per layer, reusing ``cache`` when it holds the same tokens and layers (the forward is slow)."""
     if cache is not None and cache.exists():
@@ -91,7 +91,7 @@ def _row(result: dict[str, Any]) -> str:
 
 def main() -> None:
     args = _parse_args()
-    qk = _load_qk(args.model, args.tokens, args.layers, args.qk_cache)
+    qk = load_qk(args.model, args.tokens, args.layers, args.qk_cache)
     grid = [getattr(args, name) for name in GRID_PARAMS]
     print(f"per layer {list(qk)}: recall/density")
     results = []
