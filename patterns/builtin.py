@@ -10,10 +10,11 @@ from sparse_prefill.interfaces import Executor, PatternSpec
 def sparse_prefill_patterns() -> list[PatternSpec]:
     from sparse_prefill.patterns.anchor import ANCHOR
     from sparse_prefill.patterns.dense import DENSE
+    from sparse_prefill.patterns.flexprefill import FLEXPREFILL
     from sparse_prefill.patterns.streaming import STREAMING
     from sparse_prefill.patterns.vertical_slash import VERTICAL_SLASH
 
-    return [DENSE, STREAMING, ANCHOR, VERTICAL_SLASH]
+    return [DENSE, STREAMING, ANCHOR, VERTICAL_SLASH, FLEXPREFILL]
 
 
 @hookimpl

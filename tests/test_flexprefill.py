@@ -1,0 +1,121 @@
+"""The `flexprefill` baseline: block budgets, query-aware heads, plans as whole key blocks, execution."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparse_prefill.dispatch import sparse_attention
+from sparse_prefill.interfaces import AttentionContext
+from sparse_prefill.kernels.reference import dense_attention_reference
+from sparse_prefill.patterns.flexprefill import FLEXPREFILL, block_mask, covering_count
+from sparse_prefill.plan import DensePlan, StripePlan
+from sparse_prefill.policy import PolicyError, load_policy
+
+SMALL = dict(gamma=0.9, tau=0.1, block=16, min_budget=16, dense_above=1.0)
+
+
+def _inputs(seed: int, batch: int = 1, hq: int = 4, hkv: int = 2, n: int = 160, d: int = 32,
+            dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(batch, h, n, d, generator=generator).to(dtype) for h in (hq, hkv, hkv))
+
+
+def _focused(n: int = 160, d: int = 32, hot: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
+    """One head whose queries all attend key ``hot`` (and their own diagonal a little)."""
+    generator = torch.Generator().manual_seed(1)
+    q = torch.randn(n, d, generator=generator) * 0.1
+    k = torch.randn(n, d, generator=generator) * 0.1
+    q[:, 0] += 6.0
+    k[hot, 0] = 12.0
+    return q, k
+
+
+def test_covering_count_is_the_entries_within_gamma_plus_one() -> None:
+    assert covering_count(torch.tensor([0.2, 0.5, 0.3]), 0.75) == 2
+    assert covering_count(torch.tensor([0.2, 0.5, 0.3]), 0.5) == 2
+    assert covering_count(torch.tensor([0.2, 0.5, 0.3]), 0.4) == 1
+
+
+@pytest.mark.parametrize("n, block", [(160, 16), (150, 32), (64, 16), (10, 16)])
+def test_plan_lists_the_off_diagonal_blocks_of_the_mask(n: int, block: int) -> None:
+    q, k, _ = _inputs(n, n=n)
+    params = {**SMALL, "block": block}
+    ctx = AttentionContext.for_inputs(q, k)
+    plan = FLEXPREFILL.build(**params).identify(q, k, ctx)
+    assert isinstance(plan, StripePlan)
+    plan.validate()
+    assert (plan.plan_heads, plan.group_rows, plan.sink, plan.local) == (4, block, 0, 0)
+    for h in range(4):
+        mask = block_mask(q[0, h], k[0, h // 2], ctx.scale, params["gamma"], params["tau"], block, params["min_budget"])
+        assert bool(mask.diagonal().all()) and bool(mask[:, 0].all())  # diagonal and first key block, always
+        assert not bool(mask.triu(1).any())  # block-causal
+        for g in range(plan.num_groups):
+            segment = h * plan.num_groups + g
+            listed = plan.indices[plan.offsets[segment]: plan.offsets[segment + 1]]
+            blocks = torch.nonzero(mask[g, :g]).flatten()
+            expected = (blocks[:, None] * block + torch.arange(block)).flatten()
+            assert torch.equal(listed.long(), expected)
+
+
+def test_focused_attention_keeps_few_blocks_and_the_minimum_budget() -> None:
+    q, k = _focused()
+    scale = 32 ** -0.5
+    mask = block_mask(q, k, scale, gamma=0.9, tau=0.0, block=16, min_budget=32)
+    assert bool(mask[:, 40 // 16][40 // 16:].all())  # the hot key's block, for every query block after it
+    per_row = mask.sum(dim=1)
+    # two vertical blocks (the budget's minimum, 32 keys) and two diagonal blocks at most, per query block
+    assert int(per_row.max()) <= 4 and int(per_row[-1]) >= 2
+
+
+def test_tau_decides_which_heads_are_query_aware() -> None:
+    """tau 0: no head is query-aware, so only budgeted lines; tau 1: every head adds its pooled blocks."""
+    q, k, _ = _inputs(2, hq=1, hkv=1, n=160)
+    scale = 32 ** -0.5
+    lines_only = block_mask(q[0, 0], k[0, 0], scale, gamma=0.5, tau=0.0, block=16, min_budget=16)
+    query_aware = block_mask(q[0, 0], k[0, 0], scale, gamma=0.5, tau=1.0, block=16, min_budget=16)
+    minimum = block_mask(q[0, 0], k[0, 0], scale, gamma=1e-6, tau=1.0, block=16, min_budget=16)
+    assert int(minimum.sum()) <= int(query_aware.sum())
+    assert not torch.equal(lines_only, query_aware)
+
+
+def test_gamma_one_keeps_every_block_and_gives_dense_attention() -> None:
+    q, k, v = _inputs(3, n=130)
+    identifier = FLEXPREFILL.build(**{**SMALL, "gamma": 1.0, "min_budget": 10_000})
+    plan = identifier.identify(q, k, AttentionContext.for_inputs(q, k))
+    assert plan.density() == pytest.approx(1.0)
+    out, _ = sparse_attention(q, k, v, identifier)
+    expected, _ = dense_attention_reference(q, k, v, q.shape[-1] ** -0.5)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_sparse_output_is_attention_over_the_plan() -> None:
+    q, k, v = _inputs(4, n=144, dtype=torch.bfloat16)
+    identifier = FLEXPREFILL.build(**{**SMALL, "gamma": 0.6, "tau": 0.0})
+    ctx = AttentionContext.for_inputs(q, k)
+    plan = identifier.identify(q, k, ctx)
+    assert plan.density() < 1
+    mask = plan.to_dense()
+    scores = (q.float() @ k.float().repeat_interleave(2, 1).transpose(-1, -2)) * ctx.scale
+    expected = scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v.float().repeat_interleave(2, 1)
+    out, _ = sparse_attention(q, k, v, identifier, ctx)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
+
+
+def test_dense_above_falls_back_unless_the_context_forbids_it() -> None:
+    q, k, _ = _inputs(5)
+    identifier = FLEXPREFILL.build(**{**SMALL, "dense_above": 0.05})
+    assert isinstance(identifier.identify(q, k, AttentionContext.for_inputs(q, k)), DensePlan)
+    assert isinstance(identifier.identify(q, k, AttentionContext.for_inputs(q, k, dense_fallback=False)), StripePlan)
+
+
+def test_policy_and_parameter_errors(tmp_path) -> None:
+    policy = load_policy({"default": {"pattern": "flexprefill", "gamma": 0.95}})
+    assert policy.default.as_dict()["gamma"] == 0.95
+    path = tmp_path / "fp.yaml"
+    path.write_text("default:\n  pattern: flexprefill\n  gamma: 0\n")
+    with pytest.raises(PolicyError, match="gamma"):
+        load_policy(str(path))
+    with pytest.raises(ValueError, match="tau"):
+        FLEXPREFILL.build(tau=1.5)
