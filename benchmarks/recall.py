@@ -114,14 +114,14 @@ def _write_report(path: Path, model: str, tokens: int, layers: list[int], result
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
         "results": [],
     }
-    report["results"] = _mergeable_results(path, report)
+    report["results"] = mergeable_results(path, report)
     new_params = [r["params"] for r in results]
     report["results"] = [r for r in report["results"] if r["params"] not in new_params] + results
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=1) + "\n")
 
 
-def _mergeable_results(path: Path, report: dict[str, Any]) -> list[dict[str, Any]]:
+def mergeable_results(path: Path, report: dict[str, Any]) -> list[dict[str, Any]]:
     """Results already at ``path`` if they measured the same model, tokens and layers as ``report``, else [].
 
     Results of another model or input kept under this report's header would be mislabelled, so such a
