@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from sparse_prefill.interfaces import AttentionContext, Identifier, Parameter, PatternSpec
+from sparse_prefill.patterns._budget import check_plan_budget
 from sparse_prefill.patterns._checks import at_least, density, multiple_of
 from sparse_prefill.patterns.vertical_slash import line_scores
 from sparse_prefill.plan import DensePlan, StripePlan
@@ -70,8 +71,11 @@ def _block_means(rows: torch.Tensor, block: int) -> torch.Tensor:
 def _js_distance(p: torch.Tensor, q: torch.Tensor) -> float:
     """Square root of the Jensen-Shannon divergence of two distributions (natural log)."""
     m = (p + q) / 2
-    term = lambda x: torch.where(x > 0, x * (x / m).log(), torch.zeros_like(x)).sum()  # noqa: E731
-    return float((0.5 * term(p) + 0.5 * term(q)).clamp_min(0).sqrt())
+
+    def relative_entropy(x: torch.Tensor) -> torch.Tensor:  # KL(x || m), with 0 log 0 = 0
+        return torch.where(x > 0, x * (x / m).log(), torch.zeros_like(x)).sum()
+
+    return float((0.5 * relative_entropy(p) + 0.5 * relative_entropy(q)).clamp_min(0).sqrt())
 
 
 def block_mask(q: torch.Tensor, k: torch.Tensor, scale: float, gamma: float, tau: float, block: int,
@@ -132,6 +136,7 @@ class FlexPrefillIdentifier(Identifier):
         counts = torch.stack([torch.bincount(p[:, 0], minlength=plan.num_groups) for p in pairs]) * self.block
         if ctx.dense_fallback and plan.density_with(counts.sum(dim=0)) > self.dense_above:
             return DensePlan(batch, num_q, seq_len)
+        check_plan_budget(counts.view(batch, num_q, -1), ctx, group, per_query_head=True)
         offsets = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=q.device)
         offsets[1:] = counts.flatten().cumsum(0)
         within = torch.arange(self.block, device=q.device)

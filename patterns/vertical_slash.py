@@ -29,7 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
-from sparse_prefill.interfaces import AttentionContext, Identifier, Parameter, PatternSpec, PlanBudgetExceeded
+from sparse_prefill.interfaces import AttentionContext, Identifier, Parameter, PatternSpec
+from sparse_prefill.patterns._budget import check_plan_budget
 from sparse_prefill.patterns._checks import at_least, density, multiple_of
 from sparse_prefill.plan import DensePlan, StripePlan
 from sparse_prefill.validation import validate_attention_inputs
@@ -144,7 +145,7 @@ class VerticalSlashIdentifier(Identifier):
         counts = torch.stack([torch.stack([_group_entries(head, plan)[3] for head in row]) for row in lines])
         if ctx.dense_fallback and plan.density_with(counts.sum(dim=(0, 1))) > self.dense_above:
             return DensePlan(batch, num_q, seq_len)
-        self._check_budget(counts, plan, ctx, group)
+        check_plan_budget(counts, ctx, group, per_query_head=not self.share_kv_heads)
         offsets = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=q.device)
         offsets[1:] = counts.flatten().cumsum(0)
         indices = torch.cat([_group_keys(head, plan) for row in lines for head in row])
@@ -163,19 +164,6 @@ class VerticalSlashIdentifier(Identifier):
             vertical += head_vertical
             slash += head_slash
         return _select(vertical, slash, self.vertical, self.slash, self.sink, self.local, self.block)
-
-    def _check_budget(self, counts: torch.Tensor, plan: StripePlan, ctx: AttentionContext, group: int) -> None:
-        """Raise PlanBudgetExceeded (with bytes per KV head, and per query head for per-head lists)
-        before allocating lists that would pass ctx.plan_budget."""
-        if ctx.plan_budget is None:
-            return
-        per_plan_head = (counts.sum(dim=(0, 2)) * 4 + 8 * plan.batch * plan.num_groups).tolist()
-        if sum(per_plan_head) + 8 <= ctx.plan_budget:
-            return
-        if self.share_kv_heads:
-            raise PlanBudgetExceeded(per_plan_head, ctx.plan_budget)
-        per_kv_head = [sum(per_plan_head[kv * group:(kv + 1) * group]) for kv in range(len(per_plan_head) // group)]
-        raise PlanBudgetExceeded(per_kv_head, ctx.plan_budget, query_head_bytes=per_plan_head)
 
 
 VERTICAL_SLASH = PatternSpec(

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sparse_prefill.dispatch import sparse_attention
-from sparse_prefill.interfaces import AttentionContext
+from sparse_prefill.interfaces import AttentionContext, PlanBudgetExceeded
 from sparse_prefill.kernels.reference import dense_attention_reference
 from sparse_prefill.patterns.flexprefill import FLEXPREFILL, block_mask, covering_count
 from sparse_prefill.plan import DensePlan, StripePlan
@@ -119,3 +119,14 @@ def test_policy_and_parameter_errors(tmp_path) -> None:
         load_policy(str(path))
     with pytest.raises(ValueError, match="tau"):
         FLEXPREFILL.build(tau=1.5)
+
+
+def test_a_plan_over_the_budget_runs_in_head_chunks_with_the_same_answer() -> None:
+    q, k, v = _inputs(6, n=160)
+    identifier = FLEXPREFILL.build(**{**SMALL, "gamma": 0.6, "tau": 0.0})
+    with pytest.raises(PlanBudgetExceeded) as exceeded:
+        identifier.identify(q, k, AttentionContext.for_inputs(q, k, plan_budget=64))
+    assert len(exceeded.value.kv_head_bytes) == 2 and len(exceeded.value.query_head_bytes) == 4
+    expected, _ = sparse_attention(q, k, v, identifier)
+    chunked, _ = sparse_attention(q, k, v, identifier, max_plan_bytes=64)
+    torch.testing.assert_close(chunked, expected, atol=1e-6, rtol=1e-5)  # same plans; head tiles may differ
