@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from sparse_prefill.evaluation import BASELINE_LABEL
-from sparse_prefill.policy import Policy, PolicyError, load_policy
+from sparse_prefill.policy import Policy, PolicyError, load_policy, shipped_policies
 from sparse_prefill.registry import available_patterns, plugin_errors
 
 # The shipped default (fast, recall >= 0.95) and the conservative one (keeps exact retrieval on small models).
@@ -128,9 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--model", default="smollm2",
                      help="local Hugging Face model folder, a .gguf file, or 'smollm2' (the packaged default)")
     run.add_argument("--policy", action="append", default=None,
-                     help="policy YAML path, or the name of a shipped policy (anchor.yaml, anchor-accurate.yaml, "
-                          "streaming.yaml, dense.yaml); repeat to compare several (default: "
-                          f"{' and '.join(DEFAULT_POLICIES)})")
+                     help=f"policy YAML path, or the name of a shipped policy ({', '.join(shipped_policies())}); "
+                          f"repeat to compare several (default: {' and '.join(DEFAULT_POLICIES)})")
     run.add_argument("--length", type=int, default=4096, help="prompt length in tokens")
     run.add_argument("--depth", type=float, default=0.5, help="needle position, 0 = start, 1 = end")
     run.add_argument("--min-length", type=int, default=0,
