@@ -82,7 +82,7 @@ def main() -> None:
     kernels = [("current", installed), *args.kernel, *args.pin]
     labels = [label for label, _ in kernels]
     if len(set(labels)) != len(labels):
-        parser.error(f"--kernel labels must differ from each other, got {labels[1:]}")
+        parser.error(f"--kernel and --pin labels must differ from each other, got {labels[1:]}")
     synthetic = speed.assignments(args.synthetic)
     strength = synthetic.pop("strength")
     params = speed.anchor_params(load_policy("anchor.yaml"), {"dense_above": 1.0})  # always a stripe plan

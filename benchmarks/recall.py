@@ -58,7 +58,7 @@ def _bool(text: str) -> bool:
 
 
 def load_qk(model_path: str, tokens: int, layers: list[int], cache: Path | None
-             ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+            ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Captured Q/K per layer, reusing ``cache`` when it holds the same tokens and layers (the forward is slow)."""
     if cache is not None and cache.exists():
         stored = torch.load(cache)
