@@ -1,4 +1,5 @@
-"""Random valid plans for tests: every executor test builds its sparse layouts here."""
+"""Random valid plans for tests (every executor test builds its sparse layouts here), and the
+masked dense attention that checks any plan's output."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import torch
 
 from sparse_prefill.plan import BlockPlan, StripePlan
 
-__all__ = ["random_stripe_plan", "full_stripe_plan", "random_block_plan"]
+__all__ = ["random_stripe_plan", "full_stripe_plan", "random_block_plan", "masked_attention"]
 
 
 def _csr(per_segment: list[torch.Tensor], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,3 +87,13 @@ def random_block_plan(
     plan = BlockPlan(batch, heads, seq_len, block_size, offsets, indices)
     plan.validate()
     return plan
+
+
+def masked_attention(q, k, v, mask: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over a dense [B, plan heads, N, N] mask in fp32, K/V expanded: O(N^2), small N only."""
+    num_q = q.shape[1]
+    keys = k.float().repeat_interleave(num_q // k.shape[1], dim=1)
+    values = v.float().repeat_interleave(num_q // v.shape[1], dim=1)
+    allowed = mask.repeat_interleave(num_q // mask.shape[1], dim=1).to(q.device)
+    scores = (scale * q.float() @ keys.transpose(-1, -2)).masked_fill(~allowed, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ values, torch.logsumexp(scores, dim=-1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from plan_factories import masked_attention
 from sparse_prefill.dispatch import sparse_attention
 from sparse_prefill.interfaces import AttentionContext, PlanBudgetExceeded
 from sparse_prefill.kernels.reference import dense_attention_reference
@@ -95,9 +96,7 @@ def test_sparse_output_is_attention_over_the_plan() -> None:
     ctx = AttentionContext.for_inputs(q, k)
     plan = identifier.identify(q, k, ctx)
     assert plan.density() < 1
-    mask = plan.to_dense()
-    scores = (q.float() @ k.float().repeat_interleave(2, 1).transpose(-1, -2)) * ctx.scale
-    expected = scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v.float().repeat_interleave(2, 1)
+    expected, _ = masked_attention(q, k, v, plan.to_dense(), ctx.scale)
     out, _ = sparse_attention(q, k, v, identifier, ctx)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)

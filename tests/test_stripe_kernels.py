@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import sparse_prefill.kernels.stripe_attention as stripe_module
-from plan_factories import full_stripe_plan, random_block_plan, random_stripe_plan
+from plan_factories import full_stripe_plan, masked_attention, random_block_plan, random_stripe_plan
 from sparse_prefill.kernels.reference import (
     block_attention_reference,
     dense_attention_reference,
@@ -86,16 +86,6 @@ def _plan(case: Case, seed: int, device: str) -> StripePlan:
     )
 
 
-def _masked_attention(q, k, v, mask: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax over a dense [B, plan heads, N, N] mask in fp32, K/V expanded: O(N^2), small N only."""
-    num_q = q.shape[1]
-    keys = k.float().repeat_interleave(num_q // k.shape[1], dim=1)
-    values = v.float().repeat_interleave(num_q // v.shape[1], dim=1)
-    allowed = mask.repeat_interleave(num_q // mask.shape[1], dim=1).to(q.device)
-    scores = (scale * q.float() @ keys.transpose(-1, -2)).masked_fill(~allowed, float("-inf"))
-    return torch.softmax(scores, dim=-1) @ values, torch.logsumexp(scores, dim=-1)
-
-
 def _assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float, what: str) -> None:
     """Finite and close; the failure message gives the max absolute and relative error."""
     actual, expected = actual.float().cpu(), expected.float().cpu()
@@ -124,7 +114,7 @@ def test_stripe_reference_matches_dense_mask(case: Case) -> None:
     q, k, v = _inputs(case, seed=1, device="cpu")
     plan = _plan(case, seed=2, device="cpu")
     out, lse = stripe_attention_reference(q, k, v, plan, 0.3, return_lse=True)
-    expected_out, expected_lse = _masked_attention(q, k, v, plan.to_dense(), 0.3)
+    expected_out, expected_lse = masked_attention(q, k, v, plan.to_dense(), 0.3)
     _assert_close(out, expected_out, **REFERENCE_TOLERANCE, what="out")
     _assert_close(lse, expected_lse, **REFERENCE_TOLERANCE, what="lse")
 
@@ -135,7 +125,7 @@ def test_block_reference_matches_dense_mask(case: Case, block_size: int) -> None
     q, k, v = _inputs(case, seed=3, device="cpu")
     plan = random_block_plan(case.batch, case.plan_heads, case.seq_len, block_size, seed=4)
     out, lse = block_attention_reference(q, k, v, plan, 0.3, return_lse=True)
-    expected_out, expected_lse = _masked_attention(q, k, v, plan.to_dense(), 0.3)
+    expected_out, expected_lse = masked_attention(q, k, v, plan.to_dense(), 0.3)
     _assert_close(out, expected_out, **REFERENCE_TOLERANCE, what="out")
     _assert_close(lse, expected_lse, **REFERENCE_TOLERANCE, what="lse")
 
@@ -146,7 +136,7 @@ def test_dense_reference_matches_causal_softmax(seq_len: int) -> None:
     q, k, v = _inputs(case, seed=5, device="cpu")
     causal = torch.ones(seq_len, seq_len, dtype=torch.bool).tril().expand(1, 2, -1, -1)
     out, lse = dense_attention_reference(q, k, v, 0.25, return_lse=True)
-    expected_out, expected_lse = _masked_attention(q, k, v, causal, 0.25)
+    expected_out, expected_lse = masked_attention(q, k, v, causal, 0.25)
     _assert_close(out, expected_out, **REFERENCE_TOLERANCE, what="out")
     _assert_close(lse, expected_lse, **REFERENCE_TOLERANCE, what="lse")
 
