@@ -400,16 +400,6 @@ def _pool_blocks(q: torch.Tensor, k: torch.Tensor, *, scale: float, block: int, 
     return pooled_q, pooled_anchor
 
 
-def _raise_budget_exceeded(selected: list[int], fixed_bytes: int, num_kv: int, per_query_head: bool, budget: int) -> None:
-    """PlanBudgetExceeded with the bytes per KV head (and per query head when each has its own list):
-    int32 indices plus an equal share of ``fixed_bytes`` (the int64 offsets and the keep bits)."""
-    fixed_each = fixed_bytes // len(selected)
-    plan_head_bytes = [4 * n + fixed_each for n in selected]
-    per_kv = len(selected) // num_kv
-    kv_head_bytes = [sum(plan_head_bytes[h * per_kv:(h + 1) * per_kv]) for h in range(num_kv)]
-    raise PlanBudgetExceeded(kv_head_bytes, budget, plan_head_bytes if per_query_head else None)
-
-
 def _slice_keys(seq_len: int) -> int:
     """Keys per scan program: ~1/16 of the sequence (a power of two in _SLICE_KEYS_RANGE), so a chunk of
     groups splits into up to 16 equal programs and index offsets per (segment, slice) stay few."""
@@ -491,7 +481,9 @@ def anchor_identify(
         return DensePlan(batch, num_q, seq_len)
     fixed_bytes = 8 * (segments + 1) + (4 * bits_words if keep_bits else 0)  # alive with the indices
     if max_plan_bytes is not None and 4 * total + fixed_bytes > max_plan_bytes:
-        _raise_budget_exceeded(selected, fixed_bytes, num_kv, heads_per_plan == 1, max_plan_bytes)
+        # int32 indices per plan head plus an equal share of the offsets and keep bits
+        plan_head_bytes = [4 * n + fixed_bytes // len(selected) for n in selected]
+        raise PlanBudgetExceeded.for_plan_heads(plan_head_bytes, num_kv, max_plan_bytes, heads_per_plan == 1)
     slice_offsets = torch.zeros(segments * num_slices + 1, dtype=torch.int64, device=q.device)
     torch.cumsum(counts, dim=0, out=slice_offsets[1:])
     indices = torch.empty(total, dtype=torch.int32, device=q.device)

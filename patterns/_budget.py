@@ -7,7 +7,7 @@ import torch
 from sparse_prefill.interfaces import AttentionContext, PlanBudgetExceeded
 
 
-def check_plan_budget(counts: torch.Tensor, ctx: AttentionContext, group: int, per_query_head: bool) -> None:
+def check_plan_budget(counts: torch.Tensor, num_kv_heads: int, ctx: AttentionContext, per_query_head: bool) -> None:
     """Raise PlanBudgetExceeded before allocating key lists that would pass ``ctx.plan_budget``.
 
     ``counts`` [batch, plan_heads, groups] are the keys each segment will list (int32 each, plus an
@@ -18,9 +18,5 @@ def check_plan_budget(counts: torch.Tensor, ctx: AttentionContext, group: int, p
         return
     batch, _, groups = counts.shape
     plan_head_bytes = (counts.sum(dim=(0, 2)) * 4 + 8 * batch * groups).tolist()
-    if sum(plan_head_bytes) + 8 <= ctx.plan_budget:
-        return
-    if not per_query_head:
-        raise PlanBudgetExceeded(plan_head_bytes, ctx.plan_budget)
-    kv_head_bytes = [sum(plan_head_bytes[kv * group:(kv + 1) * group]) for kv in range(len(plan_head_bytes) // group)]
-    raise PlanBudgetExceeded(kv_head_bytes, ctx.plan_budget, query_head_bytes=plan_head_bytes)
+    if sum(plan_head_bytes) + 8 > ctx.plan_budget:
+        raise PlanBudgetExceeded.for_plan_heads(plan_head_bytes, num_kv_heads, ctx.plan_budget, per_query_head)

@@ -136,7 +136,7 @@ class FlexPrefillIdentifier(Identifier):
         counts = torch.stack([torch.bincount(p[:, 0], minlength=plan.num_groups) for p in pairs]) * self.block
         if ctx.dense_fallback and plan.density_with(counts.sum(dim=0)) > self.dense_above:
             return DensePlan(batch, num_q, seq_len)
-        check_plan_budget(counts.view(batch, num_q, -1), ctx, group, per_query_head=True)
+        check_plan_budget(counts.view(batch, num_q, -1), k.shape[1], ctx, per_query_head=True)
         offsets = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=q.device)
         offsets[1:] = counts.flatten().cumsum(0)
         within = torch.arange(self.block, device=q.device)

@@ -145,7 +145,7 @@ class VerticalSlashIdentifier(Identifier):
         counts = torch.stack([torch.stack([_group_entries(head, plan)[3] for head in row]) for row in lines])
         if ctx.dense_fallback and plan.density_with(counts.sum(dim=(0, 1))) > self.dense_above:
             return DensePlan(batch, num_q, seq_len)
-        check_plan_budget(counts, ctx, group, per_query_head=not self.share_kv_heads)
+        check_plan_budget(counts, num_kv, ctx, per_query_head=not self.share_kv_heads)
         offsets = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=q.device)
         offsets[1:] = counts.flatten().cumsum(0)
         indices = torch.cat([_group_keys(head, plan) for row in lines for head in row])

@@ -88,6 +88,15 @@ class PlanBudgetExceeded(Exception):
         self.query_head_bytes = query_head_bytes
         self.budget = budget
 
+    @classmethod
+    def for_plan_heads(cls, plan_head_bytes: list[int], num_kv_heads: int, budget: int,
+                       per_query_head: bool) -> "PlanBudgetExceeded":
+        """From the bytes of each plan head's lists (plan heads are KV heads, or query heads when
+        ``per_query_head``, each list then independent of the other heads of its group)."""
+        per_kv = len(plan_head_bytes) // num_kv_heads
+        kv_head_bytes = [sum(plan_head_bytes[h * per_kv:(h + 1) * per_kv]) for h in range(num_kv_heads)]
+        return cls(kv_head_bytes, budget, plan_head_bytes if per_query_head else None)
+
 
 class Identifier(abc.ABC):
     """Decides which keys each query attends: ``identify(q, k, ctx) -> Plan``.
