@@ -137,11 +137,8 @@ class FlexPrefillIdentifier(Identifier):
         if ctx.dense_fallback and plan.density_with(counts.sum(dim=0)) > self.dense_above:
             return DensePlan(batch, num_q, seq_len)
         check_plan_budget(counts.view(batch, num_q, -1), k.shape[1], ctx, per_query_head=True)
-        offsets = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=q.device)
-        offsets[1:] = counts.flatten().cumsum(0)
         within = torch.arange(self.block, device=q.device)
-        indices = torch.cat([(p[:, 1:] * self.block + within).flatten() for p in pairs]).to(torch.int32)
-        return StripePlan(batch, num_q, seq_len, self.block, 0, 0, offsets, indices)
+        return plan.filled(counts, torch.cat([(p[:, 1:] * self.block + within).flatten() for p in pairs]))
 
 
 FLEXPREFILL = PatternSpec(

@@ -146,10 +146,7 @@ class VerticalSlashIdentifier(Identifier):
         if ctx.dense_fallback and plan.density_with(counts.sum(dim=(0, 1))) > self.dense_above:
             return DensePlan(batch, num_q, seq_len)
         check_plan_budget(counts, num_kv, ctx, per_query_head=not self.share_kv_heads)
-        offsets = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=q.device)
-        offsets[1:] = counts.flatten().cumsum(0)
-        indices = torch.cat([_group_keys(head, plan) for row in lines for head in row])
-        return StripePlan(batch, plan_heads, seq_len, self.block, self.sink, self.local, offsets, indices)
+        return plan.filled(counts, torch.cat([_group_keys(head, plan) for row in lines for head in row]))
 
     def _lines(self, q: torch.Tensor, k: torch.Tensor, plan_head: int, group: int, scale: float) -> _Lines:
         """One plan head's selection; q [Hq, N, D] and k [Hkv, N, D] of one sequence."""

@@ -17,7 +17,7 @@ int64 offsets keep the layout valid beyond 2^31 selected entries.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Union
 
 import torch
@@ -116,6 +116,14 @@ class StripePlan:
         segments = batch * plan_heads * -(-seq_len // group_rows)
         offsets = torch.zeros(segments + 1, dtype=torch.int64, device=device)
         return cls(batch, plan_heads, seq_len, group_rows, sink, local, offsets, offsets.new_zeros(0, dtype=torch.int32))
+
+    def filled(self, counts: torch.Tensor, indices: torch.Tensor) -> "StripePlan":
+        """This layout with its key lists: ``counts`` keys per segment (any shape, segment order) and
+        the lists concatenated in that order (cast to int32). Not validated: callers that build the
+        lists with any risk call :meth:`validate`."""
+        offsets = torch.zeros_like(self.offsets)
+        torch.cumsum(counts.flatten().to(device=offsets.device, dtype=torch.int64), dim=0, out=offsets[1:])
+        return replace(self, offsets=offsets, indices=indices.to(torch.int32))
 
     @property
     def num_groups(self) -> int:

@@ -17,7 +17,6 @@ Memory is O(group work): scores never exceed [B, Hq, group_rows, window] and
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
@@ -164,9 +163,7 @@ def anchor_identify_reference(
 def _assemble(layout: StripePlan, segments: torch.Tensor, positions: torch.Tensor) -> StripePlan:
     """Validated CSR plan from (segment, key) pairs that ascend by key within each segment."""
     counts = torch.bincount(segments, minlength=layout.offsets.numel() - 1)
-    offsets = torch.zeros_like(layout.offsets)
-    torch.cumsum(counts, dim=0, out=offsets[1:])
     order = torch.sort(segments, stable=True).indices
-    plan = dataclasses.replace(layout, offsets=offsets, indices=positions[order].to(torch.int32))
+    plan = layout.filled(counts, positions[order])
     plan.validate()
     return plan

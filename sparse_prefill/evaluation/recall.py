@@ -15,7 +15,6 @@ exact softmax is computed one query group at a time.
 from __future__ import annotations
 
 import contextvars
-import dataclasses
 from typing import Any, Iterable
 
 import torch
@@ -196,8 +195,6 @@ def oracle_stripe_plan(
             for head in range(num_q):
                 keys = columns.indices[head, : int(counts[head])].sort().values + sink_end
                 selected[(b * num_q + head) * layout.num_groups + group] = keys.to(torch.int32)
-    offsets = torch.zeros_like(layout.offsets)
-    torch.cumsum(torch.tensor([len(keys) for keys in selected]), dim=0, out=offsets[1:])
-    plan = dataclasses.replace(layout, offsets=offsets, indices=torch.cat(selected))
+    plan = layout.filled(torch.tensor([len(keys) for keys in selected]), torch.cat(selected))
     plan.validate()
     return plan
