@@ -22,8 +22,10 @@ FlexPrefill's block kernel computes.
 Decided here: diagonal blocks are offset ranges ``[s * block, (s + 1) * block)`` (the published
 code pools diagonals from the far end, which shifts them when the length is not a multiple of the
 block); partial last blocks are averaged over their real rows; a plan denser than
-``dense_above`` runs as dense attention. Plain PyTorch on any device; the block-level pooled
-attention of a query-aware head is (N / block)^2 floats, transient, one head at a time.
+``dense_above`` runs as dense attention. Plain PyTorch on any device, one head at a time (a
+Python loop, with host syncs for the budgets): a baseline for comparisons, far slower than
+`anchor`'s Triton identifier. The block-level pooled attention of a query-aware head is
+(N / block)^2 floats, transient.
 """
 
 from __future__ import annotations

@@ -19,8 +19,10 @@ Decided where the published method leaves room, or differs here on purpose:
   a sequence keeps the merged ranges whole (a few keys more than its rows reach).
 * A plan denser than ``dense_above`` runs as dense attention, as `anchor`'s does.
 
-This identifier is plain PyTorch on any device. Its memory is the ``last_q x N`` score block of
-one head at a time and lists proportional to what is selected.
+This identifier is plain PyTorch on any device, one head at a time (a Python loop, with host
+syncs for the data-dependent sizes): a baseline for comparisons, far slower than `anchor`'s Triton
+identifier. Its memory is the ``last_q x N`` score block of one head and lists proportional to
+what is selected.
 """
 
 from __future__ import annotations
@@ -142,6 +144,8 @@ class VerticalSlashIdentifier(Identifier):
         plan_heads = num_kv if self.share_kv_heads else num_q
         plan = StripePlan.empty(batch, plan_heads, seq_len, self.block, self.sink, self.local, q.device)
         lines = [[self._lines(q[b], k[b], h, group, ctx.scale) for h in range(plan_heads)] for b in range(batch)]
+        # Counted here and listed below from the same small selection: keeping every head's [groups, runs]
+        # entries in between would hold them all at once, which at 128k is about 100 MB per head.
         counts = torch.stack([torch.stack([_group_entries(head, plan)[3] for head in row]) for row in lines])
         if ctx.dense_fallback and plan.density_with(counts.sum(dim=(0, 1))) > self.dense_above:
             return DensePlan(batch, num_q, seq_len)
