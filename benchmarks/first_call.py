@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 
 import torch
 import triton
@@ -25,14 +24,6 @@ from sparse_prefill.evaluation.synthetic import structured_qkv
 from sparse_prefill.interfaces import AttentionContext
 from sparse_prefill.patterns.anchor import ANCHOR
 from sparse_prefill.policy import load_policy
-
-
-def seconds(fn) -> float:
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -48,7 +39,8 @@ def main() -> None:
         q, k, v = structured_qkv(n, hq, hkv, d, device="cuda", strength=0.8, heavy_fraction=0.055)
         ctx = AttentionContext.for_inputs(q, k, d ** -0.5)
         call = lambda: sparse_attention(q, k, v, identifier, ctx)  # noqa: E731
-        row = dict(label=args.label, seq_len=n, first_call_s=seconds(call), second_call_s=seconds(call),
+        row = dict(label=args.label, seq_len=n,
+                   first_call_s=speed.timed_once(call)[1], second_call_s=speed.timed_once(call)[1],
                    cache_autotuning=os.environ.get("TRITON_CACHE_AUTOTUNING", ""), gpu=torch.cuda.get_device_name(),
                    torch=torch.__version__, triton=triton.__version__, commit=args.commit)
         print(json.dumps(row), flush=True)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 import torch.nn.functional as F
@@ -52,10 +51,7 @@ def main() -> None:
         dense_out, dense_ms = dense(), speed.bench(dense)
         for name, params in args.pattern:
             identifier = get_pattern(name).build(**params)
-            start = time.perf_counter()
-            plan = identifier.identify(q, k, ctx)
-            torch.cuda.synchronize()
-            first_identify_s = time.perf_counter() - start
+            plan, first_identify_s = speed.timed_once(lambda: identifier.identify(q, k, ctx))
             out, _ = sparse_attention(q, k, v, identifier, ctx)
             row = dict(pattern=name, params=params, seq_len=n, plan=type(plan).__name__,
                        density=plan.density(),
