@@ -5,6 +5,18 @@
     sparse_prefill.remove(model)                          # back to the model's own attention
 """
 
+import os as _os
+
+# kernels/ and patterns/ sit at the repository root (the layout our users asked for) and install as
+# sparse_prefill.kernels and sparse_prefill.patterns. They have no __init__.py, so Python started in
+# the root never takes them for Hugging Face's `kernels` or any other installed distribution: a
+# regular package anywhere on sys.path wins over a folder without one. setuptools' editable finder
+# cannot map such a folder, so in a source checkout the root joins this package's search path; a
+# wheel carries both folders inside the package and needs nothing.
+_CHECKOUT_ROOT = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if not _os.path.isdir(_os.path.join(__path__[0], "kernels")) and _os.path.isdir(_os.path.join(_CHECKOUT_ROOT, "kernels")):
+    __path__.append(_CHECKOUT_ROOT)
+
 from sparse_prefill.dispatch import NoCapableExecutorError, select_executor, sparse_attention
 from sparse_prefill.integrations.huggingface import SparsePrefillHandle, apply, remove
 from sparse_prefill.interfaces import AttentionContext, Executor, Identifier, Parameter, PatternSpec
