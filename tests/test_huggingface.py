@@ -38,6 +38,16 @@ def logits(model, ids, **kwargs):
         return model(ids, **kwargs).logits
 
 
+def cache_kwargs(model, output):
+    """The forward keyword for a KV cache and ``output``'s cache: transformers 5.25 renamed
+    ``past_key_values`` to ``cache`` (the old name warns, removal announced for 5.40); 5.17 knows only the old one."""
+    import inspect
+
+    if "cache" in inspect.signature(model.forward).parameters:
+        return "cache", output.cache
+    return "past_key_values", output.past_key_values
+
+
 def streaming_reference_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
     """Dense attention under the streaming plan's exact O(N^2) mask: the truth for the sparse path."""
     ctx = AttentionContext.for_inputs(query, key, scaling)
@@ -151,11 +161,30 @@ def test_cached_prefix_continuation_runs_exactly_as_unpatched():
     handle = sparse_prefill.apply(model, STREAMING)
     with torch.no_grad():
         prefix = model(ids[:, :128], use_cache=True)
-    cache_copy = copy.deepcopy(prefix.past_key_values)
-    patched = logits(model, ids[:, 128:], past_key_values=prefix.past_key_values)
+    keyword, cache = cache_kwargs(model, prefix)
+    cache_copy = copy.deepcopy(cache)
+    patched = logits(model, ids[:, 128:], **{keyword: cache})
     assert handle.stats.dense_calls == 2  # the continuation (query shorter than keys) went to SDPA
     sparse_prefill.remove(model)
-    torch.testing.assert_close(patched, logits(model, ids[:, 128:], past_key_values=cache_copy), atol=0, rtol=0)
+    torch.testing.assert_close(patched, logits(model, ids[:, 128:], **{keyword: cache_copy}), atol=0, rtol=0)
+
+
+def test_deep_copy_of_patched_model_is_independent_of_the_original():
+    model = make_model()
+    ids = torch.randint(0, 128, (1, 130))
+    expected = logits(model, ids)
+    name = sparse_prefill.apply(model, STREAMING).name
+    sparse_expected = logits(model, ids)
+    twin = copy.deepcopy(model)
+    torch.testing.assert_close(logits(twin, ids), sparse_expected, atol=0, rtol=0)
+    sparse_prefill.remove(twin)  # the original keeps running sparse...
+    torch.testing.assert_close(logits(model, ids), sparse_expected, atol=0, rtol=0)
+    torch.testing.assert_close(logits(twin, ids), expected, atol=0, rtol=0)
+    assert name in AttentionInterface._global_mapping
+    sparse_prefill.remove(model)  # ...and is restored by its own remove(), which frees the name
+    torch.testing.assert_close(logits(model, ids), expected, atol=0, rtol=0)
+    assert model.config._attn_implementation == "sdpa"
+    assert name not in AttentionInterface._global_mapping and name not in AttentionMaskInterface._global_mapping
 
 
 def test_per_head_overrides_split_heads_and_keep_kv_groups():

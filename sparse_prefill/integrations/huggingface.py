@@ -18,6 +18,8 @@ written in global head indices, land on the right heads.
 
 from __future__ import annotations
 
+import collections
+import copy
 import functools
 import itertools
 import sys
@@ -36,6 +38,9 @@ __all__ = ["SparsePrefillHandle", "DeferredMask", "apply", "remove", "tp_head_of
 
 _HANDLE_ATTR = "_sparse_prefill_handle"
 _names = itertools.count()
+# Patched models per registered name: a deep copy of a patched model shares its original's name, so
+# remove() on one must leave the name registered while the other still runs under it.
+_name_users: collections.Counter[str] = collections.Counter()
 
 # Query projections of transformers' attention classes, and the TP styles that keep every head
 # on every rank (the projection's output is gathered). A "colwise" rule on an unfused projection
@@ -128,6 +133,16 @@ class SparsePrefillHandle:
 
     def remove(self) -> None:
         remove(self.model)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "SparsePrefillHandle":
+        """``copy.deepcopy`` of a patched model: the copy runs under the same registered attention
+        function (its config names it), so it shares this handle's policy and statistics, and
+        :func:`remove` on either model leaves the other patched."""
+        copied = SparsePrefillHandle(copy.deepcopy(self.model, memo), self.policy, self.name,
+                                     self.previous_implementation, self.previous_attention, self.collect_stats,
+                                     self.head_offset, self.stats)
+        _name_users[self.name] += 1
+        return copied
 
 
 def _transformers_interfaces() -> tuple[Any, Any]:
@@ -253,7 +268,7 @@ def _make_mask_function(previous_mask: Callable[..., Any]) -> Callable[..., Any]
 # never gives a silently different answer.
 _HONOURED_KWARGS = frozenset({
     "scaling", "dropout", "sliding_window", "is_causal", "position_ids", "cache_position", "use_cache",
-    "past_key_values", "past_key_value",
+    "past_key_values", "past_key_value", "cache",
 })
 
 
@@ -390,6 +405,7 @@ def apply(model: Any, policy: PolicySource, *, collect_stats: bool = False) -> S
     mask_functions.register(name, _make_mask_function(mask_functions[previous]))
     model.set_attn_implementation(name)
     setattr(model, _HANDLE_ATTR, handle)
+    _name_users[name] += 1
     return handle
 
 
@@ -399,7 +415,10 @@ def remove(model: Any) -> None:
     if handle is None:
         raise RuntimeError("sparse prefill is not applied to this model")
     model.set_attn_implementation(handle.previous_implementation)
-    attention_functions, mask_functions = _transformers_interfaces()
-    for interface in (attention_functions, mask_functions):
-        interface._global_mapping.pop(handle.name, None)
     delattr(model, _HANDLE_ATTR)
+    _name_users[handle.name] -= 1
+    if _name_users[handle.name] <= 0:  # no deep copy still runs under this name
+        del _name_users[handle.name]
+        attention_functions, mask_functions = _transformers_interfaces()
+        for interface in (attention_functions, mask_functions):
+            interface._global_mapping.pop(handle.name, None)
