@@ -1,0 +1,94 @@
+"""Pictures of a whole-model evaluation (matplotlib, the ``plots`` extra).
+
+:func:`plot_quality_vs_density` is the one that settles which pattern keeps more at the same cost:
+KL against dense (and the perplexity change) against mean attention density, one curve per pattern
+and length, the points of a sweep joined in density order.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from sparse_prefill.evaluation import BASELINE_LABEL
+from sparse_prefill.evaluation.whole_model import Measurement
+
+__all__ = ["plot_needle_heatmap", "plot_quality_vs_density"]
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ModuleNotFoundError as exc:
+        raise ModuleNotFoundError("plots need matplotlib: pip install 'sparse-prefill[plots]'") from exc
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_quality_vs_density(results: Sequence[Measurement], path: str | Path, title: str = "") -> Path:
+    """KL(dense || policy) and perplexity change vs mean density; one line per (pattern, length)."""
+    plt = _pyplot()
+    fig, (ax_kl, ax_ppl) = plt.subplots(1, 2, figsize=(12, 4.8))
+    curves: dict[tuple[str, int], list[Measurement]] = {}
+    for m in results:
+        if m.label != BASELINE_LABEL and m.density is not None:
+            curves.setdefault((m.pattern, m.length), []).append(m)
+    lengths = sorted({length for _, length in curves})
+    styles = ["-", "--", ":", "-."]
+    colors = {pattern: f"C{i}" for i, pattern in enumerate(sorted({p for p, _ in curves}))}
+    for (pattern, length), points in sorted(curves.items()):
+        points.sort(key=lambda m: m.density)
+        style = dict(color=colors[pattern], linestyle=styles[lengths.index(length) % len(styles)], marker="o")
+        label = f"{pattern}, {length // 1024}k" if length >= 1024 else f"{pattern}, {length}"
+        ax_kl.plot([m.density for m in points], [max(m.kl, 1e-6) for m in points], label=label, **style)
+        ax_ppl.plot([m.density for m in points], [100 * m.perplexity_change for m in points], label=label, **style)
+    ax_kl.set(xlabel="mean attention density (fraction of causal scores computed)",
+              ylabel="mean KL(dense || policy) per position, nats", yscale="log",
+              title="next-token distributions vs dense")
+    ax_ppl.axhline(0.0, color="grey", linewidth=0.8)
+    ax_ppl.set(xlabel="mean attention density", ylabel="perplexity vs dense (%)", title="perplexity")
+    for ax in (ax_kl, ax_ppl):
+        ax.set_xlim(left=0)
+        ax.grid(alpha=0.3)
+    ax_ppl.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_needle_heatmap(results: Sequence[Measurement], path: str | Path, title: str = "") -> Path:
+    """One panel per label: needle found (green) or missed (red) by length and depth."""
+    plt = _pyplot()
+    labels = list(dict.fromkeys(m.label for m in results if m.needle))
+    if not labels:
+        raise ValueError("no needle results to draw (the evaluation ran with no needle depths)")
+    lengths = sorted({m.length for m in results if m.needle})
+    depths = sorted({float(d) for m in results for d in m.needle})
+    columns = min(4, len(labels))
+    rows = -(-len(labels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 0.6 * len(depths) + 1.6 * rows), squeeze=False)
+    for ax, label in zip(axes.flat, labels):
+        grid = [[float("nan")] * len(lengths) for _ in depths]
+        for m in results:
+            if m.label == label:
+                for depth, found in m.needle.items():
+                    grid[depths.index(float(depth))][lengths.index(m.length)] = 1.0 if found else 0.0
+        ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+        ax.set_xticks(range(len(lengths)), [f"{n // 1024}k" if n >= 1024 else str(n) for n in lengths])
+        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+        ax.set(xlabel="length", ylabel="depth", title=label[:40])
+    for ax in list(axes.flat)[len(labels):]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,317 @@
+"""Whole-model evaluation: what a policy changes in a model's answers, and what it saves in prefill time.
+
+For each prompt length, the unpatched model runs first (the baseline, labelled ``dense``), then
+every policy on the same tokens, the model restored after each:
+
+- the next-token distributions at the last ``score_last`` positions of real text: perplexity, and
+  the mean KL divergence KL(dense || policy) per position, the most sensitive model-level measure
+  (perplexity can hide changes that cancel out);
+- what ran: mean attention density per layer, and the calls that stayed on the model's own
+  attention with the reason;
+- time to first token of the whole model (one forward that keeps one position's logits), the
+  median of ``repeats`` after a warm-up that compiles and tunes the kernels;
+- needle in a haystack: whether greedy decoding returns a number hidden at each depth.
+
+Everything runs on the device the model is on; on a CPU the sparse path is the PyTorch reference,
+so the times there say nothing about a GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+import yaml
+
+from sparse_prefill.evaluation import BASELINE_LABEL
+from sparse_prefill.integrations.huggingface import PrefillStats, apply, remove
+from sparse_prefill.policy import PatternChoice, Policy, PolicyError
+from sparse_prefill.registry import get_pattern
+
+__all__ = [
+    "EvalSettings",
+    "Measurement",
+    "evaluate",
+    "kl_per_position",
+    "next_token_logprobs",
+    "parse_sweep",
+    "perplexity_of",
+    "sweep_policies",
+]
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """What :func:`evaluate` measures. Needle depths empty: no needle; ``repeats`` 0: no timing."""
+
+    lengths: tuple[int, ...]
+    score_last: int = 1024
+    needle_depths: tuple[float, ...] = (0.1, 0.5, 0.9)
+    needle_new_tokens: int = 12
+    repeats: int = 3
+
+    def __post_init__(self) -> None:
+        if not self.lengths or any(n < 2 for n in self.lengths):
+            raise ValueError(f"lengths must be one or more token counts >= 2, got {self.lengths}")
+        if not 0 < self.score_last < min(self.lengths):
+            raise ValueError(f"score_last must be in [1, {min(self.lengths) - 1}] (below the shortest length), "
+                             f"got {self.score_last}")
+        if any(not 0.0 <= d <= 1.0 for d in self.needle_depths):
+            raise ValueError(f"needle depths must be in [0, 1], got {self.needle_depths}")
+        if self.needle_new_tokens < 1 or self.repeats < 0:
+            raise ValueError(f"needle_new_tokens must be >= 1 and repeats >= 0, got {self.needle_new_tokens} "
+                             f"and {self.repeats}")
+
+
+@dataclass
+class Measurement:
+    """One label (``dense`` or a policy) at one length."""
+
+    label: str
+    pattern: str  # the default pattern, so a sweep's points form one curve
+    params: dict[str, Any]
+    length: int
+    perplexity: float
+    perplexity_change: float  # perplexity / dense perplexity - 1
+    kl: float  # mean over scored positions of KL(dense || this), nats
+    kl_max: float
+    top1_agreement: float  # scored positions whose most likely next token is dense's
+    density: float | None  # mean over every sparse plan (heads weighted); None: nothing ran sparse
+    layer_density: dict[str, float] = field(default_factory=dict)
+    sparse_calls: int = 0
+    fallbacks: dict[str, int] = field(default_factory=dict)
+    prefill_ms: float | None = None
+    prefill_vs_dense: float | None = None
+    needle: dict[str, bool] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics (each checked against brute force in tests/test_whole_model.py)
+
+def next_token_logprobs(model: Any, input_ids: torch.Tensor, score_last: int) -> torch.Tensor:
+    """log-softmax of the model's next-token logits at the last ``score_last`` predictions, float32
+    [score_last, vocab]: row t predicts token ``input_ids[0, N - score_last + t]``."""
+    n = input_ids.shape[1]
+    if not 0 < score_last < n:
+        raise ValueError(f"score_last must be in [1, {n - 1}] for {n} tokens, got {score_last}")
+    ids = input_ids.to(_device_of(model))
+    with torch.inference_mode():
+        logits = model(ids, use_cache=False, logits_to_keep=score_last + 1).logits[0, -score_last - 1: -1]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def perplexity_of(logprobs: torch.Tensor, targets: torch.Tensor) -> float:
+    """exp(mean negative log-likelihood of ``targets`` [T] under ``logprobs`` [T, vocab])."""
+    picked = logprobs.gather(1, targets.to(logprobs.device).view(-1, 1)).squeeze(1)
+    return math.exp(-float(picked.mean()))
+
+
+def kl_per_position(reference: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """KL(reference || other) per row of two log-probability tables [T, vocab], nats; 0 log 0 = 0.
+    Rounding can make a sum of nearly equal rows slightly negative: KL is >= 0, so it is clamped."""
+    p = reference.exp()
+    terms = torch.where(p > 0, p * (reference - other), torch.zeros_like(p))
+    return terms.sum(dim=-1).clamp_min(0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sweeps: a pattern's knob over several values, as policies
+
+def parse_sweep(items: Iterable[str]) -> dict[tuple[str | None, str], list[Any]]:
+    """``["theta=6,8", "flexprefill.gamma=0.8,0.9"]`` -> {(None, "theta"): [6, 8], ("flexprefill", "gamma"): [...]}.
+
+    Values are read as YAML scalars (as in a policy file). A key without a pattern applies to every
+    policy whose default pattern has that parameter.
+    """
+    sweep: dict[tuple[str | None, str], list[Any]] = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        pattern, _, param = key.strip().rpartition(".")
+        if not sep or not param or not values.strip():
+            raise ValueError(f"--sweep {item!r}: expected PARAM=V1,V2,... or PATTERN.PARAM=V1,V2,...")
+        parsed = [yaml.safe_load(value) for value in values.split(",")]
+        sweep[(pattern or None, param)] = parsed
+    return sweep
+
+
+def sweep_policies(policies: Mapping[str, Policy], sweep: Mapping[tuple[str | None, str], list[Any]],
+                   ) -> dict[str, Policy]:
+    """Each policy once per combination of the swept values of its default pattern's parameters
+    (labelled ``label[theta=6]``); policies the sweep does not touch stay as they are.
+
+    Only the default choice changes: per-layer or per-head overrides keep their own parameters.
+    Every value is checked against the pattern's parameter, so a bad one fails before any model runs;
+    a sweep key no policy can take is an error.
+    """
+    out: dict[str, Policy] = {}
+    used: set[tuple[str | None, str]] = set()
+    for label, policy in policies.items():
+        pattern = policy.default.pattern
+        spec = get_pattern(pattern)
+        keys = [(p, name) for (p, name) in sweep if p in (None, pattern) and name in spec.parameters]
+        if not keys:
+            out[label] = policy
+            continue
+        used.update(keys)
+        for values in itertools.product(*(sweep[key] for key in keys)):
+            params = policy.default.as_dict()
+            for (_, name), value in zip(keys, values):
+                try:
+                    params[name] = spec.parameters[name].coerce(value)
+                except ValueError as exc:
+                    raise PolicyError(f"--sweep {pattern}.{name}={value!r}: {exc}") from None
+            tag = ",".join(f"{name}={params[name]}" for _, name in keys)
+            choice = PatternChoice(pattern, tuple(params.items()))
+            out[f"{label}[{tag}]"] = dataclasses.replace(policy, default=choice, source=f"{policy.source} [{tag}]")
+    unused = [f"{p + '.' if p else ''}{name}" for (p, name) in sweep if (p, name) not in used]
+    if unused:
+        patterns = sorted({policy.default.pattern for policy in policies.values()})
+        raise PolicyError(f"--sweep {', '.join(unused)}: no given policy's default pattern ({', '.join(patterns)}) "
+                          "has that parameter; `sparse-prefill patterns` lists the patterns")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Running
+
+def _device_of(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def prefill_ms(model: Any, input_ids: torch.Tensor, repeats: int) -> float:
+    """Median time (ms) of a whole-model prefill that keeps one position's logits, after one warm-up."""
+    device = _device_of(model)
+    ids = input_ids.to(device)
+    times = []
+    with torch.inference_mode():
+        for i in range(repeats + 1):
+            _synchronize(device)
+            start = time.perf_counter()
+            model(ids, use_cache=False, logits_to_keep=1)
+            _synchronize(device)
+            if i:  # the first call compiles and tunes kernels: not part of a prefill's time
+                times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def needle_found(model: Any, tokenizer: Any, length: int, depth: float, new_tokens: int) -> bool:
+    """Whether greedy decoding answers the number hidden at ``depth`` of a ``length``-token prompt."""
+    from sparse_prefill.evaluation.needle import build_needle_prompt
+
+    prompt = build_needle_prompt(tokenizer, length, depth)
+    ids = prompt.input_ids.to(_device_of(model))
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.eos_token_id)
+    return prompt.found_in(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+
+
+def _describe_policy(label: str, policy: Policy | None) -> tuple[str, dict[str, Any]]:
+    if policy is None:
+        return BASELINE_LABEL, {}
+    return policy.default.pattern, policy.default.as_dict()
+
+
+def evaluate(model: Any, tokenizer: Any, text_ids: Callable[[int], torch.Tensor], policies: Mapping[str, Policy],
+             settings: EvalSettings, progress: Callable[[Iterable[Any]], Iterable[Any]] = lambda steps: steps,
+             ) -> list[Measurement]:
+    """Dense, then each labelled policy, at each length; the model is restored after every policy.
+
+    ``text_ids(n)`` gives the [1, n] token ids of real text for the quality measures (for example
+    :func:`~sparse_prefill.evaluation.models.essay_token_ids`). ``tokenizer`` builds the needle
+    prompts (unused when ``settings.needle_depths`` is empty).
+    """
+    if BASELINE_LABEL in policies:
+        raise ValueError(f"the label {BASELINE_LABEL!r} names the unpatched model; give the policy another")
+    steps = [(n, label) for n in settings.lengths for label in (BASELINE_LABEL, *policies)]
+    results: list[Measurement] = []
+    dense: dict[int, tuple[torch.Tensor, Measurement]] = {}
+    ids_by_length: dict[int, torch.Tensor] = {}
+    for length, label in progress(steps):
+        ids = ids_by_length.setdefault(length, text_ids(length))
+        policy = policies.get(label)
+        results.append(_measure(model, tokenizer, ids, label, policy, settings, dense))
+    return results
+
+
+def _measure(model: Any, tokenizer: Any, ids: torch.Tensor, label: str, policy: Policy | None,
+             settings: EvalSettings, dense: dict[int, tuple[torch.Tensor, Measurement]]) -> Measurement:
+    length = ids.shape[1]
+    targets = ids[0, -settings.score_last:]
+
+    def patched(collect_stats: bool = False) -> Any:
+        return apply(model, policy, collect_stats=collect_stats) if policy is not None else None
+
+    def restore() -> None:
+        if policy is not None:
+            remove(model)
+
+    handle = patched(collect_stats=True)
+    try:
+        logprobs = next_token_logprobs(model, ids, settings.score_last)
+    finally:
+        restore()
+    stats = handle.stats if handle is not None else PrefillStats()
+    pattern, params = _describe_policy(label, policy)
+    ppl = perplexity_of(logprobs, targets)
+    if policy is None:
+        reference = logprobs
+        base = None
+    else:
+        reference, base = dense[length]
+    kl = kl_per_position(reference, logprobs)
+    agreement = float((reference.argmax(-1) == logprobs.argmax(-1)).float().mean())
+    measurement = Measurement(
+        label=label, pattern=pattern, params=params, length=length, perplexity=ppl,
+        perplexity_change=0.0 if base is None else ppl / base.perplexity - 1.0,
+        kl=float(kl.mean()), kl_max=float(kl.max()), top1_agreement=agreement,
+        density=1.0 if policy is None else stats.mean_density(),
+        layer_density={str(layer): round(d, 5) for layer, d in stats.layer_densities().items()},
+        sparse_calls=stats.sparse_calls, fallbacks=dict(stats.fallbacks),
+    )
+    if policy is None:
+        dense[length] = (logprobs, measurement)
+    del logprobs
+    if settings.repeats:
+        patched()
+        try:
+            measurement.prefill_ms = prefill_ms(model, ids, settings.repeats)
+        finally:
+            restore()
+        if base is not None and base.prefill_ms:
+            measurement.prefill_vs_dense = measurement.prefill_ms / base.prefill_ms
+    for depth in settings.needle_depths:
+        patched()
+        try:
+            measurement.needle[str(depth)] = needle_found(model, tokenizer, length, depth, settings.needle_new_tokens)
+        finally:
+            restore()
+    return measurement
+
+
+def summary_table(results: Sequence[Measurement]) -> str:
+    """A plain-text table, one row per label and length."""
+    header = (f"{'label':34} {'length':>7} {'density':>8} {'ppl':>9} {'ppl vs dense':>12} {'KL':>8} "
+              f"{'top1':>6} {'prefill':>9} {'needle':>7}")
+    lines = [header]
+    for m in results:
+        density = "-" if m.density is None else f"{m.density:.3f}"
+        prefill = "-" if m.prefill_vs_dense is None else f"{m.prefill_vs_dense:.2f}x"
+        if m.label == BASELINE_LABEL and m.prefill_ms is not None:
+            prefill = f"{m.prefill_ms:.0f}ms"
+        needle = f"{sum(m.needle.values())}/{len(m.needle)}" if m.needle else "-"
+        lines.append(f"{m.label[:34]:34} {m.length:>7} {density:>8} {m.perplexity:>9.3f} "
+                     f"{m.perplexity_change * 100:>+11.2f}% {m.kl:>8.4f} {m.top1_agreement:>6.3f} {prefill:>9} "
+                     f"{needle:>7}")
+    return "\n".join(lines)

@@ -1,0 +1,134 @@
+"""Whole-model evaluation on a tiny random model: metrics against brute force, the runner end to end."""
+
+import math
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from sparse_prefill.evaluation.whole_model import (
+    EvalSettings,
+    evaluate,
+    kl_per_position,
+    next_token_logprobs,
+    parse_sweep,
+    perplexity_of,
+    summary_table,
+    sweep_policies,
+)
+from sparse_prefill.policy import PolicyError, load_policy
+
+TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, max_position_embeddings=1024)
+STREAMING = {"min_length": 0, "default": {"pattern": "streaming", "sink": 8, "local": 16, "group_rows": 16}}
+EVERY_KEY = {"min_length": 0, "default": {"pattern": "streaming", "sink": 8, "local": 4096, "group_rows": 16}}
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    config = LlamaConfig(**TINY)
+    config._attn_implementation = "sdpa"
+    return LlamaForCausalLM(config).eval()
+
+
+class CharTokenizer:
+    """Just enough of a tokenizer for the needle prompts: one id per character."""
+
+    chat_template = None
+    eos_token_id = 0
+    bos_token_id = None
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [1 + ord(c) % 95 for c in text]}
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(chr(32 + (int(i) - 1) % 95) for i in ids)
+
+
+def random_logprobs(rows, vocab, seed):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.log_softmax(torch.randn(rows, vocab, generator=generator) * 3, dim=-1)
+
+
+def test_kl_per_position_matches_brute_force():
+    p, q = random_logprobs(5, 7, 1), random_logprobs(5, 7, 2)
+    p[2, 3] = -math.inf  # a zero-probability token: 0 log 0 = 0
+    p[2] = torch.log_softmax(p[2], dim=-1)
+    expected = [sum(math.exp(a) * (a - b) for a, b in zip(p[t].tolist(), q[t].tolist()) if a > -math.inf)
+                for t in range(5)]
+    torch.testing.assert_close(kl_per_position(p, q), torch.tensor(expected), rtol=1e-5, atol=1e-6)
+    assert torch.allclose(kl_per_position(q, q), torch.zeros(5), atol=1e-6)
+    assert (kl_per_position(p, q) >= 0).all()
+
+
+def test_perplexity_matches_brute_force():
+    logprobs, targets = random_logprobs(6, 9, 3), torch.tensor([0, 8, 4, 4, 1, 2])
+    nll = -sum(logprobs[t, int(targets[t])].item() for t in range(6)) / 6
+    assert perplexity_of(logprobs, targets) == pytest.approx(math.exp(nll), rel=1e-6)
+
+
+def test_next_token_logprobs_are_the_last_predictions_of_a_full_forward():
+    model, ids = tiny_model(), torch.randint(0, 96, (1, 40))
+    with torch.no_grad():
+        full = torch.log_softmax(model(ids).logits[0].float(), dim=-1)
+    torch.testing.assert_close(next_token_logprobs(model, ids, 7), full[-8:-1], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="score_last"):
+        next_token_logprobs(model, ids, 40)
+
+
+def test_sweep_makes_one_policy_per_value_and_checks_values():
+    policies = {"anchor": load_policy("anchor.yaml"), "streaming": load_policy("streaming.yaml")}
+    swept = sweep_policies(policies, parse_sweep(["theta=6,8.5"]))
+    assert list(swept) == ["anchor[theta=6.0]", "anchor[theta=8.5]", "streaming"]
+    assert swept["anchor[theta=6.0]"].default.as_dict()["theta"] == 6.0
+    assert swept["anchor[theta=6.0]"].min_length == policies["anchor"].min_length
+    with pytest.raises(PolicyError, match="theta"):
+        sweep_policies(policies, parse_sweep(["theta=.inf"]))
+    with pytest.raises(PolicyError, match="gamma"):
+        sweep_policies(policies, parse_sweep(["gamma=0.9"]))
+    with pytest.raises(ValueError, match="PARAM=V1"):
+        parse_sweep(["theta"])
+
+
+def test_settings_refuse_what_cannot_be_measured():
+    with pytest.raises(ValueError, match="score_last"):
+        EvalSettings(lengths=(64, 32), score_last=32)
+    with pytest.raises(ValueError, match="depths"):
+        EvalSettings(lengths=(64,), score_last=8, needle_depths=(1.5,))
+
+
+def test_evaluate_end_to_end_on_a_tiny_model():
+    model = tiny_model()
+    text = torch.randint(1, 96, (1, 200))
+    policies = {"streaming": load_policy(STREAMING), "every-key": load_policy(EVERY_KEY)}
+    settings = EvalSettings(lengths=(96, 160), score_last=32, needle_depths=(0.5,), needle_new_tokens=2, repeats=1)
+    results = evaluate(model, CharTokenizer(), lambda n: text[:, :n], policies, settings)
+    assert [(m.label, m.length) for m in results] == [
+        (label, n) for n in (96, 160) for label in ("dense", "streaming", "every-key")]
+    for m in results:
+        assert math.isfinite(m.perplexity) and m.kl >= 0 and 0 <= m.top1_agreement <= 1
+        assert m.prefill_ms is not None and set(m.needle) == {"0.5"}
+        if m.label == "dense":
+            assert m.kl == 0 and m.perplexity_change == 0 and m.density == 1.0
+        else:
+            assert m.sparse_calls == 2 and set(m.layer_density) == {"0", "1"}  # a plan per layer
+            assert m.prefill_vs_dense is not None
+    by = {(m.label, m.length): m for m in results}
+    # A window that covers every key is dense attention: same distributions, to rounding.
+    assert by[("every-key", 160)].kl < 1e-6 and by[("every-key", 160)].top1_agreement == 1.0
+    # Dropping keys changes them, and costs less than everything.
+    assert by[("streaming", 160)].kl > 1e-6 and by[("streaming", 160)].density < 0.5
+    assert "streaming" in summary_table(results)
+
+
+def test_plots_are_written(tmp_path):
+    pytest.importorskip("matplotlib")
+    from sparse_prefill.evaluation.plots import plot_needle_heatmap, plot_quality_vs_density
+
+    model = tiny_model()
+    text = torch.randint(1, 96, (1, 100))
+    settings = EvalSettings(lengths=(64,), score_last=16, needle_depths=(0.2, 0.8), needle_new_tokens=1, repeats=0)
+    results = evaluate(model, CharTokenizer(), lambda n: text[:, :n], {"streaming": load_policy(STREAMING)}, settings)
+    for plot, name in ((plot_quality_vs_density, "quality.png"), (plot_needle_heatmap, "needle.png")):
+        path = plot(results, tmp_path / name, title="tiny")
+        assert path.stat().st_size > 1000
