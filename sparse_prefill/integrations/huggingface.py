@@ -94,28 +94,49 @@ def _valid_ranges(padding: torch.Tensor) -> list[tuple[int, int]] | None:
 
 @dataclass
 class PrefillStats:
-    """Counts of what the attention function did, and the plans' densities when collected.
+    """What the attention function did: calls on each path, why calls ran the previous
+    implementation, and the plans' densities when collected.
 
     A layer call can make several plans (per-head policies, memory-bounded head chunks):
-    ``densities`` has one entry per plan, ``plan_heads`` the query heads each covered.
+    ``densities`` has one entry per plan, ``plan_heads`` the query heads each covered and
+    ``plan_layers`` its layer. ``fallbacks`` counts the calls that ran the previous implementation
+    by reason (decode steps and cached prefixes included: that is where they belong).
     """
 
     sparse_calls: int = 0
     dense_calls: int = 0
     densities: list[float] = field(default_factory=list)
     plan_heads: list[int] = field(default_factory=list)
+    plan_layers: list[int | None] = field(default_factory=list)
+    fallbacks: collections.Counter[str] = field(default_factory=collections.Counter)
 
     def mean_density(self) -> float | None:
         """Density over every query head of every sparse call (plans weighted by their heads)."""
         heads = sum(self.plan_heads)
         return sum(d * h for d, h in zip(self.densities, self.plan_heads)) / heads if heads else None
 
+    def layer_densities(self) -> dict[int | None, float]:
+        """Mean density per layer, plans weighted by their heads (layers that made no plan are absent)."""
+        totals: dict[int | None, list[float]] = {}
+        for density, heads, layer in zip(self.densities, self.plan_heads, self.plan_layers):
+            weighted = totals.setdefault(layer, [0.0, 0.0])
+            weighted[0] += density * heads
+            weighted[1] += heads
+        return {layer: total / heads for layer, (total, heads) in sorted(totals.items(), key=lambda kv: str(kv[0]))}
+
     def record(self, plan: Plan, ctx: AttentionContext) -> None:
         self.densities.append(plan.density())
         self.plan_heads.append(ctx.num_q_heads)
+        self.plan_layers.append(ctx.layer_idx)
+
+    def record_fallback(self, reason: str) -> None:
+        self.dense_calls += 1
+        self.fallbacks[reason] += 1
 
     def reset(self) -> None:
-        self.sparse_calls, self.dense_calls, self.densities, self.plan_heads = 0, 0, [], []
+        self.sparse_calls, self.dense_calls = 0, 0
+        self.densities, self.plan_heads, self.plan_layers = [], [], []
+        self.fallbacks = collections.Counter()
 
 
 @dataclass
@@ -272,28 +293,32 @@ _HONOURED_KWARGS = frozenset({
 })
 
 
-def _needs_previous(handle: SparsePrefillHandle, module: Any, query: torch.Tensor, key: torch.Tensor,
-                    value: torch.Tensor, mask: Any, kwargs: dict[str, Any]) -> bool:
-    if not isinstance(mask, DeferredMask) or query.shape[2] != key.shape[2]:
-        return True
+def _previous_reason(handle: SparsePrefillHandle, module: Any, query: torch.Tensor, key: torch.Tensor,
+                     value: torch.Tensor, mask: Any, kwargs: dict[str, Any]) -> str | None:
+    """Why this call must run the previous implementation, or None when the sparse path may take it."""
+    if query.shape[2] != key.shape[2]:
+        return "decode, chunked prefill or cached prefix (query shorter than keys)"
+    if not isinstance(mask, DeferredMask):
+        return "not a fresh causal prefill (cached prefix, custom mask, packing or a local window)"
     if value.shape[-1] != query.shape[-1]:  # MLA (DeepSeek): the executors take one head dim
-        return True
+        return "value head dim differs from query head dim (MLA)"
     window = kwargs.get("sliding_window")
     if window is not None and key.shape[2] > window:  # a window at least as long as the keys is causal
-        return True
-    if kwargs.get("is_causal") is False:
-        return True
+        return "sliding window shorter than the input"
+    if kwargs.get("is_causal") is False or not getattr(module, "is_causal", True):
+        return "not causal"
     # softcap, output_attentions=True, attention sinks, ...: what the sparse path does not honour.
-    if any(given is not None and given is not False for name, given in kwargs.items()
-           if name not in _HONOURED_KWARGS):
-        return True
+    unknown = sorted(name for name, given in kwargs.items()
+                     if name not in _HONOURED_KWARGS and given is not None and given is not False)
+    if unknown:
+        return f"unsupported attention keyword(s) {', '.join(unknown)}"
     if kwargs.get("dropout", 0.0) and module.training:
-        return True
+        return "dropout in training"
     if torch.is_grad_enabled() and query.requires_grad:  # the sparse kernels have no backward
-        return True
-    if not getattr(module, "is_causal", True):
-        return True
-    return query.shape[2] < handle.policy.min_length
+        return "gradients recorded (prefill under torch.inference_mode())"
+    if query.shape[2] < handle.policy.min_length:
+        return f"shorter than the policy's min_length {handle.policy.min_length}"
+    return None
 
 
 def _kv_aligned_chunks(heads: tuple[int, ...], group: int) -> list[tuple[list[int], list[int]]]:
@@ -347,9 +372,10 @@ def _dense_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
 def _attention_function(handle: SparsePrefillHandle) -> Callable[..., Any]:
     def attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   attention_mask: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
-        if _needs_previous(handle, module, query, key, value, attention_mask, kwargs):
+        reason = _previous_reason(handle, module, query, key, value, attention_mask, kwargs)
+        if reason is not None:
             mask = attention_mask.materialize() if isinstance(attention_mask, DeferredMask) else attention_mask
-            handle.stats.dense_calls += 1
+            handle.stats.record_fallback(reason)
             return handle.previous_attention(module, query, key, value, mask, **kwargs)
         scale = kwargs.get("scaling")
         scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
@@ -360,7 +386,7 @@ def _attention_function(handle: SparsePrefillHandle) -> Callable[..., Any]:
         else:
             ranges = attention_mask.sequence_ranges()
             if ranges is None:  # holes inside a sequence: only the exact mask is right
-                handle.stats.dense_calls += 1
+                handle.stats.record_fallback("padding with holes inside a sequence")
                 return handle.previous_attention(module, query, key, value, attention_mask.materialize(), **kwargs)
             out = torch.zeros_like(query)
             for b, (start, end) in enumerate(ranges):
