@@ -38,6 +38,7 @@ def test_essay_tokens_start_as_the_tokenizer_starts_text(adds_bos: bool) -> None
     assert ids == _default_encoding_start(tokenizer, 100)
 
 
+@pytest.mark.slow
 def test_smollm2_essay_tokens_get_no_bos() -> None:
     """SmolLM2's tokenizer has a BOS token but adds none to text: its inputs (recall.md's numbers) stay as before."""
     tokenizer = AutoTokenizer.from_pretrained(str(_package_dir(_SMOLLM2_PACKAGE, "")), gguf_file=_SMOLLM2_FILE)

@@ -241,6 +241,7 @@ LLAMA_31_8B = dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads
 QWEN25_7B = dict(hidden_size=3584, num_attention_heads=28, num_key_value_heads=4, head_dim=128, rope_theta=1e6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, cls, config_cls, shape", [
     ("llama-3.1-8b", LlamaForCausalLM, LlamaConfig, LLAMA_31_8B),
     ("qwen2.5-7b", Qwen2ForCausalLM, Qwen2Config, QWEN25_7B),

@@ -60,12 +60,14 @@ def _default_params() -> dict:
     return {**{name: parameter.default for name, parameter in ANCHOR.parameters.items()}, "dense_above": 1.0}
 
 
+@pytest.mark.slow
 def test_capture_gives_post_rope_gqa_shapes(smollm2_qk: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
     assert list(smollm2_qk) == list(LAYERS)
     for q, k in smollm2_qk.values():
         assert q.shape == (1, 9, TOKENS, 64) and k.shape == (1, 3, TOKENS, 64)
 
 
+@pytest.mark.slow
 def test_default_parameters_keep_most_attention_at_lower_density(
     smollm2_qk: dict[int, tuple[torch.Tensor, torch.Tensor]],
 ) -> None:
@@ -78,6 +80,7 @@ def test_default_parameters_keep_most_attention_at_lower_density(
         assert 0.9 <= recall <= 1.0 and 0.2 <= plan.density() <= 0.8, f"layer {layer}: {recall=}, {plan.density()=}"
 
 
+@pytest.mark.slow
 def test_huge_theta_recalls_everything(smollm2_qk: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
     q, k = smollm2_qk[LAYERS[0]]
     plan = anchor_identify_reference(q, k, scale=0.125, **{**_default_params(), "theta": 1e30})
