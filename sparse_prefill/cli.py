@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
+from typing import Any, Iterable
 
 import torch
 
@@ -16,6 +18,10 @@ from sparse_prefill.registry import available_patterns, plugin_errors
 # The shipped default (fast, recall >= 0.95) and the conservative one (keeps exact retrieval on small models).
 DEFAULT_POLICIES = ("anchor.yaml", "anchor-accurate.yaml")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class UsageError(ValueError):
+    """A bad argument value: :func:`main` reports it as argparse does (``sparse-prefill <cmd>: error: ...``, exit 2)."""
 
 
 def _policies(args: argparse.Namespace) -> dict[str, Policy]:
@@ -45,27 +51,138 @@ def _device_and_dtype(args: argparse.Namespace) -> tuple[str, torch.dtype]:
     return device, _DTYPES[args.dtype or ("bfloat16" if on_gpu else "float32")]
 
 
+def _available_devices() -> list[str]:
+    """The --device values this machine can run, for error messages."""
+    cuda = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    mps = ["mps"] if torch.backends.mps.is_available() else []
+    return ["cpu", *(["cuda"] if cuda else []), *cuda, *mps]
+
+
+def _check_device(device: str | None) -> None:
+    """UsageError unless this machine has ``device`` (None: the default, always there): otherwise the
+    error would come from ``model.to(device)``, after the weights have loaded."""
+    if device is None:
+        return
+    allowed = f"allowed here: {', '.join(_available_devices())}"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {device!r} is not a device string; {allowed}") from None
+    if parsed.type == "cpu":
+        return
+    backend = getattr(torch, parsed.type, None)
+    available = backend is not None and hasattr(backend, "is_available") and backend.is_available()
+    count = backend.device_count() if available and hasattr(backend, "device_count") else int(available)
+    if not available or (parsed.index is not None and parsed.index >= count):
+        which = f"{parsed.type} device" + ("" if parsed.index is None else f" {parsed.index}")
+        raise UsageError(f"--device {device}: this machine has no {which}; {allowed}")
+
+
+def _check_out(path: Path) -> None:
+    """UsageError unless ``path`` can be written: calibrate writes it last, after minutes of work."""
+    if path.is_dir():
+        raise UsageError(f"--out {path}: is a folder; give the path of the policy file to write")
+    folder = path.parent
+    if not folder.is_dir():
+        reason = "is not a folder" if folder.exists() else "does not exist; create it first"
+        raise UsageError(f"--out {path}: {folder} {reason}")
+    if not os.access(path if path.exists() else folder, os.W_OK):
+        raise UsageError(f"--out {path}: not writable by this user")
+
+
+def _check_layers(layers: list[int] | None, num_layers: int) -> None:
+    """UsageError for a --layers index the model lacks (capturing it would fail after the weights load)."""
+    missing = [layer for layer in layers or [] if layer >= num_layers]
+    if missing:
+        raise UsageError(f"--layers {' '.join(map(str, missing))}: the model has {num_layers} layers; "
+                         f"allowed: 0..{num_layers - 1}")
+
+
+def _max_positions(config: Any) -> int | None:
+    """The positions a model is made for: max_position_embeddings, or factor x original_max_position_embeddings
+    where its RoPE scaling extends them (YaRN set-ups of Qwen2.5 keep 32768 in the first); None if unstated."""
+    text = config.get_text_config()
+    limit = getattr(text, "max_position_embeddings", None)
+    rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
+    for params in [value for value in rope.values() if isinstance(value, dict)] or [rope]:  # per layer type, or one
+        factor, original = params.get("factor"), params.get("original_max_position_embeddings")
+        if isinstance(factor, (int, float)) and isinstance(original, int):
+            limit = max(limit or 0, int(factor * original))
+    return limit if isinstance(limit, int) else None
+
+
+def _check_positions(config: Any, flag: str, value: int, needed: int, why: str = "") -> None:
+    """UsageError when ``needed`` positions exceed the model's: past them it runs, but its output is garbage."""
+    limit = _max_positions(config)
+    if limit is not None and needed > limit:
+        raise UsageError(f"{flag} {value} needs {needed} positions{why}, but the model has {limit} "
+                         f"(max_position_embeddings); allowed: {flag} <= {value - (needed - limit)}")
+
+
+def _tokenizer_and_config(model: str, policies: Iterable[Policy]) -> tuple[Any, Any, Any]:
+    """(files, tokenizer, config) of --model: seconds, so what depends on the model is checked before the
+    weights load (a minute); each failure is a UsageError naming --model."""
+    from sparse_prefill.evaluation.models import load_tokenizer_and_config, locate_model
+
+    try:
+        files = locate_model(model)
+    except FileNotFoundError as exc:
+        raise UsageError(f"--model {model}: {exc}") from None
+    try:
+        tokenizer, config = load_tokenizer_and_config(files)
+    except (OSError, ValueError, KeyError) as exc:
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UsageError(f"--model {model}: cannot load its tokenizer and config: {first_line}") from None
+    text = config.get_text_config()
+    for policy in policies:
+        policy.check_model(text.num_hidden_layers, text.num_attention_heads)  # PolicyError: an override's layer
+    return files, tokenizer, config
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from sparse_prefill.demo import compare_dense_and_sparse, format_side_by_side
+    from sparse_prefill.evaluation.models import load_weights
+    from sparse_prefill.evaluation.needle import build_needle_prompt
 
     policies = _policies(args)
+    files, tokenizer, config = _tokenizer_and_config(args.model, policies.values())
+    new = f" with --max-new-tokens {args.max_new_tokens}"
+    _check_positions(config, "--length", args.length, args.length + args.max_new_tokens, new)
+    try:
+        prompt = build_needle_prompt(tokenizer, args.length, args.depth)
+    except ValueError as exc:
+        raise UsageError(f"--length {args.length}: {exc}") from None
+    # The built prompt can run a token past --length (the needle re-tokenized with its neighbours).
+    _check_positions(config, "--length", args.length, prompt.input_ids.shape[1] + args.max_new_tokens, new)
     for policy in policies.values():
         print(policy.describe())
     device, dtype = _device_and_dtype(args)
-    prompt, results = compare_dense_and_sparse(args.model, policies, args.length, args.depth, device, dtype,
-                                               args.max_new_tokens)
-    print(format_side_by_side(prompt, results))
+    model = load_weights(files, config, dtype=dtype, device=device)
+    print(format_side_by_side(prompt, compare_dense_and_sparse(model, tokenizer, prompt, policies,
+                                                               args.max_new_tokens)))
     return 0
 
 
+def _essay_ids(tokenizer: Any, config: Any, flag: str, tokens: int) -> torch.Tensor:
+    """``tokens`` essay tokens, or a UsageError naming ``flag`` when the model or the text is too short for them."""
+    from sparse_prefill.evaluation.models import essay_token_ids
+
+    _check_positions(config, flag, tokens, tokens)
+    try:
+        return essay_token_ids(tokenizer, tokens)
+    except ValueError as exc:
+        raise UsageError(f"{flag} {tokens}: {exc}") from None
+
+
 def _cmd_perplexity(args: argparse.Namespace) -> int:
-    from sparse_prefill.evaluation.models import essay_token_ids, load_model
+    from sparse_prefill.evaluation.models import load_weights
     from sparse_prefill.evaluation.perplexity import compare_perplexity
 
-    device, dtype = _device_and_dtype(args)
     policies = _policies(args)
-    model, tokenizer = load_model(args.model, dtype=dtype, device=device)
-    ids = essay_token_ids(tokenizer, args.length)
+    files, tokenizer, config = _tokenizer_and_config(args.model, policies.values())
+    ids = _essay_ids(tokenizer, config, "--length", args.length)
+    device, dtype = _device_and_dtype(args)
+    model = load_weights(files, config, dtype=dtype, device=device)
     results = compare_perplexity(model, ids, policies, args.score_last)
     print(f"perplexity on {args.length} essay tokens, last {args.score_last} scored:")
     for label, value in results.items():
@@ -76,15 +193,22 @@ def _cmd_perplexity(args: argparse.Namespace) -> int:
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from sparse_prefill.evaluation.calibrate import calibrate_layers, calibrated_policy
-    from sparse_prefill.evaluation.models import essay_token_ids, load_model
+    from sparse_prefill.evaluation.calibrate import calibrate_layers, calibrated_policy, check_calibration_base
+    from sparse_prefill.evaluation.models import load_weights
     from sparse_prefill.evaluation.recall import capture_qk
 
     base = load_policy(args.policy)
+    try:
+        check_calibration_base(base)
+    except ValueError as exc:
+        raise UsageError(f"--policy {args.policy}: {exc}") from None
+    files, tokenizer, config = _tokenizer_and_config(args.model, [base])
+    num_layers = config.get_text_config().num_hidden_layers
+    _check_layers(args.layers, num_layers)
+    ids = _essay_ids(tokenizer, config, "--tokens", args.tokens)
     device, dtype = _device_and_dtype(args)
-    model, tokenizer = load_model(args.model, dtype=dtype, device=device)
-    layers = args.layers if args.layers else range(model.config.get_text_config().num_hidden_layers)
-    qk = capture_qk(model, essay_token_ids(tokenizer, args.tokens), layers)
+    model = load_weights(files, config, dtype=dtype, device=device)
+    qk = capture_qk(model, ids, args.layers if args.layers else range(num_layers))
     qk = {layer: (q.float(), k.float()) for layer, (q, k) in qk.items()}  # scores and theta compared in fp32
     results = calibrate_layers(qk, base.default.as_dict(), args.target_recall,
                                progress=lambda layers: tqdm(layers, desc="layers", unit="layer"))
@@ -138,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     run.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="default: bfloat16 on GPU, float32 on CPU")
     run.add_argument("--max-new-tokens", type=int, default=24)
-    run.set_defaults(func=_cmd_run)
+    run.set_defaults(func=_cmd_run, command_parser=run)
 
     ppl = commands.add_parser("perplexity", help="perplexity on long real text, dense vs each policy")
     ppl.add_argument("--model", default="smollm2", help="as for `run`")
@@ -149,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--min-length", type=int, default=0, help="as for `run` (-1 keeps the policy's)")
     ppl.add_argument("--device", default=None)
     ppl.add_argument("--dtype", choices=sorted(_DTYPES), default=None)
-    ppl.set_defaults(func=_cmd_perplexity)
+    ppl.set_defaults(func=_cmd_perplexity, command_parser=ppl)
 
     calibrate = commands.add_parser(
         "calibrate", help="per-layer theta for a recall target on a model's own attention; writes a policy")
@@ -162,51 +286,64 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--out", type=Path, required=True, help="where to write the calibrated policy YAML")
     calibrate.add_argument("--device", default=None)
     calibrate.add_argument("--dtype", choices=sorted(_DTYPES), default=None)
-    calibrate.set_defaults(func=_cmd_calibrate)
+    calibrate.set_defaults(func=_cmd_calibrate, command_parser=calibrate)
 
     validate = commands.add_parser("validate", help="check policy files; print them resolved")
     validate.add_argument("policies", nargs="+")
-    validate.set_defaults(func=_cmd_validate)
+    validate.set_defaults(func=_cmd_validate, command_parser=validate)
 
     patterns = commands.add_parser("patterns", help="list registered patterns and where they come from")
-    patterns.set_defaults(func=_cmd_patterns)
+    patterns.set_defaults(func=_cmd_patterns, command_parser=patterns)
     return parser
 
 
-def _check_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def _check_numbers(args: argparse.Namespace) -> None:
     """Reject impossible numeric arguments before a model is loaded (which takes seconds to minutes)."""
     if getattr(args, "min_length", None) is not None and args.min_length < -1:
-        parser.error(f"--min-length must be >= 0, or -1 to keep the policy's, got {args.min_length}")
+        raise UsageError(f"--min-length must be >= 0, or -1 to keep the policy's, got {args.min_length}")
     if args.command in ("run", "perplexity") and args.length < 2:
-        parser.error(f"--length must be at least 2 tokens, got {args.length}")
+        raise UsageError(f"--length must be at least 2 tokens, got {args.length}")
+    if args.command == "run":
+        if not 0 <= args.depth <= 1:
+            raise UsageError(f"--depth must be in [0, 1] (0 = start of the text, 1 = end), got {args.depth}")
+        if args.max_new_tokens < 1:
+            raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.command == "calibrate":
         if not 0 < args.target_recall <= 1:
-            parser.error(f"--target-recall must be in (0, 1], got {args.target_recall}")
+            raise UsageError(f"--target-recall must be in (0, 1], got {args.target_recall}")
         if args.tokens < 2:
-            parser.error(f"--tokens must be at least 2, got {args.tokens}")
+            raise UsageError(f"--tokens must be at least 2, got {args.tokens}")
         if args.layers and min(args.layers) < 0:
-            parser.error(f"--layers takes layer indices >= 0, got {args.layers}")
+            raise UsageError(f"--layers takes layer indices >= 0, got {args.layers}")
     if args.command == "perplexity":
         if args.score_last is None:
             args.score_last = min(1024, args.length - 1)
         elif args.score_last == 0:
             args.score_last = args.length - 1
         elif not 0 < args.score_last < args.length:
-            parser.error(f"--score-last must be in [0, {args.length - 1}] for --length {args.length}, "
-                         f"got {args.score_last}")
+            raise UsageError(f"--score-last must be in [0, {args.length - 1}] for --length {args.length}, "
+                             f"got {args.score_last}")
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """The checks that need no model: every command's arguments, before anything loads."""
+    _check_numbers(args)
+    _check_device(getattr(args, "device", None))
+    if args.command == "calibrate":
+        _check_out(args.out)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    _check_numbers(parser, args)
-    if getattr(args, "min_length", None) == -1:
-        args.min_length = None
+    """Run one command; a bad argument exits 2 with one ``sparse-prefill <cmd>: error: ...`` line, before the
+    model's weights load."""
+    args = build_parser().parse_args(argv)
     try:
+        _check_args(args)
+        if getattr(args, "min_length", None) == -1:
+            args.min_length = None
         return args.func(args)
-    except PolicyError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except (UsageError, PolicyError) as exc:
+        args.command_parser.error(str(exc))  # exits 2
 
 
 if __name__ == "__main__":

@@ -9,8 +9,7 @@ from typing import Any
 import torch
 
 from sparse_prefill.evaluation import BASELINE_LABEL
-from sparse_prefill.evaluation.models import load_model
-from sparse_prefill.evaluation.needle import NeedlePrompt, build_needle_prompt
+from sparse_prefill.evaluation.needle import NeedlePrompt
 from sparse_prefill.integrations.huggingface import apply, remove
 from sparse_prefill.policy import Policy
 
@@ -71,14 +70,15 @@ def _warm_up(model: Any, tokenizer: Any, prompt: NeedlePrompt, policy: Policy | 
             remove(model)
 
 
-def compare_dense_and_sparse(model_path: str, policies: dict[str, Policy], length: int, depth: float = 0.5,
-                             device: str = "cpu", dtype: torch.dtype = torch.float32,
-                             max_new_tokens: int = 24) -> tuple[NeedlePrompt, list[RunResult]]:
-    """Run the same prompt dense, then under each labelled policy; the model is restored after each."""
+def compare_dense_and_sparse(model: Any, tokenizer: Any, prompt: NeedlePrompt, policies: dict[str, Policy],
+                             max_new_tokens: int = 24) -> list[RunResult]:
+    """Run the same prompt dense, then under each labelled policy; the model is restored after each.
+
+    Takes a loaded model and a built prompt, so a caller can build (and check) the prompt with the
+    tokenizer alone before spending a minute on the weights.
+    """
     if BASELINE_LABEL in policies:
         raise ValueError(f"the label {BASELINE_LABEL!r} names the unpatched model's run; give the policy another")
-    model, tokenizer = load_model(model_path, dtype=dtype, device=device)
-    prompt = build_needle_prompt(tokenizer, length, depth)
     _warm_up(model, tokenizer, prompt)
     answer, seconds = _generate(model, tokenizer, prompt, max_new_tokens)
     results = [RunResult(BASELINE_LABEL, answer, prompt.found_in(answer), seconds, 1.0, 0, 0)]
@@ -92,7 +92,7 @@ def compare_dense_and_sparse(model_path: str, policies: dict[str, Policy], lengt
         stats = handle.stats
         results.append(RunResult(label, answer, prompt.found_in(answer), seconds, stats.mean_density(),
                                  stats.sparse_calls, stats.dense_calls))
-    return prompt, results
+    return results
 
 
 def format_side_by_side(prompt: NeedlePrompt, results: list[RunResult]) -> str:

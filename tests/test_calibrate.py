@@ -53,6 +53,7 @@ def test_calibration_starts_from_an_anchor_policy():
         calibrated_policy(load_policy("streaming.yaml"), [LayerTheta(0, 1.0, 1.0, 1.0, True)], "")
 
 
+@pytest.mark.slow
 def test_cli_writes_a_loadable_policy_from_the_packaged_model(tmp_path, capsys):
     out = tmp_path / "smollm2.yaml"
     assert main(["calibrate", "--tokens", "512", "--layers", "0", "1", "--target-recall", "0.9", "--out", str(out)]) == 0

@@ -1,11 +1,15 @@
 """The CLI's argument handling and the comparison tables: checked before any model loads."""
 
 import argparse
+import time
 
 import pytest
 import torch
 
-from sparse_prefill.cli import _check_numbers, _device_and_dtype, _policies, build_parser, main
+from sparse_prefill import cli
+from sparse_prefill.cli import (UsageError, _check_device, _check_layers, _check_numbers, _device_and_dtype,
+                                _max_positions, _policies, build_parser, main)
+from sparse_prefill.evaluation import models
 from sparse_prefill.demo import RunResult, format_side_by_side
 from sparse_prefill.evaluation import BASELINE_LABEL
 from sparse_prefill.evaluation.needle import NeedlePrompt
@@ -54,7 +58,7 @@ def test_score_last_default_fits_short_texts():
     for length, given, expected in ((1000, None, 999), (4096, None, 1024), (300, 0, 299), (300, 50, 50)):
         argv = ["perplexity", "--length", str(length)] + ([] if given is None else ["--score-last", str(given)])
         args = parser.parse_args(argv)
-        _check_numbers(parser, args)
+        _check_numbers(args)
         assert args.score_last == expected
 
 
@@ -73,4 +77,157 @@ def test_comparisons_refuse_a_policy_labelled_like_the_baseline():
     with pytest.raises(ValueError, match=BASELINE_LABEL):
         compare_perplexity(None, torch.zeros(1, 4, dtype=torch.long), {BASELINE_LABEL: "dense.yaml"})
     with pytest.raises(ValueError, match=BASELINE_LABEL):
-        compare_dense_and_sparse("unused", {BASELINE_LABEL: "dense.yaml"}, 100)
+        compare_dense_and_sparse(None, None, None, {BASELINE_LABEL: "dense.yaml"})
+
+
+# Every bad argument below must be refused before the weights load (a minute on a CPU): argparse's
+# exit 2 with one `sparse-prefill <cmd>: error: ...` line that names the argument and what is allowed.
+
+
+class WeightsLoaded(AssertionError):
+    pass
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Fail the test if anything starts loading model weights."""
+    def refuse(*args, **kwargs):
+        raise WeightsLoaded("model weights were loaded")
+
+    monkeypatch.setattr(models, "load_weights", refuse)
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", refuse)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same answers on a GPU machine
+
+
+@pytest.fixture(scope="module")
+def smollm2_files():
+    """The packaged model's tokenizer and config, loaded once for the module (about 5 s: GGUF parsed twice)."""
+    files = models.locate_model()
+    return files, models.load_tokenizer_and_config(files)
+
+
+@pytest.fixture
+def smollm2(no_weights, smollm2_files, monkeypatch):
+    """As `no_weights`, with the packaged model's tokenizer and config from the module's one load."""
+    monkeypatch.setattr(models, "load_tokenizer_and_config", lambda files: smollm2_files[1])
+
+
+def _refused(argv, capsys) -> str:
+    """The one error line of a refused command line."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith(f"sparse-prefill {argv[0]}: error: "), errors
+    return errors[0]
+
+
+def _folder(path, *names) -> str:
+    path.mkdir(exist_ok=True)
+    for name in names:
+        (path / name).write_text("{}")
+    return str(path)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["run", "--depth", "2.0"], ["--depth", "[0, 1]", "2.0"]),
+    (["run", "--depth", "-0.1"], ["--depth", "[0, 1]"]),
+    (["run", "--max-new-tokens", "0"], ["--max-new-tokens", ">= 1", "got 0"]),
+    (["run", "--device", "cuda"], ["--device cuda", "no cuda", "allowed here: cpu"]),
+    (["perplexity", "--device", "gpu0"], ["--device 'gpu0'", "not a device", "allowed here: cpu"]),
+    (["calibrate", "--out", "x.yaml", "--device", "cuda:1"], ["--device cuda:1", "allowed here: cpu"]),
+    (["run", "--model", "/no/such/model"], ["--model /no/such/model", "no such folder", ".gguf", "smollm2"]),
+    (["perplexity", "--model", "/no/such/model.gguf"], ["--model /no/such/model.gguf", "no such .gguf file"]),
+    (["calibrate", "--out", "x.yaml", "--model", "/no/such"], ["--model /no/such", "no such folder"]),
+    (["calibrate", "--out", "/no/such/folder/x.yaml"], ["--out /no/such/folder/x.yaml", "does not exist"]),
+    (["calibrate", "--out", "x.yaml", "--policy", "streaming.yaml"],
+     ["--policy streaming.yaml", "default pattern is 'anchor'", "'streaming'"]),
+    (["run", "--policy", "no-such-policy.yaml"], ["no-such-policy.yaml", "no such policy file"]),
+])
+def test_bad_arguments_are_refused_before_anything_loads(argv, expected, no_weights, monkeypatch, capsys):
+    monkeypatch.setattr(models, "load_tokenizer_and_config", _fail_tokenizer)
+    line = _refused(argv, capsys)
+    assert all(part in line for part in expected), line
+
+
+def _fail_tokenizer(files):
+    raise AssertionError("the tokenizer was loaded for a check that needs none")
+
+
+def test_a_model_folder_needs_a_config_and_a_tokenizer(tmp_path, no_weights, capsys):
+    no_config = _folder(tmp_path / "a", "tokenizer.json")
+    assert "no config.json" in _refused(["run", "--model", no_config], capsys)
+    no_tokenizer = _folder(tmp_path / "b", "config.json")
+    line = _refused(["perplexity", "--model", no_tokenizer], capsys)
+    assert f"--model {no_tokenizer}" in line and "no tokenizer" in line and "tokenizer.json" in line
+    # Files that are there but unreadable: transformers' error, cut to its first line.
+    broken = _folder(tmp_path, "config.json", "tokenizer.json")
+    (tmp_path / "config.json").write_text("not json")
+    assert "cannot load its tokenizer and config" in _refused(["run", "--model", broken], capsys)
+
+
+def test_calibrate_refuses_an_out_path_it_could_not_write(tmp_path, no_weights, monkeypatch, capsys):
+    assert "is a folder" in _refused(["calibrate", "--out", str(tmp_path)], capsys)
+    (tmp_path / "file").write_text("")
+    assert "is not a folder" in _refused(["calibrate", "--out", str(tmp_path / "file" / "x.yaml")], capsys)
+    monkeypatch.setattr(cli.os, "access", lambda path, mode: False)  # root may write anywhere: stand in for it
+    assert "not writable" in _refused(["calibrate", "--out", str(tmp_path / "x.yaml")], capsys)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["run", "--length", "8192"], ["--length 8192 needs 8216 positions with --max-new-tokens 24",
+                                   "8192 (max_position_embeddings)", "allowed: --length <= 8168"]),
+    (["perplexity", "--length", "9000"], ["--length 9000", "8192 (max_position_embeddings)", "<= 8192"]),
+    (["calibrate", "--out", "x.yaml", "--tokens", "10000"], ["--tokens 10000", "8192", "<= 8192"]),
+    (["calibrate", "--out", "x.yaml", "--layers", "0", "30", "99"], ["--layers 30 99", "30 layers", "0..29"]),
+])
+def test_arguments_beyond_the_model_are_refused_from_its_config(argv, expected, smollm2, capsys):
+    line = _refused(argv, capsys)
+    assert all(part in line for part in expected), line
+
+
+@pytest.mark.parametrize("argv", [["run", "--length", "2000"], ["perplexity", "--length", "2000"],
+                                  ["calibrate", "--out", "x.yaml", "--tokens", "2000"]])
+def test_lengths_beyond_the_essays_are_refused_with_the_tokens_there(argv, smollm2, monkeypatch, capsys):
+    short = "A short essay about nothing much. " * 20
+    monkeypatch.setattr(models, "essay_text", lambda min_chars=None: short)
+    monkeypatch.setattr("sparse_prefill.evaluation.needle.essay_text", lambda min_chars=None: short)
+    line = _refused(argv, capsys)
+    assert f"{argv[-2]} 2000: the essays hold" in line and "allowed: at most" in line, line
+
+
+@pytest.mark.parametrize("argv", [["run", "--length", "8000"], ["perplexity", "--length", "8192"],
+                                  ["calibrate", "--out", "OUT", "--layers", "0", "29"]])
+def test_arguments_within_bounds_reach_the_weights(argv, smollm2, tmp_path):
+    argv = [str(tmp_path / "x.yaml") if arg == "OUT" else arg for arg in argv]
+    with pytest.raises(WeightsLoaded):
+        main(argv)
+
+
+def test_the_packaged_tokenizer_and_config_load_in_seconds(no_weights, monkeypatch, capsys):
+    """The one test here on the real (not cached) loading path: `--layers 99` needs the config."""
+    start = time.perf_counter()
+    assert "--layers 99" in _refused(["calibrate", "--out", "x.yaml", "--layers", "99"], capsys)
+    assert time.perf_counter() - start < 30
+
+
+def test_device_check_follows_the_machine(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for device in (None, "cpu", "cuda", "cuda:0", "cuda:1"):
+        _check_device(device)
+    with pytest.raises(UsageError, match=r"no cuda device 2; allowed here: cpu, cuda, cuda:0, cuda:1"):
+        _check_device("cuda:2")
+
+
+def test_layers_and_positions_are_checked_against_the_config():
+    from transformers import LlamaConfig, Qwen2Config
+
+    _check_layers([0, 29], 30)
+    _check_layers(None, 30)
+    with pytest.raises(UsageError, match=r"--layers 30: .*allowed: 0\.\.29"):
+        _check_layers([0, 30], 30)
+    assert _max_positions(LlamaConfig(max_position_embeddings=8192)) == 8192
+    # YaRN extends Qwen2.5 to 4 x 32768 while its config keeps max_position_embeddings at 32768.
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    assert _max_positions(Qwen2Config(max_position_embeddings=32768, rope_scaling=yarn)) == 131072

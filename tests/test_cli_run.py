@@ -1,8 +1,11 @@
 """The README's main job, end to end on the real packaged model (short prompt)."""
 
+import pytest
+
 from sparse_prefill.cli import main
 
 
+@pytest.mark.slow
 def test_run_prints_dense_and_each_policy_side_by_side(capsys, monkeypatch, tmp_path):
     # The PyTorch reference path: the interpreted Triton kernels are tested elsewhere and slow here.
     monkeypatch.setenv("TRITON_INTERPRET", "0")

@@ -19,7 +19,7 @@ from sparse_prefill.evaluation.recall import attention_recall
 from sparse_prefill.patterns.anchor.reference import anchor_identify_reference
 from sparse_prefill.policy import Policy
 
-__all__ = ["LayerTheta", "smallest_theta", "calibrate_layers", "calibrated_policy"]
+__all__ = ["LayerTheta", "smallest_theta", "calibrate_layers", "check_calibration_base", "calibrated_policy"]
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,17 @@ def calibrate_layers(qk: dict[int, tuple[torch.Tensor, torch.Tensor]], params: d
     return results
 
 
+def check_calibration_base(base: Policy) -> None:
+    """ValueError unless ``base``'s default is anchor with no overrides: theta is anchor's parameter, and
+    overrides would be overwritten. Cheap, so a caller can check before capturing any attention."""
+    if base.default.pattern != "anchor" or base.overrides:
+        found = f"default pattern {base.default.pattern!r}"
+        if base.overrides:
+            found += f" and {len(base.overrides)} overrides"
+        raise ValueError(f"calibration starts from a policy whose default pattern is 'anchor' and that has no "
+                         f"overrides; {base.source} has {found}")
+
+
 def calibrated_policy(base: Policy, layers: list[LayerTheta], header: str) -> str:
     """YAML of ``base`` (an anchor default) with each measured layer's theta as an override.
 
@@ -83,9 +94,7 @@ def calibrated_policy(base: Policy, layers: list[LayerTheta], header: str) -> st
     recall only grows with theta. Overrides repeat every parameter, because an override's missing
     parameters take the pattern's defaults, not the policy default's.
     """
-    if base.default.pattern != "anchor" or base.overrides:
-        raise ValueError(f"calibration starts from a policy whose default is anchor and that has no overrides, "
-                         f"got {base.describe()}")
+    check_calibration_base(base)
     if not layers:
         raise ValueError("no calibrated layers")
     params = base.default.as_dict()

