@@ -1,9 +1,10 @@
-"""`sparse-prefill`: run the side-by-side demo, measure perplexity, calibrate theta, validate policies, list patterns."""
+"""`sparse-prefill`: the side-by-side demo, perplexity, whole-model evaluation, theta calibration, policy checks, patterns."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -17,6 +18,8 @@ from sparse_prefill.registry import available_patterns, plugin_errors
 
 # The shipped default (fast, recall >= 0.95) and the conservative one (keeps exact retrieval on small models).
 DEFAULT_POLICIES = ("anchor.yaml", "anchor-accurate.yaml")
+# `eval` compares every shipped sparse policy by default: the comparison is the point.
+EVAL_POLICIES = ("anchor.yaml", "anchor-accurate.yaml", "flexprefill.yaml", "vertical-slash.yaml", "streaming.yaml")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -24,7 +27,7 @@ class UsageError(ValueError):
     """A bad argument value: :func:`main` reports it as argparse does (``sparse-prefill <cmd>: error: ...``, exit 2)."""
 
 
-def _policies(args: argparse.Namespace) -> dict[str, Policy]:
+def _policies(args: argparse.Namespace, defaults: Iterable[str] = DEFAULT_POLICIES) -> dict[str, Policy]:
     """The --policy files (or the defaults) by label, with --min-length applied.
 
     A policy's label is its file name without the suffix; where that is taken (by another policy,
@@ -32,7 +35,7 @@ def _policies(args: argparse.Namespace) -> dict[str, Policy]:
     so no result silently replaces another.
     """
     policies: dict[str, Policy] = {}
-    for name in args.policy or DEFAULT_POLICIES:
+    for name in args.policy or defaults:
         label = Path(name).stem
         if label == BASELINE_LABEL or label in policies:
             label = name
@@ -90,6 +93,17 @@ def _check_out(path: Path) -> None:
         raise UsageError(f"--out {path}: not writable by this user")
 
 
+def _check_out_folder(path: Path) -> None:
+    """UsageError unless ``path`` is a writable folder or can be made one: eval writes last, after the runs."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--out {path}: is a file; give a folder for results.json and the plots")
+    folder = path if path.exists() else path.parent
+    if not folder.is_dir():
+        raise UsageError(f"--out {path}: {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"--out {path}: not writable by this user")
+
+
 def _check_layers(layers: list[int] | None, num_layers: int) -> None:
     """UsageError for a --layers index the model lacks (capturing it would fail after the weights load)."""
     missing = [layer for layer in layers or [] if layer >= num_layers]
@@ -119,13 +133,15 @@ def _check_positions(config: Any, flag: str, value: int, needed: int, why: str =
                          f"(max_position_embeddings); allowed: {flag} <= {value - (needed - limit)}")
 
 
-def _tokenizer_and_config(model: str, policies: Iterable[Policy]) -> tuple[Any, Any, Any]:
-    """(files, tokenizer, config) of --model: seconds, so what depends on the model is checked before the
-    weights load (a minute); each failure is a UsageError naming --model."""
+def _tokenizer_and_config(model: str, policies: Iterable[Policy], tokenizer: str | None = None,
+                          ) -> tuple[Any, Any, Any]:
+    """(files, tokenizer, config) of --model (the tokenizer from ``tokenizer``'s folder when given):
+    seconds, so what depends on the model is checked before the weights load (a minute); each failure
+    is a UsageError naming --model."""
     from sparse_prefill.evaluation.models import load_tokenizer_and_config, locate_model
 
     try:
-        files = locate_model(model)
+        files = locate_model(model, tokenizer)
     except FileNotFoundError as exc:
         raise UsageError(f"--model {model}: {exc}") from None
     try:
@@ -223,6 +239,60 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from sparse_prefill.evaluation.models import load_weights
+    from sparse_prefill.evaluation.needle import build_needle_prompt
+    from sparse_prefill.evaluation.report import environment, write_report
+    from sparse_prefill.evaluation.whole_model import (
+        EvalSettings,
+        evaluate,
+        parse_sweep,
+        summary_table,
+        sweep_policies,
+    )
+
+    try:
+        settings = EvalSettings(lengths=tuple(args.lengths), score_last=args.score_last,
+                                needle_depths=tuple(args.needle_depths), needle_new_tokens=args.needle_new_tokens,
+                                repeats=args.repeats)
+        sweep = parse_sweep(args.sweep or [])
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    policies = sweep_policies(_policies(args, EVAL_POLICIES), sweep)
+    files, tokenizer, config = _tokenizer_and_config(args.model, policies.values(), args.tokenizer)
+    texts = {}
+    for length in settings.lengths:
+        new_tokens = settings.needle_new_tokens if settings.needle_depths else 0
+        _check_positions(config, "--lengths", length, length + new_tokens)
+        texts[length] = _essay_ids(tokenizer, config, "--lengths", length)
+        if settings.needle_depths:
+            try:
+                build_needle_prompt(tokenizer, length, settings.needle_depths[0])
+            except ValueError as exc:
+                raise UsageError(f"--lengths {length}: {exc}") from None
+    device, dtype = _device_and_dtype(args)
+    model = load_weights(files, config, dtype=dtype, device=device)
+    results = evaluate(model, tokenizer, texts.__getitem__, policies, settings,
+                       progress=lambda steps: tqdm(steps, desc="eval (length, policy)", unit="run"))
+    print(summary_table(results))
+    args.out.mkdir(exist_ok=True)
+    extra = {"dtype": str(dtype).removeprefix("torch."),
+             "policies": {label: policy.describe() for label, policy in policies.items()}}
+    path = write_report(args.out / "results.json", args.model, settings, results, environment(torch.device(device)),
+                        extra)
+    print(f"results: {path}")
+    if not args.no_plots:
+        from sparse_prefill.evaluation.plots import plot_needle_heatmap, plot_quality_vs_density
+
+        title = f"{Path(args.model).name}, {torch.device(device).type}"
+        print(f"plot: {plot_quality_vs_density(results, args.out / 'quality_vs_density.png', title)}")
+        if settings.needle_depths:
+            print(f"plot: {plot_needle_heatmap(results, args.out / 'needle.png', title)}")
+    return 0
+
+
 def _cmd_validate(args: argparse.Namespace) -> int:
     failed = 0
     for path in args.policies:
@@ -288,6 +358,35 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--dtype", choices=sorted(_DTYPES), default=None)
     calibrate.set_defaults(func=_cmd_calibrate, command_parser=calibrate)
 
+    evaluation = commands.add_parser(
+        "eval", help="whole-model quality (perplexity, KL vs dense, needle) and prefill time, dense vs each policy",
+        description="Dense, then each policy, at each length: perplexity and KL(dense || policy) of the next-token "
+                    "distributions on real text, attention density per layer, which calls fell back and why, time "
+                    "to first token, and needle in a haystack. Writes results.json and plots to --out.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    evaluation.add_argument("--model", default="smollm2", help="as for `run`")
+    evaluation.add_argument("--tokenizer", default=None,
+                            help="a folder holding a saved tokenizer, used instead of the model's own")
+    evaluation.add_argument("--policy", action="append", default=None,
+                            help=f"as for `run` (repeatable; default: {', '.join(EVAL_POLICIES)})")
+    evaluation.add_argument("--sweep", action="append", default=None, metavar="[PATTERN.]PARAM=V1,V2,...",
+                            help="run each policy whose default pattern has PARAM once per value (repeatable)")
+    evaluation.add_argument("--lengths", type=int, nargs="+", default=[4096], help="prompt lengths in tokens")
+    evaluation.add_argument("--score-last", type=int, default=1024,
+                            help="positions scored for perplexity and KL (the last ones of each text)")
+    evaluation.add_argument("--needle-depths", type=float, nargs="*", default=[0.1, 0.5, 0.9],
+                            help="needle positions (0 = start, 1 = end); none: no needle test")
+    evaluation.add_argument("--needle-new-tokens", type=int, default=12, help="tokens generated for each needle")
+    evaluation.add_argument("--repeats", type=int, default=3, help="timed prefills per run (0: no timing)")
+    evaluation.add_argument("--min-length", type=int, default=-1,
+                            help="override the policies' min_length (-1 keeps each policy's)")
+    evaluation.add_argument("--out", type=Path, required=True, help="folder for results.json and the plots")
+    evaluation.add_argument("--no-plots", action="store_true", help="write no plots (no matplotlib needed)")
+    evaluation.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    evaluation.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
+                            help="default: bfloat16 on GPU, float32 on CPU")
+    evaluation.set_defaults(func=_cmd_eval, command_parser=evaluation)
+
     validate = commands.add_parser("validate", help="check policy files; print them resolved")
     validate.add_argument("policies", nargs="+")
     validate.set_defaults(func=_cmd_validate, command_parser=validate)
@@ -331,6 +430,10 @@ def _check_args(args: argparse.Namespace) -> None:
     _check_device(getattr(args, "device", None))
     if args.command == "calibrate":
         _check_out(args.out)
+    if args.command == "eval":
+        _check_out_folder(args.out)
+        if not args.no_plots and importlib.util.find_spec("matplotlib") is None:
+            raise UsageError("plots need matplotlib: pip install 'sparse-prefill[plots]', or pass --no-plots")
 
 
 def main(argv: list[str] | None = None) -> int:

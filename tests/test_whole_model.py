@@ -132,3 +132,56 @@ def test_plots_are_written(tmp_path):
     for plot, name in ((plot_quality_vs_density, "quality.png"), (plot_needle_heatmap, "needle.png")):
         path = plot(results, tmp_path / name, title="tiny")
         assert path.stat().st_size > 1000
+
+
+def save_tiny_model_with_char_tokenizer(folder):
+    """A tiny random Llama and a character-level fast tokenizer, saved as a Hugging Face model folder."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "</s>": 1, **{chr(c): 2 + i for i, c in enumerate(range(32, 127))}, "\n": 97}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="</s>")
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**{**TINY, "vocab_size": len(vocab)})).save_pretrained(folder)
+
+
+def test_eval_command_writes_results_and_plots(tmp_path):
+    pytest.importorskip("matplotlib")
+    import json
+
+    from sparse_prefill.cli import main
+
+    save_tiny_model_with_char_tokenizer(tmp_path / "model")
+    policy = tmp_path / "streaming.yaml"
+    policy.write_text("default:\n  pattern: streaming\n  sink: 8\n  local: 16\n  group_rows: 16\n")
+    out = tmp_path / "out"
+    code = main(["eval", "--model", str(tmp_path / "model"), "--policy", str(policy), "--sweep", "local=16,32",
+                 "--lengths", "96", "--score-last", "16", "--needle-depths", "0.5", "--needle-new-tokens", "2",
+                 "--repeats", "1", "--min-length", "0", "--device", "cpu", "--out", str(out)])
+    assert code == 0
+    report = json.loads((out / "results.json").read_text())
+    assert [r["label"] for r in report["results"]] == ["dense", "streaming[local=16]", "streaming[local=32]"]
+    assert report["versions"]["torch"] == torch.__version__ and report["settings"]["lengths"] == [96]
+    assert (out / "quality_vs_density.png").stat().st_size > 1000 and (out / "needle.png").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lengths", "64", "--score-last", "64"], "score_last"),
+    (["--needle-depths", "1.5"], "depths"),
+    (["--sweep", "gamma=0.9"], "gamma"),
+    (["--sweep", "theta"], "PARAM=V1"),
+    (["--out", "/nonexistent-folder/x"], "does not exist"),
+])
+def test_eval_refuses_bad_arguments_before_loading(tmp_path, capsys, monkeypatch, argv, message):
+    from sparse_prefill import cli
+
+    monkeypatch.setattr("sparse_prefill.evaluation.models.load_tokenizer_and_config",
+                        lambda *a: pytest.fail("loaded the model"))
+    base = ["eval", "--model", str(tmp_path), "--policy", "anchor.yaml", "--out", str(tmp_path / "o")]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(base + argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -7,6 +7,7 @@ Hugging Face model folder works the same way.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -38,16 +39,23 @@ class ModelFiles:
 
     folder: str
     gguf_file: str | None = None
+    tokenizer_folder: str | None = None  # a tokenizer saved apart (GGUF tokenizers that a transformers version misreads)
 
     def kwargs(self) -> dict[str, Any]:
         return {} if self.gguf_file is None else {"gguf_file": self.gguf_file}
 
 
-def locate_model(path: str = DEFAULT_MODEL) -> ModelFiles:
-    """The files of a local Hugging Face folder, a .gguf file, or ``"smollm2"``.
+def locate_model(path: str = DEFAULT_MODEL, tokenizer: str | None = None) -> ModelFiles:
+    """The files of a local Hugging Face folder, a .gguf file, or ``"smollm2"``; ``tokenizer``, a folder
+    holding a saved tokenizer to use instead of the model's own.
 
     Raises FileNotFoundError with a one-line reason, so a typo fails at once, not inside transformers.
     """
+    if tokenizer is not None:
+        if not Path(tokenizer).is_dir() or not any((Path(tokenizer) / name).is_file() for name in _TOKENIZER_FILES):
+            raise FileNotFoundError(f"tokenizer folder {tokenizer} holds no tokenizer (none of "
+                                    f"{', '.join(_TOKENIZER_FILES)})")
+        return dataclasses.replace(locate_model(path), tokenizer_folder=tokenizer)
     if path == DEFAULT_MODEL:
         try:
             return ModelFiles(str(_package_dir(_SMOLLM2_PACKAGE, _SMOLLM2_HINT)), _SMOLLM2_FILE)
@@ -73,8 +81,9 @@ def load_tokenizer_and_config(files: ModelFiles) -> tuple[Any, Any]:
     from transformers import AutoConfig, AutoTokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    return AutoTokenizer.from_pretrained(files.folder, **files.kwargs()), AutoConfig.from_pretrained(
-        files.folder, **files.kwargs())
+    tokenizer = (AutoTokenizer.from_pretrained(files.tokenizer_folder) if files.tokenizer_folder
+                 else AutoTokenizer.from_pretrained(files.folder, **files.kwargs()))
+    return tokenizer, AutoConfig.from_pretrained(files.folder, **files.kwargs())
 
 
 def load_weights(files: ModelFiles, config: Any, dtype: torch.dtype = torch.float32, device: str = "cpu",
