@@ -9,10 +9,14 @@ lets a faster kernel replace a slower one without touching selection logic.
 from __future__ import annotations
 
 import abc
+import math
+import reprlib
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any, Callable, ClassVar, Mapping
 
 import torch
+import yaml
 
 from sparse_prefill.plan import Plan
 
@@ -193,10 +197,46 @@ class Parameter:
             value = float(value)
         if (isinstance(value, bool) and bool not in expected) or not isinstance(value, expected):
             names = " or ".join(t.__name__ for t in expected)
-            raise ValueError(f"expected {names} ({self.help}), got {value!r}")
+            hint = _number_string_hint(value, expected) if isinstance(value, str) else ""
+            raise ValueError(f"expected {names} ({self.help}), got {value!r}{hint}")
         if self.check is not None and (problem := self.check(value)):
             raise ValueError(f"{problem} (got {value!r})")
         return value
+
+
+def _number_string_hint(value: str, expected: tuple[type, ...]) -> str:
+    """Why a number arrived as a str, and how to spell it so it does not.
+
+    PyYAML reads YAML 1.1, where a float needs a decimal point and a signed exponent: ``1e6`` and
+    ``1.0e6`` are strings, ``1.0e+6`` is a float. Strings are still refused (a typo'd number must
+    not pass silently); the message gives a spelling that loads as the number meant. Only text
+    that YAML itself reads as a string gets the hint: a quoted ``"7.5"`` is another mistake.
+    """
+    try:
+        number = float(value)
+        if not isinstance(yaml.safe_load(value), str):
+            return ""
+    except (ValueError, yaml.YAMLError):
+        return ""
+    if float in expected:
+        form = "with a decimal point and a signed exponent, " if math.isfinite(number) else ""
+        spelling = _yaml_float(number)
+    elif int in expected and number.is_integer():
+        form, spelling = "", str(int(number))
+    else:
+        return ""
+    return (f"; YAML 1.1 (how policy files are read) takes {value} for a string, not a number: "
+            f"write it {form}as {spelling}")
+
+
+def _yaml_float(number: float) -> str:
+    """``number`` spelt so that ``yaml.safe_load`` reads it back as this float, e.g. ``1.0e+6``."""
+    if math.isnan(number):
+        return ".nan"
+    if math.isinf(number):
+        return "-.inf" if number < 0 else ".inf"
+    mantissa, _, exponent = format(Decimal(repr(number)).normalize(), "e").partition("e")
+    return f"{mantissa if '.' in mantissa else mantissa + '.0'}e{exponent}"
 
 
 @dataclass(frozen=True)
@@ -209,7 +249,12 @@ class PatternSpec:
     make_identifier: Callable[..., Identifier]
 
     def build(self, **params: Any) -> Identifier:
-        """An identifier with the given parameters, checked as a policy checks them, defaults filled in."""
+        """An identifier with the given parameters, checked as a policy checks them, defaults filled in.
+
+        Raises TypeError when ``make_identifier`` returns something other than an :class:`Identifier`:
+        checked here, where the identifier is made anyway, not when the registry collects the spec
+        (building one there would run plugin code, maybe heavy or device-bound, just to list patterns).
+        """
         unknown = sorted(set(params) - set(self.parameters))
         if unknown:
             raise ValueError(f"pattern {self.name!r} has no parameter {', '.join(map(repr, unknown))}; "
@@ -220,4 +265,9 @@ class PatternSpec:
                 values[key] = self.parameters[key].coerce(value)
             except ValueError as exc:
                 raise ValueError(f"pattern {self.name!r}, parameter {key!r}: {exc}") from None
-        return self.make_identifier(**values)
+        identifier = self.make_identifier(**values)
+        if not isinstance(identifier, Identifier):
+            raise TypeError(f"pattern {self.name!r}: make_identifier {self.make_identifier!r} returned "
+                            f"{type(identifier).__name__} {reprlib.repr(identifier)}, expected an Identifier instance; "
+                            f"fix the plugin providing pattern {self.name!r}")
+        return identifier

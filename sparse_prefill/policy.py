@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import re
+import reprlib
 from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
@@ -282,11 +283,18 @@ def shipped_policies() -> list[str]:
 
 def load_policy(source: PolicySource) -> Policy:
     """A validated :class:`Policy` from a YAML path, a shipped policy's name (``"anchor.yaml"``),
-    a dict, or a Policy (returned as is). A file in the working directory wins over a shipped name."""
+    a dict, or a Policy (returned as is). A file in the working directory wins over a shipped name.
+    Anything else is a PolicyError (not pathlib's TypeError) saying what is accepted."""
     if isinstance(source, Policy):
         return source
     if isinstance(source, Mapping):
         return _Validator("<dict>").policy(source)
+    if not isinstance(source, (str, os.PathLike)):
+        raise PolicyError(
+            f"cannot load a policy from {type(source).__name__} {reprlib.repr(source)}; give a YAML path (str or "
+            f"os.PathLike), the name of a shipped policy ({', '.join(shipped_policies())}), a mapping of the "
+            f"policy's shape ({{'default': {{'pattern': ...}}, ...}}), or a Policy"
+        )
     path = Path(source)
     if not path.is_file() and path.name == str(source) and path.name in shipped_policies():
         path = Path(str(files("sparse_prefill").joinpath("policies", path.name)))

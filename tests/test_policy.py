@@ -204,3 +204,47 @@ def test_anchor_block_limit_matches_the_triton_identifier():
     assert load_policy({"default": {"pattern": "anchor", "block": MAX_BLOCK}}).default.as_dict()["block"] == MAX_BLOCK
     with pytest.raises(PolicyError, match="default.block"):
         load_policy({"default": {"pattern": "anchor", "block": MAX_BLOCK + 16}})
+
+
+@pytest.mark.parametrize("source", [[{"default": {"pattern": "dense"}}], None, 42, b"anchor.yaml"])
+def test_an_unloadable_source_says_what_is_accepted(source):
+    with pytest.raises(PolicyError) as info:
+        load_policy(source)
+    message = str(info.value)
+    assert type(source).__name__ in message
+    for accepted in ("YAML path", "os.PathLike", "shipped policy", "anchor.yaml", "mapping", "Policy"):
+        assert accepted in message
+
+
+@pytest.mark.parametrize(
+    "key, text, value",
+    [("theta", "1e6", 1e6), ("theta", "1.0e6", 1e6), ("theta", "25E-4", 2.5e-3), ("theta", "-7e+2", -700.0),
+     ("sink", "1e2", 100)],
+)
+def test_a_number_yaml_reads_as_a_string_gets_a_spelling_that_loads(tmp_path, key, text, value):
+    path = tmp_path / "p.yaml"
+    path.write_text(f"default:\n  pattern: anchor\n  {key}: {text}\n")
+    with pytest.raises(PolicyError, match=rf"default\.{key}: expected") as info:
+        load_policy(path)
+    message = str(info.value)
+    assert f"YAML 1.1 (how policy files are read) takes {text} for a string" in message
+    spelling = re.search(r"as (\S+)$", message)[1]
+    if isinstance(value, float):
+        assert "." in spelling and re.search(r"e[-+]\d", spelling)  # a decimal point and a signed exponent
+    path.write_text(f"default:\n  pattern: anchor\n  {key}: {spelling}\n")
+    loaded = load_policy(path).default.as_dict()[key]
+    assert loaded == value and type(loaded) is type(value)
+    # PatternSpec.build checks through the same Parameter.coerce, so it says the same.
+    from sparse_prefill.registry import get_pattern
+
+    with pytest.raises(ValueError, match=re.escape(message.split(": expected", 1)[1])):
+        get_pattern("anchor").build(**{key: text})
+
+
+@pytest.mark.parametrize("text", ['"7.5"', "big", "[1.0e+6]"])
+def test_only_numbers_yaml_reads_as_strings_get_the_yaml_hint(tmp_path, text):
+    path = tmp_path / "p.yaml"
+    path.write_text(f"default:\n  pattern: anchor\n  theta: {text}\n")
+    with pytest.raises(PolicyError, match=r"default\.theta: expected float") as info:
+        load_policy(path)
+    assert "YAML 1.1" not in str(info.value)

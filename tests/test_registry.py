@@ -1,13 +1,15 @@
+import dataclasses
 import importlib.metadata
 import sys
 import types
+import warnings
 
 import pytest
 import torch
 
 from sparse_prefill import registry
 from sparse_prefill.hookspecs import hookimpl
-from sparse_prefill.interfaces import Executor, PatternSpec, write_into
+from sparse_prefill.interfaces import Executor, Parameter, PatternSpec, write_into
 from sparse_prefill.patterns.dense import DenseIdentifier
 from sparse_prefill.plan import BlockPlan, DensePlan, StripePlan
 
@@ -217,3 +219,191 @@ def test_an_optional_hook_without_a_spec_is_accepted(fresh_registry):
 
     registry.register_plugin(Forward(), name="forward")
     assert registry.plugin_errors() == []
+
+
+class _Declining(Executor):
+    """Valid except for ``name`` (left to each test): it outranks every built-in executor and declines
+    every input, so select_executor reads its name for the refusal list on every dispatch."""
+
+    plan_kinds = (DensePlan, StripePlan, BlockPlan)
+    devices = frozenset({"no-such-device"})
+    priority = 10_000
+
+    def __call__(self, q, k, v, plan, ctx, return_lse=False, out=None):
+        raise AssertionError("declines everything, never runs")
+
+
+class _Bystander(_ZeroExecutor):
+    """A valid executor that never wins (lowest priority): shows its plugin keeps working."""
+
+    name = "test-bystander"
+    priority = -1000
+
+
+def _executor_plugin(*executors):
+    class Plugin:
+        @hookimpl
+        def sparse_prefill_executors(self):
+            return list(executors)
+
+    return Plugin()
+
+
+def _anchor_dispatch_matches_the_reference():
+    from sparse_prefill.dispatch import sparse_attention
+    from sparse_prefill.kernels.executors import ReferenceExecutor
+
+    identifier = registry.get_pattern("anchor").build(theta=4.0, block=16, sink=16, local=16, dense_tail=0,
+                                                      dense_above=1.0)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, heads, 64, 32, generator=gen) for heads in (2, 1, 1))
+    out = sparse_attention(q, k, v, identifier)[0]  # chosen by select_executor among the registered executors
+    torch.testing.assert_close(out, sparse_attention(q, k, v, identifier, executor=ReferenceExecutor())[0])
+
+
+def test_an_executor_without_a_name_is_refused_and_anchor_dispatch_keeps_working(fresh_registry):
+    registry.register_plugin(_executor_plugin(_Declining(), _ZeroExecutor()), name="nameless")
+    registry.register_plugin(_executor_plugin(_Bystander()), name="bystander")
+    with pytest.warns(RuntimeWarning, match=r"'nameless'.*sparse_prefill_executors.*name is missing"):
+        names = _executor_names()
+    # The whole hook result of the broken plugin is dropped (its valid executor too); others keep working.
+    assert "test-zeros" not in names and {"reference", "test-bystander"} <= names
+    (error,) = registry.plugin_errors()
+    assert isinstance(error, registry.PluginLoadError) and "ignoring all it returned" in str(error)
+    _anchor_dispatch_matches_the_reference()
+
+
+@pytest.mark.parametrize(
+    "attribute, bad",
+    [
+        ("name", ""),
+        ("name", 7),
+        ("plan_kinds", [StripePlan]),
+        ("plan_kinds", ()),
+        ("plan_kinds", ("StripePlan",)),
+        ("devices", "cpu"),
+        ("devices", {torch.device("cpu")}),
+        ("dtypes", {"float16"}),
+        ("head_dims", [64]),
+        ("head_dims", {64.0}),
+        ("priority", "high"),
+        ("priority", True),
+        ("not_supported_reasons", None),
+    ],
+)
+def test_an_executor_breaking_its_contract_is_refused_by_name(fresh_registry, attribute, bad):
+    broken = type("BrokenExecutor", (_Declining,), {"name": "test-broken", attribute: bad})()
+    registry.register_plugin(_executor_plugin(broken), name="broken-exec")
+    registry.register_plugin(_executor_plugin(_Bystander()), name="bystander")
+    expected = rf"'broken-exec'.*BrokenExecutor.*sparse_prefill_executors.*{attribute} is"
+    with pytest.warns(RuntimeWarning, match=expected):
+        names = _executor_names()
+    assert "test-broken" not in names and {"reference", "test-bystander"} <= names
+    (error,) = registry.plugin_errors()
+    assert f"({type(bad).__name__})" in str(error) and "must be" in str(error)  # what came, what is allowed
+    _anchor_dispatch_matches_the_reference()
+
+
+def test_an_executor_with_an_unimplemented_call_is_refused(fresh_registry):
+    class Abstract(_Declining):
+        name = "test-abstract"
+        __call__ = Executor.__call__  # the abstract one: Executor's ABC refuses to instantiate this...
+
+    Abstract.__abstractmethods__ = frozenset()  # ...unless forced, as a careless plugin could
+    registry.register_plugin(_executor_plugin(Abstract()), name="abstract")
+    with pytest.warns(RuntimeWarning, match=r"'abstract'.*__call__ is"):
+        assert "test-abstract" not in _executor_names()
+
+
+def _pattern_plugin(*specs):
+    class Plugin:
+        @hookimpl
+        def sparse_prefill_patterns(self):
+            return list(specs)
+
+    return Plugin()
+
+
+@pytest.mark.parametrize(
+    "field, bad",
+    [
+        ("name", ""),
+        ("name", 42),
+        ("description", None),
+        ("parameters", [Parameter(int, 1, "w")]),
+        ("parameters", {"w": 3}),
+        ("parameters", {1: Parameter(int, 1, "w")}),
+        ("make_identifier", "DenseIdentifier"),
+    ],
+)
+def test_a_pattern_spec_breaking_its_contract_is_refused_by_name(fresh_registry, field, bad):
+    spec = dataclasses.replace(PatternSpec("broken", "a pattern", {}, DenseIdentifier), **{field: bad})
+    registry.register_plugin(_pattern_plugin(spec, PatternSpec("sibling", "valid", {}, DenseIdentifier)),
+                             name="broken-pattern")
+    registry.register_plugin(_pattern_plugin(PatternSpec("other", "valid", {}, DenseIdentifier)), name="other")
+    with pytest.warns(RuntimeWarning, match=rf"'broken-pattern'.*sparse_prefill_patterns.*{field} is"):
+        names = {info.name for info in registry.available_patterns()}
+    assert {"anchor", "other"} <= names and not {"broken", "sibling"} & names
+    (error,) = registry.plugin_errors()
+    assert "must be" in str(error)
+    assert registry.get_pattern("other").build().__class__ is DenseIdentifier
+
+
+def test_a_pattern_whose_factory_returns_no_identifier_fails_when_built(fresh_registry):
+    registry.register_plugin(_pattern_plugin(PatternSpec("not-an-identifier", "", {}, dict)), name="factory")
+    spec = registry.get_pattern("not-an-identifier")  # not built when collected: that would run plugin code
+    with pytest.raises(TypeError, match=r"pattern 'not-an-identifier'.*returned dict.*Identifier"):
+        spec.build()
+
+
+def test_each_failure_is_recorded_and_warned_once_across_registrations(fresh_registry):
+    class Shadow:
+        @hookimpl
+        def sparse_prefill_patterns(self):
+            return [PatternSpec("anchor", "shadow", {}, DenseIdentifier)]
+
+    class Failing:
+        @hookimpl
+        def sparse_prefill_executors(self):
+            raise ImportError("needs libfoo.so")
+
+    class WrongType:
+        @hookimpl
+        def sparse_prefill_patterns(self):
+            return [object()]  # a new object, so a new repr, on every call
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for name, plugin in [("shadow", Shadow()), ("failing", Failing()), ("wrong", WrongType())]:
+            registry.register_plugin(plugin, name=name)
+        for i in range(3):
+            late = _pattern_plugin(PatternSpec(f"late-{i}", "", {}, DenseIdentifier))
+            registry.register_plugin(late, name=f"late-{i}")
+            assert f"late-{i}" in {info.name for info in registry.available_patterns()}  # the cache follows
+            assert "reference" in _executor_names()
+    messages = [str(error) for error in registry.plugin_errors()]
+    assert len(messages) == 3 and len(set(messages)) == 3
+    assert [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)] == messages
+
+
+@pytest.mark.parametrize("not_a_plugin", [42, None, types.ModuleType("no_markers"), object()])
+def test_register_plugin_refuses_an_object_implementing_no_hook(fresh_registry, not_a_plugin):
+    if isinstance(not_a_plugin, types.ModuleType):
+        not_a_plugin.sparse_prefill_patterns = lambda: []  # the right name, but no @hookimpl marker
+    with pytest.raises(TypeError, match=r"implements no sparse_prefill hook.*sparse_prefill_patterns.*hookimpl"):
+        registry.register_plugin(not_a_plugin)
+    assert registry.plugin_errors() == [] and not registry.get_registry().manager.is_registered(not_a_plugin)
+
+
+def test_an_entry_point_that_is_no_plugin_is_recorded_not_raised(fresh_registry, monkeypatch):
+    module = types.ModuleType("test_plugin_unmarked")
+    module.sparse_prefill_patterns = lambda: [PatternSpec("unmarked", "", {}, DenseIdentifier)]
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    unmarked = importlib.metadata.EntryPoint("unmarked", module.__name__, registry.ENTRY_POINT_GROUP)
+    real = importlib.metadata.entry_points
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda **kwargs: [*real(**kwargs), unmarked])
+    with pytest.warns(RuntimeWarning, match=r"'unmarked'.*implements no sparse_prefill hook"):
+        names = {info.name for info in registry.available_patterns()}
+    assert "anchor" in names and "unmarked" not in names
+    (error,) = registry.plugin_errors()
+    assert isinstance(error, registry.PluginLoadError)
