@@ -1,7 +1,7 @@
 """Pictures of a whole-model evaluation (matplotlib, the ``plots`` extra).
 
 :func:`plot_quality_vs_density` is the one that settles which pattern keeps more at the same cost:
-KL against dense (and the perplexity change) against mean attention density, one curve per pattern
+KL against dense (and the perplexity change) against mean attention density, one curve per policy
 and length, the points of a sweep joined in density order.
 """
 
@@ -28,20 +28,21 @@ def _pyplot():
 
 
 def plot_quality_vs_density(results: Sequence[Measurement], path: str | Path, title: str = "") -> Path:
-    """KL(dense || policy) and perplexity change vs mean density; one line per (pattern, length)."""
+    """KL(dense || policy) and perplexity change vs mean density; one line per (policy, length), a
+    policy's sweep points (``anchor.yaml[theta=6.0]``, ...) on one line."""
     plt = _pyplot()
     fig, (ax_kl, ax_ppl) = plt.subplots(1, 2, figsize=(12, 4.8))
     curves: dict[tuple[str, int], list[Measurement]] = {}
     for m in results:
         if m.label != BASELINE_LABEL and m.density is not None:
-            curves.setdefault((m.pattern, m.length), []).append(m)
+            curves.setdefault((m.label.split("[")[0], m.length), []).append(m)
     lengths = sorted({length for _, length in curves})
     styles = ["-", "--", ":", "-."]
-    colors = {pattern: f"C{i}" for i, pattern in enumerate(sorted({p for p, _ in curves}))}
-    for (pattern, length), points in sorted(curves.items()):
+    colors = {policy: f"C{i}" for i, policy in enumerate(sorted({p for p, _ in curves}))}
+    for (policy, length), points in sorted(curves.items()):
         points.sort(key=lambda m: m.density)
-        style = dict(color=colors[pattern], linestyle=styles[lengths.index(length) % len(styles)], marker="o")
-        label = f"{pattern}, {length // 1024}k" if length >= 1024 else f"{pattern}, {length}"
+        style = dict(color=colors[policy], linestyle=styles[lengths.index(length) % len(styles)], marker="o")
+        label = f"{policy}, {length // 1024}k" if length >= 1024 else f"{policy}, {length}"
         ax_kl.plot([m.density for m in points], [max(m.kl, 1e-6) for m in points], label=label, **style)
         ax_ppl.plot([m.density for m in points], [100 * m.perplexity_change for m in points], label=label, **style)
     ax_kl.set(xlabel="mean attention density (fraction of causal scores computed)",
