@@ -5,7 +5,8 @@ rounding at exact threshold ties), in three kernels that never materialise anyth
 
 1. ``_anchor_pool_kernel``, one program per (batch, query head, query block): the row max of
    ``scale * q . k`` over the row's window keys (QK^T only, no PV), averaged over the block's rows
-   -> pooled_anchor [B, Hq, NB]; and the mean q row -> pooled_q [B, Hq, NB, D], both fp32.
+   -> pooled_anchor [B, Hq, NB]; and the mean q row -> pooled_q [B, Hq, NB, D], both fp32. Rows with
+   a non-finite q or anchor stay out of both means (the reference's rule).
 2. ``_stripe_scan_kernel`` (WRITE=False): scores candidate key tiles against pooled rows stacked in M, stores
    each segment's kept keys as a bit row (1 bit per candidate key: a 32nd of the int32 index list at
    density 1, a third at the 0.09 of long real-calibrated prompts) and counts, per segment (batch, plan
@@ -39,7 +40,7 @@ from sparse_prefill.kernels.runtime import triton_can_run, triton_interpreted
 from sparse_prefill.patterns.anchor.reference import validate_anchor_inputs
 from sparse_prefill.plan import DensePlan, StripePlan
 
-__all__ = ["anchor_identify", "SUPPORTED_DTYPES", "HEAD_DIM_RANGE", "MAX_BLOCK", "MAX_SCAN_ROWS"]
+__all__ = ["anchor_identify", "not_supported_reasons", "SUPPORTED_DTYPES", "HEAD_DIM_RANGE", "MAX_BLOCK", "MAX_SCAN_ROWS"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 HEAD_DIM_RANGE = (16, 256)  # tl.dot needs K >= 16; above 256 the q tile no longer fits on chip
@@ -79,6 +80,8 @@ def _window_row_max(
         valid = keys[None, :] < key_hi
         if CAUSAL:
             valid = valid & (keys[None, :] <= rows[:, None])
+        # tl.max and tl.maximum ignore NaN (maxnum, on the GPU and in the interpreter): NaN scores do not
+        # count, and a row of NaN scores only (a non-finite q) keeps -inf, as the reference's rule says.
         m_i = tl.maximum(m_i, tl.max(tl.where(valid, s, float("-inf")), 1))
     return m_i
 
@@ -120,7 +123,8 @@ def _load_pooled_rows(
     pooled_q = tl.load(base_q[:, None] + offs_d[None, :] * stride_pd, mask=valid[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     base_a = PooledAnchor + off_b.to(tl.int64) * stride_ab + head.to(tl.int64) * stride_ah + blk.to(tl.int64) * stride_am
     anchor = tl.load(base_a, mask=valid, other=float("inf"))
-    return pooled_q, anchor, valid
+    # A block with no finite row (anchor +inf, see _anchor_pool_kernel) keeps nothing.
+    return pooled_q, anchor, valid & (anchor < float("inf"))
 
 
 @triton.jit
@@ -154,7 +158,9 @@ def _keep_tile(
         s = (tl.dot(q_hi, tl.trans(k)) + tl.dot(q_lo, tl.trans(k))) * scale
     else:
         s = tl.dot(q_hi, tl.trans(k.to(tl.float32)), input_precision=PRECISION) * scale
-    hit = ((s + theta >= anchor[:, None]) & row_valid[:, None]).to(tl.int32)
+    # "not below": a NaN score (a non-finite key) keeps the key, so its NaN reaches the rows that attend
+    # it, as in dense attention (one unordered compare, no extra NaN test).
+    hit = ((~(s + theta < anchor[:, None])) & row_valid[:, None]).to(tl.int32)
     segment_hit = tl.max(tl.reshape(hit, (SEG_PAD, ROW_PAD, BLOCK_N)), 1)
     in_slice = (keys >= key_lo) & (keys < key_hi)
     candidate = (keys[None, :] >= sink_end[:, None]) & (keys[None, :] < local_start[:, None]) & in_slice[None, :]
@@ -251,9 +257,15 @@ def _anchor_pool_kernel(
                           False, DOT_FP32, PRECISION, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N)
     m_i = _window_row_max(q, m_i, rows, k_base, stride_kn, stride_kd, local_start, row_end, scale,
                           True, DOT_FP32, PRECISION, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N)
-    count = (row_end - row_start).to(tl.float32)
-    anchor = tl.sum(tl.where(row_valid, m_i, 0.0), 0) / count
-    pooled_q = tl.sum(q.to(tl.float32), 0) / count
+    # Only rows with finite q and anchor join the pool: one NaN row must not change its neighbours'
+    # selection (it stays NaN in its own output). |x| < inf is false for NaN and +-inf.
+    q32 = q.to(tl.float32)
+    q_finite = tl.min((tl.abs(q32) < float("inf")).to(tl.int32), 1) > 0
+    pooled = row_valid & q_finite & (tl.abs(m_i) < float("inf"))
+    count = tl.sum(pooled.to(tl.float32), 0)
+    anchor = tl.sum(tl.where(pooled, m_i, 0.0), 0) / tl.maximum(count, 1.0)
+    anchor = tl.where(count > 0, anchor, float("inf"))  # no finite row: the block keeps nothing
+    pooled_q = tl.sum(tl.where(pooled[:, None], q32, 0.0), 0) / tl.maximum(count, 1.0)
     out_q = PooledQ + off_b.to(tl.int64) * stride_pb + off_h.to(tl.int64) * stride_ph + start_m.to(tl.int64) * stride_pm
     tl.store(out_q + offs_d * stride_pd, pooled_q, mask=offs_d < HEAD_DIM)
     tl.store(PooledAnchor + off_b.to(tl.int64) * stride_ab + off_h.to(tl.int64) * stride_ah + start_m * stride_am, anchor)
@@ -355,23 +367,57 @@ def _scan_layout(plan_heads_per_kv: int, rows_per_segment: int, head_dim: int) -
     return _ScanLayout(plan_heads_per_kv, groups, triton.next_power_of_2(plan_heads_per_kv * groups), row_pad)
 
 
-def _validate_kernel_inputs(q: torch.Tensor, k: torch.Tensor, block: int, group_blocks: int, layout: _ScanLayout) -> None:
+def _scan_rows(num_q: int, num_kv: int, head_dim: int, group_blocks: int, share_kv_heads: bool) -> int:
+    """Pooled rows one scan program stacks (kernels 2-3) for this head layout."""
+    heads_per_plan = num_q // num_kv if share_kv_heads else 1
+    return _scan_layout(num_q // num_kv // heads_per_plan, group_blocks * heads_per_plan, head_dim).rows
+
+
+def not_supported_reasons(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, *, block: int,
+                          group_blocks: int, share_kv_heads: bool) -> list[str]:
+    """Why this identifier cannot take inputs of this layout (empty: it can); each reason says what would.
+
+    The AnchorIdentifier asks before every call and, given a reason, identifies with the PyTorch
+    reference instead (the same plan up to fp32 rounding at threshold ties, without ``max_plan_bytes``),
+    so a policy that loads never fails in the middle of a generation.
+    """
+    reasons = []
+    if dtype not in SUPPORTED_DTYPES:
+        reasons.append(f"dtype {dtype} not in {[str(d) for d in SUPPORTED_DTYPES]}: run the model in one of them")
+    low, high = HEAD_DIM_RANGE
+    if not low <= head_dim <= high:
+        reasons.append(f"head dim must be in [{low}, {high}], got {head_dim} (the model's: no setting changes it)")
+    if block > MAX_BLOCK:
+        reasons.append(f"block must be <= {MAX_BLOCK} rows, got {block}: pool fewer rows")
+    rows = _scan_rows(num_q_heads, num_kv_heads, head_dim, group_blocks, share_kv_heads)
+    if rows > MAX_SCAN_ROWS:
+        fit, top = 0, group_blocks - 1  # bisect the largest group_blocks that fits (rows grow with it), 0 if none
+        while fit < top:
+            mid = (fit + top + 1) // 2
+            if _scan_rows(num_q_heads, num_kv_heads, head_dim, mid, share_kv_heads) <= MAX_SCAN_ROWS:
+                fit = mid
+            else:
+                top = mid - 1
+        fix = f"use group_blocks <= {fit}" if fit else "no group_blocks fits this many query heads per KV head"
+        reasons.append(
+            f"group_blocks={group_blocks} with {num_q_heads // num_kv_heads} query heads per KV head "
+            f"(share_kv_heads={share_kv_heads}) stacks {rows} pooled rows per program (powers of two), "
+            f"must be <= {MAX_SCAN_ROWS}: {fix}"
+        )
+    return reasons
+
+
+def _validate_kernel_inputs(q: torch.Tensor, k: torch.Tensor, *, block: int, group_blocks: int,
+                            share_kv_heads: bool) -> None:
     """What this kernel supports beyond the shared anchor checks; raises with the received value and the fix."""
     if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype:
         raise TypeError(f"q and k must share one dtype of {SUPPORTED_DTYPES}, got {q.dtype} and {k.dtype}")
     if not triton_can_run(q.device):
         raise ValueError(f"q and k must be on cuda, or on cpu with TRITON_INTERPRET=1, got {q.device}")
-    low, high = HEAD_DIM_RANGE
-    if not low <= q.shape[-1] <= high:
-        raise ValueError(f"head dim must be in [{low}, {high}], got {q.shape[-1]}; use anchor_identify_reference")
-    if block > MAX_BLOCK:
-        raise ValueError(f"block must be <= {MAX_BLOCK} rows, got {block}; pool fewer rows or use the reference")
-    if layout.rows > MAX_SCAN_ROWS:
-        raise ValueError(
-            f"group_blocks={group_blocks} with {q.shape[1] // k.shape[1]} query heads per KV head stacks "
-            f"{layout.rows} pooled rows per program (powers of two), must be <= {MAX_SCAN_ROWS}; "
-            "use fewer group_blocks or the reference"
-        )
+    reasons = not_supported_reasons(q.shape[1], k.shape[1], q.shape[-1], q.dtype, block=block,
+                                    group_blocks=group_blocks, share_kv_heads=share_kv_heads)
+    if reasons:
+        raise ValueError("; ".join(reasons) + "; or call anchor_identify_reference, which takes any of these")
 
 
 def _interpreter_cannot_dot(dtype: torch.dtype) -> bool:
@@ -443,8 +489,8 @@ def anchor_identify(
     batch, num_q, seq_len, head_dim = q.shape
     num_kv = k.shape[1]
     heads_per_plan = num_q // num_kv if share_kv_heads else 1
+    _validate_kernel_inputs(q, k, block=block, group_blocks=group_blocks, share_kv_heads=share_kv_heads)
     layout = _scan_layout(num_q // num_kv // heads_per_plan, group_blocks * heads_per_plan, head_dim)
-    _validate_kernel_inputs(q, k, block, group_blocks, layout)
     plan = StripePlan.empty(batch, num_q // heads_per_plan, seq_len, block * group_blocks, sink, local, q.device)
     pooled_q, pooled_anchor = _pool_blocks(q, k, scale=scale, block=block, group_rows=plan.group_rows, sink=sink, local=local)
 

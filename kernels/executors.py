@@ -20,6 +20,8 @@ from sparse_prefill.plan import BlockPlan, DensePlan, Plan, StripePlan
 __all__ = ["DenseSDPAExecutor", "ReferenceExecutor", "TritonStripeExecutor"]
 
 _ALL_DEVICES = frozenset({"cpu", "cuda", "xpu", "mps"})
+# Plain PyTorch takes float64 too (a model run in float64 must not fail mid-generation).
+_TORCH_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 
 
 class DenseSDPAExecutor(Executor):
@@ -28,7 +30,9 @@ class DenseSDPAExecutor(Executor):
     name = "dense-sdpa"
     plan_kinds = (DensePlan,)
     devices = _ALL_DEVICES
+    dtypes = _TORCH_DTYPES
     priority = 10
+    supports_backward: ClassVar[bool] = True  # SDPA and the reference (for the lse) are plain autograd ops
 
     def __call__(self, q, k, v, plan: Plan, ctx: AttentionContext, return_lse: bool = False, out=None):
         if return_lse:  # SDPA does not expose the log-sum-exp
@@ -44,7 +48,9 @@ class ReferenceExecutor(Executor):
     name = "reference"
     plan_kinds = (StripePlan, BlockPlan)
     devices = _ALL_DEVICES
+    dtypes = _TORCH_DTYPES
     priority = 0
+    supports_backward: ClassVar[bool] = True  # plain autograd ops: gradients flow through the selected keys
 
     def __call__(self, q, k, v, plan: Plan, ctx: AttentionContext, return_lse: bool = False, out=None):
         plan.validate()  # the correctness path: a plan from a faulty identifier is an error, not an answer
@@ -61,6 +67,7 @@ class TritonStripeExecutor(Executor):
     devices = frozenset({"cuda"})
     priority = 100
     head_dims: ClassVar[frozenset[int] | None] = frozenset(STRIPE_HEAD_DIMS)
+    supports_backward: ClassVar[bool] = False  # a forward kernel only: the dispatcher refuses inputs needing grad
 
     def device_supported(self, device: torch.device) -> bool:
         return triton_can_run(device)

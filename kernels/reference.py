@@ -1,7 +1,11 @@
 """Plain PyTorch executors: float32 math, one query group (or block) at a time, obviously right.
 
-They are the specification every kernel is tested against, and they run on any device. Memory
-stays O(group work): a query group's scores are [B, Hq, rows, keys it attends], never N x N.
+They are the specification every kernel is tested against, and they run on any device (float64
+inputs in float64). Memory stays O(group work): a query group's scores are [B, Hq, rows, keys it
+attends], never N x N. They are plain autograd ops, so gradients flow through the selected keys.
+Each row's softmax is its own: a NaN q row is NaN in its output alone; a NaN k or v row reaches
+every row that attends it (a NaN v row, through 0 x NaN in P @ V, possibly other rows too, as in
+torch's own SDPA kernels).
 
 Head layout shared by all three (``Hp`` = plan heads, ``P = Hp // Hkv``, ``Qp = Hq // Hp``):
 q is viewed as [B, Hkv, P, Qp, N, D], so query head ``hq`` reads plan head ``hq // Qp`` and KV
@@ -104,8 +108,9 @@ class _Heads:
         self.num_kv = k.shape[1]
         self.per_kv = plan_heads // self.num_kv  # P: plan heads per KV head
         self.per_plan = num_q // plan_heads  # Qp: query heads per plan head
-        self.q = q.float().view(batch, self.num_kv, self.per_kv, self.per_plan, seq_len, head_dim)
-        self.k, self.v = k.float(), v.float()
+        dtype = torch.promote_types(q.dtype, torch.float32)  # float32 math; float64 inputs keep float64
+        self.q = q.to(dtype).view(batch, self.num_kv, self.per_kv, self.per_plan, seq_len, head_dim)
+        self.k, self.v = k.to(dtype), v.to(dtype)
         self.out = torch.empty_like(self.q)
         self.lse = torch.empty(self.q.shape[:-1], device=q.device) if return_lse else None
 

@@ -70,6 +70,12 @@ def sparse_attention(
     identifier allows), each identified, executed into the shared output and freed before the
     next. Identifiers that ignore the budget run in one call.
 
+    Gradients: identification runs under ``torch.no_grad()`` (selection is not differentiable; the
+    plan is integers). When q, k or v require grad under grad mode, the chosen executor must have a
+    backward (``supports_backward``, as the reference and dense SDPA executors do) or the call raises
+    :class:`NoCapableExecutorError`: the Triton kernels are forward only, and neither a silently
+    detached output nor a silent switch to the much slower reference is an answer.
+
     Equivalent PyTorch code for a plan's mask ``M`` (for testing only; O(N^2))::
 
         scores = (q @ k.repeat_interleave(Hq // Hkv, 1).transpose(-1, -2)) * scale
@@ -79,7 +85,8 @@ def sparse_attention(
     ctx = ctx or AttentionContext.for_inputs(q, k)
     budget = default_plan_budget(q, k, v) if max_plan_bytes is None else max_plan_bytes
     try:
-        plan = identifier.identify(q, k, dataclasses.replace(ctx, plan_budget=budget))
+        with torch.no_grad():
+            plan = identifier.identify(q, k, dataclasses.replace(ctx, plan_budget=budget))
     except PlanBudgetExceeded as exceeded:
         chunks = _head_chunks(exceeded, q.shape[1] // k.shape[1], budget)
         return _run_in_chunks(q, k, v, identifier, ctx, chunks, executor=executor, return_lse=return_lse,
@@ -142,7 +149,8 @@ def _run_in_chunks(
             ctx, num_q_heads=chunk_q.shape[1], num_kv_heads=chunk_k.shape[1],
             head_offset=ctx.head_offset + q_heads.start, plan_budget=None, dense_fallback=False,
         )
-        plan = identifier.identify(chunk_q, chunk_k, chunk_ctx)
+        with torch.no_grad():
+            plan = identifier.identify(chunk_q, chunk_k, chunk_ctx)
         if on_plan is not None:
             on_plan(plan, chunk_ctx)
         chunk_lse = _execute(chunk_q, chunk_k, chunk_v, plan, chunk_ctx, executor, return_lse, out=out[:, q_heads])[1]
@@ -159,4 +167,21 @@ def _execute(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, ctx:
     if executor is not None and (reasons := executor.not_supported_reasons(q, plan)):
         raise NoCapableExecutorError(f"executor {executor.name} cannot run these inputs: {'; '.join(reasons)}")
     chosen = executor or select_executor(q, plan)
+    if _needs_grad(q, k, v) and not getattr(chosen, "supports_backward", False):  # duck-typed plugins may omit it
+        raise NoCapableExecutorError(_no_backward_message(chosen, q, plan))
     return chosen(q, k, v, plan, ctx, return_lse=return_lse, out=out)
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd would record this call: grad mode on and some input requires grad."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _no_backward_message(chosen: Executor, q: torch.Tensor, plan: Plan) -> str:
+    """What went wrong and the two ways out, naming the executors that could differentiate this plan."""
+    able = [f"{type(e).__module__}.{type(e).__name__}" for e in get_registry().executors()
+            if getattr(e, "supports_backward", False) and not e.not_supported_reasons(q, plan)]
+    alternative = f"pass executor={' or '.join(f'{name}()' for name in able)} (slower)" if able else (
+        f"no registered executor has a backward for {type(plan).__name__}")
+    return (f"executor {chosen.name} has no backward, but q, k or v require grad with grad mode on; run under "
+            f"torch.inference_mode() or torch.no_grad() (prefill needs no gradients), or {alternative}")

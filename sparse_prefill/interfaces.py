@@ -128,6 +128,9 @@ class Executor(abc.ABC):
     dtypes: ClassVar[frozenset[torch.dtype]] = frozenset({torch.float16, torch.bfloat16, torch.float32})
     head_dims: ClassVar[frozenset[int] | None] = None  # None: any head dim
     priority: ClassVar[int] = 0  # higher wins
+    # Whether outputs keep autograd's graph. False (forward-only kernels): the dispatcher refuses
+    # inputs that require grad under grad mode instead of returning a detached output.
+    supports_backward: ClassVar[bool] = False
 
     def not_supported_reasons(self, q: torch.Tensor, plan: Plan) -> list[str]:
         """Why this executor cannot run these inputs (empty list: it can)."""

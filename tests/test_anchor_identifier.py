@@ -12,15 +12,19 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: kernels run on the CPU
 
+import dataclasses
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
 import pytest
 import torch
 
-from sparse_prefill.interfaces import PlanBudgetExceeded
+import sparse_prefill.patterns.anchor as anchor_pattern
+from sparse_prefill.interfaces import AttentionContext, PlanBudgetExceeded
 from sparse_prefill.kernels import anchor_identify as anchor_identify_module
-from sparse_prefill.kernels.anchor_identify import anchor_identify
+from sparse_prefill.kernels.anchor_identify import anchor_identify, not_supported_reasons
+from sparse_prefill.patterns.anchor import ANCHOR
 from sparse_prefill.patterns.anchor.reference import anchor_identify_reference
 from sparse_prefill.plan import DensePlan, StripePlan, plan_nbytes
 
@@ -99,12 +103,19 @@ def _rule_margins(q: torch.Tensor, k: torch.Tensor, case: Case, plan: StripePlan
                 rows = torch.arange(row_start, row_end).unsqueeze(1)
                 cols = torch.arange(row_end).unsqueeze(0)
                 window = (cols < sink_end) | ((cols >= local_start) & (cols <= rows))
-                scores = scale * q64[b, head, row_start:row_end] @ keys[:row_end].T
-                anchors = scores.masked_fill(~window, float("-inf")).amax(dim=1)
+                rows_q = q64[b, head, row_start:row_end]
+                scores = scale * rows_q @ keys[:row_end].T
+                anchors = scores.masked_fill(~window | scores.isnan(), float("-inf")).amax(dim=1)  # NaN: no count
+                # Rows with a non-finite q or anchor stay out of the pool; a block without any keeps nothing.
+                finite = torch.isfinite(rows_q).all(dim=1) & torch.isfinite(anchors)
                 margin = torch.full((local_start - sink_end,), float("-inf"), dtype=torch.float64)
                 for start in range(0, row_end - row_start, case.block):
-                    pooled_q = q64[b, head, row_start + start : row_start + start + case.block].mean(dim=0)
-                    pooled_anchor = anchors[start : start + case.block].mean()
+                    pooled_rows = torch.arange(start, min(start + case.block, row_end - row_start))
+                    pooled_rows = pooled_rows[finite[pooled_rows]]
+                    if not len(pooled_rows):
+                        continue
+                    pooled_q = rows_q[pooled_rows].mean(dim=0)
+                    pooled_anchor = anchors[pooled_rows].mean()
                     pooled = scale * keys[sink_end:local_start] @ pooled_q + case.theta - pooled_anchor
                     margin = torch.maximum(margin, pooled)
                 segment = (b * plan.plan_heads + plan_head) * plan.num_groups + group
@@ -311,3 +322,113 @@ def test_the_declared_budget_covers_the_plan_and_the_keep_bits(share_kv_heads):
     # ... and the declared bytes are exactly enough, for the same plan.
     fitted = anchor_identify(q, k, **params, max_plan_bytes=declared)
     assert torch.equal(fitted.offsets, plan.offsets) and torch.equal(fitted.indices, plan.indices)
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite rows: a NaN row must not change what the other rows select
+# ---------------------------------------------------------------------------------------------
+
+
+def _segments_without(plan: StripePlan, rows: set[int], heads: set[int]) -> dict[int, set[int]]:
+    """Selected keys of every segment whose group holds none of ``rows`` or whose plan head none of ``heads``."""
+    kept = {}
+    for segment in range(plan.offsets.numel() - 1):
+        row_start, row_end, _, _ = plan.group_bounds(segment % plan.num_groups)
+        head = segment // plan.num_groups % plan.plan_heads
+        if head not in heads or not rows & set(range(row_start, row_end)):
+            kept[segment] = _selected(plan, segment)
+    return kept
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, interpreting inf x 0
+@pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")  # numpy, interpreting a NaN row's max
+@pytest.mark.parametrize("share_kv_heads", [True, False], ids=["shared", "perhead"])
+@pytest.mark.parametrize("name", IDENTIFIERS)
+def test_nan_query_rows_leave_the_other_rows_selection_alone(name: str, share_kv_heads: bool) -> None:
+    case = dataclasses.replace(EDGE_CASE, group_blocks=1, share_kv_heads=share_kv_heads)  # a group is one block
+    q, k = _inputs(case)
+    clean = IDENTIFIERS[name](q, k, **case.params())
+    # One NaN row in group 3 (rows 96-127) of head 1, and all of group 6 (rows 192-223) of head 2 infinite.
+    q[0, 1, 100] = float("nan")
+    q[0, 2, 192:224] = float("inf")
+    plan = IDENTIFIERS[name](q, k, **case.params())
+    plan.validate()
+    # The rule pools the finite rows only: group 3 still selects for head 1, group 6 nothing for head 2.
+    _assert_same_plan(plan, _selection_rule(q, k, case, plan), _rule_margins(q, k, case, plan))
+    expected = anchor_identify_reference(q, k, **case.params())
+    _assert_same_plan(plan, expected, _rule_margins(q, k, case, expected))
+    head_1, head_2 = (0, 0) if share_kv_heads else (1, 2)
+    assert plan.counts()[0, head_1, 3] > 0 and plan.counts()[0, head_1, 3] >= clean.counts()[0, head_1, 3] // 2
+    assert share_kv_heads or plan.counts()[0, head_2, 6] == 0
+    # Groups (and, per head, heads) without a non-finite row select exactly what they did without them.
+    touched_heads = {head_1, head_2}
+    assert _segments_without(plan, {100, *range(192, 224)}, touched_heads) == _segments_without(
+        clean, {100, *range(192, 224)}, touched_heads)
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")  # numpy, interpreting a NaN row's max
+@pytest.mark.parametrize("name", IDENTIFIERS)
+def test_a_block_without_finite_rows_selects_nothing_and_a_nan_key_is_kept(name: str) -> None:
+    case = dataclasses.replace(EDGE_CASE, num_q=1, share_kv_heads=False, theta=1e30)
+    q, k = _inputs(case)
+    q[0, 0, 192:256] = float("nan")  # all of group 3: its blocks have no finite row
+    k[0, 0, 40] = float("nan")  # a candidate of groups 2.. (sink 16, local 32, 64-row groups)
+    plan = IDENTIFIERS[name](q, k, **case.params())
+    plan.validate()
+    counts = plan.counts()[0, 0]
+    assert counts[3] == 0, "a group of NaN rows selects nothing beyond its windows"
+    for group in (2, 4):  # theta 1e30 keeps every candidate of the finite groups, the NaN key included
+        _, _, sink_end, local_start = plan.group_bounds(group)
+        assert _selected(plan, group) == set(range(sink_end, local_start))
+    # A NaN key is kept even where theta keeps nothing else: its NaN must reach the rows that would attend it.
+    strict = IDENTIFIERS[name](q, k, **case.params(theta=-1e30))
+    assert [_selected(strict, g) for g in range(strict.num_groups)] == [set(), set(), {40}, set(), {40}]
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs the Triton identifier cannot take: the AnchorIdentifier uses the reference, warning once
+# ---------------------------------------------------------------------------------------------
+
+FALLBACKS = {
+    # (q heads, kv heads, N, head dim, dtype, parameters, what the warning says)
+    "head-dim-8": (2, 1, 300, 8, torch.float32, {}, r"head dim must be in \[16, 256\], got 8"),
+    "head-dim-320": (2, 1, 300, 320, torch.float32, {}, "got 320"),
+    "float64": (2, 1, 300, 64, torch.float64, {}, "dtype torch.float64"),
+    "group-blocks-64-gqa-4": (4, 1, 1100, 64, torch.float32, {"block": 16, "group_blocks": 64},
+                              "stacks 256 pooled rows per program.*use group_blocks <= 32"),
+    "group-blocks-64-gqa-4-perhead": (4, 1, 1100, 64, torch.float32,
+                                      {"block": 16, "group_blocks": 64, "share_kv_heads": False},
+                                      "stacks 256 pooled rows per program.*use group_blocks <= 32"),
+}
+
+
+@pytest.mark.parametrize("num_q, num_kv, seq_len, head_dim, dtype, params, warning", FALLBACKS.values(),
+                         ids=FALLBACKS.keys())
+def test_the_anchor_identifier_falls_back_to_the_reference(num_q, num_kv, seq_len, head_dim, dtype, params, warning,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(anchor_pattern, "_WARNED", set())
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, num_q, seq_len, head_dim, generator=gen).to(dtype)
+    k = torch.randn(1, num_kv, seq_len, head_dim, generator=gen).to(dtype)
+    params = {"theta": 3.0, "block": 32, "sink": 16, "local": 16, "dense_above": 1.0, **params}
+    identifier = ANCHOR.build(**params)
+    ctx = AttentionContext.for_inputs(q, k)
+    with pytest.warns(UserWarning, match=warning):
+        plan = identifier.identify(q, k, ctx)
+    expected = anchor_identify_reference(q, k, scale=ctx.scale, **identifier.params)
+    assert torch.equal(plan.offsets, expected.offsets) and torch.equal(plan.indices, expected.indices)
+    assert plan.indices.numel() > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per reason: the next layer's call is silent
+        identifier.identify(q, k, ctx)
+
+
+def test_the_suggested_group_blocks_stays_on_the_triton_identifier() -> None:
+    for share_kv_heads in (True, False):
+        reasons = not_supported_reasons(4, 1, 128, torch.bfloat16, block=128, group_blocks=64,
+                                        share_kv_heads=share_kv_heads)
+        assert len(reasons) == 1 and reasons[0].endswith("use group_blocks <= 32")
+        assert not not_supported_reasons(4, 1, 128, torch.bfloat16, block=128, group_blocks=32,
+                                         share_kv_heads=share_kv_heads)
+    assert "no group_blocks fits" in not_supported_reasons(256, 1, 64, torch.float16, block=16, group_blocks=1,
+                                                           share_kv_heads=True)[0]

@@ -6,10 +6,19 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: kernels run on the CPU
 
+import warnings
+
 import pytest
 import torch
 
-from sparse_prefill.dispatch import NoCapableExecutorError, _head_chunks, default_plan_budget, sparse_attention
+import sparse_prefill.patterns.anchor as anchor_pattern
+from sparse_prefill.dispatch import (
+    NoCapableExecutorError,
+    _head_chunks,
+    default_plan_budget,
+    select_executor,
+    sparse_attention,
+)
 from sparse_prefill.interfaces import AttentionContext, PlanBudgetExceeded
 from sparse_prefill.kernels.executors import DenseSDPAExecutor, ReferenceExecutor, TritonStripeExecutor
 from sparse_prefill.kernels.stripe_attention import stripe_attention
@@ -222,3 +231,114 @@ def test_pattern_build_checks_parameters_as_a_policy_does(params, problem):
 def test_dense_fallback_must_be_a_bool():
     with pytest.raises(ValueError, match="dense_fallback"):
         AttentionContext(scale=1.0, num_q_heads=2, num_kv_heads=1, seq_len=8, dense_fallback="no")
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite rows end to end: the other rows keep their answer, NaN stays where dense attention has it
+# ---------------------------------------------------------------------------------------------
+
+PATHS = {"reference": ReferenceExecutor(), "triton": TritonStripeExecutor()}
+
+
+def _on_path(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reference path identifies with the PyTorch reference (as off CUDA without the interpreter)."""
+    if name == "reference":
+        monkeypatch.setattr(anchor_pattern, "triton_can_run", lambda device: False)
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")  # numpy, interpreting the NaN row's max
+@pytest.mark.parametrize("name", PATHS)
+def test_a_nan_query_row_leaves_the_other_rows_alone(name, monkeypatch):
+    _on_path(name, monkeypatch)
+    q, k, v = qkv(hq=4, hkv=2, n=130, d=64)
+    # theta 1e30 keeps every candidate: the other rows must then equal dense attention.
+    identifier = ANCHOR.build(**{**ANCHOR_PARAMS, "theta": 1e30, "block": 32})
+    clean = sparse_attention(q, k, v, identifier, executor=PATHS[name])[0]
+    q[1, 3, 77] = float("nan")  # one row of a 32-row pooled block
+    out = sparse_attention(q, k, v, identifier, executor=PATHS[name])[0]
+    others = torch.ones(out.shape[:3], dtype=torch.bool)
+    others[1, 3, 77] = False
+    assert out[1, 3, 77].isnan().all() and not out[others].isnan().any()
+    assert torch.equal(out[others], clean[others])
+    dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(out[others], dense[others], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", PATHS)
+def test_a_nan_key_reaches_every_later_row_as_in_dense_attention(name, monkeypatch):
+    _on_path(name, monkeypatch)
+    q, k, v = qkv(hq=4, hkv=2, n=130, d=64)
+    identifier = ANCHOR.build(**{**ANCHOR_PARAMS, "theta": 2.0, "share_kv_heads": True})  # a sparse selection
+    clean = sparse_attention(q, k, v, identifier, executor=PATHS[name])[0]
+    k[0, 1, 20] = float("nan")  # a candidate of every group from row 48 on, selected or not by its score
+    out = sparse_attention(q, k, v, identifier, executor=PATHS[name])[0]
+    rows = torch.arange(130)
+    later = torch.zeros(out.shape[:3], dtype=torch.bool)
+    later[0, 2:] = rows >= 20  # query heads 2-3 read KV head 1
+    assert torch.equal(out.isnan().any(dim=-1), later)  # dense attention's NaN rows, no more, no fewer
+    assert torch.equal(out[~later], clean[~later])
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs the Triton kernels cannot take run on the references, never an error mid-generation
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("head_dim, dtype", [(32, torch.float32), (8, torch.float32), (64, torch.float64)], ids=str)
+def test_inputs_the_triton_kernels_cannot_take_run_on_the_references(head_dim, dtype, monkeypatch):
+    monkeypatch.setattr(anchor_pattern, "_WARNED", set())
+    q, k, v = qkv(d=head_dim, dtype=dtype)
+    identifier = ANCHOR.build(**ANCHOR_PARAMS)
+    ctx = AttentionContext.for_inputs(q, k)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the identifier's fallback warning (tested in test_anchor_identifier)
+        out = sparse_attention(q, k, v, identifier)[0]
+        plan = identifier.identify(q, k, ctx)
+    assert select_executor(q, plan).name == "reference"
+    reasons = TritonStripeExecutor().not_supported_reasons(q, plan)
+    assert reasons and all("head dim" in r or "dtype" in r for r in reasons)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, ReferenceExecutor()(q, k, v, plan, ctx)[0], atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradients: kept by executors with a backward, refused (never dropped) by the Triton kernel
+# ---------------------------------------------------------------------------------------------
+
+
+def _leaves(n: int = 100, d: int = 64):
+    return tuple(t.requires_grad_() for t in qkv(hq=4, hkv=2, n=n, d=d))
+
+
+def test_the_triton_path_refuses_inputs_that_require_grad():
+    q, k, v = _leaves()
+    identifier = ANCHOR.build(**ANCHOR_PARAMS)
+    for executor in (None, TritonStripeExecutor()):
+        with pytest.raises(NoCapableExecutorError, match=r"triton-stripe has no backward.*torch\.inference_mode\(\)"
+                                                          r".*executor=sparse_prefill\.kernels\.executors\.ReferenceExecutor\(\)"):
+            sparse_attention(q, k, v, identifier, executor=executor)
+    with torch.inference_mode():
+        assert sparse_attention(q, k, v, identifier)[0].shape == q.shape
+    with torch.no_grad():
+        assert sparse_attention(q, k, v, identifier)[0].shape == q.shape
+
+
+@pytest.mark.parametrize("budget", [None, 0], ids=["one-plan", "head-chunks"])
+def test_the_reference_path_keeps_the_graph(budget):
+    q, k, v = _leaves()
+    identifier = ANCHOR.build(**{**ANCHOR_PARAMS, "theta": 1e30})  # every key: the gradients are dense attention's
+    out, lse = sparse_attention(q, k, v, identifier, executor=ReferenceExecutor(), return_lse=True,
+                                max_plan_bytes=budget)
+    assert out.requires_grad and lse.requires_grad
+    grads = torch.autograd.grad((out * out.detach().sin()).sum(), (q, k, v))
+    dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    expected = torch.autograd.grad((dense * dense.detach().sin()).sum(), (q, k, v))
+    for grad, want in zip(grads, expected):
+        torch.testing.assert_close(grad, want, atol=1e-5, rtol=1e-4)
+
+
+def test_the_dense_sdpa_path_keeps_the_graph():
+    q, k, v = _leaves()
+    out = sparse_attention(q, k, v, DenseIdentifier())[0]
+    out.sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))

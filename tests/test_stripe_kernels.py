@@ -356,3 +356,42 @@ def test_references_validate_plan_heads(executor) -> None:
 
 def test_kernel_cases_cover_declared_head_dims() -> None:
     assert set(STRIPE_HEAD_DIMS) <= {case.head_dim for case in KERNEL_CASES}
+
+
+# ---------------------------------------------------------------------------------------------
+# (g) Non-finite inputs stay where dense attention puts them
+# ---------------------------------------------------------------------------------------------
+
+EXECUTORS = {"reference": stripe_attention_reference, "triton": stripe_attention}
+
+
+@pytest.mark.parametrize("tensor", ["q", "k", "v"])
+@pytest.mark.parametrize("name", EXECUTORS)
+def test_a_nan_row_reaches_exactly_the_rows_dense_attention_gives_it(name: str, tensor: str) -> None:
+    """NaN in q row r: output row r only. NaN in k or v row j: every row the plan lets attend j; a NaN
+    k leaves the other rows exactly as they were (a NaN v may reach them through 0 x NaN in P @ V, as
+    in torch's SDPA, so only the attending rows are checked)."""
+    if name == "triton" and DEVICE is None:
+        pytest.skip("needs a CUDA device or TRITON_INTERPRET=1")
+    device = "cpu" if name == "reference" else DEVICE
+    case = Case(1, 4, 2, 150, 64, 32, 8, 16, shared=True, fraction=0.5)
+    q, k, v = _inputs(case, seed=21, device=device)
+    plan = _plan(case, seed=22, device=device)
+    clean, clean_lse = EXECUTORS[name](q, k, v, plan, 0.125, return_lse=True)
+    poisoned = {"q": q.clone(), "k": k.clone(), "v": v.clone()}
+    head, row = (1, 70) if tensor == "q" else (0, 40)
+    poisoned[tensor][0, head, row, 5] = float("nan")
+    out, lse = EXECUTORS[name](*poisoned.values(), plan, 0.125, return_lse=True)
+    nan_rows = out.isnan().any(dim=-1)
+    if tensor == "q":
+        expected = torch.zeros_like(nan_rows)
+        expected[0, head, row] = True
+    else:  # query heads 0-1 read KV head 0 through plan head 0
+        attends = plan.to_dense()[:, :, :, row].repeat_interleave(2, dim=1).to(device)
+        expected = attends & (torch.arange(4, device=device) < 2)[None, :, None]
+    assert expected.any()
+    if tensor == "v":
+        assert nan_rows[expected].all()
+        return
+    assert torch.equal(nan_rows, expected) and torch.equal(lse.isnan(), expected)
+    assert torch.equal(out[~expected], clean[~expected]) and torch.equal(lse[~expected], clean_lse[~expected])

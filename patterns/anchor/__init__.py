@@ -9,6 +9,8 @@ Defaults were chosen by measurement on real attention: see docs/benchmarks/recal
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from sparse_prefill.interfaces import AttentionContext, Identifier, Parameter, PatternSpec
@@ -31,10 +33,17 @@ def _block_check(value: int) -> str | None:
     return multiple_of(16)(value)
 
 
+# Reasons already warned about (warnings.warn once per distinct reason, not once per layer and call).
+_WARNED: set[str] = set()
+
+
 class AnchorIdentifier(Identifier):
     """Runs the Triton identifier on CUDA (or under TRITON_INTERPRET=1), the reference elsewhere.
 
-    The Triton identifier honours ``ctx.plan_budget``; the reference (CPU, correctness) does not.
+    Inputs the Triton identifier cannot take (its ``not_supported_reasons``: head dim, dtype, too many
+    pooled rows per program) go to the reference too, with a warning once per reason: a policy that
+    loads never fails mid-generation, and the plan is the same. The Triton identifier honours
+    ``ctx.plan_budget``; the reference (CPU, correctness) does not. Selection is not differentiated.
     """
 
     def __init__(self, theta: float, block: int, group_blocks: int, sink: int, local: int, share_kv_heads: bool,
@@ -45,10 +54,27 @@ class AnchorIdentifier(Identifier):
     def identify(self, q: torch.Tensor, k: torch.Tensor, ctx: AttentionContext) -> StripePlan | DensePlan:
         params = self.params if ctx.dense_fallback else {**self.params, "dense_above": 1.0}
         if triton_can_run(q.device):
-            from sparse_prefill.kernels.anchor_identify import anchor_identify
+            from sparse_prefill.kernels.anchor_identify import anchor_identify, not_supported_reasons
 
-            return anchor_identify(q, k, scale=ctx.scale, max_plan_bytes=ctx.plan_budget, **params)
+            reasons = not_supported_reasons(q.shape[1], k.shape[1], q.shape[-1], q.dtype, block=params["block"],
+                                            group_blocks=params["group_blocks"],
+                                            share_kv_heads=params["share_kv_heads"])
+            if not reasons:
+                return anchor_identify(q, k, scale=ctx.scale, max_plan_bytes=ctx.plan_budget, **params)
+            _warn_once(reasons)
         return anchor_identify_reference(q, k, scale=ctx.scale, **params)
+
+
+def _warn_once(reasons: list[str]) -> None:
+    """One warning per reason not yet given in this process."""
+    for reason in reasons:
+        if reason not in _WARNED:
+            _WARNED.add(reason)
+            warnings.warn(
+                f"anchor: the Triton identifier cannot take these inputs ({reason}); identifying with the "
+                "PyTorch reference instead: the same plan, but slower and without the plan memory budget",
+                stacklevel=3,
+            )
 
 
 ANCHOR = PatternSpec(

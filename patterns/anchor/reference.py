@@ -4,12 +4,19 @@ This is the specification the Triton kernel (:mod:`sparse_prefill.kernels.anchor
 match. Per batch ``b``, query head ``h`` and query group ``g`` of ``block * group_blocks`` rows:
 
 1. Anchor: ``m_i = max_j scale * q_i . k_j`` over row ``i``'s window keys, the initial window
-   ``[0, sink_end)`` plus the causal local window ``[local_start, i]``.
+   ``[0, sink_end)`` plus the causal local window ``[local_start, i]``; NaN scores do not count
+   (the GPU's max ignores them), so a row of NaN scores only gets ``-inf``.
 2. Pool per ``block`` rows: ``pooled_q`` = mean of the q rows, ``pooled_anchor`` = mean of ``m_i``
-   (a partial last block averages its valid rows).
+   (a partial last block averages its valid rows). Only rows whose q and ``m_i`` are finite are
+   pooled: a NaN row stays NaN in its own output (as in dense attention) but must not change what
+   the other rows of its block select. A block with no such row selects nothing.
 3. Keep candidate ``j`` in ``[sink_end, local_start)`` for the whole group if, for any block of the
    group (and, with ``share_kv_heads``, any query head of the KV group),
-   ``scale * pooled_q . k_j + theta >= pooled_anchor``, compared in fp32.
+   ``scale * pooled_q . k_j + theta >= pooled_anchor``, compared in fp32, or that score is NaN (a
+   non-finite key): its NaN then reaches the rows that attend it, as in dense attention.
+
+Selection is not differentiable: the plan is integers, and gradients (through a reference
+executor) flow only through attention over the selected keys, as with a fixed mask.
 
 Memory is O(group work): scores never exceed [B, Hq, group_rows, window] and
 [B, Hq, group_blocks, candidates].
@@ -72,10 +79,16 @@ def validate_anchor_inputs(
 
 
 def _pool_blocks(rows: torch.Tensor, anchors: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean q rows [..., R, D] and mean anchors [..., R] per ``block`` rows -> [..., nb, D] and [..., nb]."""
-    pooled_q = torch.stack([chunk.mean(dim=-2) for chunk in rows.split(block, dim=-2)], dim=-2)
-    pooled_anchor = torch.stack([chunk.mean(dim=-1) for chunk in anchors.split(block, dim=-1)], dim=-1)
-    return pooled_q, pooled_anchor
+    """Mean q rows [..., R, D] and mean anchors [..., R] per ``block`` rows -> [..., nb, D] and [..., nb],
+    over the rows whose q and anchor are finite; a block without one gets q 0 and anchor +inf."""
+    finite = torch.isfinite(rows).all(dim=-1) & torch.isfinite(anchors)
+    pooled_q, pooled_anchor = [], []
+    for q_chunk, anchor_chunk, ok in zip(rows.split(block, -2), anchors.split(block, -1), finite.split(block, -1)):
+        count = ok.sum(dim=-1)
+        pooled_q.append(torch.where(ok.unsqueeze(-1), q_chunk, 0.0).sum(dim=-2) / count.clamp(min=1).unsqueeze(-1))
+        mean_anchor = torch.where(ok, anchor_chunk, 0.0).sum(dim=-1) / count.clamp(min=1)
+        pooled_anchor.append(torch.where(count > 0, mean_anchor, float("inf")))
+    return torch.stack(pooled_q, dim=-2), torch.stack(pooled_anchor, dim=-1)
 
 
 def _row_anchors(
@@ -87,8 +100,9 @@ def _row_anchors(
     scores = scale * (queries @ window.transpose(-1, -2))
     key_pos = torch.cat([torch.arange(sink_end), torch.arange(local_start, row_end)]).to(k.device)
     row_pos = torch.arange(row_start, row_end, device=k.device)
-    # Sink keys precede every row; only the local window needs the causal mask.
-    return scores.masked_fill_(key_pos[None, :] > row_pos[:, None], float("-inf")).amax(dim=-1)
+    # Sink keys precede every row; only the local window needs the causal mask. NaN scores do not count.
+    ignored = (key_pos[None, :] > row_pos[:, None]) | scores.isnan()
+    return scores.masked_fill_(ignored, float("-inf")).amax(dim=-1)
 
 
 def _group_keep(
@@ -110,7 +124,8 @@ def _group_keep(
     pooled_q, pooled_anchor = _pool_blocks(queries, _row_anchors(queries, k, geometry, scale), block)
     candidates = k[:, :, sink_end:local_start].unsqueeze(2)
     pooled_scores = scale * (pooled_q @ candidates.transpose(-1, -2))
-    keep = (pooled_scores + theta >= pooled_anchor.unsqueeze(-1)).any(dim=3)
+    anchor = pooled_anchor.unsqueeze(-1)
+    keep = (((pooled_scores + theta >= anchor) | pooled_scores.isnan()) & (anchor < float("inf"))).any(dim=3)
     return keep.any(dim=2) if share_kv_heads else keep.flatten(1, 2)
 
 
