@@ -247,6 +247,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from sparse_prefill.evaluation.report import environment, write_report
     from sparse_prefill.evaluation.whole_model import (
         EvalSettings,
+        Measurement,
         evaluate,
         parse_sweep,
         summary_table,
@@ -274,15 +275,20 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                 raise UsageError(f"--lengths {length}: {exc}") from None
     device, dtype = _device_and_dtype(args)
     model = load_weights(files, config, dtype=dtype, device=device)
-    results = evaluate(model, tokenizer, texts.__getitem__, policies, settings,
-                       progress=lambda steps: tqdm(steps, desc="eval (length, policy)", unit="run"))
-    print(summary_table(results))
     args.out.mkdir(exist_ok=True)
+    env = environment(torch.device(device))
     extra = {"dtype": str(dtype).removeprefix("torch."),
              "policies": {label: policy.describe() for label, policy in policies.items()}}
-    path = write_report(args.out / "results.json", args.model, settings, results, environment(torch.device(device)),
-                        extra)
-    print(f"results: {path}")
+    total = len(settings.lengths) * (len(policies) + 1)
+
+    def save(results: list[Measurement]) -> Path:  # after every run: a cut-off evaluation keeps what it measured
+        done = {"complete": len(results) == total}
+        return write_report(args.out / "results.json", args.model, settings, results, env, {**extra, **done})
+
+    results = evaluate(model, tokenizer, texts.__getitem__, policies, settings,
+                       progress=lambda steps: tqdm(steps, desc="eval (length, policy)", unit="run"), on_result=save)
+    print(summary_table(results))
+    print(f"results: {save(results)}")
     if not args.no_plots:
         from sparse_prefill.evaluation.plots import plot_needle_heatmap, plot_quality_vs_density
 

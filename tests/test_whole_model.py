@@ -102,7 +102,10 @@ def test_evaluate_end_to_end_on_a_tiny_model():
     text = torch.randint(1, 96, (1, 200))
     policies = {"streaming": load_policy(STREAMING), "every-key": load_policy(EVERY_KEY)}
     settings = EvalSettings(lengths=(96, 160), score_last=32, needle_depths=(0.5,), needle_new_tokens=2, repeats=1)
-    results = evaluate(model, CharTokenizer(), lambda n: text[:, :n], policies, settings)
+    seen = []  # what a cut-off evaluation would have kept after each run
+    results = evaluate(model, CharTokenizer(), lambda n: text[:, :n], policies, settings,
+                       on_result=lambda so_far: seen.append([m.label for m in so_far]))
+    assert seen == [[m.label for m in results[:i]] for i in range(1, len(results) + 1)]
     assert [(m.label, m.length) for m in results] == [
         (label, n) for n in (96, 160) for label in ("dense", "streaming", "every-key")]
     for m in results:
@@ -165,6 +168,7 @@ def test_eval_command_writes_results_and_plots(tmp_path):
     assert code == 0
     report = json.loads((out / "results.json").read_text())
     assert [r["label"] for r in report["results"]] == ["dense", "streaming[local=16]", "streaming[local=32]"]
+    assert report["complete"] is True
     assert report["versions"]["torch"] == torch.__version__ and report["settings"]["lengths"] == [96]
     assert (out / "quality_vs_density.png").stat().st_size > 1000 and (out / "needle.png").exists()
 

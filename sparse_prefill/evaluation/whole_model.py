@@ -225,8 +225,11 @@ def _describe_policy(label: str, policy: Policy | None) -> tuple[str, dict[str, 
 
 def evaluate(model: Any, tokenizer: Any, text_ids: Callable[[int], torch.Tensor], policies: Mapping[str, Policy],
              settings: EvalSettings, progress: Callable[[Iterable[Any]], Iterable[Any]] = lambda steps: steps,
-             ) -> list[Measurement]:
+             on_result: Callable[[list[Measurement]], None] | None = None) -> list[Measurement]:
     """Dense, then each labelled policy, at each length; the model is restored after every policy.
+
+    ``on_result(results_so_far)`` runs after each measurement, so a long evaluation that is cut
+    off (a time limit, an out-of-memory error) still leaves what it measured.
 
     ``text_ids(n)`` gives the [1, n] token ids of real text for the quality measures (for example
     :func:`~sparse_prefill.evaluation.models.essay_token_ids`). ``tokenizer`` builds the needle
@@ -242,6 +245,8 @@ def evaluate(model: Any, tokenizer: Any, text_ids: Callable[[int], torch.Tensor]
         ids = ids_by_length.setdefault(length, text_ids(length))
         policy = policies.get(label)
         results.append(_measure(model, tokenizer, ids, label, policy, settings, dense))
+        if on_result is not None:
+            on_result(results)
     return results
 
 
