@@ -5,7 +5,8 @@
 
 Writes OUT.json (the runs of every folder, each folder's settings beside its results; a folder whose
 eval was cut off by its time limit says so with ``complete: false``), OUT_quality.png (KL and
-perplexity vs mean density, one curve per policy and length) and OUT_needle.png. A folder whose
+perplexity vs mean density, one curve per policy and length) and OUT_needle.png. Each folder
+measured dense itself (for its KL); the first dense per length is kept. A folder whose
 name ends in ``-SUFFIX`` gets SUFFIX added to its policy labels, so a second sweep of one policy
 (``anchor.yaml`` with ``local=4096``) draws its own curve. ``--commit`` names the commit the GPU
 ran: its copy of the tree carries no git history.
@@ -38,8 +39,9 @@ def main() -> None:
             if suffix and m.label != BASELINE_LABEL:
                 base, bracket, rest = m.label.partition("[")
                 m.label = f"{base}+{suffix}{bracket}{rest}"
-        if suffix:  # dense was measured again beside the extra sweep: keep one dense per length
-            measured = [m for m in measured if m.label != BASELINE_LABEL]
+        # Each folder measured dense again (its KL reference): keep the first dense per length.
+        seen = {m.length for m in results if m.label == BASELINE_LABEL}
+        measured = [m for m in measured if m.label != BASELINE_LABEL or m.length not in seen]
         env = env or {key: report[key] for key in ("device", "versions", "dtype")}
         runs.append({"folder": folder.name, "complete": report.get("complete", False),
                      "settings": report["settings"], "policies": report["policies"]})
