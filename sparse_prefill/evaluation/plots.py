@@ -8,12 +8,13 @@ and length, the points of a sweep joined in density order.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from sparse_prefill.evaluation import BASELINE_LABEL
+from sparse_prefill.evaluation.selection import SelectionGrid
 from sparse_prefill.evaluation.whole_model import Measurement
 
-__all__ = ["plot_needle_heatmap", "plot_quality_vs_density"]
+__all__ = ["plot_needle_heatmap", "plot_quality_vs_density", "plot_selection"]
 
 
 def _pyplot():
@@ -91,5 +92,35 @@ def plot_needle_heatmap(results: Sequence[Measurement], path: str | Path, title:
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_selection(grids: Mapping[str, SelectionGrid], path: str | Path, title: str = "") -> Path:
+    """One head's attention mass (log scale), then, per labelled plan of that head, the fraction of
+    each tile it computes: stripes beside blocks beside windows, on the same real prompt."""
+    plt = _pyplot()
+    from matplotlib.colors import LogNorm
+
+    if not grids:
+        raise ValueError("plot_selection needs at least one grid")
+    first = next(iter(grids.values()))
+    fig, axes = plt.subplots(1, len(grids) + 1, figsize=(4.6 * (len(grids) + 1), 4.6), squeeze=False)
+    extent = (0, first.mass.shape[1] * first.cell, first.mass.shape[0] * first.cell, 0)
+    positive = first.mass[first.mass > 0]
+    floor = max(float(positive.min()), 1e-6) if positive.numel() else 1e-6
+    image = axes[0, 0].imshow(first.mass.clamp(min=floor).numpy(), norm=LogNorm(vmin=floor, vmax=1.0), cmap="magma",
+                              extent=extent, interpolation="nearest")
+    fig.colorbar(image, ax=axes[0, 0], fraction=0.046)
+    axes[0, 0].set(title="attention mass per tile (mean row)", xlabel="key position", ylabel="query position")
+    for ax, (label, grid) in zip(axes[0, 1:], grids.items()):
+        image = ax.imshow(grid.selected.numpy(), vmin=0.0, vmax=1.0, cmap="viridis", extent=extent,
+                          interpolation="nearest")
+        ax.set(title=f"{label}\nrecall {grid.recall:.3f}, density {grid.density:.3f}", xlabel="key position")
+    fig.colorbar(image, ax=axes[0, -1], fraction=0.046, label="fraction of the tile computed")
+    fig.suptitle(title or f"query head {first.head}, {first.cell}x{first.cell} tiles")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
