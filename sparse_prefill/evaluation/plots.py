@@ -43,12 +43,14 @@ def plot_quality_vs_density(results: Sequence[Measurement], path: str | Path, ti
     for (policy, length), points in sorted(curves.items()):
         points.sort(key=lambda m: m.density)
         style = dict(color=colors[policy], linestyle=styles[lengths.index(length) % len(styles)], marker="o")
-        label = f"{policy}, {length // 1024}k" if length >= 1024 else f"{policy}, {length}"
-        ax_kl.plot([m.density for m in points], [max(m.kl, 1e-6) for m in points], label=label, **style)
+        label = f"{policy}, {round(length / 1024)}k" if length >= 1024 else f"{policy}, {length}"
+        # KL 0 (every plan ran dense) has no place on a log axis: those points show in the perplexity panel.
+        changed = [m for m in points if m.kl > 0]
+        ax_kl.plot([m.density for m in changed], [m.kl for m in changed], label=label, **style)
         ax_ppl.plot([m.density for m in points], [100 * m.perplexity_change for m in points], label=label, **style)
     ax_kl.set(xlabel="mean attention density (fraction of causal scores computed)",
               ylabel="mean KL(dense || policy) per position, nats", yscale="log",
-              title="next-token distributions vs dense")
+              title="next-token distributions vs dense (KL 0 left out)")
     ax_ppl.axhline(0.0, color="grey", linewidth=0.8)
     ax_ppl.set(xlabel="mean attention density", ylabel="perplexity vs dense (%)", title="perplexity")
     for ax in (ax_kl, ax_ppl):
