@@ -231,3 +231,15 @@ def test_layers_and_positions_are_checked_against_the_config():
     # YaRN extends Qwen2.5 to 4 x 32768 while its config keeps max_position_embeddings at 32768.
     yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
     assert _max_positions(Qwen2Config(max_position_embeddings=32768, rope_scaling=yarn)) == 131072
+
+
+def test_version_names_the_package_and_what_it_runs_on(capsys):
+    import sparse_prefill
+    from sparse_prefill.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"sparse-prefill {sparse_prefill.__version__} (torch ")
+    assert "transformers" in out and "triton" in out
