@@ -15,6 +15,7 @@ exact softmax is computed one query group at a time.
 from __future__ import annotations
 
 import contextvars
+import math
 from typing import Any, Iterable
 
 import torch
@@ -22,9 +23,10 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from sparse_prefill.plan import StripePlan
+from sparse_prefill.plan import BlockPlan, DensePlan, StripePlan
 
-__all__ = ["capture_qk", "attention_recall", "oracle_row_density", "oracle_stripe_plan"]
+__all__ = ["capture_qk", "attention_recall", "causal_probabilities", "oracle_row_density", "oracle_stripe_plan",
+           "plan_rows_mask"]
 
 _CAPTURE_IMPL = "sparse_prefill_capture"
 
@@ -83,21 +85,47 @@ def capture_qk(
     return dict(sorted(captured.items()))
 
 
+def plan_rows_mask(plan: StripePlan | BlockPlan | DensePlan, batch: int, plan_head: int, row_start: int,
+                   row_end: int) -> torch.Tensor:
+    """Boolean [rows, seq_len]: which keys rows ``[row_start, row_end)`` attend under ``plan`` (causal)."""
+    if not isinstance(plan, (StripePlan, BlockPlan, DensePlan)):
+        raise TypeError(f"plan must be a StripePlan, BlockPlan or DensePlan, got {type(plan).__name__}")
+    n = plan.seq_len
+    rows = torch.arange(row_start, row_end).unsqueeze(1)
+    keys = torch.arange(n).unsqueeze(0)
+    causal = keys <= rows
+    if isinstance(plan, DensePlan):
+        return causal
+    mask = torch.zeros(row_end - row_start, n, dtype=torch.bool)
+    offsets, indices = plan.offsets.cpu(), plan.indices.cpu().long()
+    if isinstance(plan, StripePlan):
+        for group in range(row_start // plan.group_rows, math.ceil(row_end / plan.group_rows)):
+            g_start, g_end, sink_end, local_start = plan.group_bounds(group)
+            lo, hi = max(row_start, g_start) - row_start, min(row_end, g_end) - row_start
+            segment = (batch * plan.plan_heads + plan_head) * plan.num_groups + group
+            part = mask[lo:hi]
+            part[:, :sink_end] = True
+            part[:, indices[offsets[segment]:offsets[segment + 1]]] = True
+            part |= (keys >= local_start) & causal[lo:hi]
+    else:  # BlockPlan
+        size = plan.block_size
+        for block in range(row_start // size, math.ceil(row_end / size)):
+            lo, hi = max(row_start, block * size) - row_start, min(row_end, (block + 1) * size) - row_start
+            segment = (batch * plan.heads + plan_head) * plan.num_blocks + block
+            for key_block in indices[offsets[segment]:offsets[segment + 1]].tolist():
+                mask[lo:hi, key_block * size:(key_block + 1) * size] = True
+        mask &= causal
+    return mask
+
+
 def _group_selection(plan: StripePlan, batch: int, group: int, width: int) -> torch.Tensor:
     """Boolean [plan_heads, rows, width]: which of keys [0, width) each row of one group attends."""
-    row_start, row_end, sink_end, local_start = plan.group_bounds(group)
-    rows = torch.arange(row_start, row_end).unsqueeze(1)
-    keys = torch.arange(width).unsqueeze(0)
-    windows = (keys < sink_end) | ((keys >= local_start) & (keys <= rows))
-    stripes = torch.zeros(plan.plan_heads, width, dtype=torch.bool)
-    offsets, indices = plan.offsets.cpu(), plan.indices.cpu().long()
-    for head in range(plan.plan_heads):
-        segment = (batch * plan.plan_heads + head) * plan.num_groups + group
-        stripes[head, indices[offsets[segment] : offsets[segment + 1]]] = True
-    return windows.unsqueeze(0) | stripes.unsqueeze(1)
+    row_start, row_end, _, _ = plan.group_bounds(group)
+    return torch.stack([plan_rows_mask(plan, batch, head, row_start, row_end)[:, :width]
+                        for head in range(plan.plan_heads)])
 
 
-def _group_probabilities(q: torch.Tensor, k: torch.Tensor, row_start: int, row_end: int, scale: float) -> torch.Tensor:
+def causal_probabilities(q: torch.Tensor, k: torch.Tensor, row_start: int, row_end: int, scale: float) -> torch.Tensor:
     """Exact causal softmax of rows [row_start, row_end) over keys [0, row_end), fp32, [Hkv, Hq/Hkv, rows, keys]."""
     num_kv = k.shape[0]
     queries = q[:, row_start:row_end].float().unflatten(0, (num_kv, -1))
@@ -125,7 +153,7 @@ def attention_recall(q: torch.Tensor, k: torch.Tensor, plan: StripePlan, scale: 
     for b in range(batch):
         for group in range(plan.num_groups):
             row_start, row_end, _, _ = plan.group_bounds(group)
-            probs = _group_probabilities(q[b], k[b], row_start, row_end, scale).flatten(0, 1)
+            probs = causal_probabilities(q[b], k[b], row_start, row_end, scale).flatten(0, 1)
             selected = _group_selection(plan, b, group, row_end)
             selected = selected.repeat_interleave(num_q // plan.plan_heads, dim=0)
             mass += float(probs.masked_fill_(~selected, 0.0).sum(dtype=torch.float64))
@@ -155,7 +183,7 @@ def oracle_row_density(q: torch.Tensor, k: torch.Tensor, scale: float, recall: f
     for b in range(batch):
         for row_start in range(0, seq_len, _ORACLE_ROWS):
             row_end = min(row_start + _ORACLE_ROWS, seq_len)
-            probs = _group_probabilities(q[b], k[b], row_start, row_end, scale).flatten(0, 1)
+            probs = causal_probabilities(q[b], k[b], row_start, row_end, scale).flatten(0, 1)
             top = min(_ORACLE_TOP, row_end)
             while True:  # the largest probabilities only: a partial top-k is several times cheaper than a sort
                 reached = probs.topk(top, dim=-1).values.cumsum(dim=-1) >= recall
@@ -186,7 +214,7 @@ def oracle_stripe_plan(
     for b in range(batch):
         for group in range(layout.num_groups):
             row_start, row_end, sink_end, _ = layout.group_bounds(group)
-            probs = _group_probabilities(q[b], k[b], row_start, row_end, scale).flatten(0, 1)
+            probs = causal_probabilities(q[b], k[b], row_start, row_end, scale).flatten(0, 1)
             window_mass = probs[..., :sink_end].sum((-1, -2)) + probs[..., row_start:].sum((-1, -2))
             columns = probs[..., sink_end:row_start].sum(dim=-2).sort(dim=-1, descending=True)
             missing = recall * (row_end - row_start) - window_mass

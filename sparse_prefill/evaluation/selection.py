@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sparse_prefill.evaluation.recall import causal_probabilities, plan_rows_mask
 from sparse_prefill.plan import BlockPlan, DensePlan, StripePlan
 
 __all__ = ["SelectionGrid", "selection_grid", "plan_rows_mask"]
@@ -33,39 +34,6 @@ class SelectionGrid:
     head: int
 
 
-def plan_rows_mask(plan: StripePlan | BlockPlan | DensePlan, batch: int, plan_head: int, row_start: int,
-                   row_end: int) -> torch.Tensor:
-    """Boolean [rows, seq_len]: which keys rows ``[row_start, row_end)`` attend under ``plan`` (causal)."""
-    if not isinstance(plan, (StripePlan, BlockPlan, DensePlan)):
-        raise TypeError(f"plan must be a StripePlan, BlockPlan or DensePlan, got {type(plan).__name__}")
-    n = plan.seq_len
-    rows = torch.arange(row_start, row_end).unsqueeze(1)
-    keys = torch.arange(n).unsqueeze(0)
-    causal = keys <= rows
-    if isinstance(plan, DensePlan):
-        return causal
-    mask = torch.zeros(row_end - row_start, n, dtype=torch.bool)
-    offsets, indices = plan.offsets.cpu(), plan.indices.cpu().long()
-    if isinstance(plan, StripePlan):
-        for group in range(row_start // plan.group_rows, math.ceil(row_end / plan.group_rows)):
-            g_start, g_end, sink_end, local_start = plan.group_bounds(group)
-            lo, hi = max(row_start, g_start) - row_start, min(row_end, g_end) - row_start
-            segment = (batch * plan.plan_heads + plan_head) * plan.num_groups + group
-            part = mask[lo:hi]
-            part[:, :sink_end] = True
-            part[:, indices[offsets[segment]:offsets[segment + 1]]] = True
-            part |= (keys >= local_start) & causal[lo:hi]
-    else:  # BlockPlan
-        size = plan.block_size
-        for block in range(row_start // size, math.ceil(row_end / size)):
-            lo, hi = max(row_start, block * size) - row_start, min(row_end, (block + 1) * size) - row_start
-            segment = (batch * plan.heads + plan_head) * plan.num_blocks + block
-            for key_block in indices[offsets[segment]:offsets[segment + 1]].tolist():
-                mask[lo:hi, key_block * size:(key_block + 1) * size] = True
-        mask &= causal
-    return mask
-
-
 def selection_grid(q: torch.Tensor, k: torch.Tensor, plan: StripePlan | BlockPlan | DensePlan, *, head: int,
                    scale: float | None = None, cell: int = 64, batch: int = 0) -> SelectionGrid:
     """The grid for query ``head`` of batch element ``batch``; q [B, Hq, N, D], k [B, Hkv, N, D] (post-RoPE,
@@ -79,8 +47,9 @@ def selection_grid(q: torch.Tensor, k: torch.Tensor, plan: StripePlan | BlockPla
         raise ValueError(f"plan.seq_len {plan.seq_len} != the inputs' {n}")
     plan_heads = plan.plan_heads if isinstance(plan, StripePlan) else plan.heads
     plan_head = head // (num_q // plan_heads)
-    query, keys = q[batch, head].float(), k[batch, head // (num_q // k.shape[1])].float()
-    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    kv_head = head // (num_q // k.shape[1])
+    query, keys = q[batch, head : head + 1], k[batch, kv_head : kv_head + 1]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     tiles = math.ceil(n / cell)
     mass = torch.zeros(tiles, tiles)
     selected = torch.full((tiles, tiles), float("nan"))
@@ -88,14 +57,14 @@ def selection_grid(q: torch.Tensor, k: torch.Tensor, plan: StripePlan | BlockPla
     key_tile = torch.arange(n) // cell
     for i in range(tiles):
         start, end = i * cell, min((i + 1) * cell, n)
-        scores = scale * (query[start:end] @ keys.T)
-        causal = torch.arange(n).unsqueeze(0) <= torch.arange(start, end).unsqueeze(1)
-        probs = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
-        mask = plan_rows_mask(plan, batch, plan_head, start, end)
+        probs = causal_probabilities(query, keys, start, end, scale)[0, 0]  # [rows, keys before end]
+        causal = torch.arange(end).unsqueeze(0) <= torch.arange(start, end).unsqueeze(1)
+        mask = plan_rows_mask(plan, batch, plan_head, start, end)[:, :end]
+        tile = key_tile[:end]
         kept += float((probs * mask).sum())
-        mass[i].index_add_(0, key_tile, probs.sum(0) / (end - start))
-        pairs = torch.zeros(tiles).index_add_(0, key_tile, causal.sum(0).float())
-        hits = torch.zeros(tiles).index_add_(0, key_tile, (mask & causal).sum(0).float())
+        mass[i].index_add_(0, tile, probs.sum(0) / (end - start))
+        pairs = torch.zeros(tiles).index_add_(0, tile, causal.sum(0).float())
+        hits = torch.zeros(tiles).index_add_(0, tile, (mask & causal).sum(0).float())
         selected[i, : i + 1] = hits[: i + 1] / pairs[: i + 1]
         computed += int(hits.sum())
     return SelectionGrid(mass=mass, selected=selected, recall=kept / n, density=computed / (n * (n + 1) // 2),
