@@ -13,13 +13,15 @@ from typing import Any, Iterable
 import torch
 
 from sparse_prefill.evaluation import BASELINE_LABEL
-from sparse_prefill.policy import Policy, PolicyError, load_policy, shipped_policies
+from sparse_prefill.policy import PatternChoice, Policy, PolicyError, load_policy, shipped_policies
 from sparse_prefill.registry import available_patterns, plugin_errors
 
 # The shipped default (fast, recall >= 0.95) and the conservative one (keeps exact retrieval on small models).
 DEFAULT_POLICIES = ("anchor.yaml", "anchor-accurate.yaml")
 # `eval` compares every shipped sparse policy by default: the comparison is the point.
 EVAL_POLICIES = ("anchor.yaml", "anchor-accurate.yaml", "flexprefill.yaml", "vertical-slash.yaml", "streaming.yaml")
+KL_OPTIONS = ("theta=4,6,7.7,10,12",)
+CALIBRATION_TEXT_OFFSET = 65536
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -81,16 +83,16 @@ def _check_device(device: str | None) -> None:
         raise UsageError(f"--device {device}: this machine has no {which}; {allowed}")
 
 
-def _check_out(path: Path) -> None:
+def _check_out(path: Path, flag: str = "--out") -> None:
     """UsageError unless ``path`` can be written: calibrate writes it last, after minutes of work."""
     if path.is_dir():
-        raise UsageError(f"--out {path}: is a folder; give the path of the policy file to write")
+        raise UsageError(f"{flag} {path}: is a folder; give the path of the file to write")
     folder = path.parent
     if not folder.is_dir():
         reason = "is not a folder" if folder.exists() else "does not exist; create it first"
-        raise UsageError(f"--out {path}: {folder} {reason}")
+        raise UsageError(f"{flag} {path}: {folder} {reason}")
     if not os.access(path if path.exists() else folder, os.W_OK):
-        raise UsageError(f"--out {path}: not writable by this user")
+        raise UsageError(f"{flag} {path}: not writable by this user")
 
 
 def _check_out_folder(path: Path) -> None:
@@ -179,13 +181,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _essay_ids(tokenizer: Any, config: Any, flag: str, tokens: int) -> torch.Tensor:
-    """``tokens`` essay tokens, or a UsageError naming ``flag`` when the model or the text is too short for them."""
+def _essay_ids(tokenizer: Any, config: Any, flag: str, tokens: int, offset: int = 0) -> torch.Tensor:
+    """``tokens`` essay tokens from the ``offset``-th on, or a UsageError naming ``flag`` when the model or the
+    text is too short for them."""
     from sparse_prefill.evaluation.models import essay_token_ids
 
     _check_positions(config, flag, tokens, tokens)
     try:
-        return essay_token_ids(tokenizer, tokens)
+        return essay_token_ids(tokenizer, tokens, offset)
     except ValueError as exc:
         raise UsageError(f"{flag} {tokens}: {exc}") from None
 
@@ -206,11 +209,24 @@ def _cmd_perplexity(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibration_model_and_text(args: argparse.Namespace, base: Policy) -> tuple[Any, torch.Tensor, int, torch.dtype]:
+    """(model, essay token ids, its layer count, dtype) for calibrate: arguments checked before the weights load."""
+    from sparse_prefill.evaluation.models import load_weights
+
+    files, tokenizer, config = _tokenizer_and_config(args.model, [base], args.tokenizer)
+    num_layers = config.get_text_config().num_hidden_layers
+    _check_layers(args.layers, num_layers)
+    ids = _essay_ids(tokenizer, config, "--tokens", args.tokens, args.text_offset)
+    device, dtype = _device_and_dtype(args)
+    return load_weights(files, config, dtype=dtype, device=device), ids, num_layers, dtype
+
+
 def _cmd_calibrate(args: argparse.Namespace) -> int:
+    if args.kl_budget is not None:
+        return _cmd_calibrate_kl(args)
     from tqdm import tqdm
 
     from sparse_prefill.evaluation.calibrate import calibrate_layers, calibrated_policy, check_calibration_base
-    from sparse_prefill.evaluation.models import load_weights
     from sparse_prefill.evaluation.recall import capture_qk
 
     base = load_policy(args.policy)
@@ -218,17 +234,13 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         check_calibration_base(base)
     except ValueError as exc:
         raise UsageError(f"--policy {args.policy}: {exc}") from None
-    files, tokenizer, config = _tokenizer_and_config(args.model, [base])
-    num_layers = config.get_text_config().num_hidden_layers
-    _check_layers(args.layers, num_layers)
-    ids = _essay_ids(tokenizer, config, "--tokens", args.tokens)
-    device, dtype = _device_and_dtype(args)
-    model = load_weights(files, config, dtype=dtype, device=device)
+    model, ids, num_layers, dtype = _calibration_model_and_text(args, base)
     qk = capture_qk(model, ids, args.layers if args.layers else range(num_layers))
     qk = {layer: (q.float(), k.float()) for layer, (q, k) in qk.items()}  # scores and theta compared in fp32
     results = calibrate_layers(qk, base.default.as_dict(), args.target_recall,
                                progress=lambda layers: tqdm(layers, desc="layers", unit="layer"))
-    header = (f"Written by `sparse-prefill calibrate` from {base.source}: {args.model}, {args.tokens} essay tokens,\n"
+    header = (f"Written by `sparse-prefill calibrate` from {base.source}: {args.model}, {args.tokens} essay tokens "
+              f"from token {args.text_offset},\n"
               f"the smallest theta per layer keeping attention recall >= {args.target_recall}.")
     text = calibrated_policy(base, results, header)
     args.out.write_text(text)
@@ -236,6 +248,81 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     missed = [r.layer for r in results if not r.reached]
     if missed:
         print(f"warning: layers {missed} stay below recall {args.target_recall} even at theta 16", file=sys.stderr)
+    return 0
+
+
+def _kl_options(args: argparse.Namespace, base: Policy) -> dict[str, PatternChoice]:
+    """The settings each layer may take: ``base``'s default with every combination of ``--options``."""
+    from sparse_prefill.evaluation.whole_model import parse_sweep, sweep_policies
+
+    if base.overrides:
+        raise UsageError(f"--policy {args.policy}: calibration sets every layer itself, so it starts from a "
+                         f"policy without overrides; {base.source} has {len(base.overrides)}")
+    items = args.options or (KL_OPTIONS if base.default.pattern == "anchor" else None)
+    if not items:
+        raise UsageError(f"--options: give the settings to choose from for pattern {base.default.pattern!r}, "
+                         "e.g. --options PARAM=V1,V2 (`sparse-prefill patterns` lists the patterns)")
+    try:
+        swept = sweep_policies({"": base}, parse_sweep(items))
+    except (ValueError, PolicyError) as exc:
+        raise UsageError(f"--options: {exc}") from None
+    return {label.strip("[]") or str(policy.default): policy.default for label, policy in swept.items()}
+
+
+def _budget_paths(out: Path, budgets: list[float]) -> list[Path]:
+    """``out`` for one budget; ``NAME-kl0.02.yaml`` beside it for each of several."""
+    if len(budgets) == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}-kl{budget:g}{out.suffix}") for budget in budgets]
+
+
+def _cmd_calibrate_kl(args: argparse.Namespace) -> int:
+    import json
+
+    from tqdm import tqdm
+
+    from sparse_prefill.evaluation.layer_budget import (
+        calibration_record,
+        choose_and_check,
+        kl_calibrated_policy,
+        measure_layer_options,
+    )
+    from sparse_prefill.evaluation.whole_model import next_token_logprobs
+
+    base = load_policy(args.policy)
+    options = _kl_options(args, base)
+    if args.tokens < base.min_length:
+        raise UsageError(f"--tokens {args.tokens}: below the policy's min_length {base.min_length}, every layer "
+                         "would stay dense; give at least that many tokens")
+    model, ids, num_layers, dtype = _calibration_model_and_text(args, base)
+    layers = args.layers if args.layers else list(range(num_layers))
+    reference = next_token_logprobs(model, ids, args.score_last)
+    measured, skipped = measure_layer_options(
+        model, ids, base, options, layers, args.score_last, reference,
+        progress=lambda runs: tqdm(runs, desc="each (layer, option) alone", unit="run"))
+    if not measured:
+        raise UsageError(f"no layer among {layers} made a sparse plan at {args.tokens} tokens; nothing to calibrate")
+    records = []
+    for budget, path in zip(args.kl_budget, _budget_paths(args.out, args.kl_budget)):
+        result = choose_and_check(model, ids, base, measured, budget, reference, args.score_last,
+                                  skipped_layers=skipped)
+        header = (f"Written by `sparse-prefill calibrate --kl-budget {budget:g}` from {base.source}: {args.model},\n"
+                  f"{args.tokens} essay tokens from token {args.text_offset}, {dtype}, last {args.score_last} "
+                  f"positions scored. Each layer\nran each option alone (the rest dense); the least mean density "
+                  f"whose KL(dense || policy) stays\nwithin the budget was chosen and checked on the whole model.")
+        text = kl_calibrated_policy(base, result, header)
+        path.write_text(text)
+        print(text, end="")
+        print(f"written: {path}")
+        if not result.within_budget:
+            print(f"warning: no choice met KL {budget:g}; every calibrated layer stays dense", file=sys.stderr)
+        records.append({"out": str(path), **calibration_record(result)})
+    if args.record is not None:
+        args.record.write_text(json.dumps({"model": args.model, "policy": base.source, "tokens": args.tokens,
+                                           "text_offset": args.text_offset, "score_last": args.score_last,
+                                           "dtype": str(dtype), "options": sorted(options),
+                                           "budgets": records}, indent=1))
+        print(f"record: {args.record}")
     return 0
 
 
@@ -368,13 +455,36 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.set_defaults(func=_cmd_perplexity, command_parser=ppl)
 
     calibrate = commands.add_parser(
-        "calibrate", help="per-layer theta for a recall target on a model's own attention; writes a policy")
+        "calibrate", help="per-layer settings for a model, by attention recall or by a KL budget; writes a policy",
+        description="Without --kl-budget: the smallest anchor theta per layer that keeps --target-recall of the "
+                    "softmax mass on the model's own attention. With --kl-budget: each layer runs each --options "
+                    "setting alone (the rest dense) and the least mean density whose KL(dense || policy) of the "
+                    "next-token distributions stays within the budget is chosen, layers that cost too much staying "
+                    "dense; the choice is then checked on the whole model. Reads essay text from --text-offset, "
+                    "past what `eval` and `perplexity` score.")
     calibrate.add_argument("--model", default="smollm2", help="as for `run`")
     calibrate.add_argument("--policy", default="anchor.yaml",
                            help="the anchor policy to start from (its other parameters are kept)")
     calibrate.add_argument("--tokens", type=int, default=8192, help="essay tokens to run through the model")
     calibrate.add_argument("--layers", type=int, nargs="*", default=None, help="layers to calibrate (default: all)")
-    calibrate.add_argument("--target-recall", type=float, default=0.95, help="softmax mass each layer must keep")
+    calibrate.add_argument("--target-recall", type=float, default=0.95,
+                           help="softmax mass each layer must keep (without --kl-budget)")
+    calibrate.add_argument("--kl-budget", type=float, nargs="+", default=None,
+                           help="choose per layer by what the answers lose: mean KL(dense || policy) per scored "
+                                "position allowed, nats (e.g. 0.02); several budgets share one measurement and "
+                                "write OUT-klBUDGET.yaml each")
+    calibrate.add_argument("--record", type=Path, default=None,
+                           help="with --kl-budget: also write every measured (layer, option) and check as JSON")
+    calibrate.add_argument("--options", action="append", default=None, metavar="PARAM=V1,V2,...",
+                           help=f"with --kl-budget: the settings a layer may take, as eval's --sweep (repeatable: "
+                                f"their product); default for anchor: {' '.join(KL_OPTIONS)}")
+    calibrate.add_argument("--score-last", type=int, default=None,
+                           help="with --kl-budget: positions scored, the last ones (default: min(1024, tokens - 1))")
+    calibrate.add_argument("--text-offset", type=int, default=CALIBRATION_TEXT_OFFSET,
+                           help="essay tokens skipped: eval and perplexity read from token 0, so calibration "
+                                "reads text they do not score")
+    calibrate.add_argument("--tokenizer", default=None,
+                           help="a folder holding a saved tokenizer, used instead of the model's own")
     calibrate.add_argument("--out", type=Path, required=True, help="where to write the calibrated policy YAML")
     calibrate.add_argument("--device", default=None)
     calibrate.add_argument("--dtype", choices=sorted(_DTYPES), default=None)
@@ -434,6 +544,19 @@ def _check_numbers(args: argparse.Namespace) -> None:
             raise UsageError(f"--target-recall must be in (0, 1], got {args.target_recall}")
         if args.tokens < 2:
             raise UsageError(f"--tokens must be at least 2, got {args.tokens}")
+        if args.text_offset < 0:
+            raise UsageError(f"--text-offset must be >= 0 tokens, got {args.text_offset}")
+        if args.kl_budget is not None and not all(budget >= 0 for budget in args.kl_budget):
+            raise UsageError(f"--kl-budget must be >= 0 nats, got {' '.join(map(str, args.kl_budget))}")
+        if args.kl_budget is None and args.record is not None:
+            raise UsageError("--record is for --kl-budget calibration")
+        if args.score_last is None:
+            args.score_last = min(1024, args.tokens - 1)
+        if args.kl_budget is not None and not 0 < args.score_last < args.tokens:
+            raise UsageError(f"--score-last must be in [1, {args.tokens - 1}] for --tokens {args.tokens}, "
+                             f"got {args.score_last}")
+        if args.kl_budget is None and args.options:
+            raise UsageError("--options is for --kl-budget calibration (the recall target sets theta alone)")
         if args.layers and min(args.layers) < 0:
             raise UsageError(f"--layers takes layer indices >= 0, got {args.layers}")
     if args.command == "perplexity":
@@ -452,6 +575,8 @@ def _check_args(args: argparse.Namespace) -> None:
     _check_device(getattr(args, "device", None))
     if args.command == "calibrate":
         _check_out(args.out)
+        if args.record is not None:
+            _check_out(args.record, "--record")
     if args.command == "eval":
         _check_out_folder(args.out)
         if not args.no_plots and importlib.util.find_spec("matplotlib") is None:

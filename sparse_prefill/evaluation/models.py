@@ -116,19 +116,24 @@ def essay_text(min_chars: int | None = None) -> str:
     return "\n\n".join(parts)
 
 
-def essay_token_ids(tokenizer: Any, num_tokens: int) -> torch.Tensor:
-    """``num_tokens`` tokens as [1, N]: BOS if the tokenizer adds one by default, then the start of :func:`essay_text`.
+def essay_token_ids(tokenizer: Any, num_tokens: int, offset: int = 0) -> torch.Tensor:
+    """``num_tokens`` tokens as [1, N]: BOS if the tokenizer adds one by default, then :func:`essay_text` from its
+    ``offset``-th token on (calibration reads text that evaluations, which start at 0, do not score).
 
     Models trained with BOS see text without it as out of distribution (Gemma-3-270M at 1k tokens: perplexity
     27.6 without, 21.4 with). No end-of-text token is added: the essays continue past the window.
     """
+    if offset < 0:
+        raise ValueError(f"the text offset must be >= 0 tokens, got {offset}")
     prefix = _default_bos(tokenizer)
     text_tokens = num_tokens - len(prefix)
-    ids = tokenizer(essay_text(min_chars=num_tokens * 8), add_special_tokens=False)["input_ids"]
+    ids = tokenizer(essay_text(min_chars=(offset + num_tokens) * 8), add_special_tokens=False)["input_ids"][offset:]
     if len(ids) < text_tokens:
         available = len(prefix) + len(ids)
-        raise ValueError(f"the essays hold {available} tokens of this tokenizer{' (BOS included)' if prefix else ''}, "
-                         f"fewer than the {num_tokens} requested; allowed: at most {available}")
+        where = f" after the first {offset}" if offset else ""
+        raise ValueError(f"the essays hold {available} tokens of this tokenizer{where}"
+                         f"{' (BOS included)' if prefix else ''}, fewer than the {num_tokens} requested; "
+                         f"allowed: at most {available}")
     return torch.tensor([prefix + ids[:text_tokens]])
 
 

@@ -1,0 +1,267 @@
+"""Per-layer settings chosen by what they change in a model's answers: a KL budget.
+
+Recall says how much softmax mass a layer keeps, not what losing it does to the next-token
+distributions. On Qwen2.5-Coder-0.5B at 32k, anchor at theta 12 runs most layers dense (mean
+density 0.865) and still costs KL 0.054 (docs/benchmarks/whole_model.md): a few layers carry the
+loss. This measures it directly. With every other layer dense, each layer runs each candidate
+setting once on real text; KL(dense || that) at the scored positions is the setting's cost in
+answers, its attention density the cost in compute.
+
+Choosing one setting (or dense) per layer for the least mean density whose summed KL stays within
+the budget is a multiple-choice knapsack. :func:`choose_within_budget` solves it greedily on each
+layer's lower convex hull of (KL, density), taking the steps that save the most density per unit
+of KL first. KL of several sparse layers is close to, not exactly, the sum of theirs alone, so
+:func:`calibrate_kl_budget` runs the chosen policy whole and, while it exceeds the budget, solves
+again with the budget scaled by predicted / measured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+import yaml
+
+from sparse_prefill.evaluation.whole_model import kl_per_position, next_token_logprobs
+from sparse_prefill.integrations.huggingface import apply, remove
+from sparse_prefill.policy import PatternChoice, Policy, load_policy
+
+__all__ = ["LayerOption", "BudgetCheck", "KLCalibration", "choose_within_budget", "layer_policy",
+           "measure_layer_options", "calibrate_kl_budget", "choose_and_check", "calibration_record",
+           "kl_calibrated_policy", "DENSE"]
+
+DENSE = "dense"  # the label of a layer left on the model's own attention
+
+
+@dataclass(frozen=True)
+class LayerOption:
+    """One setting on one layer, measured with every other layer dense."""
+
+    layer: int
+    label: str  # "dense" or the swept parameters, e.g. "theta=6,local=128"
+    choice: PatternChoice | None  # None: dense
+    kl: float  # mean KL(dense || this) per scored position, nats
+    density: float  # this layer's attention density (1.0: dense, or a plan that passed dense_above)
+
+
+@dataclass(frozen=True)
+class BudgetCheck:
+    """One whole-model run of a chosen policy."""
+
+    budget: float  # the budget the choice was solved for
+    predicted_kl: float  # the sum of the chosen settings' KLs
+    measured_kl: float
+    mean_density: float  # over the calibrated layers, dense ones counting 1.0
+
+
+@dataclass
+class KLCalibration:
+    """What :func:`calibrate_kl_budget` measured and chose."""
+
+    budget: float
+    measured: list[LayerOption]
+    chosen: dict[int, LayerOption]
+    checks: list[BudgetCheck] = field(default_factory=list)
+    within_budget: bool = True  # False: no solved choice met the budget, so every layer stays dense
+    skipped_layers: list[int] = field(default_factory=list)  # made no sparse plan (e.g. sliding-window layers)
+
+
+def _dense(layer: int) -> LayerOption:
+    return LayerOption(layer, DENSE, None, 0.0, 1.0)
+
+
+def _hull(options: Sequence[LayerOption]) -> list[LayerOption]:
+    """Dense, then the settings on the lower convex hull of (KL, density): each step saves less density
+    per unit of KL than the one before, so a greedy taking the best step first never needs to undo one."""
+    layer = options[0].layer
+    candidates = sorted((o for o in options if o.choice is not None and o.density < 1.0),
+                        key=lambda o: (max(o.kl, 0.0), o.density))
+    frontier: list[LayerOption] = []
+    for option in candidates:  # keep only settings cheaper than every one with less KL
+        if option.density < min((o.density for o in frontier), default=1.0):
+            frontier.append(option)
+    hull = [_dense(layer)]
+    for option in frontier:
+        while len(hull) >= 2 and _saving_rate(hull[-2], hull[-1]) <= _saving_rate(hull[-2], option):
+            hull.pop()
+        hull.append(option)
+    return hull
+
+
+def _saving_rate(start: LayerOption, end: LayerOption) -> float:
+    """Density saved per nat of KL from ``start`` to ``end`` (infinite when the KL does not grow)."""
+    added = max(end.kl, 0.0) - max(start.kl, 0.0)
+    saved = start.density - end.density
+    return math.inf if added <= 0 else saved / added
+
+
+def choose_within_budget(measured: Sequence[LayerOption], budget: float) -> dict[int, LayerOption]:
+    """One option per layer (dense where nothing fits): summed KL <= ``budget``, least mean density
+    found by the convex-hull greedy. Within one hull step of the optimum: the density it leaves on the
+    table is at most the largest single step's saving."""
+    _check_budget(budget)
+    by_layer: dict[int, list[LayerOption]] = {}
+    for option in measured:
+        by_layer.setdefault(option.layer, []).append(option)
+    chosen = {layer: _dense(layer) for layer in by_layer}
+    steps = []
+    for layer, options in by_layer.items():
+        hull = _hull(options)
+        steps += [(_saving_rate(a, b), layer, position, b) for position, (a, b) in enumerate(zip(hull, hull[1:]))]
+    steps.sort(key=lambda step: (-step[0], step[1], step[2]))
+    spent, blocked = 0.0, set()
+    for _, layer, _, option in steps:
+        if layer in blocked:
+            continue
+        added = max(option.kl, 0.0) - max(chosen[layer].kl, 0.0)
+        if spent + added <= budget:
+            chosen[layer], spent = option, spent + added
+        else:
+            blocked.add(layer)  # its later steps would skip this one
+    return chosen
+
+
+def _policy_dict(base: Policy, settings: Mapping[int, PatternChoice | None]) -> dict[str, Any]:
+    """``base``'s min_length and default, one override per listed layer (None: dense). Overrides repeat
+    every parameter: an override's missing parameters take the pattern's defaults, not the default's."""
+    overrides: list[dict[str, Any]] = []
+    for layer, choice in sorted(settings.items()):
+        overrides.append({"layers": layer, "pattern": DENSE} if choice is None
+                         else {"layers": layer, "pattern": choice.pattern, **choice.as_dict()})
+    return {"min_length": base.min_length, "default": {"pattern": base.default.pattern, **base.default.as_dict()},
+            "overrides": overrides}
+
+
+def layer_policy(base: Policy, settings: Mapping[int, PatternChoice | None], source: str) -> Policy:
+    """``base`` with each listed layer overridden by its setting (None: dense), validated."""
+    policy = load_policy(_policy_dict(base, settings))
+    return Policy(default=policy.default, overrides=policy.overrides, min_length=policy.min_length, source=source)
+
+
+def _run(model: Any, ids: torch.Tensor, policy: Policy, score_last: int) -> tuple[torch.Tensor, dict[Any, float], int]:
+    """(log-probabilities at the scored positions, density per layer, sparse calls) under ``policy``."""
+    handle = apply(model, policy, collect_stats=True)
+    try:
+        logprobs = next_token_logprobs(model, ids, score_last)
+    finally:
+        remove(model)
+    return logprobs, handle.stats.layer_densities(), handle.stats.sparse_calls
+
+
+def measure_layer_options(model: Any, input_ids: torch.Tensor, base: Policy, options: Mapping[str, PatternChoice],
+                          layers: Sequence[int], score_last: int, reference: torch.Tensor,
+                          progress: Callable[[Iterable[Any]], Iterable[Any]] = iter,
+                          ) -> tuple[list[LayerOption], list[int]]:
+    """(each option on each layer with every other layer dense, layers that made no sparse plan).
+
+    ``reference`` is the dense model's log-probabilities at the scored positions. A layer whose
+    every option made no plan (a sliding-window layer the integration leaves alone, a call that fell
+    back) is returned apart and gets no setting.
+    """
+    everything_dense = {layer: None for layer in layers}
+    measured, skipped = [], []
+    per_layer: dict[int, list[LayerOption]] = {layer: [] for layer in layers}
+    for layer, label in progress([(layer, label) for layer in layers for label in options]):
+        choice = options[label]
+        policy = layer_policy(base, {**everything_dense, layer: choice}, f"layer {layer} {label}")
+        logprobs, densities, _ = _run(model, input_ids, policy, score_last)
+        if layer not in densities:
+            continue
+        kl = float(kl_per_position(reference, logprobs).mean())
+        per_layer[layer].append(LayerOption(layer, label, choice, kl, densities[layer]))
+    for layer in layers:
+        if per_layer[layer]:
+            measured += [_dense(layer), *per_layer[layer]]
+        else:
+            skipped.append(layer)
+    return measured, skipped
+
+
+def calibrate_kl_budget(model: Any, input_ids: torch.Tensor, base: Policy, options: Mapping[str, PatternChoice],
+                        budget: float, layers: Sequence[int], score_last: int = 1024, checks: int = 3,
+                        progress: Callable[[Iterable[Any]], Iterable[Any]] = iter) -> KLCalibration:
+    """Measure every option on every layer (:func:`measure_layer_options`), then :func:`choose_and_check`."""
+    if not options:
+        raise ValueError("no options to choose from")
+    _check_budget(budget)
+    reference = next_token_logprobs(model, input_ids, score_last)  # the unpatched model
+    measured, skipped = measure_layer_options(model, input_ids, base, options, layers, score_last, reference,
+                                              progress)
+    if not measured:
+        raise ValueError(f"no layer among {list(layers)} made a sparse plan at {input_ids.shape[1]} tokens "
+                         f"(min_length {base.min_length}); nothing to calibrate")
+    return choose_and_check(model, input_ids, base, measured, budget, reference, score_last, checks, skipped)
+
+
+def choose_and_check(model: Any, input_ids: torch.Tensor, base: Policy, measured: Sequence[LayerOption],
+                     budget: float, reference: torch.Tensor, score_last: int, checks: int = 3,
+                     skipped_layers: Sequence[int] = ()) -> KLCalibration:
+    """Choose within ``budget`` from ``measured`` and run the choice whole, up to ``checks`` times.
+
+    Each run that exceeds the budget scales the budget solved for by budget / measured. When none
+    meets it, every calibrated layer stays dense (``within_budget`` False) rather than a policy that
+    breaks the budget being written. One measurement serves any number of budgets.
+    """
+    _check_budget(budget)
+    if checks < 1:
+        raise ValueError(f"checks must be >= 1, got {checks}")
+    result = KLCalibration(budget, list(measured), {}, skipped_layers=list(skipped_layers))
+    solve_for = budget
+    for _ in range(checks):
+        chosen = choose_within_budget(measured, solve_for)
+        if all(o.choice is None for o in chosen.values()):
+            result.chosen = chosen
+            result.checks.append(BudgetCheck(solve_for, 0.0, 0.0, 1.0))
+            return result
+        predicted = sum(max(o.kl, 0.0) for o in chosen.values())
+        mean_density = sum(o.density for o in chosen.values()) / len(chosen)
+        policy = layer_policy(base, {layer: o.choice for layer, o in chosen.items()}, "checked choice")
+        logprobs, _, _ = _run(model, input_ids, policy, score_last)
+        actual = float(kl_per_position(reference, logprobs).mean())
+        result.checks.append(BudgetCheck(solve_for, predicted, actual, mean_density))
+        if actual <= budget:
+            result.chosen = chosen
+            return result
+        solve_for *= budget / actual
+    result.chosen = {layer: _dense(layer) for layer in {o.layer for o in measured}}
+    result.within_budget = False
+    return result
+
+
+def _check_budget(budget: float) -> None:
+    if not budget >= 0:  # NaN too
+        raise ValueError(f"the KL budget must be >= 0 nats, got {budget}")
+
+
+def calibration_record(result: KLCalibration) -> dict[str, Any]:
+    """``result`` as JSON-ready data: every measured option, the checks and the choice."""
+    def option(o: LayerOption) -> dict[str, Any]:
+        return {"layer": o.layer, "label": o.label, "kl": o.kl, "density": o.density,
+                "params": None if o.choice is None else {"pattern": o.choice.pattern, **o.choice.as_dict()}}
+
+    return {"budget": result.budget, "within_budget": result.within_budget,
+            "checks": [dataclasses.asdict(check) for check in result.checks],
+            "chosen": [option(o) for _, o in sorted(result.chosen.items())],
+            "measured": [option(o) for o in result.measured], "skipped_layers": result.skipped_layers}
+
+
+def kl_calibrated_policy(base: Policy, result: KLCalibration, header: str) -> str:
+    """YAML of ``base`` with one override per calibrated layer, its chosen setting or dense, under a
+    comment saying what was measured. Layers that were not calibrated keep ``base``'s default."""
+    settings = {layer: option.choice for layer, option in result.chosen.items()}
+    layer_policy(base, settings, base.source)  # the file must load: validated like any policy
+    body = yaml.safe_dump(_policy_dict(base, settings), sort_keys=False, default_flow_style=None, width=120)
+    lines = list(header.splitlines())
+    for check in result.checks:
+        lines.append(f"check: solved for KL {check.budget:.4g}, predicted {check.predicted_kl:.4g}, "
+                     f"measured {check.measured_kl:.4g}, mean density {check.mean_density:.3f}")
+    if not result.within_budget:
+        lines.append(f"no choice met the budget {result.budget:g}: every calibrated layer stays dense")
+    for layer, option in sorted(result.chosen.items()):
+        lines.append(f"  layer {layer}: {option.label}, KL alone {option.kl:.4g}, density {option.density:.3f}")
+    if result.skipped_layers:
+        lines.append(f"  layers {result.skipped_layers}: made no sparse plan, keep the default")
+    return "".join(f"# {line}\n" for line in lines) + body

@@ -1,0 +1,175 @@
+"""KL-budget calibration: the per-layer choice against brute force, the measurements against direct runs."""
+
+import itertools
+import math
+import random
+
+import pytest
+import torch
+
+from sparse_prefill.evaluation.layer_budget import (
+    DENSE,
+    LayerOption,
+    calibrate_kl_budget,
+    choose_within_budget,
+    kl_calibrated_policy,
+    layer_policy,
+)
+from sparse_prefill.evaluation.whole_model import kl_per_position, next_token_logprobs
+from sparse_prefill.integrations.huggingface import apply, remove
+from sparse_prefill.policy import load_policy
+from tests.test_whole_model import save_tiny_model_with_char_tokenizer, tiny_model
+
+STREAMING = {"min_length": 0, "default": {"pattern": "streaming", "sink": 8, "local": 16, "group_rows": 16}}
+
+
+def random_instance(rng: random.Random, layers: int, options: int) -> list[LayerOption]:
+    measured = []
+    for layer in range(layers):
+        measured.append(LayerOption(layer, DENSE, None, 0.0, 1.0))
+        for i in range(options):
+            choice = load_policy(STREAMING).default  # any choice: the solver reads only kl and density
+            measured.append(LayerOption(layer, f"o{i}", choice, rng.uniform(0, 0.1), rng.uniform(0.05, 1.0)))
+    return measured
+
+
+def totals(chosen: dict[int, LayerOption]) -> tuple[float, float]:
+    return sum(o.kl for o in chosen.values()), sum(o.density for o in chosen.values())
+
+
+def brute_force(measured: list[LayerOption], budget: float) -> float:
+    """The least summed density of any choice within the budget."""
+    by_layer = {}
+    for option in measured:
+        by_layer.setdefault(option.layer, []).append(option)
+    best = math.inf
+    for combination in itertools.product(*by_layer.values()):
+        if sum(o.kl for o in combination) <= budget:
+            best = min(best, sum(o.density for o in combination))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_choice_stays_within_budget_and_within_one_step_of_the_optimum(seed):
+    rng = random.Random(seed)
+    measured = random_instance(rng, layers=rng.randint(1, 4), options=rng.randint(1, 4))
+    budget = rng.uniform(0, 0.2)
+    chosen = choose_within_budget(measured, budget)
+    kl, density = totals(chosen)
+    assert kl <= budget + 1e-12
+    assert set(chosen) == {o.layer for o in measured}
+    # The greedy on convex hulls leaves at most one step's saving: any single option's saving over dense.
+    largest_step = max(1.0 - o.density for o in measured)
+    assert density <= brute_force(measured, budget) + largest_step + 1e-9
+    # More budget never costs more density.
+    assert totals(choose_within_budget(measured, budget * 2))[1] <= density + 1e-12
+
+
+def test_budget_extremes():
+    measured = random_instance(random.Random(0), layers=3, options=3)
+    assert all(o.label == DENSE for o in choose_within_budget(measured, 0.0).values())
+    cheapest = {layer: min(o.density for o in measured if o.layer == layer) for layer in range(3)}
+    chosen = choose_within_budget(measured, 1e9)
+    assert {layer: o.density for layer, o in chosen.items()} == cheapest
+    # An option that costs no KL and saves density is taken even with no budget.
+    free = LayerOption(0, "free", measured[1].choice, 0.0, 0.3)
+    assert choose_within_budget([*measured, free], 0.0)[0].label == "free"
+    with pytest.raises(ValueError, match="budget"):
+        choose_within_budget(measured, -1.0)
+
+
+def test_calibration_measures_what_direct_runs_give_and_its_policy_checks_out():
+    model = tiny_model()
+    ids = torch.randint(1, 96, (1, 160), generator=torch.Generator().manual_seed(1))
+    base = load_policy(STREAMING)
+    options = {f"local={n}": load_policy({**STREAMING, "default": {**STREAMING["default"], "local": n}}).default
+               for n in (16, 48)}
+    result = calibrate_kl_budget(model, ids, base, options, budget=1e9, layers=[0, 1], score_last=32)
+    assert [(o.layer, o.label) for o in result.measured] == [
+        (layer, label) for layer in (0, 1) for label in (DENSE, "local=16", "local=48")]
+    dense = next_token_logprobs(model, ids, 32)
+    for option in result.measured:  # each number is what running that one layer sparse gives
+        if option.choice is None:
+            assert option.kl == 0 and option.density == 1.0
+            continue
+        handle = apply(model, layer_policy(base, {0: None, 1: None, option.layer: option.choice}, "t"),
+                       collect_stats=True)
+        try:
+            logprobs = next_token_logprobs(model, ids, 32)
+        finally:
+            remove(model)
+        assert option.kl == pytest.approx(float(kl_per_position(dense, logprobs).mean()), rel=1e-5, abs=1e-9)
+        assert option.density == pytest.approx(handle.stats.layer_densities()[option.layer])
+        assert 0 < option.density < 1 and option.kl > 0
+    # An unlimited budget takes the sparsest option everywhere; the check ran that policy whole.
+    assert {o.label for o in result.chosen.values()} == {"local=16"}
+    assert result.within_budget and len(result.checks) == 1
+    written = load_policy_text(kl_calibrated_policy(base, result, "header"))
+    assert [o.choice.as_dict()["local"] for o in written.overrides] == [16, 16]
+    handle = apply(model, written)
+    try:
+        logprobs = next_token_logprobs(model, ids, 32)
+    finally:
+        remove(model)
+    assert float(kl_per_position(dense, logprobs).mean()) == pytest.approx(result.checks[0].measured_kl, rel=1e-5)
+
+
+def test_a_budget_nothing_meets_leaves_every_layer_dense():
+    model = tiny_model()
+    ids = torch.randint(1, 96, (1, 160), generator=torch.Generator().manual_seed(2))
+    base = load_policy(STREAMING)
+    result = calibrate_kl_budget(model, ids, base, {"local=16": base.default}, budget=0.0, layers=[0, 1],
+                                 score_last=32)
+    assert all(o.label == DENSE for o in result.chosen.values())
+    written = load_policy_text(kl_calibrated_policy(base, result, "header"))
+    assert [o.choice.pattern for o in written.overrides] == [DENSE, DENSE]
+
+
+def load_policy_text(text: str):
+    import yaml
+
+    assert text.startswith("# header\n")
+    return load_policy(yaml.safe_load(text))
+
+
+def test_calibrate_command_with_kl_budgets(tmp_path):
+    import json
+
+    import yaml
+
+    from sparse_prefill.cli import main
+
+    save_tiny_model_with_char_tokenizer(tmp_path / "model")
+    policy = tmp_path / "streaming.yaml"
+    policy.write_text("default:\n  pattern: streaming\n  sink: 8\n  local: 16\n  group_rows: 16\n")
+    out, record = tmp_path / "calibrated.yaml", tmp_path / "record.json"
+    code = main(["calibrate", "--model", str(tmp_path / "model"), "--policy", str(policy), "--kl-budget", "100", "0",
+                 "--options", "local=16,32", "--tokens", "128", "--score-last", "16", "--device", "cpu",
+                 "--out", str(out), "--record", str(record)])
+    assert code == 0
+    generous = load_policy(yaml.safe_load((tmp_path / "calibrated-kl100.yaml").read_text()))
+    assert [(0 in o.layers, 1 in o.layers, o.choice.as_dict()["local"]) for o in generous.overrides] == [
+        (True, False, 16), (False, True, 16)]
+    none = load_policy(yaml.safe_load((tmp_path / "calibrated-kl0.yaml").read_text()))
+    assert [o.choice.pattern for o in none.overrides] == [DENSE, DENSE]
+    saved = json.loads(record.read_text())
+    assert [b["budget"] for b in saved["budgets"]] == [100, 0]
+    assert len(saved["budgets"][0]["measured"]) == 2 * 3  # dense and two options on each layer
+    assert saved["budgets"][0]["checks"][0]["measured_kl"] > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--kl-budget", "-1"], "--kl-budget must be >= 0"),
+    (["--kl-budget", "0.1", "--score-last", "9000"], "--score-last must be in"),
+    (["--options", "theta=6"], "--options is for --kl-budget"),
+    (["--kl-budget", "0.1", "--options", "gamma=0.9"], "gamma"),
+    (["--text-offset", "-5"], "--text-offset"),
+    (["--record", "r.json"], "--record is for"),
+])
+def test_calibrate_refuses_bad_kl_arguments_before_loading(tmp_path, capsys, argv, message):
+    from sparse_prefill.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["calibrate", "--out", str(tmp_path / "x.yaml"), *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
