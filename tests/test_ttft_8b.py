@@ -39,7 +39,7 @@ def _script() -> ModuleType:
 @pytest.fixture
 def script(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     """The script with its pattern registered in a registry of this test's own (no other test sees it)."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the PyTorch references: under the interpreter this file takes 70 s
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the PyTorch references: 5 s here, 46 s interpreted
     monkeypatch.setattr(registry, "_registry", None)
     module = _script()
     module.register()
