@@ -29,6 +29,18 @@ LLAMA_31_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_head
 EVERY_KEY = {"default": {"pattern": "anchor", "theta": 1e9, "dense_above": 1.0}}
 
 
+def random_llama(layers: int, device: str = "cuda", **changes) -> LlamaForCausalLM:
+    """A bf16 LlamaForCausalLM of the Llama-3.1-8B shape (``changes`` override config keys) with random
+    weights, built and initialised on ``device``: 1B random parameters take minutes on the CPU."""
+    config = LlamaConfig(num_hidden_layers=layers, **{**LLAMA_31_8B, **changes})
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            return LlamaForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
 def prefill_ms(model, ids) -> float:
     with torch.no_grad():
         return float(triton.testing.do_bench(lambda: model(ids, logits_to_keep=1), warmup=1, rep=5, return_mode="median"))
@@ -41,12 +53,8 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.manual_seed(0)
-    config = LlamaConfig(num_hidden_layers=args.layers, **LLAMA_31_8B)
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):  # initialise on the GPU: 1B random parameters take minutes on the CPU
-        model = LlamaForCausalLM(config).eval()
-    torch.set_default_dtype(torch.float32)
-    ids = torch.randint(0, config.vocab_size, (1, args.length), device="cuda")
+    model = random_llama(args.layers)
+    ids = torch.randint(0, model.config.vocab_size, (1, args.length), device="cuda")
     with torch.no_grad():
         expected = model(ids, logits_to_keep=1).logits.float()
     result = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, transformers=transformers.__version__,
