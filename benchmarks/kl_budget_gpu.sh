@@ -9,7 +9,7 @@
 # 2. `sparse-prefill eval` at 32752 and 16384 tokens on the first tokens of the essays (text the
 #    calibration never saw): dense, anchor.yaml, the calibrated policies, and anchor keeping every key
 #    (theta 1e9, no dense fallback: what the sparse path alone costs, the floor of any sparse policy).
-# BUDGETS="...", LENGTHS="...", CAL_TOKENS=N, SCORE_LAST=N and POLICY=FILE override the defaults (a CPU smoke test
+# BUDGETS="...", LENGTHS="...", THETAS=a,b LOCALS=a,b, CAL_TOKENS=N, SCORE_LAST=N and POLICY=FILE override the defaults (a CPU smoke test
 # uses them with a tiny model).
 set -uo pipefail
 model=$1 tokenizer=$2 out=$3
@@ -26,7 +26,7 @@ default:
   dense_above: 1.0
 EOF
 timeout 300 python3 -m sparse_prefill.cli calibrate --model "$model" --tokenizer "$tokenizer" --policy "$policy" \
-    --kl-budget "${budgets[@]}" --options theta=4,6,8,10,12 --options local=128,1024,4096 \
+    --kl-budget "${budgets[@]}" --options "theta=${THETAS:-4,6,8,10,12}" --options "local=${LOCALS:-128,1024,4096}" \
     --tokens "$cal_tokens" --text-offset 65536 --score-last "$score_last" --out "$out/$(basename "$policy")" --record "$out/calibration.json" \
     2>&1 | tee "$out/calibrate.log"
 policies=(--policy "$policy" --policy "$out/every-key.yaml")
