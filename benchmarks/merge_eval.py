@@ -10,6 +10,12 @@ measured dense itself (for its KL); the first dense per length is kept. A folder
 name ends in ``-SUFFIX`` gets SUFFIX added to its policy labels, so a second sweep of one policy
 (``anchor.yaml`` with ``local=4096``) draws its own curve. ``--commit`` names the commit the GPU
 ran: its copy of the tree carries no git history.
+
+For benchmarks/kl_budget_gpu.sh: ``--calibration FOLDER/calibration.json`` stores what
+``calibrate --kl-budget`` measured and chose beside the results (every (layer, option) once, each
+budget's choice and checks), and the policies it wrote (``NAME-klB``) join one curve,
+``NAME-kl[budget=B]``. ``--compare RECORD.json`` draws an earlier record's points in the plots
+too (same model and text; the record names it), so the new points sit among the patterns' curves.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from pathlib import Path
 from sparse_prefill.evaluation import BASELINE_LABEL
 from sparse_prefill.evaluation.plots import plot_needle_heatmap, plot_quality_vs_density
 from sparse_prefill.evaluation.report import read_report
+from sparse_prefill.evaluation.whole_model import Measurement
 
 
 def main() -> None:
@@ -30,6 +37,9 @@ def main() -> None:
     parser.add_argument("--model", required=True, help="the model's name, for the record and the plot titles")
     parser.add_argument("--commit", required=True)
     parser.add_argument("--out", required=True, type=Path, help="path prefix of the JSON and the two plots")
+    parser.add_argument("--calibration", type=Path, default=None, help="calibration.json of calibrate --record")
+    parser.add_argument("--compare", type=Path, action="append", default=[],
+                        help="an earlier merged record whose points the plots also draw (repeatable)")
     args = parser.parse_args()
     runs, results, env = [], [], None
     for folder in args.folders:
@@ -46,13 +56,44 @@ def main() -> None:
         runs.append({"folder": folder.name, "complete": report.get("complete", False),
                      "settings": report["settings"], "policies": report["policies"]})
         results += measured
-    record = {"model": args.model, "commit": args.commit, **env, "runs": runs,
-              "results": [dataclasses.asdict(m) for m in results]}
+    record = {"model": args.model, "commit": args.commit, **env, "runs": runs}
+    if args.calibration is not None:
+        record["calibration"] = _condensed_calibration(json.loads(args.calibration.read_text()))
+        for m in results:
+            m.label = _budget_curve_label(m.label, record["calibration"]["budgets"])
+    compared = []
+    for path in args.compare:
+        earlier = json.loads(path.read_text())
+        compared += [Measurement(**r) for r in earlier["results"] if r["label"] != BASELINE_LABEL]
+    if args.compare:
+        record["compared_with"] = [f"{path.name} (commit {json.loads(path.read_text())['commit']})"
+                                   for path in args.compare]
+    record["results"] = [dataclasses.asdict(m) for m in results]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
     title = f"{args.model}, {env['device']}, commit {args.commit}"
-    plot_quality_vs_density(results, args.out.with_name(args.out.name + "_quality.png"), title)
+    if compared:
+        title += f" (+ {', '.join(path.stem for path in args.compare)})"
+    plot_quality_vs_density([*compared, *results], args.out.with_name(args.out.name + "_quality.png"), title)
     plot_needle_heatmap(results, args.out.with_name(args.out.name + "_needle.png"), title)
+
+
+def _condensed_calibration(saved: dict) -> dict:
+    """calibrate --record's file with the measurements once (every budget repeats them)."""
+    budgets = saved.pop("budgets")
+    measured = budgets[0]["measured"] if budgets else []
+    return {**saved, "measured": measured,
+            "budgets": [{key: value for key, value in b.items() if key != "measured"} for b in budgets]}
+
+
+def _budget_curve_label(label: str, budgets: list[dict]) -> str:
+    """``anchor-kl0.02`` -> ``anchor-kl[budget=0.02]`` for a policy calibrate wrote, so the budgets draw one curve."""
+    for budget in budgets:
+        stem = Path(budget["out"]).stem
+        if label == stem:
+            name, _, value = stem.rpartition("-kl")
+            return f"{name}-kl[budget={value}]"
+    return label
 
 
 if __name__ == "__main__":
