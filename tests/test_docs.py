@@ -292,3 +292,14 @@ def test_plan_picture_colours_exactly_what_each_plan_attends():
     assert set(parts.unique().tolist()) == {0, 1, 2, 3}  # the picture shows both windows and selected keys
     assert 0 < stripe.density() < 1 and 0 < block.density() < 1
     assert (DOCS / "img" / "plans.png").is_file()
+
+
+def test_site_hook_drops_test_options_and_sphinx_roles_only():
+    spec = importlib.util.spec_from_file_location("_site_hook", DOCS / "_hooks" / "site.py")
+    hook = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hook)
+    markdown = '```python notest title="a.py"\nx = 1\n```\n\n```python continuation\ny\n```\n\n```text\nnotest\n```\n'
+    assert hook.on_page_markdown(markdown, page=None) == (
+        '```python title="a.py"\nx = 1\n```\n\n```python\ny\n```\n\n```text\nnotest\n```\n')
+    html = "A :class:<code>~sparse_prefill.plan.DensePlan</code> or :func:<code>load_policy</code>, :x:<code>y</code>"
+    assert hook.on_page_content(html, page=None) == "A <code>DensePlan</code> or <code>load_policy</code>, :x:<code>y</code>"
