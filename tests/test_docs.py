@@ -93,12 +93,12 @@ def _argv(command: str) -> list[str]:
 
 
 def test_every_sparse_prefill_command_in_the_docs_parses():
-    subcommands = set(build_parser()._subparsers._group_actions[0].choices)
+    known = set(_reference_module().subcommands(build_parser()))
     failures, checked = [], 0
     for path in DOC_FILES:
         for line, command in _commands(path):
             argv = _argv(command)
-            if not argv or argv[0] != "sparse-prefill" or (len(argv) > 1 and argv[1] not in subcommands
+            if not argv or argv[0] != "sparse-prefill" or (len(argv) > 1 and argv[1] not in known
                                                            and not argv[1].startswith("-")):
                 continue  # `sparse-prefill <command>: error: ...` is prose about output, not a command
             checked += 1
@@ -171,7 +171,7 @@ def test_every_built_in_pattern_says_where_its_defaults_come_from():
 
 def test_cli_page_has_every_command():
     body = _reference_module().cli_page_body()
-    for name in build_parser()._subparsers._group_actions[0].choices:
+    for name in _reference_module().subcommands(build_parser()):
         assert f"## `sparse-prefill {name}`" in body
     assert "<!-- generated: cli -->" in (DOCS / "reference" / "cli.md").read_text(encoding="utf-8")
 

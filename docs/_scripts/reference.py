@@ -99,7 +99,7 @@ def cli_page_body(width: int = 100) -> str:
     try:
         parser = build_parser()
         sections = [f"```text\n{parser.format_help().rstrip()}\n```\n"]
-        for name, sub in _subcommands(parser).items():
+        for name, sub in subcommands(parser).items():
             sections.append(f"\n## `sparse-prefill {name}`\n\n```text\n{sub.format_help().rstrip()}\n```\n")
     finally:
         if saved is None:
@@ -109,7 +109,8 @@ def cli_page_body(width: int = 100) -> str:
     return "".join(sections)
 
 
-def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """Each subcommand name of ``parser`` with its own parser, in the order they were added."""
     for action in parser._actions:  # argparse keeps subparsers only here
         if isinstance(action, argparse._SubParsersAction):
             return dict(action.choices)
