@@ -36,11 +36,14 @@ def main() -> None:
     parser.add_argument("folders", nargs="+", type=Path)
     parser.add_argument("--model", required=True, help="the model's name, for the record and the plot titles")
     parser.add_argument("--commit", required=True)
-    parser.add_argument("--out", required=True, type=Path, help="path prefix of the JSON and the two plots")
+    parser.add_argument("--out", required=True, type=Path,
+                        help="the record's path (OUT.json; the plots go beside it as OUT_quality.png, OUT_needle.png)")
     parser.add_argument("--calibration", type=Path, default=None, help="calibration.json of calibrate --record")
     parser.add_argument("--compare", type=Path, action="append", default=[],
                         help="an earlier merged record whose points the plots also draw (repeatable)")
     args = parser.parse_args()
+    if args.out.suffix == ".json":
+        args.out = args.out.with_suffix("")
     runs, results, env = [], [], None
     for folder in args.folders:
         report, measured = read_report(folder / "results.json")
