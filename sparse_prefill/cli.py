@@ -344,7 +344,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     try:
         settings = EvalSettings(lengths=tuple(args.lengths), score_last=args.score_last,
                                 needle_depths=tuple(args.needle_depths), needle_new_tokens=args.needle_new_tokens,
-                                repeats=args.repeats)
+                                repeats=args.repeats, recall=args.recall)
         sweep = parse_sweep(args.sweep or [])
     except ValueError as exc:
         raise UsageError(str(exc)) from None
@@ -510,6 +510,9 @@ def build_parser() -> argparse.ArgumentParser:
                             help="needle positions (0 = start, 1 = end); none: no needle test")
     evaluation.add_argument("--needle-new-tokens", type=int, default=12, help="tokens generated for each needle")
     evaluation.add_argument("--repeats", type=int, default=3, help="timed prefills per run (0: no timing)")
+    evaluation.add_argument("--recall", action="store_true",
+                            help="also measure each layer's attention recall (softmax mass its plans keep) on the "
+                                 "dense model's q and k: one more forward per length, an exact softmax per layer")
     evaluation.add_argument("--min-length", type=int, default=-1,
                             help="override the policies' min_length (-1 keeps each policy's)")
     evaluation.add_argument("--out", type=Path, required=True, help="folder for results.json and the plots")

@@ -20,19 +20,21 @@ from sparse_prefill.evaluation.models import essay_token_ids, load_model
 from sparse_prefill.evaluation.recall import attention_recall, capture_qk
 from sparse_prefill.patterns.anchor import ANCHOR
 from sparse_prefill.patterns.anchor.reference import anchor_identify_reference
-from sparse_prefill.plan import StripePlan
+from sparse_prefill.plan import BlockPlan, DensePlan, StripePlan
+from tests.plan_factories import random_block_plan
 
 TOKENS = 1024
 LAYERS = (8, 22)
 
 
-def _dense_recall(q: torch.Tensor, k: torch.Tensor, plan: StripePlan, scale: float) -> float:
+def _dense_recall(q: torch.Tensor, k: torch.Tensor, plan: StripePlan | BlockPlan | DensePlan, scale: float) -> float:
     """The definition, O(N^2): full causal softmax times the plan's dense mask, averaged over rows and heads."""
     num_q, num_kv, n = q.shape[1], k.shape[1], q.shape[2]
     scores = scale * q.double() @ k.double().repeat_interleave(num_q // num_kv, dim=1).transpose(-1, -2)
     causal = torch.ones(n, n, dtype=torch.bool).tril()
     probs = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
-    mask = plan.to_dense().repeat_interleave(num_q // plan.plan_heads, dim=1)
+    heads = plan.plan_heads if isinstance(plan, StripePlan) else plan.heads
+    mask = plan.to_dense().repeat_interleave(num_q // heads, dim=1) & causal
     return float((probs * mask).sum() / (q.shape[0] * num_q * n))
 
 
@@ -45,6 +47,17 @@ def test_attention_recall_matches_dense_definition(share_kv_heads: bool) -> None
     )
     assert 0.0 < attention_recall(q, k, plan, 32**-0.5) < 1.0
     assert attention_recall(q, k, plan, 32**-0.5) == pytest.approx(_dense_recall(q, k, plan, 32**-0.5), abs=1e-6)
+
+
+@pytest.mark.parametrize("heads, block_size, n", [(2, 16, 150), (4, 32, 97)])
+def test_attention_recall_of_block_and_dense_plans_matches_the_definition(heads: int, block_size: int, n: int) -> None:
+    gen = torch.Generator().manual_seed(heads)
+    q, k = torch.randn(2, 4, n, 32, generator=gen), torch.randn(2, 2, n, 32, generator=gen)
+    plan = random_block_plan(2, heads, n, block_size, fraction=0.4, seed=heads)
+    recall = attention_recall(q, k, plan, 32**-0.5)
+    assert 0.0 < recall < 1.0
+    assert recall == pytest.approx(_dense_recall(q, k, plan, 32**-0.5), abs=1e-6)
+    assert attention_recall(q, k, DensePlan(2, heads, n), 32**-0.5) == 1.0
 
 
 @pytest.fixture(scope="module")

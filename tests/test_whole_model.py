@@ -16,6 +16,7 @@ from sparse_prefill.evaluation.whole_model import (
     summary_table,
     sweep_policies,
 )
+from sparse_prefill.interfaces import AttentionContext
 from sparse_prefill.policy import PolicyError, load_policy
 
 TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -122,6 +123,25 @@ def test_evaluate_end_to_end_on_a_tiny_model():
     # Dropping keys changes them, and costs less than everything.
     assert by[("streaming", 160)].kl > 1e-6 and by[("streaming", 160)].density < 0.5
     assert "streaming" in summary_table(results)
+
+
+def test_recall_per_layer_is_what_the_policys_plans_keep_on_the_dense_q_and_k():
+    from sparse_prefill.evaluation.recall import attention_recall, capture_qk
+
+    model = tiny_model()
+    text = torch.randint(1, 96, (1, 160), generator=torch.Generator().manual_seed(3))
+    policies = {"streaming": load_policy(STREAMING), "every-key": load_policy(EVERY_KEY)}
+    settings = EvalSettings(lengths=(160,), score_last=32, needle_depths=(), repeats=0, recall=True)
+    by = {m.label: m for m in evaluate(model, CharTokenizer(), lambda n: text[:, :n], policies, settings)}
+    assert by["dense"].recall is None and by["every-key"].recall == pytest.approx(1.0)
+    streaming = by["streaming"]
+    assert set(streaming.layer_recall) == set(streaming.layer_density) == {"0", "1"}
+    q, k = capture_qk(model, text, [1])[1]
+    plan = load_policy(STREAMING).identifier(load_policy(STREAMING).default).identify(
+        q, k, AttentionContext.for_inputs(q, k))
+    assert streaming.layer_recall["1"] == pytest.approx(attention_recall(q, k, plan, 16**-0.5), abs=1e-5)
+    assert 0 < streaming.recall < 1
+    assert "recall" in summary_table([streaming])
 
 
 def test_plots_are_written(tmp_path):

@@ -8,8 +8,8 @@ The oracles give the best any selection of a given granularity can do: the small
 which each query row (:func:`oracle_row_density`) or each 128-row query block with windows
 (:func:`oracle_stripe_plan`) keeps a target recall, choosing keys greedily by softmax mass.
 
-Everything here runs on the CPU and never builds an N x N score matrix for all heads at once: the
-exact softmax is computed one query group at a time.
+Nothing here builds an N x N score matrix for all heads at once: the exact softmax is computed one
+query group at a time, on the device the tensors are on.
 """
 
 from __future__ import annotations
@@ -118,44 +118,40 @@ def plan_rows_mask(plan: StripePlan | BlockPlan | DensePlan, batch: int, plan_he
     return mask
 
 
-def _group_selection(plan: StripePlan, batch: int, group: int, width: int) -> torch.Tensor:
-    """Boolean [plan_heads, rows, width]: which of keys [0, width) each row of one group attends."""
-    row_start, row_end, _, _ = plan.group_bounds(group)
-    return torch.stack([plan_rows_mask(plan, batch, head, row_start, row_end)[:, :width]
-                        for head in range(plan.plan_heads)])
-
-
 def causal_probabilities(q: torch.Tensor, k: torch.Tensor, row_start: int, row_end: int, scale: float) -> torch.Tensor:
     """Exact causal softmax of rows [row_start, row_end) over keys [0, row_end), fp32, [Hkv, Hq/Hkv, rows, keys]."""
     num_kv = k.shape[0]
     queries = q[:, row_start:row_end].float().unflatten(0, (num_kv, -1))
     keys = k[:, :row_end].float().unsqueeze(1)
     scores = scale * (queries @ keys.transpose(-1, -2))
-    causal = torch.arange(row_end).unsqueeze(0) > torch.arange(row_start, row_end).unsqueeze(1)
+    positions = torch.arange(row_end, device=q.device)
+    causal = positions.unsqueeze(0) > positions[row_start:row_end].unsqueeze(1)
     return scores.masked_fill_(causal, float("-inf")).softmax(dim=-1)
 
 
-def attention_recall(q: torch.Tensor, k: torch.Tensor, plan: StripePlan, scale: float) -> float:
+def attention_recall(q: torch.Tensor, k: torch.Tensor, plan: StripePlan | BlockPlan | DensePlan, scale: float) -> float:
     """Mean over batch, query heads and rows of the exact softmax mass inside ``plan``'s selection.
 
     q is [B, Hq, N, D], k is [B, Hkv, N, D] (GQA: not expanded); query head ``h`` reads plan head
-    ``h // (Hq / plan.plan_heads)``. Work goes one query group at a time (all heads together), so
-    memory is O(Hq * group_rows * N), never O(Hq * N^2).
+    ``h // (Hq / plan heads)``. Work goes one query group (or block) at a time, all heads together,
+    on q's device, so memory is O(Hq * group_rows * N), never O(Hq * N^2). A DensePlan keeps 1.0.
     """
     batch, num_q, seq_len, _ = q.shape
-    if (plan.batch, plan.seq_len) != (batch, seq_len) or num_q % plan.plan_heads:
-        raise ValueError(
-            f"plan (batch={plan.batch}, seq_len={plan.seq_len}, plan_heads={plan.plan_heads}) does not fit "
-            f"q of shape {tuple(q.shape)}"
-        )
-    q, k = q.cpu(), k.cpu()
+    heads = plan.plan_heads if isinstance(plan, StripePlan) else plan.heads
+    if (plan.batch, plan.seq_len) != (batch, seq_len) or num_q % heads:
+        raise ValueError(f"plan (batch={plan.batch}, seq_len={plan.seq_len}, heads={heads}) does not fit "
+                         f"q of shape {tuple(q.shape)}")
+    if isinstance(plan, DensePlan):
+        return 1.0
+    rows = plan.group_rows if isinstance(plan, StripePlan) else plan.block_size
     mass = 0.0
     for b in range(batch):
-        for group in range(plan.num_groups):
-            row_start, row_end, _, _ = plan.group_bounds(group)
+        for row_start in range(0, seq_len, rows):
+            row_end = min(row_start + rows, seq_len)
             probs = causal_probabilities(q[b], k[b], row_start, row_end, scale).flatten(0, 1)
-            selected = _group_selection(plan, b, group, row_end)
-            selected = selected.repeat_interleave(num_q // plan.plan_heads, dim=0)
+            selected = torch.stack([plan_rows_mask(plan, b, head, row_start, row_end)[:, :row_end]
+                                    for head in range(heads)]).to(probs.device)
+            selected = selected.repeat_interleave(num_q // heads, dim=0)
             mass += float(probs.masked_fill_(~selected, 0.0).sum(dtype=torch.float64))
     return mass / (batch * num_q * seq_len)
 

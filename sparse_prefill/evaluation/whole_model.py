@@ -7,7 +7,8 @@ every policy on the same tokens, the model restored after each:
   the mean KL divergence KL(dense || policy) per position, the most sensitive model-level measure
   (perplexity can hide changes that cancel out);
 - what ran: mean attention density per layer, and the calls that stayed on the model's own
-  attention with the reason;
+  attention with the reason; with ``recall``, the softmax mass each layer's plans keep
+  (:mod:`~sparse_prefill.evaluation.layer_recall`);
 - time to first token of the whole model (one forward that keeps one position's logits), the
   median of ``repeats`` after a warm-up that compiles and tunes the kernels;
 - needle in a haystack: whether greedy decoding returns a number hidden at each depth.
@@ -55,6 +56,7 @@ class EvalSettings:
     needle_depths: tuple[float, ...] = (0.1, 0.5, 0.9)
     needle_new_tokens: int = 12
     repeats: int = 3
+    recall: bool = False  # per-layer attention recall of each policy's plans (one dense capture per length)
 
     def __post_init__(self) -> None:
         if not self.lengths or any(n < 2 for n in self.lengths):
@@ -84,6 +86,8 @@ class Measurement:
     top1_agreement: float  # scored positions whose most likely next token is dense's
     density: float | None  # mean over every sparse plan (heads weighted); None: nothing ran sparse
     layer_density: dict[str, float] = field(default_factory=dict)
+    layer_recall: dict[str, float] = field(default_factory=dict)  # EvalSettings.recall: mass each layer's plans keep
+    recall: float | None = None  # mean of layer_recall
     sparse_calls: int = 0
     fallbacks: dict[str, int] = field(default_factory=dict)
     prefill_ms: float | None = None
@@ -241,10 +245,16 @@ def evaluate(model: Any, tokenizer: Any, text_ids: Callable[[int], torch.Tensor]
     results: list[Measurement] = []
     dense: dict[int, tuple[torch.Tensor, Measurement]] = {}
     ids_by_length: dict[int, torch.Tensor] = {}
+    qk: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # the dense model's q and k, one length at a time
     for length, label in progress(steps):
         ids = ids_by_length.setdefault(length, text_ids(length))
         policy = policies.get(label)
         results.append(_measure(model, tokenizer, ids, label, policy, settings, dense))
+        if settings.recall and policy is not None and results[-1].layer_density:
+            if not qk or next(iter(qk.values()))[0].shape[2] != length:
+                qk.clear()  # one length's capture held at a time
+                qk.update(_capture_all_layers(model, ids))
+            _add_recall(results[-1], qk, policy)
         if on_result is not None:
             on_result(results)
     return results
@@ -305,9 +315,26 @@ def _measure(model: Any, tokenizer: Any, ids: torch.Tensor, label: str, policy: 
     return measurement
 
 
+def _capture_all_layers(model: Any, ids: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    from sparse_prefill.evaluation.recall import capture_qk
+
+    return capture_qk(model, ids.to(_device_of(model)), range(model.config.get_text_config().num_hidden_layers))
+
+
+def _add_recall(measurement: Measurement, qk: Mapping[int, tuple[torch.Tensor, torch.Tensor]],
+                policy: Policy) -> None:
+    """Recall of the layers that made plans in the measured run (sliding-window layers, left to the model, did not)."""
+    from sparse_prefill.evaluation.layer_recall import policy_layer_recall
+
+    layers = [int(layer) for layer in measurement.layer_density if layer.isdigit()]
+    recall = policy_layer_recall(qk, policy, layers)
+    measurement.layer_recall = {str(layer): round(value, 5) for layer, value in recall.items()}
+    measurement.recall = sum(recall.values()) / len(recall) if recall else None
+
+
 def summary_table(results: Sequence[Measurement]) -> str:
     """A plain-text table, one row per label and length."""
-    header = (f"{'label':34} {'length':>7} {'density':>8} {'ppl':>9} {'ppl vs dense':>12} {'KL':>8} "
+    header = (f"{'label':34} {'length':>7} {'density':>8} {'recall':>7} {'ppl':>9} {'ppl vs dense':>12} {'KL':>8} "
               f"{'top1':>6} {'prefill':>9} {'needle':>7}")
     lines = [header]
     for m in results:
@@ -316,7 +343,8 @@ def summary_table(results: Sequence[Measurement]) -> str:
         if m.label == BASELINE_LABEL and m.prefill_ms is not None:
             prefill = f"{m.prefill_ms:.0f}ms"
         needle = f"{sum(m.needle.values())}/{len(m.needle)}" if m.needle else "-"
-        lines.append(f"{m.label[:34]:34} {m.length:>7} {density:>8} {m.perplexity:>9.3f} "
+        recall = "-" if m.recall is None else f"{m.recall:.3f}"
+        lines.append(f"{m.label[:34]:34} {m.length:>7} {density:>8} {recall:>7} {m.perplexity:>9.3f} "
                      f"{m.perplexity_change * 100:>+11.2f}% {m.kl:>8.4f} {m.top1_agreement:>6.3f} {prefill:>9} "
                      f"{needle:>7}")
     return "\n".join(lines)

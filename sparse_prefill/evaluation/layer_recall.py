@@ -1,0 +1,50 @@
+"""Per-layer attention recall of a policy's plans, on the dense model's own q and k.
+
+`sparse-prefill eval --recall` reports, beside each layer's density, how much softmax mass its
+plans keep. Each layer's post-RoPE q and k come from one dense forward (:func:`capture_qk`); the
+identifier the policy assigns to each head group makes its plan from them, as the Hugging Face
+integration would, and :func:`attention_recall` measures it. Under the policy a layer's inputs
+also carry the earlier sparse layers' changes; that second-order difference is left out, so every
+policy is judged on the same q and k. The softmax scale is 1/sqrt(head dim), the scale of every
+model measured here (Gemma 3's query_pre_attn_scalar equals its head dim).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+import torch
+
+from sparse_prefill.evaluation.recall import attention_recall
+from sparse_prefill.integrations.huggingface import _kv_aligned_chunks
+from sparse_prefill.interfaces import AttentionContext
+from sparse_prefill.policy import Policy
+
+__all__ = ["policy_layer_recall"]
+
+
+def policy_layer_recall(qk: Mapping[int, tuple[torch.Tensor, torch.Tensor]], policy: Policy,
+                        layers: Iterable[int]) -> dict[int, float]:
+    """Recall per layer (query heads weighted equally) of the plans ``policy`` makes from ``qk[layer]``.
+
+    Layers shorter than the policy's ``min_length`` run dense and are left out, like layers not in ``qk``.
+    """
+    recall = {}
+    for layer in layers:
+        if layer not in qk:
+            continue
+        q, k = qk[layer]
+        num_q, num_kv, seq_len = q.shape[1], k.shape[1], q.shape[2]
+        if seq_len < policy.min_length:
+            continue
+        kept = 0.0
+        for assignment in policy.assign_heads(layer, num_q):
+            identifier = policy.identifier(assignment.choice)
+            for q_heads, kv_heads in _kv_aligned_chunks(assignment.heads, num_q // num_kv):
+                q_part, k_part = q[:, q_heads], k[:, kv_heads]
+                ctx = AttentionContext.for_inputs(q_part, k_part, layer_idx=layer, head_offset=q_heads[0])
+                with torch.inference_mode():
+                    plan = identifier.identify(q_part, k_part, ctx)
+                kept += attention_recall(q_part, k_part, plan, ctx.scale) * len(q_heads)
+        recall[layer] = kept / num_q
+    return recall
