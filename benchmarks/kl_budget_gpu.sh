@@ -8,7 +8,8 @@
 #    window) on 32752 essay tokens from token 65536; one policy per budget, each checked whole.
 # 2. `sparse-prefill eval` at 32752 and 16384 tokens on the first tokens of the essays (text the
 #    calibration never saw): dense, anchor.yaml, the calibrated policies, and anchor keeping every key
-#    (theta 1e9, no dense fallback: what the sparse path alone costs, the floor of any sparse policy).
+#    (theta 1e9, no dense fallback: what the sparse path alone costs, the floor of any sparse policy),
+#    each with its per-layer attention recall (--recall).
 # BUDGETS="...", LENGTHS="...", THETAS=a,b LOCALS=a,b, CAL_TOKENS=N, SCORE_LAST=N and POLICY=FILE override the defaults (a CPU smoke test
 # uses them with a tiny model).
 set -uo pipefail
@@ -36,6 +37,6 @@ done
 for length in "${lengths[@]}"; do
     mkdir -p "$out/$length"
     timeout 130 python3 -m sparse_prefill.cli eval --model "$model" --tokenizer "$tokenizer" --no-plots \
-        "${policies[@]}" --lengths "$length" --score-last "$score_last" --needle-depths 0.1 0.5 0.9 --repeats 2 --out "$out/$length" \
+        "${policies[@]}" --lengths "$length" --score-last "$score_last" --recall --needle-depths 0.1 0.5 0.9 --repeats 2 --out "$out/$length" \
         2>&1 | tee "$out/$length/log.txt"
 done
