@@ -30,9 +30,13 @@ timeout 300 python3 -m sparse_prefill.cli calibrate --model "$model" --tokenizer
     --kl-budget "${budgets[@]}" --options "theta=${THETAS:-4,6,8,10,12}" --options "local=${LOCALS:-128,1024,4096}" \
     --tokens "$cal_tokens" --text-offset 65536 --score-last "$score_last" --out "$out/$(basename "$policy")" --record "$out/calibration.json" \
     2>&1 | tee "$out/calibrate.log"
+name=$(basename "$policy" .yaml)
+if [[ ${#budgets[@]} -eq 1 ]]; then  # one budget writes --out itself: name it as several would
+    mv "$out/$name.yaml" "$out/$name-kl${budgets[0]}.yaml"
+fi
 policies=(--policy "$policy" --policy "$out/every-key.yaml")
 for budget in "${budgets[@]}"; do
-    policies+=(--policy "$out/$(basename "$policy" .yaml)-kl$budget.yaml")
+    policies+=(--policy "$out/$name-kl$budget.yaml")
 done
 for length in "${lengths[@]}"; do
     mkdir -p "$out/$length"
