@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.util
+import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 
@@ -155,6 +157,15 @@ def _tokenizer_and_config(model: str, policies: Iterable[Policy], tokenizer: str
     return files, tokenizer, config
 
 
+def _progress(args: argparse.Namespace, model: Any) -> contextlib.AbstractContextManager[None]:
+    """A bar per prefill over the decoder layers with --progress, or by default when stderr is a terminal
+    (a prefill on a CPU takes minutes); nothing otherwise, so logs and pipes stay clean."""
+    from sparse_prefill.evaluation.progress import layer_progress
+
+    wanted = sys.stderr.isatty() if args.progress is None else args.progress
+    return layer_progress(model, sys.stderr) if wanted else contextlib.nullcontext()
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from sparse_prefill.demo import compare_dense_and_sparse, format_side_by_side
     from sparse_prefill.evaluation.models import load_weights
@@ -174,9 +185,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(policy.describe())
     device, dtype = _device_and_dtype(args)
     model = load_weights(files, config, dtype=dtype, device=device)
-    print(format_side_by_side(prompt, compare_dense_and_sparse(model, tokenizer, prompt, policies,
-                                                               args.max_new_tokens)))
+    with _progress(args, model):
+        results = compare_dense_and_sparse(model, tokenizer, prompt, policies, args.max_new_tokens)
+    print(format_side_by_side(prompt, results))
+    _print_summaries({r.label: r.summary for r in results if r.summary})
     return 0
+
+
+def _print_summaries(summaries: Mapping[str, str]) -> None:
+    """One paragraph per policy saying what ran (sparse calls, density, dense calls and why): a policy that
+    stayed dense must not pass for a sparse result."""
+    print("what ran:")
+    for label, summary in summaries.items():
+        print(f"  {label}: {summary}")
 
 
 def _essay_ids(tokenizer: Any, config: Any, flag: str, tokens: int) -> torch.Tensor:
@@ -199,10 +220,13 @@ def _cmd_perplexity(args: argparse.Namespace) -> int:
     ids = _essay_ids(tokenizer, config, "--length", args.length)
     device, dtype = _device_and_dtype(args)
     model = load_weights(files, config, dtype=dtype, device=device)
-    results = compare_perplexity(model, ids, policies, args.score_last)
+    summaries: dict[str, str] = {}
+    with _progress(args, model):
+        results = compare_perplexity(model, ids, policies, args.score_last, summaries)
     print(f"perplexity on {args.length} essay tokens, last {args.score_last} scored:")
     for label, value in results.items():
         print(f"  {label:24} {value:.3f}")
+    _print_summaries(summaries)
     return 0
 
 
@@ -288,6 +312,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     results = evaluate(model, tokenizer, texts.__getitem__, policies, settings,
                        progress=lambda steps: tqdm(steps, desc="eval (length, policy)", unit="run"), on_result=save)
     print(summary_table(results))
+    _print_summaries({f"{m.label} at {m.length}": m.summary for m in results if m.summary})
     print(f"results: {save(results)}")
     if not args.no_plots:
         from sparse_prefill.evaluation.plots import plot_needle_heatmap, plot_quality_vs_density
@@ -335,6 +360,16 @@ def _version() -> str:
     return f"{sparse_prefill.__version__} ({', '.join(found)})"
 
 
+def _add_output_options(parser: argparse.ArgumentParser, progress: bool = True) -> None:
+    """--verbose (the library's notices), and --progress where one prefill can keep a CPU busy for minutes."""
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="show why calls stayed dense as they happen (-v: also what the policy chose, "
+                             "such as min_length; -vv: also decode steps); warnings are always shown")
+    if progress:
+        parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                            help="a bar per prefill over the decoder layers (default: when stderr is a terminal)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparse-prefill", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
@@ -354,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     run.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="default: bfloat16 on GPU, float32 on CPU")
     run.add_argument("--max-new-tokens", type=int, default=24)
+    _add_output_options(run)
     run.set_defaults(func=_cmd_run, command_parser=run)
 
     ppl = commands.add_parser("perplexity", help="perplexity on long real text, dense vs each policy")
@@ -365,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--min-length", type=int, default=0, help="as for `run` (-1 keeps the policy's)")
     ppl.add_argument("--device", default=None)
     ppl.add_argument("--dtype", choices=sorted(_DTYPES), default=None)
+    _add_output_options(ppl)
     ppl.set_defaults(func=_cmd_perplexity, command_parser=ppl)
 
     calibrate = commands.add_parser(
@@ -407,6 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     evaluation.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
                             help="default: bfloat16 on GPU, float32 on CPU")
+    _add_output_options(evaluation, progress=False)  # eval has its own bar over (length, policy)
     evaluation.set_defaults(func=_cmd_eval, command_parser=evaluation)
 
     validate = commands.add_parser("validate", help="check policy files; print them resolved")
@@ -458,6 +496,24 @@ def _check_args(args: argparse.Namespace) -> None:
             raise UsageError("plots need matplotlib: pip install 'sparse-prefill[plots]', or pass --no-plots")
 
 
+@contextlib.contextmanager
+def _notices(verbose: int) -> Iterator[None]:
+    """The library's notices on stderr while a command runs, from sparse_prefill's logger: warnings always,
+    what the policy chose with -v, decode steps too with -vv. Undone on exit: main() leaves no handler behind
+    (a caller, or a test, runs it many times)."""
+    logger = logging.getLogger("sparse_prefill")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("sparse-prefill: %(levelname)s: %(message)s"))
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel((logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)])
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; a bad argument exits 2 with one ``sparse-prefill <cmd>: error: ...`` line, before the
     model's weights load."""
@@ -466,7 +522,8 @@ def main(argv: list[str] | None = None) -> int:
         _check_args(args)
         if getattr(args, "min_length", None) == -1:
             args.min_length = None
-        return args.func(args)
+        with _notices(getattr(args, "verbose", 0)):
+            return args.func(args)
     except (UsageError, PolicyError) as exc:
         args.command_parser.error(str(exc))  # exits 2
 
