@@ -1,4 +1,5 @@
-"""`sparse-prefill`: the side-by-side demo, perplexity, whole-model evaluation, theta calibration, policy checks, patterns."""
+"""`sparse-prefill`: the side-by-side demo, perplexity, whole-model evaluation, theta calibration, policy checks,
+patterns and executors. Each command has its own --help."""
 
 from __future__ import annotations
 
@@ -336,12 +337,55 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_patterns(args: argparse.Namespace) -> int:
+    if args.name is not None:
+        return _print_pattern(args.name)
     infos = available_patterns()
     width = max((len(info.name) for info in infos), default=0)
     for info in infos:
         print(f"{info.name:{width}}  {info.description}  [plugin {info.plugin}, from {info.distribution}]")
+    _print_plugin_errors()
+    return 0
+
+
+def _print_plugin_errors() -> None:
+    """Plugins that failed to load: a listing without them must not look complete."""
     for error in plugin_errors():
         print(f"error: {error}", file=sys.stderr)
+
+
+def _print_pattern(name: str) -> int:
+    """One pattern's parameters as a policy sets them; a UsageError listing the patterns for an unknown name."""
+    from sparse_prefill.registry import get_pattern
+
+    try:
+        spec = get_pattern(name)
+    except KeyError:
+        known = ", ".join(info.name for info in available_patterns()) or "none"
+        raise UsageError(f"unknown pattern {name!r}; registered patterns: {known}") from None
+    print(f"{spec.name}: {spec.description}")
+    if not spec.parameters:
+        print("  (no parameters)")
+        return 0
+    rows = [("parameter", "default", "allowed", "meaning")]
+    rows += [(key, repr(param.default), param.allowed(), param.help) for key, param in spec.parameters.items()]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for key, default, allowed, meaning in rows:
+        print(f"  {key:{widths[0]}}  {default:{widths[1]}}  {allowed:{widths[2]}}  {meaning}")
+    return 0
+
+
+def _cmd_executors(args: argparse.Namespace) -> int:
+    from sparse_prefill.registry import get_registry
+
+    for executor in get_registry().executors():
+        kinds = ", ".join(kind.__name__ for kind in executor.plan_kinds)
+        dtypes = ", ".join(sorted(str(d).removeprefix("torch.") for d in executor.dtypes))
+        head_dims = "any" if executor.head_dims is None else ", ".join(map(str, sorted(executor.head_dims)))
+        backward = "yes" if getattr(executor, "supports_backward", False) else "no"
+        print(f"{executor.name} (priority {executor.priority}; {type(executor).__module__}.{type(executor).__name__})")
+        print(f"  plans: {kinds}; devices: {', '.join(sorted(executor.devices))}; dtypes: {dtypes}; "
+              f"head dims: {head_dims}; backward: {backward}")
+    _print_plugin_errors()
     return 0
 
 
@@ -360,6 +404,22 @@ def _version() -> str:
     return f"{sparse_prefill.__version__} ({', '.join(found)})"
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's defaults in every help line, except where there is none to show (None, False): those
+    options say in words what happens when they are left out."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _command(commands: Any, name: str, summary: str, description: str | None = None) -> argparse.ArgumentParser:
+    """A sub-command with its one-line help in the command list, a description and its defaults in --help."""
+    return commands.add_parser(name, help=summary, description=description or summary[0].upper() + summary[1:] + ".",
+                               formatter_class=_HelpFormatter)
+
+
 def _add_output_options(parser: argparse.ArgumentParser, progress: bool = True) -> None:
     """--verbose (the library's notices), and --progress where one prefill can keep a CPU busy for minutes."""
     parser.add_argument("-v", "--verbose", action="count", default=0,
@@ -371,13 +431,16 @@ def _add_output_options(parser: argparse.ArgumentParser, progress: bool = True) 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sparse-prefill", description=__doc__)
+    parser = argparse.ArgumentParser(prog="sparse-prefill", description=__doc__, formatter_class=_HelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = commands.add_parser("run", help="dense vs sparse prefill on a needle-in-a-haystack prompt, side by side")
+    run = _command(commands, "run", "dense vs sparse prefill on a needle-in-a-haystack prompt, side by side",
+                   "Dense, then each policy: one long prompt with a number hidden in an essay, the answer each "
+                   "generates, whether it found the number, time to first token and attention density; then what "
+                   "ran under each policy (sparse calls, dense calls and why).")
     run.add_argument("--model", default="smollm2",
-                     help="local Hugging Face model folder, a .gguf file, or 'smollm2' (the packaged default)")
+                     help="local Hugging Face model folder, a .gguf file, or 'smollm2' (the packaged model)")
     run.add_argument("--policy", action="append", default=None,
                      help=f"policy YAML path, or the name of a shipped policy ({', '.join(shipped_policies())}); "
                           f"repeat to compare several (default: {' and '.join(DEFAULT_POLICIES)})")
@@ -388,24 +451,29 @@ def build_parser() -> argparse.ArgumentParser:
                           "lengths where the policy would stay dense (pass -1 to keep the policy's value)")
     run.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     run.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="default: bfloat16 on GPU, float32 on CPU")
-    run.add_argument("--max-new-tokens", type=int, default=24)
+    run.add_argument("--max-new-tokens", type=int, default=24, help="tokens generated after the prompt")
     _add_output_options(run)
     run.set_defaults(func=_cmd_run, command_parser=run)
 
-    ppl = commands.add_parser("perplexity", help="perplexity on long real text, dense vs each policy")
+    ppl = _command(commands, "perplexity", "perplexity on long real text, dense vs each policy",
+                   "Perplexity of one forward pass over real essay text, dense and under each policy, scored on "
+                   "the last positions (where long context matters most); then what ran under each policy.")
     ppl.add_argument("--model", default="smollm2", help="as for `run`")
-    ppl.add_argument("--policy", action="append", default=None, help="as for `run` (repeatable)")
+    ppl.add_argument("--policy", action="append", default=None,
+                     help=f"as for `run` (repeatable; default: {' and '.join(DEFAULT_POLICIES)})")
     ppl.add_argument("--length", type=int, default=4096, help="tokens of text in the one forward pass")
     ppl.add_argument("--score-last", type=int, default=None,
                      help="score only the last N predictions (default: min(1024, length - 1); 0: all of them)")
     ppl.add_argument("--min-length", type=int, default=0, help="as for `run` (-1 keeps the policy's)")
-    ppl.add_argument("--device", default=None)
-    ppl.add_argument("--dtype", choices=sorted(_DTYPES), default=None)
+    ppl.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    ppl.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="default: bfloat16 on GPU, float32 on CPU")
     _add_output_options(ppl)
     ppl.set_defaults(func=_cmd_perplexity, command_parser=ppl)
 
-    calibrate = commands.add_parser(
-        "calibrate", help="per-layer theta for a recall target on a model's own attention; writes a policy")
+    calibrate = _command(
+        commands, "calibrate", "per-layer theta for a recall target on a model's own attention; writes a policy",
+        "Runs essay text through the model, captures each layer's queries and keys, and finds per layer the "
+        "smallest anchor theta whose plans keep the target share of the softmax mass; writes the policy to --out.")
     calibrate.add_argument("--model", default="smollm2", help="as for `run`")
     calibrate.add_argument("--policy", default="anchor.yaml",
                            help="the anchor policy to start from (its other parameters are kept)")
@@ -417,12 +485,11 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--dtype", choices=sorted(_DTYPES), default=None)
     calibrate.set_defaults(func=_cmd_calibrate, command_parser=calibrate)
 
-    evaluation = commands.add_parser(
-        "eval", help="whole-model quality (perplexity, KL vs dense, needle) and prefill time, dense vs each policy",
-        description="Dense, then each policy, at each length: perplexity and KL(dense || policy) of the next-token "
-                    "distributions on real text, attention density per layer, which calls fell back and why, time "
-                    "to first token, and needle in a haystack. Writes results.json and plots to --out.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    evaluation = _command(
+        commands, "eval", "whole-model quality (perplexity, KL vs dense, needle) and prefill time, dense vs each policy",
+        "Dense, then each policy, at each length: perplexity and KL(dense || policy) of the next-token "
+        "distributions on real text, attention density per layer, which calls fell back and why, time "
+        "to first token, and needle in a haystack. Writes results.json and plots to --out.")
     evaluation.add_argument("--model", default="smollm2", help="as for `run`")
     evaluation.add_argument("--tokenizer", default=None,
                             help="a folder holding a saved tokenizer, used instead of the model's own")
@@ -447,12 +514,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output_options(evaluation, progress=False)  # eval has its own bar over (length, policy)
     evaluation.set_defaults(func=_cmd_eval, command_parser=evaluation)
 
-    validate = commands.add_parser("validate", help="check policy files; print them resolved")
-    validate.add_argument("policies", nargs="+")
+    validate = _command(commands, "validate", "check policy files; print them resolved",
+                        "Loads each policy file as apply() would and prints it with every default filled in; "
+                        "exits 1 if any is invalid, each error naming the file and the key.")
+    validate.add_argument("policies", nargs="+", metavar="POLICY",
+                          help="policy YAML paths or names of shipped policies")
     validate.set_defaults(func=_cmd_validate, command_parser=validate)
 
-    patterns = commands.add_parser("patterns", help="list registered patterns and where they come from")
+    patterns = _command(commands, "patterns", "list registered patterns, or one pattern's parameters",
+                        "Without NAME: every registered pattern and the plugin it comes from. With NAME: that "
+                        "pattern's parameters as a policy sets them (type, default, what is allowed, meaning).")
+    patterns.add_argument("name", nargs="?", default=None, metavar="NAME",
+                          help="a pattern whose parameters to list (default: list the patterns)")
     patterns.set_defaults(func=_cmd_patterns, command_parser=patterns)
+
+    executors = _command(commands, "executors", "list registered executors and what each supports",
+                         "Every registered executor, highest priority first (the dispatcher takes the first that "
+                         "supports a call): the plan kinds, devices, dtypes and head dims it takes, and whether "
+                         "it has a backward.")
+    executors.set_defaults(func=_cmd_executors, command_parser=executors)
     return parser
 
 

@@ -247,6 +247,85 @@ def test_version_names_the_package_and_what_it_runs_on(capsys):
     assert "transformers" in out and "triton" in out
 
 
+# --help of every command, pattern parameters and executors: what a user reads before running anything.
+
+
+def _subparsers():
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return commands.choices
+
+
+@pytest.mark.parametrize("command", sorted(_subparsers()))
+def test_every_command_has_a_description_and_shows_its_defaults(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines; defaults may span two
+    sub = _subparsers()[command]
+    assert sub.description and " ".join(sub.description.split()) in text
+    # Every option with a default to show shows it (None and False: the help says in words what happens).
+    for action in sub._actions:
+        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+            assert f"(default: {action.default})" in text or "default" in action.help, action.option_strings
+
+
+def test_the_command_list_describes_every_command(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert {choice.dest for choice in commands._choices_actions} == set(_subparsers())
+    for choice in commands._choices_actions:
+        assert choice.help and f"{choice.dest} {' '.join(choice.help.split())}" in out
+
+
+def test_patterns_name_lists_each_parameter_with_default_and_what_is_allowed(capsys):
+    from sparse_prefill.registry import get_pattern
+
+    assert main(["patterns", "anchor"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    spec = get_pattern("anchor")
+    for name, param in spec.parameters.items():
+        line = next(line for line in lines if line.split()[:1] == [name])
+        assert repr(param.default) in line and param.allowed() in line and param.help in line
+    theta = next(line for line in lines if line.split()[:1] == ["theta"])
+    assert "float" in theta
+
+
+def test_parameters_say_what_their_checks_allow():
+    from sparse_prefill.registry import get_pattern
+
+    params = get_pattern("anchor").parameters
+    assert params["sink"].allowed() == "int, >= 0"
+    assert params["dense_above"].allowed() == "float, a density in (0, 1]"
+    assert params["share_kv_heads"].allowed() == "true or false"
+    for spec in (get_pattern(name) for name in ("anchor", "flexprefill", "streaming", "vertical-slash")):
+        for param in spec.parameters.values():  # every built-in check says what it allows
+            assert "accepts" not in param.allowed(), (spec.name, param)
+
+
+def test_an_unknown_pattern_name_is_refused_with_the_registered_ones(capsys):
+    from sparse_prefill.registry import available_patterns
+
+    line = _refused(["patterns", "anchr"], capsys)
+    assert "unknown pattern 'anchr'" in line
+    assert all(info.name in line for info in available_patterns())
+
+
+def test_executors_lists_each_registered_executor_with_what_it_supports(capsys):
+    from sparse_prefill.registry import get_registry
+
+    assert main(["executors"]) == 0
+    out = capsys.readouterr().out
+    for executor in get_registry().executors():
+        heading = next(i for i, line in enumerate(out.splitlines()) if line.startswith(f"{executor.name} "))
+        details = out.splitlines()[heading + 1]
+        assert f"priority {executor.priority}" in out.splitlines()[heading]
+        assert all(kind.__name__ in details for kind in executor.plan_kinds)
+        assert all(device in details for device in executor.devices)
+
+
 # run and perplexity end to end on the packaged tokenizer with a tiny random model in place of the weights:
 # what ran under each policy, and a progress bar per prefill over the decoder layers.
 
