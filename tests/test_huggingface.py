@@ -222,7 +222,7 @@ def test_model_without_attention_backends_is_refused():
         sparse_prefill.apply(torch.nn.Linear(2, 2), STREAMING)
 
 
-def test_sliding_window_layers_keep_their_own_attention():
+def test_sliding_window_layers_keep_their_own_attention(caplog):
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     model = make_model(Gemma3ForCausalLM, Gemma3TextConfig, layer_types=["sliding_attention", "full_attention"],
@@ -230,8 +230,12 @@ def test_sliding_window_layers_keep_their_own_attention():
     ids = torch.randint(0, 128, (1, 150))
     expected = logits(model, ids)
     handle = sparse_prefill.apply(model, "sparse_prefill/policies/dense.yaml")
+    caplog.set_level(logging.DEBUG, logger="sparse_prefill")
     torch.testing.assert_close(logits(model, ids), expected, atol=LOGIT_ATOL, rtol=0)
     assert handle.stats.sparse_calls == 1 and handle.stats.dense_calls == 1  # the sliding layer: SDPA
+    # The window is the reason (not the mask it brings), told as the model's design, not as a problem.
+    assert list(handle.stats.fallbacks) == ["sliding window shorter than the input"]
+    assert [r.levelno for r in caplog.records if r.name.startswith("sparse_prefill")] == [logging.INFO]
 
 
 # Attention shapes of the published configs, cut to 2 layers with a small MLP and vocabulary.

@@ -201,7 +201,7 @@ class SparsePrefillHandle:
     collect_stats: bool = False
     head_offset: int = 0  # global index of this rank's first query head (tensor parallelism)
     stats: PrefillStats = field(default_factory=PrefillStats)
-    told: set[str] = field(default_factory=set, repr=False)  # reasons already logged: each is told once
+    _told: set[str] = field(default_factory=set, init=False, repr=False)  # reasons logged: each is told once
 
     def remove(self) -> None:
         remove(self.model)
@@ -217,8 +217,8 @@ class SparsePrefillHandle:
             self.stats.record_fallback(reason)
         else:
             self.stats.dense_plans[reason] += 1
-        if reason not in self.told:
-            self.told.add(reason)
+        if reason not in self._told:
+            self._told.add(reason)
             where = "ran the model's own attention" if fallback else "ran dense attention"
             _logger.log(_notice_level(reason), "sparse prefill under %s: a call %s: %s (told once per reason; "
                         "handle.summary() counts them)", self.policy.source, where, reason)
@@ -366,13 +366,14 @@ def _previous_reason(handle: SparsePrefillHandle, module: Any, query: torch.Tens
     """Why this call must run the previous implementation, or None when the sparse path may take it."""
     if query.shape[2] != key.shape[2]:
         return _DECODE
+    # Before the mask's test: a sliding layer's mask is the window's, and the window is the better reason.
+    window = kwargs.get("sliding_window")
+    if window is not None and key.shape[2] > window:  # a window at least as long as the keys is causal
+        return _WINDOW
     if not isinstance(mask, DeferredMask):
         return "not a fresh causal prefill (cached prefix, custom mask, packing or a local window)"
     if value.shape[-1] != query.shape[-1]:  # MLA (DeepSeek): the executors take one head dim
         return "value head dim differs from query head dim (MLA)"
-    window = kwargs.get("sliding_window")
-    if window is not None and key.shape[2] > window:  # a window at least as long as the keys is causal
-        return _WINDOW
     if kwargs.get("is_causal") is False or not getattr(module, "is_causal", True):
         return "not causal"
     # softcap, output_attentions=True, attention sinks, ...: what the sparse path does not honour.
