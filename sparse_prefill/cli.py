@@ -486,7 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.set_defaults(func=_cmd_calibrate, command_parser=calibrate)
 
     evaluation = _command(
-        commands, "eval", "whole-model quality (perplexity, KL vs dense, needle) and prefill time, dense vs each policy",
+        commands, "eval",
+        "whole-model quality (perplexity, KL vs dense, needle) and prefill time, dense vs each policy",
         "Dense, then each policy, at each length: perplexity and KL(dense || policy) of the next-token "
         "distributions on real text, attention density per layer, which calls fell back and why, time "
         "to first token, and needle in a haystack. Writes results.json and plots to --out.")

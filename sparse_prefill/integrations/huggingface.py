@@ -51,7 +51,6 @@ _logger = logging.getLogger(__name__)  # a child of "sparse_prefill": one name s
 _DECODE = "decode, chunked prefill or cached prefix (query shorter than keys)"
 _MIN_LENGTH = "shorter than the policy's min_length"
 _WINDOW = "sliding window shorter than the input"
-_DENSE_ABOVE = "denser than its pattern's dense_above"
 _names = itertools.count()
 # Patched models per registered name: a deep copy of a patched model shares its original's name, so
 # remove() on one must leave the name registered while the other still runs under it.
@@ -164,9 +163,10 @@ class PrefillStats:
         density = self.mean_density()
         density_text = ("density not collected (apply(..., collect_stats=True))" if density is None
                         else f"mean density {density:.3f}")
-        parts = [f"{self.sparse_calls} attention call(s) ran sparse" + (f", {density_text}" if self.sparse_calls else "")]
+        parts = [f"{self.sparse_calls} attention call(s) ran sparse"
+                 + (f", {density_text}" if self.sparse_calls else "")]
         if self.dense_plans:
-            parts.append(f"dense attention inside them: {_by_reason(self.dense_plans, 'plan(s)')}")
+            parts.append(f"dense attention within them: {_by_reason(self.dense_plans, 'plan(s)')}")
         if self.dense_calls:
             parts.append(f"{self.dense_calls} call(s) ran the model's own attention: "
                          f"{_by_reason(self.fallbacks, 'call(s)')}")
@@ -174,17 +174,19 @@ class PrefillStats:
 
 
 def _by_reason(counts: collections.Counter[str], noun: str) -> str:
-    """``counts`` as "7 call(s) decode ... (dense by design), 2 call(s) shorter than ...", most first."""
+    """``counts`` as "7 call(s) decode ... (dense by design), 2 call(s) shorter than ...", most first
+    (every reason reads after "N calls")."""
     return ", ".join(f"{count} {noun} {reason}" + (" (dense by design)" if reason == _DECODE else "")
                      for reason, count in counts.most_common())
 
 
-def _notice_level(reason: str) -> int:
-    """DEBUG where dense is by design, INFO where the policy chose it, WARNING where the sparse path could not
-    honour what the model or the caller asked for (the caller may want to change something)."""
+def _notice_level(reason: str, fallback: bool) -> int:
+    """DEBUG where dense is by design, INFO where the policy chose it (a dense plan always is: the pattern chose
+    it), WARNING where the sparse path could not honour what the model or the caller asked for (the caller may
+    want to change something)."""
     if reason == _DECODE:
         return logging.DEBUG
-    if reason.startswith(_MIN_LENGTH) or reason.startswith(_WINDOW) or _DENSE_ABOVE in reason:
+    if not fallback or reason.startswith((_MIN_LENGTH, _WINDOW)):
         return logging.INFO
     return logging.WARNING
 
@@ -210,7 +212,7 @@ class SparsePrefillHandle:
         """What ran under this handle, in one paragraph: :meth:`PrefillStats.summary` headed by the policy."""
         return f"{self.policy.source}: {self.stats.summary()}"
 
-    def ran_dense(self, reason: str, fallback: bool) -> None:
+    def _ran_dense(self, reason: str, fallback: bool) -> None:
         """Count one call (``fallback``: it ran the previous implementation) or plan that ran dense, and log
         ``reason`` the first time this handle meets it: a notice per layer per call would bury the one that matters."""
         if fallback:
@@ -220,7 +222,7 @@ class SparsePrefillHandle:
         if reason not in self._told:
             self._told.add(reason)
             where = "ran the model's own attention" if fallback else "ran dense attention"
-            _logger.log(_notice_level(reason), "sparse prefill under %s: a call %s: %s (told once per reason; "
+            _logger.log(_notice_level(reason, fallback), "sparse prefill under %s: a call %s: %s (told once per reason; "
                         "handle.summary() counts them)", self.policy.source, where, reason)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> "SparsePrefillHandle":
@@ -442,8 +444,9 @@ def _plan_observer(handle: SparsePrefillHandle, choice: PatternChoice) -> Callab
     def observe(plan: Plan, ctx: AttentionContext) -> None:
         if isinstance(plan, DensePlan) and choice.pattern != "dense":
             limit = choice.as_dict().get("dense_above")
-            handle.ran_dense(f"the {choice.pattern} plan was {_DENSE_ABOVE}"
-                             + ("" if limit is None else f" {limit}"), fallback=False)
+            reason = (f"made dense by the {choice.pattern} pattern" if limit is None
+                      else f"denser than the {choice.pattern} pattern's dense_above {limit}")
+            handle._ran_dense(reason, fallback=False)
         if handle.collect_stats:
             handle.stats.record(plan, ctx)
 
@@ -462,7 +465,7 @@ def _attention_function(handle: SparsePrefillHandle) -> Callable[..., Any]:
         reason = _previous_reason(handle, module, query, key, value, attention_mask, kwargs)
         if reason is not None:
             mask = attention_mask.materialize() if isinstance(attention_mask, DeferredMask) else attention_mask
-            handle.ran_dense(reason, fallback=True)
+            handle._ran_dense(reason, fallback=True)
             return handle.previous_attention(module, query, key, value, mask, **kwargs)
         scale = kwargs.get("scaling")
         scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
@@ -473,14 +476,14 @@ def _attention_function(handle: SparsePrefillHandle) -> Callable[..., Any]:
         else:
             ranges = attention_mask.sequence_ranges()
             if ranges is None:  # holes inside a sequence: only the exact mask is right
-                handle.ran_dense("padding with holes inside a sequence", fallback=True)
+                handle._ran_dense("padding with holes inside a sequence", fallback=True)
                 return handle.previous_attention(module, query, key, value, attention_mask.materialize(), **kwargs)
             out = torch.zeros_like(query)
             for b, (start, end) in enumerate(ranges):
                 q_b, k_b, v_b = (x[b : b + 1, :, start:end] for x in (query, key, value))
                 # min_length holds per sequence, so a row's output never depends on its batch.
                 if end - start < handle.policy.min_length:
-                    handle.ran_dense(_min_length_reason(handle), fallback=False)
+                    handle._ran_dense(_min_length_reason(handle), fallback=False)
                     out[b : b + 1, :, start:end] = _dense_causal(q_b, k_b, v_b, scale)
                 else:
                     out[b : b + 1, :, start:end] = _sparse_prefill(handle, layer, q_b, k_b, v_b, scale)
