@@ -9,8 +9,8 @@ time of each shows what the bits save (real-calibrated inputs, shipped parameter
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 
 import torch
 import triton
@@ -50,4 +50,6 @@ def main(out_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", help="where to write the results (JSON); needs a CUDA GPU")
+    main(parser.parse_args().out)

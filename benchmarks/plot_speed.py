@@ -5,8 +5,8 @@
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 
 import matplotlib
 
@@ -41,4 +41,8 @@ def main(src: str, dst: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("src", help="a speed.py result (JSON)")
+    parser.add_argument("dst", help="the picture to write (PNG)")
+    args = parser.parse_args()
+    main(args.src, args.dst)

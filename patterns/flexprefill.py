@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from sparse_prefill.interfaces import AttentionContext, Identifier, Parameter, PatternSpec
 from sparse_prefill.patterns._budget import check_plan_budget
-from sparse_prefill.patterns._checks import at_least, density, multiple_of
+from sparse_prefill.patterns._checks import allowing, at_least, density, multiple_of
 from sparse_prefill.patterns.vertical_slash import line_scores
 from sparse_prefill.plan import DensePlan, StripePlan
 from sparse_prefill.validation import validate_attention_inputs
@@ -43,10 +43,12 @@ from sparse_prefill.validation import validate_attention_inputs
 __all__ = ["FLEXPREFILL", "FlexPrefillIdentifier", "covering_count", "block_mask"]
 
 
+@allowing("in (0, 1]")
 def _fraction(value: float) -> str | None:
     return None if 0 < value <= 1 else "must be in (0, 1]"
 
 
+@allowing("in [0, 1]")
 def _closed_unit(value: float) -> str | None:
     return None if 0 <= value <= 1 else "must be in [0, 1] (0: no head is query-aware; 1: every head is)"
 

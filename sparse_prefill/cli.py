@@ -1,14 +1,18 @@
-"""`sparse-prefill`: the side-by-side demo, perplexity, whole-model evaluation, theta calibration, policy checks, patterns."""
+"""`sparse-prefill`: the side-by-side demo, perplexity, whole-model evaluation, theta calibration, policy checks,
+patterns and executors. Each command has its own --help."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.util
+import logging
 import os
 import sys
+import textwrap
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 
@@ -157,6 +161,15 @@ def _tokenizer_and_config(model: str, policies: Iterable[Policy], tokenizer: str
     return files, tokenizer, config
 
 
+def _progress(args: argparse.Namespace, model: Any) -> contextlib.AbstractContextManager[None]:
+    """A bar per prefill over the decoder layers with --progress, or by default when stderr is a terminal
+    (a prefill on a CPU takes minutes); nothing otherwise, so logs and pipes stay clean."""
+    from sparse_prefill.evaluation.progress import layer_progress
+
+    wanted = sys.stderr.isatty() if args.progress is None else args.progress
+    return layer_progress(model, sys.stderr) if wanted else contextlib.nullcontext()
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from sparse_prefill.demo import compare_dense_and_sparse, format_side_by_side
     from sparse_prefill.evaluation.models import load_weights
@@ -176,9 +189,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(policy.describe())
     device, dtype = _device_and_dtype(args)
     model = load_weights(files, config, dtype=dtype, device=device)
-    print(format_side_by_side(prompt, compare_dense_and_sparse(model, tokenizer, prompt, policies,
-                                                               args.max_new_tokens)))
+    with _progress(args, model):
+        results = compare_dense_and_sparse(model, tokenizer, prompt, policies, args.max_new_tokens)
+    print(format_side_by_side(prompt, results))
+    _print_summaries({r.label: r.summary for r in results if r.summary})
     return 0
+
+
+def _print_summaries(summaries: Mapping[str, str]) -> None:
+    """One paragraph per policy saying what ran (sparse calls, density, dense calls and why): a policy that
+    stayed dense must not pass for a sparse result."""
+    print("what ran:")
+    for label, summary in summaries.items():
+        print(f"  {label}: {summary}")
 
 
 def _essay_ids(tokenizer: Any, config: Any, flag: str, tokens: int, offset: int = 0) -> torch.Tensor:
@@ -202,10 +225,13 @@ def _cmd_perplexity(args: argparse.Namespace) -> int:
     ids = _essay_ids(tokenizer, config, "--length", args.length)
     device, dtype = _device_and_dtype(args)
     model = load_weights(files, config, dtype=dtype, device=device)
-    results = compare_perplexity(model, ids, policies, args.score_last)
+    summaries: dict[str, str] = {}
+    with _progress(args, model):
+        results = compare_perplexity(model, ids, policies, args.score_last, summaries)
     print(f"perplexity on {args.length} essay tokens, last {args.score_last} scored:")
     for label, value in results.items():
         print(f"  {label:24} {value:.3f}")
+    _print_summaries(summaries)
     return 0
 
 
@@ -375,6 +401,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     results = evaluate(model, tokenizer, texts.__getitem__, policies, settings,
                        progress=lambda steps: tqdm(steps, desc="eval (length, policy)", unit="run"), on_result=save)
     print(summary_table(results))
+    _print_summaries({f"{m.label} at {m.length}": m.summary for m in results if m.summary})
     print(f"results: {save(results)}")
     if not args.no_plots:
         from sparse_prefill.evaluation.plots import plot_needle_heatmap, plot_quality_vs_density
@@ -398,12 +425,55 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_patterns(args: argparse.Namespace) -> int:
+    if args.name is not None:
+        return _print_pattern(args.name)
     infos = available_patterns()
     width = max((len(info.name) for info in infos), default=0)
     for info in infos:
         print(f"{info.name:{width}}  {info.description}  [plugin {info.plugin}, from {info.distribution}]")
+    _print_plugin_errors()
+    return 0
+
+
+def _print_plugin_errors() -> None:
+    """Plugins that failed to load: a listing without them must not look complete."""
     for error in plugin_errors():
         print(f"error: {error}", file=sys.stderr)
+
+
+def _print_pattern(name: str) -> int:
+    """One pattern's parameters as a policy sets them; a UsageError listing the patterns for an unknown name."""
+    from sparse_prefill.registry import get_pattern
+
+    try:
+        spec = get_pattern(name)
+    except KeyError:
+        known = ", ".join(info.name for info in available_patterns()) or "none"
+        raise UsageError(f"unknown pattern {name!r}; registered patterns: {known}") from None
+    print(f"{spec.name}: {spec.description}")
+    if not spec.parameters:
+        print("  (no parameters)")
+        return 0
+    rows = [("parameter", "default", "allowed", "meaning")]
+    rows += [(key, repr(param.default), param.allowed(), param.help) for key, param in spec.parameters.items()]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for key, default, allowed, meaning in rows:
+        print(f"  {key:{widths[0]}}  {default:{widths[1]}}  {allowed:{widths[2]}}  {meaning}")
+    return 0
+
+
+def _cmd_executors(args: argparse.Namespace) -> int:
+    from sparse_prefill.registry import get_registry
+
+    for executor in get_registry().executors():
+        kinds = ", ".join(kind.__name__ for kind in executor.plan_kinds)
+        dtypes = ", ".join(sorted(str(d).removeprefix("torch.") for d in executor.dtypes))
+        head_dims = "any" if executor.head_dims is None else ", ".join(map(str, sorted(executor.head_dims)))
+        backward = "yes" if getattr(executor, "supports_backward", False) else "no"
+        print(f"{executor.name} (priority {executor.priority}; {type(executor).__module__}.{type(executor).__name__})")
+        print(f"  plans: {kinds}; devices: {', '.join(sorted(executor.devices))}; dtypes: {dtypes}; "
+              f"head dims: {head_dims}; backward: {backward}")
+    _print_plugin_errors()
     return 0
 
 
@@ -422,14 +492,50 @@ def _version() -> str:
     return f"{sparse_prefill.__version__} ({', '.join(found)})"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sparse-prefill", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    commands = parser.add_subparsers(dest="command", required=True)
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's defaults in every help line, except where there is none to show (None, False): those
+    options say in words what happens when they are left out."""
 
-    run = commands.add_parser("run", help="dense vs sparse prefill on a needle-in-a-haystack prompt, side by side")
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+    def _split_lines(self, text: str, width: int) -> list[str]:  # never "--kl-" at one line's end, "budget" below
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return textwrap.fill(" ".join(text.split()), width, initial_indent=indent, subsequent_indent=indent,
+                             break_on_hyphens=False)
+
+
+def _command(commands: Any, name: str, summary: str, description: str | None = None) -> argparse.ArgumentParser:
+    """A sub-command with its one-line help in the command list, a description and its defaults in --help."""
+    return commands.add_parser(name, help=summary, description=description or summary[0].upper() + summary[1:] + ".",
+                               formatter_class=_HelpFormatter)
+
+
+def _add_output_options(parser: argparse.ArgumentParser, progress: bool = True) -> None:
+    """--verbose (the library's notices), and --progress where one prefill can keep a CPU busy for minutes."""
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="show why calls stayed dense as they happen (-v: also what the policy chose, "
+                             "such as min_length; -vv: also decode steps); warnings are always shown")
+    if progress:
+        parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                            help="a bar per prefill over the decoder layers (default: when stderr is a terminal)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparse-prefill", description=__doc__, formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = _command(commands, "run", "dense vs sparse prefill on a needle-in-a-haystack prompt, side by side",
+                   "Dense, then each policy: one long prompt with a number hidden in an essay, the answer each "
+                   "generates, whether it found the number, time to first token and attention density; then what "
+                   "ran under each policy (sparse calls, dense calls and why).")
     run.add_argument("--model", default="smollm2",
-                     help="local Hugging Face model folder, a .gguf file, or 'smollm2' (the packaged default)")
+                     help="local Hugging Face model folder, a .gguf file, or 'smollm2' (the packaged model)")
     run.add_argument("--policy", action="append", default=None,
                      help=f"policy YAML path, or the name of a shipped policy ({', '.join(shipped_policies())}); "
                           f"repeat to compare several (default: {' and '.join(DEFAULT_POLICIES)})")
@@ -440,28 +546,32 @@ def build_parser() -> argparse.ArgumentParser:
                           "lengths where the policy would stay dense (pass -1 to keep the policy's value)")
     run.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     run.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="default: bfloat16 on GPU, float32 on CPU")
-    run.add_argument("--max-new-tokens", type=int, default=24)
+    run.add_argument("--max-new-tokens", type=int, default=24, help="tokens generated after the prompt")
+    _add_output_options(run)
     run.set_defaults(func=_cmd_run, command_parser=run)
 
-    ppl = commands.add_parser("perplexity", help="perplexity on long real text, dense vs each policy")
+    ppl = _command(commands, "perplexity", "perplexity on long real text, dense vs each policy",
+                   "Perplexity of one forward pass over real essay text, dense and under each policy, scored on "
+                   "the last positions (where long context matters most); then what ran under each policy.")
     ppl.add_argument("--model", default="smollm2", help="as for `run`")
-    ppl.add_argument("--policy", action="append", default=None, help="as for `run` (repeatable)")
+    ppl.add_argument("--policy", action="append", default=None,
+                     help=f"as for `run` (repeatable; default: {' and '.join(DEFAULT_POLICIES)})")
     ppl.add_argument("--length", type=int, default=4096, help="tokens of text in the one forward pass")
     ppl.add_argument("--score-last", type=int, default=None,
                      help="score only the last N predictions (default: min(1024, length - 1); 0: all of them)")
     ppl.add_argument("--min-length", type=int, default=0, help="as for `run` (-1 keeps the policy's)")
-    ppl.add_argument("--device", default=None)
-    ppl.add_argument("--dtype", choices=sorted(_DTYPES), default=None)
+    ppl.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    ppl.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="default: bfloat16 on GPU, float32 on CPU")
+    _add_output_options(ppl)
     ppl.set_defaults(func=_cmd_perplexity, command_parser=ppl)
 
-    calibrate = commands.add_parser(
-        "calibrate", help="per-layer settings for a model, by attention recall or by a KL budget; writes a policy",
-        description="Without --kl-budget: the smallest anchor theta per layer that keeps --target-recall of the "
-                    "softmax mass on the model's own attention. With --kl-budget: each layer runs each --options "
-                    "setting alone (the rest dense) and the least mean density whose KL(dense || policy) of the "
-                    "next-token distributions stays within the budget is chosen, layers that cost too much staying "
-                    "dense; the choice is then checked on the whole model. Reads essay text from --text-offset, "
-                    "past what `eval` and `perplexity` score.")
+    calibrate = _command(
+        commands, "calibrate", "per-layer settings for a model, by attention recall or by a KL budget; writes a policy",
+        "Without --kl-budget: the smallest anchor theta per layer that keeps --target-recall of the softmax mass on "
+        "the model's own attention. With --kl-budget: each layer runs each --options setting alone (the rest dense) "
+        "and the least mean density whose KL(dense || policy) of the next-token distributions stays within the "
+        "budget is chosen, layers that cost too much staying dense; the choice is then checked on the whole model. "
+        "Reads essay text from --text-offset, past what `eval` and `perplexity` score.")
     calibrate.add_argument("--model", default="smollm2", help="as for `run`")
     calibrate.add_argument("--policy", default="anchor.yaml",
                            help="the anchor policy to start from (its other parameters are kept)")
@@ -486,16 +596,17 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--tokenizer", default=None,
                            help="a folder holding a saved tokenizer, used instead of the model's own")
     calibrate.add_argument("--out", type=Path, required=True, help="where to write the calibrated policy YAML")
-    calibrate.add_argument("--device", default=None)
-    calibrate.add_argument("--dtype", choices=sorted(_DTYPES), default=None)
+    calibrate.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    calibrate.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
+                           help="default: bfloat16 on GPU, float32 on CPU")
     calibrate.set_defaults(func=_cmd_calibrate, command_parser=calibrate)
 
-    evaluation = commands.add_parser(
-        "eval", help="whole-model quality (perplexity, KL vs dense, needle) and prefill time, dense vs each policy",
-        description="Dense, then each policy, at each length: perplexity and KL(dense || policy) of the next-token "
-                    "distributions on real text, attention density per layer, which calls fell back and why, time "
-                    "to first token, and needle in a haystack. Writes results.json and plots to --out.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    evaluation = _command(
+        commands, "eval",
+        "whole-model quality (perplexity, KL vs dense, needle) and prefill time, dense vs each policy",
+        "Dense, then each policy, at each length: perplexity and KL(dense || policy) of the next-token "
+        "distributions on real text, attention density per layer, which calls fell back and why, time "
+        "to first token, and needle in a haystack. Writes results.json and plots to --out.")
     evaluation.add_argument("--model", default="smollm2", help="as for `run`")
     evaluation.add_argument("--tokenizer", default=None,
                             help="a folder holding a saved tokenizer, used instead of the model's own")
@@ -520,14 +631,28 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     evaluation.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
                             help="default: bfloat16 on GPU, float32 on CPU")
+    _add_output_options(evaluation, progress=False)  # eval has its own bar over (length, policy)
     evaluation.set_defaults(func=_cmd_eval, command_parser=evaluation)
 
-    validate = commands.add_parser("validate", help="check policy files; print them resolved")
-    validate.add_argument("policies", nargs="+")
+    validate = _command(commands, "validate", "check policy files; print them resolved",
+                        "Loads each policy file as apply() would and prints it with every default filled in; "
+                        "exits 1 if any is invalid, each error naming the file and the key.")
+    validate.add_argument("policies", nargs="+", metavar="POLICY",
+                          help="policy YAML paths or names of shipped policies")
     validate.set_defaults(func=_cmd_validate, command_parser=validate)
 
-    patterns = commands.add_parser("patterns", help="list registered patterns and where they come from")
+    patterns = _command(commands, "patterns", "list registered patterns, or one pattern's parameters",
+                        "Without NAME: every registered pattern and the plugin it comes from. With NAME: that "
+                        "pattern's parameters as a policy sets them (type, default, what is allowed, meaning).")
+    patterns.add_argument("name", nargs="?", default=None, metavar="NAME",
+                          help="a pattern whose parameters to list (default: list the patterns)")
     patterns.set_defaults(func=_cmd_patterns, command_parser=patterns)
+
+    executors = _command(commands, "executors", "list registered executors and what each supports",
+                         "Every registered executor, highest priority first (the dispatcher takes the first that "
+                         "supports a call): the plan kinds, devices, dtypes and head dims it takes, and whether "
+                         "it has a backward.")
+    executors.set_defaults(func=_cmd_executors, command_parser=executors)
     return parser
 
 
@@ -586,6 +711,24 @@ def _check_args(args: argparse.Namespace) -> None:
             raise UsageError("plots need matplotlib: pip install 'sparse-prefill[plots]', or pass --no-plots")
 
 
+@contextlib.contextmanager
+def _notices(verbose: int) -> Iterator[None]:
+    """The library's notices on stderr while a command runs, from sparse_prefill's logger: warnings always,
+    what the policy chose with -v, decode steps too with -vv. Undone on exit: main() leaves no handler behind
+    (a caller, or a test, runs it many times)."""
+    logger = logging.getLogger("sparse_prefill")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("sparse-prefill: %(levelname)s: %(message)s"))
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel((logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)])
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; a bad argument exits 2 with one ``sparse-prefill <cmd>: error: ...`` line, before the
     model's weights load."""
@@ -594,7 +737,8 @@ def main(argv: list[str] | None = None) -> int:
         _check_args(args)
         if getattr(args, "min_length", None) == -1:
             args.min_length = None
-        return args.func(args)
+        with _notices(getattr(args, "verbose", 0)):
+            return args.func(args)
     except (UsageError, PolicyError) as exc:
         args.command_parser.error(str(exc))  # exits 2
 

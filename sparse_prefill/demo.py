@@ -25,6 +25,7 @@ class RunResult:
     density: float | None
     sparse_calls: int
     dense_calls: int
+    summary: str = ""  # what ran under the policy (PrefillStats.summary); "" for the baseline
 
 
 class _FirstTokenClock:
@@ -91,7 +92,7 @@ def compare_dense_and_sparse(model: Any, tokenizer: Any, prompt: NeedlePrompt, p
             remove(model)
         stats = handle.stats
         results.append(RunResult(label, answer, prompt.found_in(answer), seconds, stats.mean_density(),
-                                 stats.sparse_calls, stats.dense_calls))
+                                 stats.sparse_calls, stats.dense_calls, stats.summary()))
     return results
 
 

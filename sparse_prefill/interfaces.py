@@ -181,13 +181,23 @@ class Parameter:
     """One parameter of a pattern, as a policy may set it.
 
     ``check`` returns an error message for a bad value (None when fine); the policy loader
-    prefixes it with the file and key path.
+    prefixes it with the file and key path. A check may carry ``allowed``, what it lets through
+    in words (">= 0"), which :meth:`allowed` and ``sparse-prefill patterns NAME`` show.
     """
 
     type: type | tuple[type, ...]
     default: Any
     help: str
     check: Callable[[Any], str | None] | None = None
+
+    def allowed(self) -> str:
+        """The values this parameter takes, in words, for listings: its type and its check's ``allowed``."""
+        types = self.type if isinstance(self.type, tuple) else (self.type,)
+        names = " or ".join(t.__name__ for t in types)
+        if self.check is None:
+            return "true or false" if types == (bool,) else f"any {names}"
+        rule = getattr(self.check, "allowed", None)
+        return f"{names}, {rule}" if rule else f"{names}, as {getattr(self.check, '__name__', 'its check')} accepts"
 
     def coerce(self, value: Any) -> Any:
         """``value`` as this parameter takes it (an int where a float is expected becomes one).

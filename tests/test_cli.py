@@ -1,6 +1,8 @@
 """The CLI's argument handling and the comparison tables: checked before any model loads."""
 
 import argparse
+import contextlib
+import re
 import time
 
 import pytest
@@ -243,3 +245,164 @@ def test_version_names_the_package_and_what_it_runs_on(capsys):
     out = capsys.readouterr().out
     assert out.startswith(f"sparse-prefill {sparse_prefill.__version__} (torch ")
     assert "transformers" in out and "triton" in out
+
+
+# --help of every command, pattern parameters and executors: what a user reads before running anything.
+
+
+def _subparsers():
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return commands.choices
+
+
+@pytest.mark.parametrize("command", sorted(_subparsers()))
+def test_every_command_has_a_description_and_shows_its_defaults(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines; defaults may span two
+    sub = _subparsers()[command]
+    assert sub.description and " ".join(sub.description.split()) in text
+    # Every option with a default to show shows it (None and False: the help says in words what happens).
+    for action in sub._actions:
+        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+            assert f"(default: {action.default})" in text or "default" in action.help, action.option_strings
+
+
+def test_the_command_list_describes_every_command(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert {choice.dest for choice in commands._choices_actions} == set(_subparsers())
+    for choice in commands._choices_actions:
+        assert choice.help and f"{choice.dest} {' '.join(choice.help.split())}" in out
+
+
+def test_patterns_name_lists_each_parameter_with_default_and_what_is_allowed(capsys):
+    from sparse_prefill.registry import get_pattern
+
+    assert main(["patterns", "anchor"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    spec = get_pattern("anchor")
+    for name, param in spec.parameters.items():
+        line = next(line for line in lines if line.split()[:1] == [name])
+        assert repr(param.default) in line and param.allowed() in line and param.help in line
+    theta = next(line for line in lines if line.split()[:1] == ["theta"])
+    assert "float" in theta
+
+
+def test_parameters_say_what_their_checks_allow():
+    from sparse_prefill.registry import get_pattern
+
+    params = get_pattern("anchor").parameters
+    assert params["sink"].allowed() == "int, >= 0"
+    assert params["dense_above"].allowed() == "float, a density in (0, 1]"
+    assert params["share_kv_heads"].allowed() == "true or false"
+    for spec in (get_pattern(name) for name in ("anchor", "flexprefill", "streaming", "vertical-slash")):
+        for param in spec.parameters.values():  # every built-in check says what it allows
+            assert "accepts" not in param.allowed(), (spec.name, param)
+
+
+def test_an_unknown_pattern_name_is_refused_with_the_registered_ones(capsys):
+    from sparse_prefill.registry import available_patterns
+
+    line = _refused(["patterns", "anchr"], capsys)
+    assert "unknown pattern 'anchr'" in line
+    assert all(info.name in line for info in available_patterns())
+
+
+def test_executors_lists_each_registered_executor_with_what_it_supports(capsys):
+    from sparse_prefill.registry import get_registry
+
+    assert main(["executors"]) == 0
+    out = capsys.readouterr().out
+    for executor in get_registry().executors():
+        heading = next(i for i, line in enumerate(out.splitlines()) if line.startswith(f"{executor.name} "))
+        details = out.splitlines()[heading + 1]
+        assert f"priority {executor.priority}" in out.splitlines()[heading]
+        assert all(kind.__name__ in details for kind in executor.plan_kinds)
+        assert all(device in details for device in executor.devices)
+
+
+# run and perplexity end to end on the packaged tokenizer with a tiny random model in place of the weights:
+# what ran under each policy, and a progress bar per prefill over the decoder layers.
+
+
+@pytest.fixture
+def tiny_weights(smollm2, smollm2_files, monkeypatch):
+    """A two-layer random Llama with the packaged tokenizer's vocabulary stands in for the weights (seconds)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    vocab = smollm2_files[1][1].get_text_config().vocab_size
+    config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=8192)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    monkeypatch.setattr(models, "load_weights", lambda *args, **kwargs: model)
+    return model
+
+
+def _what_ran(out: str) -> dict[str, str]:
+    lines = out.splitlines()
+    start = lines.index("what ran:")
+    return dict(line.strip().split(": ", 1) for line in lines[start + 1:] if line.startswith("  "))
+
+
+def test_perplexity_says_what_ran_under_each_policy_and_shows_progress_when_asked(tiny_weights, capsys):
+    assert main(["perplexity", "--length", "300", "--policy", "streaming.yaml", "--policy", "dense.yaml",
+                 "--progress"]) == 0
+    captured = capsys.readouterr()
+    summaries = _what_ran(captured.out)
+    assert list(summaries) == ["streaming", "dense.yaml"]  # "dense" names the unpatched baseline
+    assert all(summary.startswith("2 attention call(s) ran sparse, mean density") for summary in summaries.values())
+    # One bar per prefill (dense, then each policy), each over the model's two layers to the end.
+    assert _bars(captured.err) == {("dense", 300), ("streaming.yaml", 300), ("dense.yaml", 300)}
+    for label in ("dense", "streaming.yaml", "dense.yaml"):
+        assert re.search(rf"prefill {label}, 300 tokens: 100%.* 2/2 ", captured.err), label
+    assert not any(layer._forward_hooks or layer._forward_pre_hooks for layer in tiny_weights.model.layers)
+
+
+def _bars(err: str) -> set[tuple[str, int]]:
+    """(label, tokens) of each progress bar written to stderr."""
+    return {(label, int(tokens)) for label, tokens in re.findall(r"prefill (\S+), (\d+) tokens", err)}
+
+
+def test_run_tells_why_a_policy_stayed_dense_and_shows_bars_for_prefills_only(tiny_weights, capsys):
+    assert main(["run", "--length", "400", "--max-new-tokens", "3", "--policy", "anchor.yaml",
+                 "--min-length", "-1", "--progress"]) == 0
+    captured = capsys.readouterr()
+    (summary,) = _what_ran(captured.out).values()
+    assert summary.startswith("0 attention call(s) ran sparse")
+    assert "shorter than the policy's min_length" in summary and "dense by design" in summary
+    # The decode steps (one token each) draw no bar: one per prefill, the prompt's length.
+    bars = _bars(captured.err)
+    assert {label for label, _ in bars} == {"dense", "anchor.yaml"} and all(n >= 400 for _, n in bars)
+
+
+def test_notices_of_what_the_policy_chose_show_with_verbose_only(tiny_weights, capsys):
+    argv = ["perplexity", "--length", "300", "--policy", "anchor.yaml", "--min-length", "-1", "--no-progress"]
+    assert main(argv) == 0
+    assert "min_length" not in capsys.readouterr().err
+    assert main([*argv, "-v"]) == 0
+    told = [line for line in capsys.readouterr().err.splitlines() if "min_length" in line]
+    assert len(told) == 1 and told[0].startswith("sparse-prefill: INFO: ") and "anchor.yaml" in told[0]
+
+
+def test_eval_says_what_ran_under_each_policy_at_each_length(tiny_weights, tmp_path, capsys):
+    assert main(["eval", "--lengths", "300", "--policy", "streaming.yaml", "--needle-depths", "--repeats", "0",
+                 "--score-last", "100", "--no-plots", "--out", str(tmp_path)]) == 0
+    summaries = _what_ran(capsys.readouterr().out)
+    assert list(summaries) == ["streaming at 300"]
+    assert summaries["streaming at 300"].startswith("2 attention call(s) ran sparse, mean density")
+
+
+def test_progress_follows_the_terminal_unless_asked(tiny_weights, monkeypatch):
+    from sparse_prefill.cli import _progress
+
+    for isatty, flag, shown in ((True, None, True), (False, None, False), (False, True, True), (True, False, False)):
+        monkeypatch.setattr(cli.sys.stderr, "isatty", lambda: isatty)
+        context = _progress(argparse.Namespace(progress=flag), tiny_weights)
+        assert isinstance(context, contextlib.nullcontext) != shown

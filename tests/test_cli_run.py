@@ -23,3 +23,8 @@ def test_run_prints_dense_and_each_policy_side_by_side(capsys, monkeypatch, tmp_
     densities = [float(cell) for cell in density_row.split()[1:]]
     # dense, anchor, streaming (its 128 + 1024-key windows still cover all of 1200 tokens).
     assert densities[0] == 1.0 and 0 < densities[1] < 1 and 0 < densities[2] <= 1
+    # What ran under each policy: its sparse calls with the density of the table, decode dense by design.
+    summaries = out.split("what ran:\n", 1)[1].splitlines()
+    for label, density in zip(("anchor-stripes", "streaming"), densities[1:]):
+        summary = next(line for line in summaries if line.startswith(f"  {label}: "))
+        assert "ran sparse" in summary and f"mean density {density:.3f}" in summary and "dense by design" in summary

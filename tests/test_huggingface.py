@@ -1,6 +1,7 @@
 """apply()/remove() on tiny random-initialised Hugging Face models (CPU)."""
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -221,7 +222,7 @@ def test_model_without_attention_backends_is_refused():
         sparse_prefill.apply(torch.nn.Linear(2, 2), STREAMING)
 
 
-def test_sliding_window_layers_keep_their_own_attention():
+def test_sliding_window_layers_keep_their_own_attention(caplog):
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     model = make_model(Gemma3ForCausalLM, Gemma3TextConfig, layer_types=["sliding_attention", "full_attention"],
@@ -229,8 +230,12 @@ def test_sliding_window_layers_keep_their_own_attention():
     ids = torch.randint(0, 128, (1, 150))
     expected = logits(model, ids)
     handle = sparse_prefill.apply(model, "sparse_prefill/policies/dense.yaml")
+    caplog.set_level(logging.DEBUG, logger="sparse_prefill")
     torch.testing.assert_close(logits(model, ids), expected, atol=LOGIT_ATOL, rtol=0)
     assert handle.stats.sparse_calls == 1 and handle.stats.dense_calls == 1  # the sliding layer: SDPA
+    # The window is the reason (not the mask it brings), told as the model's design, not as a problem.
+    assert list(handle.stats.fallbacks) == ["sliding window shorter than the input"]
+    assert [r.levelno for r in caplog.records if r.name.startswith("sparse_prefill")] == [logging.INFO]
 
 
 # Attention shapes of the published configs, cut to 2 layers with a small MLP and vocabulary.
@@ -367,3 +372,90 @@ def test_overrides_for_layers_or_heads_the_model_lacks_are_refused():
     with pytest.raises(sparse_prefill.PolicyError, match=r"overrides\[0\]\.heads"):
         sparse_prefill.apply(model, {"default": {"pattern": "dense"}, "overrides": [{"heads": "4-7", "pattern": "dense"}]})
     assert getattr(model, "_sparse_prefill_handle", None) is None
+
+
+# What ran is told once per reason per apply() on the "sparse_prefill" logger, and summed up by handle.summary().
+
+
+def _notices(caplog) -> list[logging.LogRecord]:
+    """The sparse_prefill records above DEBUG (DEBUG is for what is dense by design)."""
+    return [r for r in caplog.records if r.name.startswith("sparse_prefill") and r.levelno > logging.DEBUG]
+
+
+def _run_twice(model, ids, **kwargs):
+    """Two forwards of every layer: a reason told per layer or per call would show up four times."""
+    for _ in range(2):
+        logits(model, ids, **kwargs)
+
+
+HOLES = torch.tensor([[1] * 60 + [0] * 20 + [1] * 70])
+REASONS = {
+    # name: (policy, forward keywords, model mode, level, words of the reason)
+    "min_length": ({**STREAMING, "min_length": 151}, {}, "eval", logging.INFO, "min_length 151"),
+    "dense_above": ({"default": {"pattern": "flexprefill", "block": 16, "min_budget": 16, "dense_above": 0.01}}, {},
+                    "eval", logging.INFO, "dense_above 0.01"),
+    "gradients": (STREAMING, {}, "grad", logging.WARNING, "gradients recorded"),
+    "padding with holes": (STREAMING, {"attention_mask": HOLES}, "eval", logging.WARNING, "holes"),
+    "unsupported keyword": (STREAMING, {"output_attentions": True}, "eval", logging.WARNING, "output_attentions"),
+}
+
+
+@pytest.mark.parametrize("reason", REASONS)
+def test_each_reason_to_stay_dense_is_told_once_and_counted(reason, caplog):
+    policy, kwargs, mode, level, words = REASONS[reason]
+    model = make_model(attn_implementation="eager") if "output_attentions" in kwargs else make_model()
+    ids = torch.randint(0, 128, (1, 150))
+    handle = sparse_prefill.apply(model, policy)
+    caplog.set_level(logging.DEBUG, logger="sparse_prefill")
+    if mode == "grad":  # gradients recorded: no torch.no_grad() around the forwards
+        model(ids)
+        model(ids)
+    else:
+        _run_twice(model, ids, **kwargs)
+    told = _notices(caplog)
+    assert len(told) == 1 and told[0].levelno == level and words in told[0].getMessage(), told
+    counted = handle.stats.fallbacks + handle.stats.dense_plans
+    assert [r for r in counted if words in r] and sum(counted.values()) == 4  # 2 layers x 2 forwards
+    assert words in handle.summary() and handle.policy.source in handle.summary()
+    assert handle.policy.source in told[0].getMessage()
+
+
+def test_reasons_are_told_once_per_handle_not_once_per_process(caplog):
+    model = make_model()
+    ids = torch.randint(0, 128, (1, 100))
+    caplog.set_level(logging.INFO, logger="sparse_prefill")
+    for _ in range(2):
+        sparse_prefill.apply(model, {**STREAMING, "min_length": 101})
+        _run_twice(model, ids)
+        sparse_prefill.remove(model)
+    assert len(_notices(caplog)) == 2
+
+
+def test_decode_steps_are_dense_by_design_and_say_nothing_above_debug(caplog):
+    model = make_model()
+    handle = sparse_prefill.apply(model, STREAMING, collect_stats=True)
+    caplog.set_level(logging.DEBUG, logger="sparse_prefill")
+    model.generate(torch.randint(0, 128, (1, 150)), max_new_tokens=4, do_sample=False)
+    assert not _notices(caplog)
+    assert [r.levelno for r in caplog.records if r.name.startswith("sparse_prefill")] == [logging.DEBUG]
+    summary = handle.summary()
+    assert f"{handle.stats.sparse_calls} attention call(s) ran sparse" in summary
+    assert f"mean density {handle.stats.mean_density():.3f}" in summary
+    assert f"{handle.stats.dense_calls} call(s) ran the model's own attention" in summary and "by design" in summary
+
+
+def test_notices_are_silenced_through_the_package_logger(caplog):
+    model = make_model()
+    sparse_prefill.apply(model, {**STREAMING, "min_length": 101})
+    caplog.set_level(logging.INFO, logger="sparse_prefill")
+    logging.getLogger("sparse_prefill").setLevel(logging.ERROR)
+    logits(model, torch.randint(0, 128, (1, 100)))
+    assert not _notices(caplog)
+
+
+def test_summary_without_collected_densities_says_how_to_collect_them():
+    model = make_model()
+    handle = sparse_prefill.apply(model, STREAMING)
+    assert "no attention call" in handle.summary()
+    logits(model, torch.randint(0, 128, (1, 150)))
+    assert "2 attention call(s) ran sparse" in handle.summary() and "collect_stats=True" in handle.summary()

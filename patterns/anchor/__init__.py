@@ -15,7 +15,7 @@ import torch
 
 from sparse_prefill.interfaces import AttentionContext, Identifier, Parameter, PatternSpec
 from sparse_prefill.kernels.runtime import triton_can_run
-from sparse_prefill.patterns._checks import at_least, density, finite, multiple_of
+from sparse_prefill.patterns._checks import allowing, at_least, density, finite, multiple_of
 from sparse_prefill.patterns.anchor.reference import anchor_identify_reference
 from sparse_prefill.plan import DensePlan, StripePlan
 
@@ -26,6 +26,7 @@ __all__ = ["ANCHOR", "AnchorIdentifier"]
 _MAX_BLOCK = 128
 
 
+@allowing(f"a positive multiple of 16, at most {_MAX_BLOCK}")
 def _block_check(value: int) -> str | None:
     """Reject at load time the blocks the Triton identifier would reject at run time."""
     if value > _MAX_BLOCK:

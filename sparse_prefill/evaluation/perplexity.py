@@ -43,14 +43,20 @@ def _check_labels(policies: dict[str, Any]) -> None:
 
 
 def compare_perplexity(model: Any, input_ids: torch.Tensor, policies: dict[str, PolicySource],
-                       score_last: int | None = None) -> dict[str, float]:
-    """Perplexity dense and under each labelled policy; the model is restored after each."""
+                       score_last: int | None = None, summaries: dict[str, str] | None = None) -> dict[str, float]:
+    """Perplexity dense and under each labelled policy; the model is restored after each.
+
+    ``summaries``, when given, receives each label's ``handle.stats.summary()`` (what ran, densities
+    collected for it at a host sync per plan).
+    """
     _check_labels(policies)
     results = {BASELINE_LABEL: perplexity(model, input_ids, score_last)}
     for label, policy in policies.items():
-        apply(model, policy)
+        handle = apply(model, policy, collect_stats=summaries is not None)
         try:
             results[label] = perplexity(model, input_ids, score_last)
         finally:
             remove(model)
+        if summaries is not None:
+            summaries[label] = handle.stats.summary()
     return results

@@ -93,6 +93,7 @@ class Measurement:
     prefill_ms: float | None = None
     prefill_vs_dense: float | None = None
     needle: dict[str, bool] = field(default_factory=dict)
+    summary: str = ""  # what ran in the quality run, for people (PrefillStats.summary); "" for dense
 
 
 # ----------------------------------------------------------------------------------------------
@@ -294,6 +295,7 @@ def _measure(model: Any, tokenizer: Any, ids: torch.Tensor, label: str, policy: 
         density=1.0 if policy is None else stats.mean_density(),
         layer_density={str(layer): round(d, 5) for layer, d in stats.layer_densities().items()},
         sparse_calls=stats.sparse_calls, fallbacks=dict(stats.fallbacks),
+        summary=stats.summary() if handle is not None else "",
     )
     if policy is None:
         dense[length] = (logprobs, measurement)

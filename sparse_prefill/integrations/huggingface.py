@@ -11,6 +11,13 @@ attention sinks and any other keyword it does not know, a value head dim other t
 dropout or gradients in training, ``output_attentions``), the previous implementation runs with
 that exact mask, so those paths behave as if the model were unpatched.
 
+What ran is told once per reason per :func:`apply` on the ``sparse_prefill`` logger: WARNING when
+the sparse path cannot honour something the model or caller asked for (gradients, an attention
+keyword, padding with holes, ...), INFO when the policy chose dense (below ``min_length``, a plan
+denser than its pattern's ``dense_above``, a window shorter than the input), DEBUG for decode and
+chunked prefill, dense by design. ``logging.getLogger("sparse_prefill").setLevel(logging.ERROR)``
+silences it; :meth:`SparsePrefillHandle.summary` counts every call.
+
 Under transformers' tensor parallelism each rank's attention sees only its slice of the heads;
 :func:`apply` reads which slice from the model's TP plan and mesh so that per-head policies,
 written in global head indices, land on the right heads.
@@ -22,6 +29,7 @@ import collections
 import copy
 import functools
 import itertools
+import logging
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
@@ -30,13 +38,19 @@ import torch
 
 from sparse_prefill.dispatch import sparse_attention
 from sparse_prefill.interfaces import AttentionContext
-from sparse_prefill.plan import Plan
-from sparse_prefill.policy import Policy, PolicySource, load_policy
+from sparse_prefill.plan import DensePlan, Plan
+from sparse_prefill.policy import PatternChoice, Policy, PolicySource, load_policy
 from sparse_prefill.registry import get_pattern
 
 __all__ = ["SparsePrefillHandle", "DeferredMask", "apply", "remove", "tp_head_offset"]
 
 _HANDLE_ATTR = "_sparse_prefill_handle"
+_logger = logging.getLogger(__name__)  # a child of "sparse_prefill": one name silences the library
+
+# Why a call ran dense, where the level of its notice depends on it (see _notice_level).
+_DECODE = "decode, chunked prefill or cached prefix (query shorter than keys)"
+_MIN_LENGTH = "shorter than the policy's min_length"
+_WINDOW = "sliding window shorter than the input"
 _names = itertools.count()
 # Patched models per registered name: a deep copy of a patched model shares its original's name, so
 # remove() on one must leave the name registered while the other still runs under it.
@@ -101,6 +115,9 @@ class PrefillStats:
     ``densities`` has one entry per plan, ``plan_heads`` the query heads each covered and
     ``plan_layers`` its layer. ``fallbacks`` counts the calls that ran the previous implementation
     by reason (decode steps and cached prefixes included: that is where they belong).
+    ``dense_plans`` counts, by reason, the dense attention inside sparse calls: plans an identifier
+    of a sparse pattern made dense (denser than its ``dense_above``) and padded sequences shorter
+    than ``min_length``; those calls count in ``sparse_calls`` too.
     """
 
     sparse_calls: int = 0
@@ -109,6 +126,7 @@ class PrefillStats:
     plan_heads: list[int] = field(default_factory=list)
     plan_layers: list[int | None] = field(default_factory=list)
     fallbacks: collections.Counter[str] = field(default_factory=collections.Counter)
+    dense_plans: collections.Counter[str] = field(default_factory=collections.Counter)
 
     def mean_density(self) -> float | None:
         """Density over every query head of every sparse call (plans weighted by their heads)."""
@@ -136,7 +154,41 @@ class PrefillStats:
     def reset(self) -> None:
         self.sparse_calls, self.dense_calls = 0, 0
         self.densities, self.plan_heads, self.plan_layers = [], [], []
-        self.fallbacks = collections.Counter()
+        self.fallbacks, self.dense_plans = collections.Counter(), collections.Counter()
+
+    def summary(self) -> str:
+        """One paragraph for people: calls per path, mean density, and why calls or plans ran dense."""
+        if not self.sparse_calls and not self.dense_calls:
+            return "no attention call ran yet."
+        density = self.mean_density()
+        density_text = ("density not collected (apply(..., collect_stats=True))" if density is None
+                        else f"mean density {density:.3f}")
+        parts = [f"{self.sparse_calls} attention call(s) ran sparse"
+                 + (f", {density_text}" if self.sparse_calls else "")]
+        if self.dense_plans:
+            parts.append(f"dense attention within them: {_by_reason(self.dense_plans, 'plan(s)')}")
+        if self.dense_calls:
+            parts.append(f"{self.dense_calls} call(s) ran the model's own attention: "
+                         f"{_by_reason(self.fallbacks, 'call(s)')}")
+        return "; ".join(parts) + "."
+
+
+def _by_reason(counts: collections.Counter[str], noun: str) -> str:
+    """``counts`` as "7 call(s) decode ... (dense by design), 2 call(s) shorter than ...", most first
+    (every reason reads after "N calls")."""
+    return ", ".join(f"{count} {noun} {reason}" + (" (dense by design)" if reason == _DECODE else "")
+                     for reason, count in counts.most_common())
+
+
+def _notice_level(reason: str, fallback: bool) -> int:
+    """DEBUG where dense is by design, INFO where the policy chose it (a dense plan always is: the pattern chose
+    it), WARNING where the sparse path could not honour what the model or the caller asked for (the caller may
+    want to change something)."""
+    if reason == _DECODE:
+        return logging.DEBUG
+    if not fallback or reason.startswith((_MIN_LENGTH, _WINDOW)):
+        return logging.INFO
+    return logging.WARNING
 
 
 @dataclass
@@ -151,9 +203,27 @@ class SparsePrefillHandle:
     collect_stats: bool = False
     head_offset: int = 0  # global index of this rank's first query head (tensor parallelism)
     stats: PrefillStats = field(default_factory=PrefillStats)
+    _told: set[str] = field(default_factory=set, init=False, repr=False)  # reasons logged: each is told once
 
     def remove(self) -> None:
         remove(self.model)
+
+    def summary(self) -> str:
+        """What ran under this handle, in one paragraph: :meth:`PrefillStats.summary` headed by the policy."""
+        return f"{self.policy.source}: {self.stats.summary()}"
+
+    def _ran_dense(self, reason: str, fallback: bool) -> None:
+        """Count one call (``fallback``: it ran the previous implementation) or plan that ran dense, and log
+        ``reason`` the first time this handle meets it: a notice per layer per call would bury the one that matters."""
+        if fallback:
+            self.stats.record_fallback(reason)
+        else:
+            self.stats.dense_plans[reason] += 1
+        if reason not in self._told:
+            self._told.add(reason)
+            where = "ran the model's own attention" if fallback else "ran dense attention"
+            _logger.log(_notice_level(reason, fallback), "sparse prefill under %s: a call %s: %s (told once per reason; "
+                        "handle.summary() counts them)", self.policy.source, where, reason)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> "SparsePrefillHandle":
         """``copy.deepcopy`` of a patched model: the copy runs under the same registered attention
@@ -297,14 +367,15 @@ def _previous_reason(handle: SparsePrefillHandle, module: Any, query: torch.Tens
                      value: torch.Tensor, mask: Any, kwargs: dict[str, Any]) -> str | None:
     """Why this call must run the previous implementation, or None when the sparse path may take it."""
     if query.shape[2] != key.shape[2]:
-        return "decode, chunked prefill or cached prefix (query shorter than keys)"
+        return _DECODE
+    # Before the mask's test: a sliding layer's mask is the window's, and the window is the better reason.
+    window = kwargs.get("sliding_window")
+    if window is not None and key.shape[2] > window:  # a window at least as long as the keys is causal
+        return _WINDOW
     if not isinstance(mask, DeferredMask):
         return "not a fresh causal prefill (cached prefix, custom mask, packing or a local window)"
     if value.shape[-1] != query.shape[-1]:  # MLA (DeepSeek): the executors take one head dim
         return "value head dim differs from query head dim (MLA)"
-    window = kwargs.get("sliding_window")
-    if window is not None and key.shape[2] > window:  # a window at least as long as the keys is causal
-        return "sliding window shorter than the input"
     if kwargs.get("is_causal") is False or not getattr(module, "is_causal", True):
         return "not causal"
     # softcap, output_attentions=True, attention sinks, ...: what the sparse path does not honour.
@@ -317,8 +388,12 @@ def _previous_reason(handle: SparsePrefillHandle, module: Any, query: torch.Tens
     if torch.is_grad_enabled() and query.requires_grad:  # the sparse kernels have no backward
         return "gradients recorded (prefill under torch.inference_mode())"
     if query.shape[2] < handle.policy.min_length:
-        return f"shorter than the policy's min_length {handle.policy.min_length}"
+        return _min_length_reason(handle)
     return None
+
+
+def _min_length_reason(handle: SparsePrefillHandle) -> str:
+    return f"{_MIN_LENGTH} {handle.policy.min_length}"
 
 
 def _kv_aligned_chunks(heads: tuple[int, ...], group: int) -> list[tuple[list[int], list[int]]]:
@@ -347,20 +422,35 @@ def _sparse_prefill(handle: SparsePrefillHandle, layer: int | None, q: torch.Ten
                     v: torch.Tensor, scale: float) -> torch.Tensor:
     """Sparse attention of one unpadded batch, head groups dispatched by the policy."""
     hq, hkv, offset = q.shape[1], k.shape[1], handle.head_offset
-    on_plan = handle.stats.record if handle.collect_stats else None
     assignments = handle.policy.assign_heads(layer, hq, offset)
     if len(assignments) == 1:
         ctx = AttentionContext.for_inputs(q, k, scale, layer_idx=layer, head_offset=offset)
         identifier = handle.policy.identifier(assignments[0].choice)
-        return sparse_attention(q, k, v, identifier, ctx, on_plan=on_plan)[0]
+        return sparse_attention(q, k, v, identifier, ctx, on_plan=_plan_observer(handle, assignments[0].choice))[0]
     out = torch.empty_like(q)
     for assignment in assignments:
         identifier = handle.policy.identifier(assignment.choice)
+        on_plan = _plan_observer(handle, assignment.choice)
         for q_heads, kv_heads in _kv_aligned_chunks(assignment.heads, hq // hkv):
             q_sub, k_sub, v_sub = q[:, q_heads], k[:, kv_heads], v[:, kv_heads]
             ctx = AttentionContext.for_inputs(q_sub, k_sub, scale, layer_idx=layer, head_offset=offset + q_heads[0])
             out[:, q_heads] = sparse_attention(q_sub, k_sub, v_sub, identifier, ctx, on_plan=on_plan)[0]
     return out
+
+
+def _plan_observer(handle: SparsePrefillHandle, choice: PatternChoice) -> Callable[[Plan, AttentionContext], None]:
+    """What sees each plan: a sparse pattern's dense plan is told (a type check, no host sync); densities
+    are recorded only when collecting statistics (each costs a host sync)."""
+    def observe(plan: Plan, ctx: AttentionContext) -> None:
+        if isinstance(plan, DensePlan) and choice.pattern != "dense":
+            limit = choice.as_dict().get("dense_above")
+            reason = (f"made dense by the {choice.pattern} pattern" if limit is None
+                      else f"denser than the {choice.pattern} pattern's dense_above {limit}")
+            handle._ran_dense(reason, fallback=False)
+        if handle.collect_stats:
+            handle.stats.record(plan, ctx)
+
+    return observe
 
 
 def _dense_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -375,7 +465,7 @@ def _attention_function(handle: SparsePrefillHandle) -> Callable[..., Any]:
         reason = _previous_reason(handle, module, query, key, value, attention_mask, kwargs)
         if reason is not None:
             mask = attention_mask.materialize() if isinstance(attention_mask, DeferredMask) else attention_mask
-            handle.stats.record_fallback(reason)
+            handle._ran_dense(reason, fallback=True)
             return handle.previous_attention(module, query, key, value, mask, **kwargs)
         scale = kwargs.get("scaling")
         scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
@@ -386,13 +476,14 @@ def _attention_function(handle: SparsePrefillHandle) -> Callable[..., Any]:
         else:
             ranges = attention_mask.sequence_ranges()
             if ranges is None:  # holes inside a sequence: only the exact mask is right
-                handle.stats.record_fallback("padding with holes inside a sequence")
+                handle._ran_dense("padding with holes inside a sequence", fallback=True)
                 return handle.previous_attention(module, query, key, value, attention_mask.materialize(), **kwargs)
             out = torch.zeros_like(query)
             for b, (start, end) in enumerate(ranges):
                 q_b, k_b, v_b = (x[b : b + 1, :, start:end] for x in (query, key, value))
                 # min_length holds per sequence, so a row's output never depends on its batch.
                 if end - start < handle.policy.min_length:
+                    handle._ran_dense(_min_length_reason(handle), fallback=False)
                     out[b : b + 1, :, start:end] = _dense_causal(q_b, k_b, v_b, scale)
                 else:
                     out[b : b + 1, :, start:end] = _sparse_prefill(handle, layer, q_b, k_b, v_b, scale)
@@ -407,6 +498,8 @@ def apply(model: Any, policy: PolicySource, *, collect_stats: bool = False) -> S
 
     Decode, chunked prefill, cached prefixes and sliding-window layers keep the model's previous
     attention implementation. ``collect_stats`` records every plan's density (costs a host sync).
+    Calls that run dense are counted whatever ``collect_stats`` and told once per reason on the
+    ``sparse_prefill`` logger (see the module's docstring); ``handle.summary()`` says what ran.
     Under tensor parallelism, call it on every rank: each finds its own slice of the heads.
     """
     if getattr(model, _HANDLE_ATTR, None) is not None:
