@@ -13,8 +13,9 @@ def sparse_prefill_patterns() -> list[PatternSpec]:
     from sparse_prefill.patterns.flexprefill import FLEXPREFILL
     from sparse_prefill.patterns.streaming import STREAMING
     from sparse_prefill.patterns.vertical_slash import VERTICAL_SLASH
+    from sparse_prefill.patterns.xattention import XATTENTION
 
-    return [DENSE, STREAMING, ANCHOR, VERTICAL_SLASH, FLEXPREFILL]
+    return [DENSE, STREAMING, ANCHOR, VERTICAL_SLASH, FLEXPREFILL, XATTENTION]
 
 
 @hookimpl
