@@ -86,3 +86,11 @@ def block_plan(mask: torch.Tensor, seq_len: int, block: int, num_kv_heads: int, 
     # Row-major nonzero lists each segment's key blocks ascending, segments in order.
     indices = torch.nonzero_static(mask.reshape(-1, num_blocks), size=int(summary[1]))[:, 1].to(torch.int32)
     return BlockPlan(batch, heads, seq_len, block, offsets, indices)
+
+
+def block_means(x: torch.Tensor, block: int) -> torch.Tensor:
+    """[..., nb, D] float32: means of consecutive ``block`` rows of x [..., N, D], over the rows that exist."""
+    seq_len = x.shape[-2]
+    sums = pad_rows(x, block).unflatten(-2, (-1, block)).sum(dim=-2)
+    counts = torch.clamp(seq_len - torch.arange(sums.shape[-2], device=x.device) * block, max=block)
+    return sums / counts[:, None]

@@ -14,6 +14,11 @@ from plan_factories import masked_attention
 from sparse_prefill.dispatch import sparse_attention
 from sparse_prefill.interfaces import AttentionContext, PatternSpec, PlanBudgetExceeded
 from sparse_prefill.kernels.reference import dense_attention_reference
+from sparse_prefill.patterns.flashprefill import (
+    FLASHPREFILL,
+    flashprefill_block_mask_reference,
+    flashprefill_block_masks,
+)
 from sparse_prefill.patterns.xattention import XATTENTION, xattention_block_mask_reference, xattention_block_masks
 from sparse_prefill.plan import BlockPlan, DensePlan
 from sparse_prefill.policy import PolicyError, load_policy
@@ -40,6 +45,9 @@ CASES = {
     "xattention": Case(XATTENTION, dict(threshold=0.9, stride=4, block=16, dense_above=1.0),
                        xattention_block_mask_reference, xattention_block_masks,
                        everything=dict(threshold=1.0), sparse=dict(threshold=0.3), bad_value=("threshold", 0.0)),
+    "flashprefill": Case(FLASHPREFILL, dict(alpha=0.18, block=16, sink=1, window=1, last=0, dense_above=1.0),
+                         flashprefill_block_mask_reference, flashprefill_block_masks,
+                         everything=dict(alpha=0.0), sparse=dict(alpha=0.5), bad_value=("alpha", 1.5)),
 }
 
 
@@ -120,7 +128,8 @@ def test_a_focused_head_keeps_few_blocks_and_the_hot_one(name: str) -> None:
 def test_sparse_output_is_attention_over_the_plan(name: str) -> None:
     case = CASES[name]
     q, k, v = _inputs(4, n=144)
-    q[..., 0] *= 4  # sharper attention than plain noise, so the plan is sparse
+    q[..., 0] += 3.0  # every query leans towards keys 20 and 70: a sparse plan
+    k[..., (20, 70), 0] += 10.0
     identifier = case.spec.build(**{**case.small, **case.sparse})
     ctx = AttentionContext.for_inputs(q, k)
     plan = identifier.identify(q, k, ctx)
@@ -190,3 +199,15 @@ def test_a_plan_over_the_budget_runs_in_head_chunks_with_the_same_answer(name: s
 def test_xattention_block_must_be_a_multiple_of_the_stride() -> None:
     with pytest.raises(ValueError, match=r"block \(16\) must be a multiple of stride \(12\)"):
         XATTENTION.build(block=16, stride=12)
+
+
+def test_flashprefill_keeps_sink_window_and_last_blocks_whatever_alpha() -> None:
+    q, k, _ = _inputs(8, n=160)  # 10 blocks of 16
+    mask = flashprefill_block_masks(q, k, 32 ** -0.5, alpha=1.0, block=16, sink=2, window=3, last=2)
+    causal = torch.ones(10, 10, dtype=torch.bool).tril()
+    assert bool(mask[..., :, :2][..., causal[:, :2]].all())  # sink: the first two key blocks
+    for distance in range(3):  # window: the diagonal and the two blocks before it
+        assert bool(mask.diagonal(offset=-distance, dim1=-2, dim2=-1).all())
+    assert bool(mask[..., 8:, :].eq(causal[8:]).all())  # the last two query blocks: every key block
+    # alpha 1 adds only each query block's best-scored block (ties aside) to the sink and the window
+    assert int(mask[..., 5, :].sum(dim=-1).max()) <= 6
