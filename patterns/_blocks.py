@@ -1,5 +1,6 @@
-"""What the block-scoring patterns (`xattention`, `flashprefill`) share: the finite-only softmax,
-the blocks every query block keeps, and one block mask per query head turned into a BlockPlan.
+"""What the block-scoring patterns (`xattention`, `flashprefill`, `block-topk`) share: the
+finite-only softmax, pooled means, the blocks every query block keeps, and one block mask per query
+head turned into a BlockPlan.
 
 A block mask is [..., nb, nb] bool, ``mask[I, J]``: query block ``I`` attends key block ``J``
 (block-causal, ``J <= I``). Blocks are ``block`` rows or keys; the last may be shorter.

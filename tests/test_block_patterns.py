@@ -1,4 +1,4 @@
-"""The block-scoring baselines (`xattention`, `flashprefill`): each vectorised identifier against its
+"""The block-scoring baselines (`xattention`, `flashprefill`, `block-topk`): each vectorised identifier against its
 plain per-head reference, the extremes that give dense attention, non-finite rows, and the contract
 every pattern keeps (dense fallback, parameter errors, plan budget)."""
 
@@ -14,6 +14,7 @@ from plan_factories import masked_attention
 from sparse_prefill.dispatch import sparse_attention
 from sparse_prefill.interfaces import AttentionContext, PatternSpec, PlanBudgetExceeded
 from sparse_prefill.kernels.reference import dense_attention_reference
+from sparse_prefill.patterns.block_topk import BLOCK_TOPK, block_topk_mask_reference, block_topk_masks
 from sparse_prefill.patterns.flashprefill import (
     FLASHPREFILL,
     flashprefill_block_mask_reference,
@@ -48,6 +49,8 @@ CASES = {
     "flashprefill": Case(FLASHPREFILL, dict(alpha=0.18, block=16, sink=1, window=1, last=0, dense_above=1.0),
                          flashprefill_block_mask_reference, flashprefill_block_masks,
                          everything=dict(alpha=0.0), sparse=dict(alpha=0.5), bad_value=("alpha", 1.5)),
+    "block-topk": Case(BLOCK_TOPK, dict(blocks=4, block=16, dense_above=1.0), block_topk_mask_reference,
+                       block_topk_masks, everything=dict(blocks=1000), sparse=dict(blocks=3), bad_value=("blocks", 0)),
 }
 
 
