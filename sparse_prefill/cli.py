@@ -397,6 +397,29 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _cmd_convert_minference(args: argparse.Namespace) -> int:
+    import json
+
+    import yaml
+
+    from sparse_prefill.minference import MInferenceConfigError, convert_minference
+
+    try:
+        config = json.loads(Path(args.config).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise MInferenceConfigError(f"cannot read {args.config} as JSON: {exc}") from None
+    policy = convert_minference(config, args.config)
+    load_policy(policy)  # checked as any policy is, before anything is written
+    text = f"# converted from MInference's {Path(args.config).name} by sparse-prefill convert-minference\n"
+    text += yaml.safe_dump(policy, sort_keys=False)
+    if args.output is None:
+        print(text, end="")
+    else:
+        Path(args.output).write_text(text, encoding="utf-8")
+        print(load_policy(args.output).describe())
+    return 0
+
+
 def _cmd_patterns(args: argparse.Namespace) -> int:
     infos = available_patterns()
     width = max((len(info.name) for info in infos), default=0)
@@ -522,6 +545,12 @@ def build_parser() -> argparse.ArgumentParser:
     validate = commands.add_parser("validate", help="check policy files; print them resolved")
     validate.add_argument("policies", nargs="+")
     validate.set_defaults(func=_cmd_validate, command_parser=validate)
+
+    convert = commands.add_parser("convert-minference", help="turn an MInference per-head config (JSON) into a policy")
+    convert.add_argument("config", help="MInference's JSON: one {head: [type, vertical_size, slash_size, score]} "
+                                        "per layer")
+    convert.add_argument("-o", "--output", help="policy YAML to write (default: print it)")
+    convert.set_defaults(func=_cmd_convert_minference, command_parser=convert)
 
     patterns = commands.add_parser("patterns", help="list registered patterns and where they come from")
     patterns.set_defaults(func=_cmd_patterns, command_parser=patterns)
