@@ -27,6 +27,12 @@ def pad_rows(x: torch.Tensor, multiple: int) -> torch.Tensor:
     return F.pad(x.float(), (0, 0, 0, -x.shape[-2] % multiple))
 
 
+def rows_float(x: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """Rows [start, end) of x [..., N, D] in float32, zero rows past N: one chunk converted at a time,
+    never a float32 copy of the whole input."""
+    return F.pad(x[..., start:end, :].float(), (0, 0, 0, end - start - max(0, min(end, x.shape[-2]) - start)))
+
+
 def finite_softmax(logits: torch.Tensor) -> torch.Tensor:
     """Softmax over the last dim counting finite logits only; a row with none gives zeros.
 

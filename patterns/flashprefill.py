@@ -92,12 +92,12 @@ def flashprefill_block_masks(q: torch.Tensor, k: torch.Tensor, scale: float, alp
     group = num_q // num_kv
     num_blocks = -(-seq_len // block)
     pooled = _blocks.block_means(k, block)[:, :, None].transpose(-1, -2)  # [B, Hkv, 1, D, nb]
-    queries = _blocks.pad_rows(q, block).view(batch, num_kv, group, num_blocks * block, dim)
     key_ends = _pooled_key_ends(seq_len, block, q.device)
     row = torch.arange(num_blocks * block, device=q.device)
     scores = torch.zeros(batch, num_kv, group, num_blocks, num_blocks, device=q.device)
     for start, end in _blocks.row_chunks(num_blocks * block, block, batch * num_q * num_blocks):
-        logits = (queries[:, :, :, start:end] @ pooled) * scale
+        queries = _blocks.rows_float(q, start, end).view(batch, num_kv, group, -1, dim)
+        logits = (queries @ pooled) * scale
         unscored = (key_ends[None, :] > row[start:end, None]) | (row[start:end, None] >= seq_len)
         logits.masked_fill_(unscored, float("-inf"))
         per_block = logits.view(batch, num_kv, group, -1, block * num_blocks)  # one softmax per query block

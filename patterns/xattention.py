@@ -2,8 +2,8 @@
 
 Every ``stride x stride`` tile of a head's attention matrix is scored by one antidiagonal: the
 dot products of query ``r * stride + stride - 1 - i`` with key ``c * stride + i``, summed over
-``i`` (every row and every column of the tile is read once, so vertical and slash lines cannot
-slip between tiles). Scaled like attention and divided by ``stride`` (their mean), the tile
+``i`` (every row and every column of the tile is read once: a vertical line always crosses
+it, and, the paper's argument, slash lines cross the antidiagonals of their tiles). Scaled like attention and divided by ``stride`` (their mean), the tile
 scores of one query tile row are softmaxed over its causal key tiles, and summed per ``block x
 block`` block. Each query block keeps its largest key blocks until they hold ``threshold`` of its
 total score (the block that crosses it included); ``threshold`` 1 keeps every block.
@@ -45,6 +45,7 @@ from sparse_prefill.patterns._blocks import (
     nonfinite_key_blocks,
     pad_rows,
     row_chunks,
+    rows_float,
 )
 from sparse_prefill.patterns._checks import at_least, density, multiple_of
 from sparse_prefill.plan import BlockPlan, DensePlan
@@ -109,14 +110,14 @@ def xattention_block_masks(q: torch.Tensor, k: torch.Tensor, scale: float, block
     tiles = num_blocks * block // stride
     # One tile row of q (reversed) and one tile column of k, each flattened: their dot product is
     # the tile's antidiagonal.
-    q_tiles = pad_rows(q, block).view(batch, num_kv, group, tiles, stride, dim).flip(4).flatten(4)
     k_tiles = pad_rows(k, block).view(batch, num_kv, 1, tiles, stride * dim).transpose(-1, -2)
     per_block = block // stride
     real_tiles = -(-seq_len // stride)
     tile = torch.arange(tiles, device=q.device)
     mass = torch.zeros(batch, num_kv, group, num_blocks, num_blocks, device=q.device)
     for start, end in row_chunks(tiles, per_block, batch * num_q * tiles):
-        logits = (q_tiles[:, :, :, start:end] @ k_tiles) * (scale / stride)
+        q_tiles = rows_float(q, start * stride, end * stride).view(batch, num_kv, group, -1, stride, dim)
+        logits = (q_tiles.flip(4).flatten(4) @ k_tiles) * (scale / stride)
         logits.masked_fill_(tile[None, :] > tile[start:end, None], float("-inf"))
         probs = finite_softmax(logits)
         probs.masked_fill_((tile[start:end] >= real_tiles)[:, None], 0.0)

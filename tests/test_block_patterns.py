@@ -214,3 +214,13 @@ def test_flashprefill_keeps_sink_window_and_last_blocks_whatever_alpha() -> None
     assert bool(mask[..., 8:, :].eq(causal[8:]).all())  # the last two query blocks: every key block
     # alpha 1 adds only each query block's best-scored block (ties aside) to the sink and the window
     assert int(mask[..., 5, :].sum(dim=-1).max()) <= 6
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_scoring_in_the_smallest_row_chunks_changes_nothing(name: str, monkeypatch) -> None:
+    case = CASES[name]
+    q, k, _ = _inputs(9, batch=2, n=141)
+    params = case.selection(case.small)
+    whole = case.vectorised(q, k, 32 ** -0.5, **params)
+    monkeypatch.setattr("sparse_prefill.patterns._blocks.CHUNK_ELEMENTS", 1)  # one query block per chunk
+    assert torch.equal(case.vectorised(q, k, 32 ** -0.5, **params), whole)
