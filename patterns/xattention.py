@@ -47,7 +47,7 @@ from sparse_prefill.patterns._blocks import (
     row_chunks,
     rows_float,
 )
-from sparse_prefill.patterns._checks import at_least, density, multiple_of
+from sparse_prefill.patterns._checks import density, multiple_of
 from sparse_prefill.plan import BlockPlan, DensePlan
 from sparse_prefill.validation import validate_attention_inputs
 
@@ -58,10 +58,17 @@ def _threshold(value: float) -> str | None:
     return None if 0 < value <= 1 else "must be in (0, 1] (1: every block, dense attention)"
 
 
+_STRIDES = (1, 2, 4, 8, 16)  # the divisors of 16: every stride divides every block (a multiple of 16)
+
+
+def _stride(value: int) -> str | None:
+    return None if value in _STRIDES else f"must be one of {', '.join(map(str, _STRIDES))} (it must divide block)"
+
+
 def _check_geometry(block: int, stride: int) -> None:
     if block % stride:
-        raise ValueError(f"pattern 'xattention': block ({block}) must be a multiple of stride ({stride}); "
-                         f"allowed strides for block {block}: divisors such as 8 or 16")
+        raise ValueError(f"xattention: block ({block}) must be a multiple of stride ({stride}); "
+                         f"choose a stride that divides it")
 
 
 def xattention_block_mask_reference(q: torch.Tensor, k: torch.Tensor, scale: float, block: int, stride: int,
@@ -154,7 +161,7 @@ XATTENTION = PatternSpec(
     description="XAttention: antidiagonal-scored key blocks covering threshold of each query block (baseline)",
     parameters={
         "threshold": Parameter(float, 0.9, "share of each query block's score its kept blocks cover", _threshold),
-        "stride": Parameter(int, 8, "antidiagonal stride: one score per stride x stride tile", at_least(1)),
+        "stride": Parameter(int, 8, "antidiagonal stride: one score per stride x stride tile", _stride),
         "block": Parameter(int, 128, "rows of a query block and keys of a key block (multiple of 16)", multiple_of(16)),
         "dense_above": Parameter(float, 0.4, "plans denser than this run as dense attention (faster there, and exact)",
                                  density),

@@ -199,9 +199,13 @@ def test_a_plan_over_the_budget_runs_in_head_chunks_with_the_same_answer(name: s
     torch.testing.assert_close(chunked, expected, atol=1e-6, rtol=1e-5)
 
 
-def test_xattention_block_must_be_a_multiple_of_the_stride() -> None:
-    with pytest.raises(ValueError, match=r"block \(16\) must be a multiple of stride \(12\)"):
+def test_xattention_stride_must_divide_every_block() -> None:
+    with pytest.raises(ValueError, match=r"parameter 'stride'.*must be one of 1, 2, 4, 8, 16"):
         XATTENTION.build(block=16, stride=12)
+    with pytest.raises(PolicyError, match=r"default\.stride"):
+        load_policy({"default": {"pattern": "xattention", "stride": 32}})
+    with pytest.raises(ValueError, match=r"block \(24\) must be a multiple of stride \(16\)"):
+        xattention_block_masks(*_inputs(0)[:2], 1.0, block=24, stride=16, threshold=0.9)
 
 
 def test_flashprefill_keeps_sink_window_and_last_blocks_whatever_alpha() -> None:
