@@ -9,12 +9,15 @@ from sparse_prefill.interfaces import Executor, PatternSpec
 @hookimpl
 def sparse_prefill_patterns() -> list[PatternSpec]:
     from sparse_prefill.patterns.anchor import ANCHOR
+    from sparse_prefill.patterns.block_topk import BLOCK_TOPK
     from sparse_prefill.patterns.dense import DENSE
+    from sparse_prefill.patterns.flashprefill import FLASHPREFILL
     from sparse_prefill.patterns.flexprefill import FLEXPREFILL
     from sparse_prefill.patterns.streaming import STREAMING
     from sparse_prefill.patterns.vertical_slash import VERTICAL_SLASH
+    from sparse_prefill.patterns.xattention import XATTENTION
 
-    return [DENSE, STREAMING, ANCHOR, VERTICAL_SLASH, FLEXPREFILL]
+    return [DENSE, STREAMING, ANCHOR, VERTICAL_SLASH, FLEXPREFILL, XATTENTION, FLASHPREFILL, BLOCK_TOPK]
 
 
 @hookimpl

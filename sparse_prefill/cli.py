@@ -424,6 +424,29 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _cmd_convert_minference(args: argparse.Namespace) -> int:
+    import json
+
+    import yaml
+
+    from sparse_prefill.minference import MInferenceConfigError, convert_minference
+
+    try:
+        config = json.loads(Path(args.config).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise MInferenceConfigError(f"cannot read {args.config} as JSON: {exc}") from None
+    policy = convert_minference(config, args.config)
+    load_policy(policy)  # checked as any policy is, before anything is written
+    text = f"# converted from MInference's {Path(args.config).name} by sparse-prefill convert-minference\n"
+    text += yaml.safe_dump(policy, sort_keys=False)
+    if args.output is None:
+        print(text, end="")
+    else:
+        Path(args.output).write_text(text, encoding="utf-8")
+        print(load_policy(args.output).describe())
+    return 0
+
+
 def _cmd_patterns(args: argparse.Namespace) -> int:
     if args.name is not None:
         return _print_pattern(args.name)
@@ -640,6 +663,16 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("policies", nargs="+", metavar="POLICY",
                           help="policy YAML paths or names of shipped policies")
     validate.set_defaults(func=_cmd_validate, command_parser=validate)
+
+    convert = _command(commands, "convert-minference", "turn an MInference per-head config (JSON) into a policy",
+                       "Reads MInference's per-layer, per-head pattern file (vertical_and_slash, stream_llm, "
+                       "block_sparse entries with their sizes) and writes the same choices as a policy: "
+                       "vertical-slash, streaming and block-topk. Unknown entries are refused with the layer, the "
+                       "head and what is allowed.")
+    convert.add_argument("config", help="MInference's JSON: one {head: [type, vertical_size, slash_size, score]} "
+                                        "per layer")
+    convert.add_argument("-o", "--output", help="policy YAML to write (default: print it)")
+    convert.set_defaults(func=_cmd_convert_minference, command_parser=convert)
 
     patterns = _command(commands, "patterns", "list registered patterns, or one pattern's parameters",
                         "Without NAME: every registered pattern and the plugin it comes from. With NAME: that "

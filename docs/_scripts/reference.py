@@ -34,6 +34,12 @@ DEFAULTS_SOURCE = {
                       "as for `anchor`.",
     "flexprefill": "FlexPrefill's published defaults (gamma 0.9, tau 0.1, block 128, min_budget 1024); "
                    "`dense_above` as for `anchor`.",
+    "xattention": "XAttention's published ranges (threshold 0.8-0.95: 0.9; stride 8 or 16: 8; block 128); "
+                  "`dense_above` as for `anchor`. See [the peer patterns](../peers.md).",
+    "flashprefill": "FlashPrefill's published alpha 0.18 (Llama), sink 2 and window 4 blocks of 128; `last` 2 "
+                    "from the authors' code; `dense_above` as for `anchor`. See [the peer patterns](../peers.md).",
+    "block-topk": "MInference's block_sparse kernel: 100 blocks of 64 whatever the config's sizes say; "
+                  "`dense_above` as for `anchor`. See [the peer patterns](../peers.md).",
 }
 
 _HEADER = """\

@@ -1,0 +1,103 @@
+"""What the block-scoring patterns (`xattention`, `flashprefill`, `block-topk`) share: the
+finite-only softmax, pooled means, the blocks every query block keeps, and one block mask per query
+head turned into a BlockPlan.
+
+A block mask is [..., nb, nb] bool, ``mask[I, J]``: query block ``I`` attends key block ``J``
+(block-causal, ``J <= I``). Blocks are ``block`` rows or keys; the last may be shorter.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from sparse_prefill.interfaces import AttentionContext
+from sparse_prefill.patterns._budget import enforce_plan_budget, plan_head_bytes
+from sparse_prefill.plan import BlockPlan, DensePlan
+
+# Scores the vectorised identifiers hold at once (float32 entries): bounds a chunk of query rows
+# times every key tile of every head to 256 MiB, whatever the sequence length.
+CHUNK_ELEMENTS = 1 << 26
+
+
+def pad_rows(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """x [..., N, D] in float32, zero rows appended up to a multiple of ``multiple``."""
+    return F.pad(x.float(), (0, 0, 0, -x.shape[-2] % multiple))
+
+
+def rows_float(x: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """Rows [start, end) of x [..., N, D] in float32, zero rows past N: one chunk converted at a time,
+    never a float32 copy of the whole input."""
+    return F.pad(x[..., start:end, :].float(), (0, 0, 0, end - start - max(0, min(end, x.shape[-2]) - start)))
+
+
+def finite_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim counting finite logits only; a row with none gives zeros.
+
+    A NaN or infinite query row thus adds nothing to any block's score (its own output is NaN
+    whatever is selected), and a NaN key takes no mass from the keys beside it.
+    """
+    logits = logits.masked_fill(~torch.isfinite(logits), float("-inf"))
+    return torch.softmax(logits, dim=-1).nan_to_num(0.0)
+
+
+def nonfinite_key_blocks(k: torch.Tensor, block: int) -> torch.Tensor:
+    """[..., nb] bool: key blocks of k [..., N, D] holding a NaN or infinite entry. They are always
+    kept, so that their NaN reaches the rows that attend them, as in dense attention."""
+    bad = ~torch.isfinite(k).all(dim=-1)
+    return F.pad(bad, (0, -bad.shape[-1] % block)).view(*bad.shape[:-1], -1, block).any(dim=-1)
+
+
+def kept_always(num_blocks: int, device: torch.device | str) -> torch.Tensor:
+    """[nb, nb] bool: the first key block and the diagonal block of every query block."""
+    always = torch.eye(num_blocks, dtype=torch.bool, device=device)
+    always[:, 0] = True
+    return always
+
+
+def causal_blocks(num_blocks: int, device: torch.device | str) -> torch.Tensor:
+    """[nb, nb] bool: key block <= query block."""
+    return torch.ones(num_blocks, num_blocks, dtype=torch.bool, device=device).tril()
+
+
+def row_chunks(rows: int, align: int, row_cost: int) -> Iterator[tuple[int, int]]:
+    """(start, end) chunks of ``rows`` rows, each a multiple of ``align`` rows (the last may be
+    shorter) and about CHUNK_ELEMENTS / ``row_cost`` rows long, at least ``align``."""
+    step = max(align, CHUNK_ELEMENTS // max(row_cost, 1) // align * align)
+    for start in range(0, rows, step):
+        yield start, min(start + step, rows)
+
+
+def block_plan(mask: torch.Tensor, seq_len: int, block: int, num_kv_heads: int, ctx: AttentionContext,
+               dense_above: float) -> BlockPlan | DensePlan:
+    """The BlockPlan of ``mask`` [B, Hq, nb, nb] (one list per query head), or a DensePlan when it is
+    denser than ``dense_above`` and ``ctx`` allows it. One host sync sizes the plan (its density, its
+    entries and its bytes per head come back together); raises PlanBudgetExceeded before allocating
+    lists that would pass ``ctx.plan_budget``."""
+    batch, heads, num_blocks, _ = mask.shape
+    counts = mask.sum(dim=-1)  # [B, Hq, nb]
+    rows = torch.clamp(seq_len - torch.arange(num_blocks, device=mask.device) * block, max=block)
+    diagonal = mask.diagonal(dim1=-2, dim2=-1).long()
+    # Key blocks before the diagonal are whole (block keys per row); the diagonal is a triangle.
+    pairs = (counts - diagonal) * rows * block + diagonal * rows * (rows + 1) // 2
+    head_bytes = plan_head_bytes(counts)
+    summary = torch.cat([pairs.sum().view(1), counts.sum().view(1), head_bytes]).tolist()
+    density = summary[0] / (batch * heads * seq_len * (seq_len + 1) / 2)
+    if ctx.dense_fallback and density > dense_above:
+        return DensePlan(batch, heads, seq_len)
+    enforce_plan_budget([int(b) for b in summary[2:]], num_kv_heads, ctx, per_query_head=True)
+    offsets = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=mask.device)
+    torch.cumsum(counts.flatten(), dim=0, out=offsets[1:])
+    # Row-major nonzero lists each segment's key blocks ascending, segments in order.
+    indices = torch.nonzero_static(mask.reshape(-1, num_blocks), size=int(summary[1]))[:, 1].to(torch.int32)
+    return BlockPlan(batch, heads, seq_len, block, offsets, indices)
+
+
+def block_means(x: torch.Tensor, block: int) -> torch.Tensor:
+    """[..., nb, D] float32: means of consecutive ``block`` rows of x [..., N, D], over the rows that exist."""
+    seq_len = x.shape[-2]
+    sums = pad_rows(x, block).unflatten(-2, (-1, block)).sum(dim=-2)
+    counts = torch.clamp(seq_len - torch.arange(sums.shape[-2], device=x.device) * block, max=block)
+    return sums / counts[:, None]

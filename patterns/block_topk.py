@@ -1,0 +1,88 @@
+"""`block-topk`: MInference's block-sparse pattern (arXiv 2407.02490): the top key blocks by pooled score.
+
+Queries and keys are mean-pooled per ``block`` rows; each query block scores every causal key
+block by ``scale * mean_q . mean_k`` and keeps its ``blocks`` highest, its own diagonal block
+counted among them and always kept (every row then attends a key). ``blocks`` at least the
+number of blocks keeps every block (dense attention). This is the pattern `convert-minference`
+maps MInference's ``block_sparse`` heads to (MInference: top 100 blocks of 64).
+
+Expressed as a :class:`~sparse_prefill.plan.BlockPlan`, one key-block list per query head. Decided
+here: a score that is not finite (a pooled row or key with a NaN) never wins a place, and a key
+block holding a NaN or infinite key is kept wherever causal, so its NaN reaches the rows that
+attend it, as in dense attention; a plan denser than ``dense_above`` runs as dense attention.
+
+:func:`block_topk_mask_reference` is the specification (one head, a loop over query blocks);
+:class:`BlockTopkIdentifier` computes all heads at once ((N / block)^2 scores per head, the
+same as the reference), with one host sync to size the plan.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sparse_prefill.interfaces import AttentionContext, Identifier, Parameter, PatternSpec
+from sparse_prefill.patterns import _blocks
+from sparse_prefill.patterns._checks import at_least, density, multiple_of
+from sparse_prefill.plan import BlockPlan, DensePlan
+from sparse_prefill.validation import validate_attention_inputs
+
+__all__ = ["BLOCK_TOPK", "BlockTopkIdentifier", "block_topk_mask_reference", "block_topk_masks"]
+
+
+def block_topk_mask_reference(q: torch.Tensor, k: torch.Tensor, scale: float, blocks: int, block: int) -> torch.Tensor:
+    """[nb, nb] bool: the key blocks each query block keeps, for one query head q [N, D] and its key
+    head k [N, D]. Plain and slow on purpose: the specification the identifier is tested against."""
+    scores = (_blocks.block_means(q, block) @ _blocks.block_means(k, block).T) * scale
+    num_blocks = scores.shape[0]
+    mask = torch.eye(num_blocks, dtype=torch.bool, device=q.device)
+    for query_block in range(num_blocks):
+        row = scores[query_block, :query_block].nan_to_num(float("-inf"), float("-inf"), float("-inf"))
+        best = torch.topk(row, min(blocks - 1, query_block)).indices  # the diagonal takes one place
+        mask[query_block, best[row[best] > float("-inf")]] = True
+    bad = _blocks.nonfinite_key_blocks(k, block)[None, :]
+    return (mask | bad) & _blocks.causal_blocks(num_blocks, q.device)
+
+
+def block_topk_masks(q: torch.Tensor, k: torch.Tensor, scale: float, blocks: int, block: int) -> torch.Tensor:
+    """[B, Hq, nb, nb] bool: :func:`block_topk_mask_reference` for every query head at once
+    (q [B, Hq, N, D], k [B, Hkv, N, D] read in place for GQA); no host sync."""
+    batch, num_q, seq_len, _ = q.shape
+    group = num_q // k.shape[1]
+    num_blocks = -(-seq_len // block)
+    pooled_q = _blocks.block_means(q, block).unflatten(1, (k.shape[1], group))
+    pooled_k = _blocks.block_means(k, block)[:, :, None]
+    scores = ((pooled_q @ pooled_k.transpose(-1, -2)) * scale).flatten(1, 2)
+    earlier = torch.ones(num_blocks, num_blocks, dtype=torch.bool, device=q.device).tril(-1)
+    scores = scores.nan_to_num(float("-inf"), float("-inf"), float("-inf")).masked_fill(~earlier, float("-inf"))
+    best = torch.topk(scores, min(max(blocks - 1, 0), num_blocks), dim=-1)
+    kept = torch.zeros(scores.shape, dtype=torch.bool, device=q.device)
+    kept.scatter_(-1, best.indices, best.values > float("-inf"))
+    bad = _blocks.nonfinite_key_blocks(k, block).repeat_interleave(group, dim=1)[:, :, None, :]
+    diagonal = torch.eye(num_blocks, dtype=torch.bool, device=q.device)
+    return (kept | diagonal | bad) & _blocks.causal_blocks(num_blocks, q.device)
+
+
+class BlockTopkIdentifier(Identifier):
+    """Pooled block scores of every query head at once, the top ``blocks`` listed per query head."""
+
+    def __init__(self, blocks: int, block: int, dense_above: float) -> None:
+        self.blocks, self.block, self.dense_above = blocks, block, dense_above
+
+    def identify(self, q: torch.Tensor, k: torch.Tensor, ctx: AttentionContext) -> BlockPlan | DensePlan:
+        validate_attention_inputs(q, k, k)  # identification reads no v
+        with torch.no_grad():
+            mask = block_topk_masks(q, k, ctx.scale, self.blocks, self.block)
+        return _blocks.block_plan(mask, q.shape[2], self.block, k.shape[1], ctx, self.dense_above)
+
+
+BLOCK_TOPK = PatternSpec(
+    name="block-topk",
+    description="MInference block-sparse: the top key blocks by pooled q . k per query block (baseline)",
+    parameters={
+        "blocks": Parameter(int, 100, "key blocks each query block keeps, its diagonal block included", at_least(1)),
+        "block": Parameter(int, 64, "rows of a query block and keys of a key block (multiple of 16)", multiple_of(16)),
+        "dense_above": Parameter(float, 0.4, "plans denser than this run as dense attention (faster there, and exact)",
+                                 density),
+    },
+    make_identifier=BlockTopkIdentifier,
+)
