@@ -1,13 +1,16 @@
-"""RULER tasks: prompts sized in tokens with their answers inside, and RULER's metric."""
+"""RULER tasks: prompts sized in tokens with their answers inside, RULER's metric, the runner and the CLI."""
 
 import importlib.util
+import json
 import re
 from collections import Counter
 
 import pytest
+import torch
 
 from sparse_prefill.evaluation import ruler
-from sparse_prefill.evaluation.ruler import RULER_TASKS, build_samples, string_match_all
+from sparse_prefill.evaluation.ruler import RULER_TASKS, RulerSample, build_samples, string_match_all
+from tests.test_whole_model import CharTokenizer, save_tiny_model_with_char_tokenizer, tiny_model
 
 needs_data = pytest.mark.skipif(
     any(importlib.util.find_spec(name) is None for name in ("long_context_eval", "wonderwords")),
@@ -151,3 +154,108 @@ def test_lengths_too_short_for_a_task_are_refused():
         build_samples(Chars(), "vt", 100, 1)
     with pytest.raises(ValueError, match="num_samples"):
         build_samples(Chars(), "vt", 2000, 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# The runner and the command line
+
+def test_ruler_score_is_the_mean_over_samples(monkeypatch):
+    from sparse_prefill.evaluation import whole_model
+
+    samples = [RulerSample("t", torch.tensor([[i]]), ("a", "b", "c", "d"), 4) for i in range(2)]
+    found = {0: "a b c d", 1: "b d"}  # 4 of 4, 2 of 4
+    monkeypatch.setattr(whole_model, "greedy_answer", lambda model, tok, ids, n: found[int(ids[0, 0])])
+    assert whole_model.ruler_score(None, None, samples) == (1 + 2 / 4) / 2
+
+
+@needs_data
+def test_evaluate_scores_every_label_on_the_same_samples(monkeypatch):
+    from sparse_prefill.evaluation import whole_model
+    from sparse_prefill.policy import load_policy
+    from tests.test_whole_model import STREAMING
+
+    prompts = []  # every prompt a RULER answer was generated for, in order
+    real = whole_model.greedy_answer
+
+    def recording(model, tokenizer, ids, new_tokens):
+        prompts.append(ids[0].tolist())
+        return real(model, tokenizer, ids, new_tokens)
+
+    monkeypatch.setattr(whole_model, "greedy_answer", recording)
+    text = torch.randint(1, 96, (1, 700))
+    settings = whole_model.EvalSettings(lengths=(700,), score_last=16, needle_depths=(), repeats=0,
+                                        ruler_tasks=("niah_single_1",), ruler_samples=2)
+    steps = []
+    results = whole_model.evaluate(tiny_model(), CharTokenizer(), lambda n: text[:, :n],
+                                   {"streaming": load_policy(STREAMING)}, settings,
+                                   progress=lambda s: steps.extend(s) or s)
+    assert steps == [(700, "dense"), (700, "streaming")]
+    assert [m.label for m in results] == ["dense", "streaming"]
+    for m in results:
+        assert set(m.ruler) == {"niah_single_1"} and 0.0 <= m.ruler["niah_single_1"] <= 1.0
+    assert len(prompts) == 4 and prompts[:2] == prompts[2:] and prompts[0] != prompts[1]
+    assert all(600 < len(p) <= 700 for p in prompts)
+    assert "ruler" in whole_model.summary_table(results).splitlines()[0]
+
+
+def test_settings_refuse_unknown_tasks_and_no_samples():
+    from sparse_prefill.evaluation.whole_model import EvalSettings
+
+    with pytest.raises(ValueError, match="unknown RULER task 'qa_1'"):
+        EvalSettings(lengths=(64,), score_last=8, ruler_tasks=("vt", "qa_1"))
+    with pytest.raises(ValueError, match="ruler_samples"):
+        EvalSettings(lengths=(64,), score_last=8, ruler_tasks=("vt",), ruler_samples=0)
+    with pytest.raises(ValueError, match="twice"):
+        EvalSettings(lengths=(64,), score_last=8, ruler_tasks=("vt", "vt"))
+
+
+@pytest.fixture
+def refuse_loading(monkeypatch):
+    monkeypatch.setattr("sparse_prefill.evaluation.models.load_tokenizer_and_config",
+                        lambda *a: pytest.fail("loaded the model"))
+
+
+def _eval_error(tmp_path, capsys, argv):
+    from sparse_prefill.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--model", str(tmp_path), "--out", str(tmp_path / "o"), "--no-plots", *argv])
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_eval_refuses_an_unknown_task_before_loading(tmp_path, capsys, refuse_loading):
+    err = _eval_error(tmp_path, capsys, ["--ruler", "vt", "niah"])
+    assert "unknown RULER task 'niah'" in err and "niah_multikey_1" in err
+
+
+def test_eval_names_the_pip_command_when_the_data_is_missing(tmp_path, capsys, refuse_loading, monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wonderwords" else
+                        find_spec(name, *a))
+    err = _eval_error(tmp_path, capsys, ["--ruler", "vt"])
+    assert "wonderwords" in err and ruler.INSTALL_HINT in err
+
+
+@needs_data
+def test_eval_refuses_a_length_too_short_for_a_task_before_the_weights(tmp_path, capsys, monkeypatch):
+    save_tiny_model_with_char_tokenizer(tmp_path / "model")
+    monkeypatch.setattr("sparse_prefill.evaluation.models.load_weights", lambda *a, **k: pytest.fail("loaded"))
+    err = _eval_error(tmp_path, capsys, ["--model", str(tmp_path / "model"), "--lengths", "120", "--score-last", "8",
+                                         "--needle-depths", "--ruler", "vt"])
+    assert "--lengths 120" in err and "vt needs at least" in err
+
+
+@needs_data
+def test_eval_command_writes_ruler_scores(tmp_path):
+    from sparse_prefill.cli import main
+
+    save_tiny_model_with_char_tokenizer(tmp_path / "model")
+    out = tmp_path / "out"
+    code = main(["eval", "--model", str(tmp_path / "model"), "--policy", "streaming.yaml", "--lengths", "600",
+                 "--score-last", "16", "--needle-depths", "--repeats", "0", "--min-length", "0", "--device", "cpu",
+                 "--ruler", "niah_single_1", "--ruler-samples", "1", "--no-plots", "--out", str(out)])
+    assert code == 0
+    report = json.loads((out / "results.json").read_text())
+    assert report["settings"]["ruler_tasks"] == ["niah_single_1"] and report["settings"]["ruler_samples"] == 1
+    assert [set(r["ruler"]) for r in report["results"]] == [{"niah_single_1"}, {"niah_single_1"}]
