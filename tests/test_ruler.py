@@ -148,6 +148,25 @@ def test_a_chat_template_wraps_the_task_and_the_answer_prefix_starts_the_reply()
     assert plain.endswith("they are: ") and "Answer: According to" in plain
 
 
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+    from sparse_prefill.evaluation.models import load_tokenizer_and_config, locate_model
+
+    return load_tokenizer_and_config(locate_model("smollm2"))[0]
+
+
+@pytest.mark.slow
+@needs_data
+@pytest.mark.parametrize("task", ["niah_multikey_1", "vt", "cwe"])
+def test_a_real_chat_tokenizer_gets_a_full_chat_prompt(smollm2_tokenizer, task):
+    tokenizer, length = smollm2_tokenizer, 4096
+    sample = build_samples(tokenizer, task, length, 1)[0]
+    assert length - 64 < sample.input_ids.shape[1] <= length  # one filler unit is well under 64 tokens
+    text = tokenizer.decode(sample.input_ids[0])
+    assert text.startswith("<|im_start|>") and "<|im_end|>\n<|im_start|>assistant\n" in text
+    assert all(answer in text for answer in sample.answers)
+
+
 @needs_data
 def test_lengths_too_short_for_a_task_are_refused():
     with pytest.raises(ValueError, match=r"vt needs at least \d+ tokens .* got length 100"):
