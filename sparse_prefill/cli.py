@@ -356,6 +356,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from sparse_prefill.evaluation.models import load_weights
+    from sparse_prefill.evaluation import ruler
     from sparse_prefill.evaluation.needle import build_needle_prompt
     from sparse_prefill.evaluation.report import environment, write_report
     from sparse_prefill.evaluation.whole_model import (
@@ -370,20 +371,32 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     try:
         settings = EvalSettings(lengths=tuple(args.lengths), score_last=args.score_last,
                                 needle_depths=tuple(args.needle_depths), needle_new_tokens=args.needle_new_tokens,
-                                repeats=args.repeats, recall=args.recall)
+                                repeats=args.repeats, recall=args.recall, ruler_tasks=tuple(args.ruler),
+                                ruler_samples=args.ruler_samples)
         sweep = parse_sweep(args.sweep or [])
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    if settings.ruler_tasks:
+        try:
+            ruler.require_data()
+        except ModuleNotFoundError as exc:
+            raise UsageError(f"--ruler: {exc}") from None
     policies = sweep_policies(_policies(args, EVAL_POLICIES), sweep)
     files, tokenizer, config = _tokenizer_and_config(args.model, policies.values(), args.tokenizer)
     texts = {}
     for length in settings.lengths:
-        new_tokens = settings.needle_new_tokens if settings.needle_depths else 0
+        new_tokens = max([settings.needle_new_tokens] * bool(settings.needle_depths)
+                         + [ruler.new_tokens(task) for task in settings.ruler_tasks], default=0)
         _check_positions(config, "--lengths", length, length + new_tokens)
         texts[length] = _essay_ids(tokenizer, config, "--lengths", length)
         if settings.needle_depths:
             try:
                 build_needle_prompt(tokenizer, length, settings.needle_depths[0])
+            except ValueError as exc:
+                raise UsageError(f"--lengths {length}: {exc}") from None
+        for task in settings.ruler_tasks:  # a length too short for a task fails here, not after the weights load
+            try:
+                ruler.build_samples(tokenizer, task, length, 1)
             except ValueError as exc:
                 raise UsageError(f"--lengths {length}: {exc}") from None
     device, dtype = _device_and_dtype(args)
@@ -647,6 +660,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--recall", action="store_true",
                             help="also measure each layer's attention recall (softmax mass its plans keep) on the "
                                  "dense model's q and k: one more forward per length, an exact softmax per layer")
+    evaluation.add_argument("--ruler", nargs="+", default=[], metavar="TASK",
+                            help="RULER tasks to score at each length, e.g. niah_multikey_1 vt cwe (see docs/ruler.md; "
+                                 "needs the ruler extra)")
+    evaluation.add_argument("--ruler-samples", type=int, default=5, help="samples of each RULER task per length")
     evaluation.add_argument("--min-length", type=int, default=-1,
                             help="override the policies' min_length (-1 keeps each policy's)")
     evaluation.add_argument("--out", type=Path, required=True, help="folder for results.json and the plots")

@@ -11,7 +11,9 @@ every policy on the same tokens, the model restored after each:
   (:mod:`~sparse_prefill.evaluation.layer_recall`);
 - time to first token of the whole model (one forward that keeps one position's logits), the
   median of ``repeats`` after a warm-up that compiles and tunes the kernels;
-- needle in a haystack: whether greedy decoding returns a number hidden at each depth.
+- needle in a haystack: whether greedy decoding returns a number hidden at each depth;
+- RULER tasks (:mod:`~sparse_prefill.evaluation.ruler`): the share of expected strings in greedy answers,
+  every label on the same samples.
 
 Everything runs on the device the model is on; on a CPU the sparse path is the PyTorch reference,
 so the times there say nothing about a GPU.
@@ -31,6 +33,8 @@ import torch
 import yaml
 
 from sparse_prefill.evaluation import BASELINE_LABEL
+from sparse_prefill.evaluation.ruler import RulerSample, build_samples
+from sparse_prefill.evaluation.ruler import check_tasks as check_ruler_tasks
 from sparse_prefill.integrations.huggingface import PrefillStats, apply, remove
 from sparse_prefill.policy import PatternChoice, Policy, PolicyError
 from sparse_prefill.registry import get_pattern
@@ -39,17 +43,20 @@ __all__ = [
     "EvalSettings",
     "Measurement",
     "evaluate",
+    "greedy_answer",
     "kl_per_position",
     "next_token_logprobs",
     "parse_sweep",
     "perplexity_of",
+    "ruler_score",
     "sweep_policies",
 ]
 
 
 @dataclass(frozen=True)
 class EvalSettings:
-    """What :func:`evaluate` measures. Needle depths empty: no needle; ``repeats`` 0: no timing."""
+    """What :func:`evaluate` measures. Needle depths empty: no needle; ``repeats`` 0: no timing; RULER tasks
+    empty: no RULER (``ruler_samples`` samples of each task at each length otherwise)."""
 
     lengths: tuple[int, ...]
     score_last: int = 1024
@@ -57,6 +64,8 @@ class EvalSettings:
     needle_new_tokens: int = 12
     repeats: int = 3
     recall: bool = False  # per-layer attention recall of each policy's plans (one dense capture per length)
+    ruler_tasks: tuple[str, ...] = ()
+    ruler_samples: int = 5
 
     def __post_init__(self) -> None:
         if not self.lengths or any(n < 2 for n in self.lengths):
@@ -69,6 +78,11 @@ class EvalSettings:
         if self.needle_new_tokens < 1 or self.repeats < 0:
             raise ValueError(f"needle_new_tokens must be >= 1 and repeats >= 0, got {self.needle_new_tokens} "
                              f"and {self.repeats}")
+        check_ruler_tasks(self.ruler_tasks)
+        if len(set(self.ruler_tasks)) < len(self.ruler_tasks):
+            raise ValueError(f"RULER tasks given twice: {', '.join(self.ruler_tasks)}")
+        if self.ruler_samples < 1:
+            raise ValueError(f"ruler_samples must be >= 1, got {self.ruler_samples}")
 
 
 @dataclass
@@ -94,6 +108,7 @@ class Measurement:
     prefill_vs_dense: float | None = None
     needle: dict[str, bool] = field(default_factory=dict)
     summary: str = ""  # what ran in the quality run, for people (PrefillStats.summary); "" for dense
+    ruler: dict[str, float] = field(default_factory=dict)  # task -> mean string_match_all over its samples
 
 
 # ----------------------------------------------------------------------------------------------
@@ -210,16 +225,27 @@ def prefill_ms(model: Any, input_ids: torch.Tensor, repeats: int) -> float:
     return statistics.median(times)
 
 
+def greedy_answer(model: Any, tokenizer: Any, input_ids: torch.Tensor, new_tokens: int) -> str:
+    """The text greedy decoding adds to ``input_ids`` [1, N], at most ``new_tokens`` tokens."""
+    ids = input_ids.to(_device_of(model))
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
 def needle_found(model: Any, tokenizer: Any, length: int, depth: float, new_tokens: int) -> bool:
     """Whether greedy decoding answers the number hidden at ``depth`` of a ``length``-token prompt."""
     from sparse_prefill.evaluation.needle import build_needle_prompt
 
     prompt = build_needle_prompt(tokenizer, length, depth)
-    ids = prompt.input_ids.to(_device_of(model))
-    with torch.inference_mode():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.eos_token_id)
-    return prompt.found_in(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    return prompt.found_in(greedy_answer(model, tokenizer, prompt.input_ids, new_tokens))
+
+
+def ruler_score(model: Any, tokenizer: Any, samples: Sequence[RulerSample]) -> float:
+    """The mean over ``samples`` of RULER's string_match_all of the greedy answer."""
+    scores = [sample.score(greedy_answer(model, tokenizer, sample.input_ids, sample.new_tokens)) for sample in samples]
+    return sum(scores) / len(scores)
 
 
 def _describe_policy(label: str, policy: Policy | None) -> tuple[str, dict[str, Any]]:
@@ -237,8 +263,9 @@ def evaluate(model: Any, tokenizer: Any, text_ids: Callable[[int], torch.Tensor]
     off (a time limit, an out-of-memory error) still leaves what it measured.
 
     ``text_ids(n)`` gives the [1, n] token ids of real text for the quality measures (for example
-    :func:`~sparse_prefill.evaluation.models.essay_token_ids`). ``tokenizer`` builds the needle
-    prompts (unused when ``settings.needle_depths`` is empty).
+    :func:`~sparse_prefill.evaluation.models.essay_token_ids`). ``tokenizer`` builds the needle and RULER
+    prompts (unused when ``settings.needle_depths`` and ``settings.ruler_tasks`` are empty); the RULER samples
+    of a length are built once, so every label answers the same ones.
     """
     if BASELINE_LABEL in policies:
         raise ValueError(f"the label {BASELINE_LABEL!r} names the unpatched model; give the policy another")
@@ -247,10 +274,14 @@ def evaluate(model: Any, tokenizer: Any, text_ids: Callable[[int], torch.Tensor]
     dense: dict[int, tuple[torch.Tensor, Measurement]] = {}
     ids_by_length: dict[int, torch.Tensor] = {}
     qk: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # the dense model's q and k, one length at a time
+    ruler_by_length: dict[int, dict[str, list[RulerSample]]] = {}
     for length, label in progress(steps):
         ids = ids_by_length.setdefault(length, text_ids(length))
+        if length not in ruler_by_length:
+            ruler_by_length[length] = {task: build_samples(tokenizer, task, length, settings.ruler_samples)
+                                       for task in settings.ruler_tasks}
         policy = policies.get(label)
-        results.append(_measure(model, tokenizer, ids, label, policy, settings, dense))
+        results.append(_measure(model, tokenizer, ids, label, policy, settings, dense, ruler_by_length[length]))
         if settings.recall and policy is not None and results[-1].layer_density:
             if not qk or next(iter(qk.values()))[0].shape[2] != length:
                 qk.clear()  # one length's capture held at a time
@@ -262,7 +293,8 @@ def evaluate(model: Any, tokenizer: Any, text_ids: Callable[[int], torch.Tensor]
 
 
 def _measure(model: Any, tokenizer: Any, ids: torch.Tensor, label: str, policy: Policy | None,
-             settings: EvalSettings, dense: dict[int, tuple[torch.Tensor, Measurement]]) -> Measurement:
+             settings: EvalSettings, dense: dict[int, tuple[torch.Tensor, Measurement]],
+             ruler: Mapping[str, Sequence[RulerSample]]) -> Measurement:
     length = ids.shape[1]
     targets = ids[0, -settings.score_last:]
 
@@ -314,6 +346,12 @@ def _measure(model: Any, tokenizer: Any, ids: torch.Tensor, label: str, policy: 
             measurement.needle[str(depth)] = needle_found(model, tokenizer, length, depth, settings.needle_new_tokens)
         finally:
             restore()
+    for task, samples in ruler.items():
+        patched()
+        try:
+            measurement.ruler[task] = ruler_score(model, tokenizer, samples)
+        finally:
+            restore()
     return measurement
 
 
@@ -337,7 +375,7 @@ def _add_recall(measurement: Measurement, qk: Mapping[int, tuple[torch.Tensor, t
 def summary_table(results: Sequence[Measurement]) -> str:
     """A plain-text table, one row per label and length."""
     header = (f"{'label':34} {'length':>7} {'density':>8} {'recall':>7} {'ppl':>9} {'ppl vs dense':>12} {'KL':>8} "
-              f"{'top1':>6} {'prefill':>9} {'needle':>7}")
+              f"{'top1':>6} {'prefill':>9} {'needle':>7} {'ruler':>6}")
     lines = [header]
     for m in results:
         density = "-" if m.density is None else f"{m.density:.3f}"
@@ -346,7 +384,8 @@ def summary_table(results: Sequence[Measurement]) -> str:
             prefill = f"{m.prefill_ms:.0f}ms"
         needle = f"{sum(m.needle.values())}/{len(m.needle)}" if m.needle else "-"
         recall = "-" if m.recall is None else f"{m.recall:.3f}"
+        ruler = f"{statistics.mean(m.ruler.values()):.2f}" if m.ruler else "-"  # mean over tasks
         lines.append(f"{m.label[:34]:34} {m.length:>7} {density:>8} {recall:>7} {m.perplexity:>9.3f} "
                      f"{m.perplexity_change * 100:>+11.2f}% {m.kl:>8.4f} {m.top1_agreement:>6.3f} {prefill:>9} "
-                     f"{needle:>7}")
+                     f"{needle:>7} {ruler:>6}")
     return "\n".join(lines)
