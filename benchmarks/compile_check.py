@@ -23,7 +23,7 @@ import triton
 import speed
 from sparse_prefill.evaluation.synthetic import structured_qkv
 from sparse_prefill.interfaces import AttentionContext
-from sparse_prefill.kernels.anchor_identify import _anchor_pool_kernel, _stripe_scan_kernel
+from sparse_prefill.patterns.anchor.kernel import _anchor_pool_kernel, _stripe_scan_kernel
 from sparse_prefill.kernels.stripe_attention import _stripe_fwd, stripe_attention
 from sparse_prefill.patterns.anchor import ANCHOR
 from sparse_prefill.policy import load_policy

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.testing
 
-import sparse_prefill.kernels.anchor_identify as identify_module
+import sparse_prefill.patterns.anchor.kernel as identify_module
 from sparse_prefill.evaluation.synthetic import structured_qkv
 from sparse_prefill.patterns.anchor.reference import anchor_identify_reference
 

@@ -25,7 +25,7 @@ import yaml
 from sparse_prefill.dispatch import select_executor, sparse_attention
 from sparse_prefill.evaluation.synthetic import structured_qkv
 from sparse_prefill.interfaces import AttentionContext
-from sparse_prefill.kernels.anchor_identify import anchor_identify
+from sparse_prefill.patterns.anchor.kernel import anchor_identify
 from sparse_prefill.kernels.reference import stripe_attention_reference
 from sparse_prefill.kernels.stripe_attention import _stripe_fwd, stripe_attention
 from sparse_prefill.patterns.anchor import ANCHOR

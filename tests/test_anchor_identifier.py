@@ -22,8 +22,8 @@ import torch
 
 import sparse_prefill.patterns.anchor as anchor_pattern
 from sparse_prefill.interfaces import AttentionContext, PlanBudgetExceeded
-from sparse_prefill.kernels import anchor_identify as anchor_identify_module
-from sparse_prefill.kernels.anchor_identify import anchor_identify, not_supported_reasons
+from sparse_prefill.patterns.anchor import kernel as anchor_identify_module
+from sparse_prefill.patterns.anchor.kernel import anchor_identify, not_supported_reasons
 from sparse_prefill.patterns.anchor import ANCHOR
 from sparse_prefill.patterns.anchor.reference import anchor_identify_reference
 from sparse_prefill.plan import DensePlan, StripePlan, plan_nbytes

@@ -55,3 +55,13 @@ def test_transformers_models_import_from_the_root():
     done = subprocess.run([sys.executable, "-c", "from transformers import LlamaForCausalLM, PreTrainedModel"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
+
+
+def test_kernels_never_import_patterns():
+    """Layers point one way: patterns (identifiers, with their own Triton kernels beside their references) may use
+    kernels/ (executors, the runtime probe); kernels/ knows no pattern, so there is no import loop between them."""
+    offending = [f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+                 for path in sorted((ROOT / "kernels").glob("*.py"))
+                 for number, line in enumerate(path.read_text().splitlines(), 1)
+                 if "sparse_prefill.patterns" in line and line.lstrip().startswith(("import", "from"))]
+    assert not offending, "kernels/ imports patterns:\n" + "\n".join(offending)

@@ -199,7 +199,7 @@ def test_check_model_accepts_indices_inside_the_model():
 
 
 def test_anchor_block_limit_matches_the_triton_identifier():
-    from sparse_prefill.kernels.anchor_identify import MAX_BLOCK
+    from sparse_prefill.patterns.anchor.kernel import MAX_BLOCK
 
     assert load_policy({"default": {"pattern": "anchor", "block": MAX_BLOCK}}).default.as_dict()["block"] == MAX_BLOCK
     with pytest.raises(PolicyError, match="default.block"):

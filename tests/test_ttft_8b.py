@@ -14,7 +14,7 @@ import torch
 
 # Triton decides at import whether a kernel compiles or interprets: import them under conftest's TRITON_INTERPRET=1,
 # before the fixture below switches the interpreter off, so tests run later in this process still interpret them.
-import sparse_prefill.kernels.anchor_identify  # noqa: F401
+import sparse_prefill.patterns.anchor.kernel  # noqa: F401
 import sparse_prefill.kernels.executors  # noqa: F401
 from sparse_prefill import AttentionContext, load_policy, registry
 from sparse_prefill.evaluation.synthetic import structured_qkv

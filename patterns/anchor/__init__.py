@@ -21,7 +21,7 @@ from sparse_prefill.plan import DensePlan, StripePlan
 
 __all__ = ["ANCHOR", "AnchorIdentifier"]
 
-# The Triton identifier's largest block: kernels/anchor_identify.py MAX_BLOCK (its kernel 1 holds a block's
+# The Triton identifier's largest block: patterns/anchor/kernel.py MAX_BLOCK (its kernel 1 holds a block's
 # q rows in registers). Not imported: that module loads Triton, which this one defers to identify().
 _MAX_BLOCK = 128
 
@@ -55,7 +55,7 @@ class AnchorIdentifier(Identifier):
     def identify(self, q: torch.Tensor, k: torch.Tensor, ctx: AttentionContext) -> StripePlan | DensePlan:
         params = self.params if ctx.dense_fallback else {**self.params, "dense_above": 1.0}
         if triton_can_run(q.device):
-            from sparse_prefill.kernels.anchor_identify import anchor_identify, not_supported_reasons
+            from sparse_prefill.patterns.anchor.kernel import anchor_identify, not_supported_reasons
 
             reasons = not_supported_reasons(q.shape[1], k.shape[1], q.shape[-1], q.dtype, block=params["block"],
                                             group_blocks=params["group_blocks"],

@@ -1,6 +1,6 @@
 """AnchorAttention identifier (stages 1-2) in plain PyTorch: fp32, one query group at a time, obviously right.
 
-This is the specification the Triton kernel (:mod:`sparse_prefill.kernels.anchor_identify`) must
+This is the specification the Triton kernel (:mod:`sparse_prefill.patterns.anchor.kernel`) must
 match. Per batch ``b``, query head ``h`` and query group ``g`` of ``block * group_blocks`` rows:
 
 1. Anchor: ``m_i = max_j scale * q_i . k_j`` over row ``i``'s window keys, the initial window
