@@ -33,22 +33,15 @@ from sparse_prefill.registry import (
 
 __version__ = "0.1.0"
 
+# The user's API. Plugin authors import from sparse_prefill.plugin (roles, plans, hook marker); those names
+# stay importable from here too, for code written before the split, but are not part of this layer.
 __all__ = [
-    "AttentionContext",
-    "BlockPlan",
-    "DensePlan",
-    "Executor",
-    "Identifier",
     "NoCapableExecutorError",
-    "Parameter",
     "PatternInfo",
-    "PatternSpec",
-    "Plan",
     "PluginLoadError",
     "Policy",
     "PolicyError",
     "SparsePrefillHandle",
-    "StripePlan",
     "apply",
     "available_patterns",
     "get_pattern",
@@ -56,7 +49,6 @@ __all__ = [
     "plugin_errors",
     "register_plugin",
     "remove",
-    "select_executor",
     "shipped_policies",
     "sparse_attention",
 ]
