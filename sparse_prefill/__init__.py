@@ -17,10 +17,12 @@ _CHECKOUT_ROOT = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
 if not _os.path.isdir(_os.path.join(__path__[0], "kernels")) and _os.path.isdir(_os.path.join(_CHECKOUT_ROOT, "kernels")):
     __path__.append(_CHECKOUT_ROOT)
 
-from sparse_prefill.dispatch import NoCapableExecutorError, select_executor, sparse_attention
+from sparse_prefill.dispatch import NoCapableExecutorError, sparse_attention
+from sparse_prefill.dispatch import select_executor  # noqa: F401  (importable as before; not the users' API)
 from sparse_prefill.integrations.huggingface import SparsePrefillHandle, apply, remove
-from sparse_prefill.interfaces import AttentionContext, Executor, Identifier, Parameter, PatternSpec
-from sparse_prefill.plan import BlockPlan, DensePlan, Plan, StripePlan
+# Plugin authors' names, importable from here as before sparse_prefill.plugin existed:
+from sparse_prefill.interfaces import AttentionContext, Executor, Identifier, Parameter, PatternSpec  # noqa: F401
+from sparse_prefill.plan import BlockPlan, DensePlan, Plan, StripePlan  # noqa: F401
 from sparse_prefill.policy import Policy, PolicyError, load_policy, shipped_policies
 from sparse_prefill.registry import (
     PatternInfo,

@@ -16,7 +16,7 @@ from typing import Iterable, Mapping
 import torch
 
 from sparse_prefill.evaluation.recall import attention_recall
-from sparse_prefill.integrations.huggingface import _kv_aligned_chunks
+from sparse_prefill.integrations.head_groups import _kv_aligned_chunks
 from sparse_prefill.interfaces import AttentionContext
 from sparse_prefill.policy import Policy
 

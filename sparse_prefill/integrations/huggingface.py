@@ -32,163 +32,41 @@ import itertools
 import logging
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import torch
 
 from sparse_prefill.dispatch import sparse_attention
+from sparse_prefill.integrations.head_groups import _kv_aligned_chunks
+from sparse_prefill.integrations.masks import DeferredMask, _make_mask_function
+from sparse_prefill.integrations.prefill_stats import (
+    _DECODE,
+    _MIN_LENGTH,
+    _WINDOW,
+    PrefillStats,
+    _notice_level,
+)
+from sparse_prefill.integrations.tensor_parallel import (
+    _model_head_offset,
+    tp_head_offset,
+)
 from sparse_prefill.interfaces import AttentionContext
 from sparse_prefill.plan import DensePlan, Plan
 from sparse_prefill.policy import PatternChoice, Policy, PolicySource, load_policy
 from sparse_prefill.registry import get_pattern
 
-__all__ = ["SparsePrefillHandle", "DeferredMask", "apply", "remove", "tp_head_offset"]
+# The other jobs live beside this module: masks.py (the deferred mask), prefill_stats.py (what ran),
+# tensor_parallel.py (which heads a rank holds), head_groups.py (GQA-aligned head calls). Their public
+# names are re-exported here, where code written before the split imports them.
+__all__ = ["SparsePrefillHandle", "DeferredMask", "PrefillStats", "apply", "remove", "tp_head_offset"]
 
 _HANDLE_ATTR = "_sparse_prefill_handle"
 _logger = logging.getLogger(__name__)  # a child of "sparse_prefill": one name silences the library
 
-# Why a call ran dense, where the level of its notice depends on it (see _notice_level).
-_DECODE = "decode, chunked prefill or cached prefix (query shorter than keys)"
-_MIN_LENGTH = "shorter than the policy's min_length"
-_WINDOW = "sliding window shorter than the input"
 _names = itertools.count()
 # Patched models per registered name: a deep copy of a patched model shares its original's name, so
 # remove() on one must leave the name registered while the other still runs under it.
 _name_users: collections.Counter[str] = collections.Counter()
-
-# Query projections of transformers' attention classes, and the TP styles that keep every head
-# on every rank (the projection's output is gathered). A "colwise" rule on an unfused projection
-# splits the heads; on a fused one (qkv) the head layout is model-specific.
-_QUERY_PROJECTIONS = ("q_proj", "q_b_proj", "qkv_proj", "query_key_value")
-_UNFUSED_QUERY_PROJECTIONS = ("q_proj", "q_b_proj")
-_GATHERED_STYLES = ("colwise_gather_output", "colwise_rep")
-
-
-@dataclass
-class DeferredMask:
-    """What the attention function receives on a fresh prefill.
-
-    ``padding`` is the [B, N] boolean mask of real tokens, or None when nothing is padded;
-    ``materialize()`` builds (once) the mask the previous implementation expects. Both derived
-    values are computed once per forward and shared by every layer.
-    """
-
-    padding: torch.Tensor | None
-    build: Callable[[], Any]
-
-    def materialize(self) -> Any:
-        return self._mask
-
-    def sequence_ranges(self) -> list[tuple[int, int]] | None:
-        """[start, end) of each sequence's real tokens, or None if some sequence has holes.
-
-        One host sync per forward (not per layer): the ranges decide how the batch is split.
-        """
-        return self._ranges
-
-    @functools.cached_property
-    def _mask(self) -> Any:
-        return self.build()
-
-    @functools.cached_property
-    def _ranges(self) -> list[tuple[int, int]] | None:
-        return _valid_ranges(self.padding)
-
-
-def _valid_ranges(padding: torch.Tensor) -> list[tuple[int, int]] | None:
-    """Per row of ``padding`` [B, N], [first real, last real + 1) if the real tokens are contiguous."""
-    real = padding.int()
-    first = real.argmax(dim=1)
-    end = padding.shape[1] - real.flip(1).argmax(dim=1)
-    contiguous = (real.sum(dim=1) == end - first) & padding.any(dim=1)
-    if not bool(contiguous.all()):
-        return None
-    return list(zip(first.tolist(), end.tolist()))
-
-
-@dataclass
-class PrefillStats:
-    """What the attention function did: calls on each path, why calls ran the previous
-    implementation, and the plans' densities when collected.
-
-    A layer call can make several plans (per-head policies, memory-bounded head chunks):
-    ``densities`` has one entry per plan, ``plan_heads`` the query heads each covered and
-    ``plan_layers`` its layer. ``fallbacks`` counts the calls that ran the previous implementation
-    by reason (decode steps and cached prefixes included: that is where they belong).
-    ``dense_plans`` counts, by reason, the dense attention inside sparse calls: plans an identifier
-    of a sparse pattern made dense (denser than its ``dense_above``) and padded sequences shorter
-    than ``min_length``; those calls count in ``sparse_calls`` too.
-    """
-
-    sparse_calls: int = 0
-    dense_calls: int = 0
-    densities: list[float] = field(default_factory=list)
-    plan_heads: list[int] = field(default_factory=list)
-    plan_layers: list[int | None] = field(default_factory=list)
-    fallbacks: collections.Counter[str] = field(default_factory=collections.Counter)
-    dense_plans: collections.Counter[str] = field(default_factory=collections.Counter)
-
-    def mean_density(self) -> float | None:
-        """Density over every query head of every sparse call (plans weighted by their heads)."""
-        heads = sum(self.plan_heads)
-        return sum(d * h for d, h in zip(self.densities, self.plan_heads)) / heads if heads else None
-
-    def layer_densities(self) -> dict[int | None, float]:
-        """Mean density per layer, plans weighted by their heads (layers that made no plan are absent)."""
-        totals: dict[int | None, list[float]] = {}
-        for density, heads, layer in zip(self.densities, self.plan_heads, self.plan_layers):
-            weighted = totals.setdefault(layer, [0.0, 0.0])
-            weighted[0] += density * heads
-            weighted[1] += heads
-        return {layer: total / heads for layer, (total, heads) in sorted(totals.items(), key=lambda kv: str(kv[0]))}
-
-    def record(self, plan: Plan, ctx: AttentionContext) -> None:
-        self.densities.append(plan.density())
-        self.plan_heads.append(ctx.num_q_heads)
-        self.plan_layers.append(ctx.layer_idx)
-
-    def record_fallback(self, reason: str) -> None:
-        self.dense_calls += 1
-        self.fallbacks[reason] += 1
-
-    def reset(self) -> None:
-        self.sparse_calls, self.dense_calls = 0, 0
-        self.densities, self.plan_heads, self.plan_layers = [], [], []
-        self.fallbacks, self.dense_plans = collections.Counter(), collections.Counter()
-
-    def summary(self) -> str:
-        """One paragraph for people: calls per path, mean density, and why calls or plans ran dense."""
-        if not self.sparse_calls and not self.dense_calls:
-            return "no attention call ran yet."
-        density = self.mean_density()
-        density_text = ("density not collected (apply(..., collect_stats=True))" if density is None
-                        else f"mean density {density:.3f}")
-        parts = [f"{self.sparse_calls} attention call(s) ran sparse"
-                 + (f", {density_text}" if self.sparse_calls else "")]
-        if self.dense_plans:
-            parts.append(f"dense attention within them: {_by_reason(self.dense_plans, 'plan(s)')}")
-        if self.dense_calls:
-            parts.append(f"{self.dense_calls} call(s) ran the model's own attention: "
-                         f"{_by_reason(self.fallbacks, 'call(s)')}")
-        return "; ".join(parts) + "."
-
-
-def _by_reason(counts: collections.Counter[str], noun: str) -> str:
-    """``counts`` as "7 call(s) decode ... (dense by design), 2 call(s) shorter than ...", most first
-    (every reason reads after "N calls")."""
-    return ", ".join(f"{count} {noun} {reason}" + (" (dense by design)" if reason == _DECODE else "")
-                     for reason, count in counts.most_common())
-
-
-def _notice_level(reason: str, fallback: bool) -> int:
-    """DEBUG where dense is by design, INFO where the policy chose it (a dense plan always is: the pattern chose
-    it), WARNING where the sparse path could not honour what the model or the caller asked for (the caller may
-    want to change something)."""
-    if reason == _DECODE:
-        return logging.DEBUG
-    if not fallback or reason.startswith((_MIN_LENGTH, _WINDOW)):
-        return logging.INFO
-    return logging.WARNING
 
 
 @dataclass
@@ -243,49 +121,6 @@ def _transformers_interfaces() -> tuple[Any, Any]:
     return ALL_ATTENTION_FUNCTIONS, ALL_MASK_ATTENTION_FUNCTIONS
 
 
-def tp_head_offset(tp_plan: Mapping[str, str], tp_size: int, tp_rank: int, num_heads: int, num_kv_heads: int) -> int:
-    """Global index of the first query head that tensor-parallel rank ``tp_rank`` holds.
-
-    A "colwise" rule shards a projection's output features into ``tp_size`` contiguous slices in
-    rank order, so with whole heads per slice rank r holds query heads [r*H/tp, (r+1)*H/tp) and
-    the KV heads they read. Any layout this cannot vouch for raises: per-head policies would
-    otherwise silently run on the wrong heads.
-    """
-    if tp_size == 1:
-        return 0
-    rules = {(key.rsplit(".", 1)[-1], style) for key, style in tp_plan.items()
-             if key.rsplit(".", 1)[-1] in _QUERY_PROJECTIONS}
-    if rules and all(style in _GATHERED_STYLES for _, style in rules):
-        return 0
-    if not rules or any(name not in _UNFUSED_QUERY_PROJECTIONS or style != "colwise" for name, style in rules):
-        raise ValueError(
-            f"cannot tell which attention heads tensor-parallel rank {tp_rank} holds: the TP plan's query-projection "
-            f"rules are {sorted(rules) or 'missing'}; sparse prefill supports 'colwise' on "
-            f"{' or '.join(_UNFUSED_QUERY_PROJECTIONS)} (heads split across ranks) or {' / '.join(_GATHERED_STYLES)} "
-            "(every rank keeps every head)"
-        )
-    if num_heads % tp_size or num_kv_heads % tp_size:
-        raise ValueError(
-            f"{num_heads} query heads and {num_kv_heads} KV heads do not split evenly over tp_size={tp_size}; "
-            "sparse prefill needs whole heads and whole GQA groups on every rank"
-        )
-    return tp_rank * (num_heads // tp_size)
-
-
-def _model_head_offset(model: Any) -> int:
-    """:func:`tp_head_offset` of this process for a model loaded with transformers' TP (0 without it)."""
-    tp_size = getattr(model, "tp_size", None) or 1
-    if tp_size == 1:
-        return 0
-    mesh = getattr(model, "_device_mesh", None)
-    if mesh is None:
-        raise ValueError(f"model reports tp_size={tp_size} but has no device mesh to read this process's TP rank from")
-    tp_rank = mesh.get_local_rank("tp") if mesh.ndim > 1 else mesh.get_local_rank()
-    config = model.config.get_text_config()
-    num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    return tp_head_offset(model.tp_plan or {}, tp_size, tp_rank, config.num_attention_heads, num_kv_heads)
-
-
 def _previous_attention(model: Any, implementation: str) -> Callable[..., Any]:
     """The attention function the model used before :func:`apply`."""
     attention_functions, _ = _transformers_interfaces()
@@ -312,45 +147,6 @@ def _eager_attention_of(cls: type) -> Callable[..., Any]:
         raise ValueError(f"{cls.__name__} has no eager_attention_forward in {cls.__module__}; load the model with "
                          "attn_implementation='sdpa' before calling apply()")
     return eager
-
-
-def _is_fresh_prefill(q_length: int, kv_length: int, q_offset: Any, kv_offset: Any, allow_is_causal_skip: bool) -> bool:
-    """A plain causal prefill with no cached prefix (custom mask overlays and packing disable the skip)."""
-    offsets_zero = isinstance(q_offset, int) and isinstance(kv_offset, int) and q_offset == 0 and kv_offset == 0
-    return offsets_zero and q_length == kv_length and allow_is_causal_skip
-
-
-def _make_mask_function(previous_mask: Callable[..., Any]) -> Callable[..., Any]:
-    def mask_function(
-        batch_size: int,
-        q_length: int,
-        kv_length: int,
-        q_offset: Any = 0,
-        kv_offset: Any = 0,
-        attention_mask: torch.Tensor | None = None,
-        allow_is_causal_skip: bool = True,
-        **kwargs: Any,
-    ) -> Any:
-        arguments = dict(
-            batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
-            kv_offset=kv_offset, attention_mask=attention_mask, allow_is_causal_skip=allow_is_causal_skip, **kwargs,
-        )
-        build = functools.partial(previous_mask, **arguments)
-        if not _is_fresh_prefill(q_length, kv_length, q_offset, kv_offset, allow_is_causal_skip):
-            return build()
-        # Sliding and chunked layers pass their window here only (Llama 4, PhiMoE, Qwen2-MoE
-        # never hand it to attention); a window at least as long as the keys is plain causal.
-        local_size = kwargs.get("local_size")
-        if local_size is not None and kv_length > local_size:
-            return build()
-        padding = None
-        if attention_mask is not None:
-            padding = attention_mask[:, -kv_length:].bool()
-            if bool(padding.all()):
-                padding = None
-        return DeferredMask(padding=padding, build=build)
-
-    return mask_function
 
 
 # Keywords the sparse path honours, or that do not change attention's result. Any other one with
@@ -394,28 +190,6 @@ def _previous_reason(handle: SparsePrefillHandle, module: Any, query: torch.Tens
 
 def _min_length_reason(handle: SparsePrefillHandle) -> str:
     return f"{_MIN_LENGTH} {handle.policy.min_length}"
-
-
-def _kv_aligned_chunks(heads: tuple[int, ...], group: int) -> list[tuple[list[int], list[int]]]:
-    """Split query heads into (query heads, kv heads) chunks that keep GQA groups whole.
-
-    Each run of adjacent complete KV groups is one call, so a chunk's heads are consecutive and its
-    ``head_offset`` is exact; a KV group only partly in ``heads`` runs head by head against its
-    single KV head (a view, never a copy per query head).
-    """
-    head_set = set(heads)
-    runs: list[tuple[list[int], list[int]]] = []
-    partial: list[tuple[list[int], list[int]]] = []
-    for kv in sorted({h // group for h in heads}):
-        members = list(range(kv * group, (kv + 1) * group))
-        if not head_set.issuperset(members):
-            partial.extend(([h], [kv]) for h in members if h in head_set)
-        elif runs and runs[-1][1][-1] == kv - 1:
-            runs[-1][0].extend(members)
-            runs[-1][1].append(kv)
-        else:
-            runs.append((members, [kv]))
-    return runs + partial
 
 
 def _sparse_prefill(handle: SparsePrefillHandle, layer: int | None, q: torch.Tensor, k: torch.Tensor,
