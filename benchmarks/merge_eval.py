@@ -68,9 +68,7 @@ def main() -> None:
     for path in args.compare:
         earlier = json.loads(path.read_text())
         compared += [Measurement(**r) for r in earlier["results"] if r["label"] != BASELINE_LABEL]
-    if args.compare:
-        record["compared_with"] = [f"{path.name} (commit {json.loads(path.read_text())['commit']})"
-                                   for path in args.compare]
+        record.setdefault("compared_with", []).append(f"{path.name} (commit {earlier['commit']})")
     record["results"] = [dataclasses.asdict(m) for m in results]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")

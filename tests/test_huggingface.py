@@ -359,10 +359,10 @@ def test_min_length_holds_per_sequence_of_a_padded_batch():
 
 
 def test_chunks_of_whole_kv_groups_hold_consecutive_heads():
-    from sparse_prefill.integrations.head_groups import _kv_aligned_chunks
+    from sparse_prefill.integrations.head_groups import kv_aligned_chunks
 
-    assert _kv_aligned_chunks((0, 1, 4, 5), 2) == [([0, 1], [0]), ([4, 5], [2])]
-    assert _kv_aligned_chunks((0, 1, 2, 3, 5), 2) == [([0, 1, 2, 3], [0, 1]), ([5], [2])]
+    assert kv_aligned_chunks((0, 1, 4, 5), 2) == [([0, 1], [0]), ([4, 5], [2])]
+    assert kv_aligned_chunks((0, 1, 2, 3, 5), 2) == [([0, 1, 2, 3], [0, 1]), ([5], [2])]
 
 
 def test_overrides_for_layers_or_heads_the_model_lacks_are_refused():

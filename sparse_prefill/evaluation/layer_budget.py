@@ -257,9 +257,9 @@ def calibration_record(result: KLCalibration) -> dict[str, Any]:
 def kl_calibrated_policy(base: Policy, result: KLCalibration, header: str) -> str:
     """YAML of ``base`` with one override per calibrated layer, its chosen setting or dense, under a
     comment saying what was measured. Layers that were not calibrated keep ``base``'s default."""
-    settings = {layer: option.choice for layer, option in result.chosen.items()}
-    layer_policy(base, settings, base.source)  # the file must load: validated like any policy
-    body = yaml.safe_dump(_policy_dict(base, settings), sort_keys=False, default_flow_style=None, width=120)
+    policy = _policy_dict(base, {layer: option.choice for layer, option in result.chosen.items()})
+    load_policy(policy)  # the file must load: validated like any policy
+    body = yaml.safe_dump(policy, sort_keys=False, default_flow_style=None, width=120)
     lines = list(header.splitlines())
     for check in result.checks:
         lines.append(f"check: solved for KL {check.budget:.4g}, predicted {check.predicted_kl:.4g}, "

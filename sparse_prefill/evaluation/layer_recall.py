@@ -16,7 +16,7 @@ from typing import Iterable, Mapping
 import torch
 
 from sparse_prefill.evaluation.recall import attention_recall
-from sparse_prefill.integrations.head_groups import _kv_aligned_chunks
+from sparse_prefill.integrations.head_groups import kv_aligned_chunks
 from sparse_prefill.interfaces import AttentionContext
 from sparse_prefill.policy import Policy
 
@@ -40,7 +40,7 @@ def policy_layer_recall(qk: Mapping[int, tuple[torch.Tensor, torch.Tensor]], pol
         kept = 0.0
         for assignment in policy.assign_heads(layer, num_q):
             identifier = policy.identifier(assignment.choice)
-            for q_heads, kv_heads in _kv_aligned_chunks(assignment.heads, num_q // num_kv):
+            for q_heads, kv_heads in kv_aligned_chunks(assignment.heads, num_q // num_kv):
                 q_part, k_part = q[:, q_heads], k[:, kv_heads]
                 ctx = AttentionContext.for_inputs(q_part, k_part, layer_idx=layer, head_offset=q_heads[0])
                 with torch.inference_mode():

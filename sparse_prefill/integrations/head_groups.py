@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-__all__: list[str] = []
+__all__ = ["kv_aligned_chunks"]
 
 
-def _kv_aligned_chunks(heads: tuple[int, ...], group: int) -> list[tuple[list[int], list[int]]]:
+def kv_aligned_chunks(heads: tuple[int, ...], group: int) -> list[tuple[list[int], list[int]]]:
     """Split query heads into (query heads, kv heads) chunks that keep GQA groups whole.
 
     Each run of adjacent complete KV groups is one call, so a chunk's heads are consecutive and its

@@ -37,7 +37,7 @@ from typing import Any, Callable
 import torch
 
 from sparse_prefill.dispatch import sparse_attention
-from sparse_prefill.integrations.head_groups import _kv_aligned_chunks
+from sparse_prefill.integrations.head_groups import kv_aligned_chunks
 from sparse_prefill.integrations.masks import DeferredMask, _make_mask_function
 from sparse_prefill.integrations.prefill_stats import (
     _DECODE,
@@ -205,7 +205,7 @@ def _sparse_prefill(handle: SparsePrefillHandle, layer: int | None, q: torch.Ten
     for assignment in assignments:
         identifier = handle.policy.identifier(assignment.choice)
         on_plan = _plan_observer(handle, assignment.choice)
-        for q_heads, kv_heads in _kv_aligned_chunks(assignment.heads, hq // hkv):
+        for q_heads, kv_heads in kv_aligned_chunks(assignment.heads, hq // hkv):
             q_sub, k_sub, v_sub = q[:, q_heads], k[:, kv_heads], v[:, kv_heads]
             ctx = AttentionContext.for_inputs(q_sub, k_sub, scale, layer_idx=layer, head_offset=offset + q_heads[0])
             out[:, q_heads] = sparse_attention(q_sub, k_sub, v_sub, identifier, ctx, on_plan=on_plan)[0]
