@@ -46,6 +46,29 @@ def _check_csr(name: str, offsets: torch.Tensor, indices: torch.Tensor, segments
         raise ValueError(f"{name}.offsets must be non-decreasing")
 
 
+def _rows_entries(offsets: torch.Tensor, indices: torch.Tensor, segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(position in ``segments``, index) of every CSR entry of the listed segments, gathered without a host loop
+    (one host sync sizes the result)."""
+    starts, counts = offsets[segments], offsets[segments + 1] - offsets[segments]
+    total = int(counts.sum())
+    owner = torch.repeat_interleave(torch.arange(segments.numel(), device=segments.device), counts, output_size=total)
+    first = torch.cumsum(counts, 0) - counts
+    position = torch.arange(total, device=segments.device) - first[owner] + starts[owner]
+    return owner, indices[position].long()
+
+
+def _select_heads(offsets: torch.Tensor, indices: torch.Tensor, shape: tuple[int, int, int], start: int,
+                  stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """CSR (offsets, indices) of plan heads [start, stop) of a CSR laid out as ``shape`` = (batch, heads, groups)."""
+    counts = (offsets[1:] - offsets[:-1]).view(shape)
+    keep = torch.zeros(shape, dtype=torch.bool, device=offsets.device)
+    keep[:, start:stop] = True
+    kept = torch.repeat_interleave(keep.flatten(), counts.flatten(), output_size=indices.numel())
+    new_offsets = torch.zeros(shape[0] * (stop - start) * shape[2] + 1, dtype=torch.int64, device=offsets.device)
+    torch.cumsum(counts[:, start:stop].flatten(), 0, out=new_offsets[1:])
+    return new_offsets, indices[kept]
+
+
 def _segment_ids(offsets: torch.Tensor, nnz: int) -> torch.Tensor:
     """Segment id of each CSR entry (length nnz), without a host loop."""
     counts = offsets[1:] - offsets[:-1]
@@ -59,9 +82,19 @@ class DensePlan:
     batch: int
     heads: int
     seq_len: int
+    reason: str = ""  # why a sparse pattern's call runs dense, when something other than the pattern decided
 
     def density(self) -> float:
         return 1.0
+
+    def rows_mask(self, rows: torch.Tensor) -> torch.Tensor:
+        """Boolean [batch, heads, len(rows), seq_len]: the causal prefix of each row in ``rows``."""
+        causal = torch.arange(self.seq_len, device=rows.device) <= rows.unsqueeze(1)
+        return causal.expand(self.batch, self.heads, -1, -1)
+
+    def select_heads(self, start: int, stop: int) -> "DensePlan":
+        """The plan of heads [start, stop) alone."""
+        return replace(self, heads=stop - start)
 
     def to_dense(self) -> torch.Tensor:
         mask = torch.ones(self.seq_len, self.seq_len, dtype=torch.bool).tril()
@@ -150,6 +183,27 @@ class StripePlan:
         row_end = torch.clamp(row_start + self.group_rows, max=self.seq_len)
         local_start = torch.clamp(row_start - self.local, min=0)
         return row_start, row_end, torch.clamp(local_start, max=self.sink), local_start
+
+    def rows_mask(self, rows: torch.Tensor) -> torch.Tensor:
+        """Boolean [batch, plan_heads, len(rows), seq_len]: the keys each row in ``rows`` (int64, on the plan's
+        device) attends. Memory grows with the rows asked for, never N^2; one host sync."""
+        keys = torch.arange(self.seq_len, device=rows.device)
+        groups = rows // self.group_rows
+        local_start = torch.clamp(groups * self.group_rows - self.local, min=0)
+        sink_end = torch.clamp(local_start, max=self.sink)
+        window = (keys < sink_end.unsqueeze(1)) | ((keys >= local_start.unsqueeze(1)) & (keys <= rows.unsqueeze(1)))
+        mask = window.expand(self.batch, self.plan_heads, -1, -1).clone()
+        heads = torch.arange(self.batch * self.plan_heads, device=rows.device).unsqueeze(1)
+        segments = (heads * self.num_groups + groups).flatten()
+        owner, keys_selected = _rows_entries(self.offsets, self.indices, segments)
+        mask.view(-1, self.seq_len)[owner, keys_selected] = True
+        return mask
+
+    def select_heads(self, start: int, stop: int) -> "StripePlan":
+        """The plan of plan heads [start, stop) alone (for running some heads another way)."""
+        offsets, indices = _select_heads(self.offsets, self.indices, (self.batch, self.plan_heads, self.num_groups),
+                                         start, stop)
+        return replace(self, plan_heads=stop - start, offsets=offsets, indices=indices)
 
     def density(self) -> float:
         """Fraction of the causal score matrix this plan computes."""
@@ -242,6 +296,25 @@ class BlockPlan:
 
     def counts(self) -> torch.Tensor:
         return (self.offsets[1:] - self.offsets[:-1]).view(self.batch, self.heads, self.num_blocks)
+
+    def rows_mask(self, rows: torch.Tensor) -> torch.Tensor:
+        """Boolean [batch, heads, len(rows), seq_len]: the keys each row in ``rows`` (int64, on the plan's device)
+        attends, causal. Memory grows with the rows asked for, never N^2; one host sync."""
+        blocks = torch.zeros(self.batch * self.heads * rows.numel(), self.num_blocks, dtype=torch.bool,
+                             device=rows.device)
+        heads = torch.arange(self.batch * self.heads, device=rows.device).unsqueeze(1)
+        segments = (heads * self.num_blocks + rows // self.block_size).flatten()
+        owner, key_blocks = _rows_entries(self.offsets, self.indices, segments)
+        blocks[owner, key_blocks] = True
+        mask = blocks.repeat_interleave(self.block_size, dim=1)[:, : self.seq_len]
+        causal = torch.arange(self.seq_len, device=rows.device) <= rows.unsqueeze(1)
+        return mask.view(self.batch, self.heads, rows.numel(), self.seq_len) & causal
+
+    def select_heads(self, start: int, stop: int) -> "BlockPlan":
+        """The plan of heads [start, stop) alone (for running some heads another way)."""
+        offsets, indices = _select_heads(self.offsets, self.indices, (self.batch, self.heads, self.num_blocks),
+                                         start, stop)
+        return replace(self, heads=stop - start, offsets=offsets, indices=indices)
 
     def density(self) -> float:
         """Fraction of the causal score matrix this plan computes, from the CSR alone (no N^2 mask)."""
