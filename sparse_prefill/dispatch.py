@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 
-from sparse_prefill.guard import RecallGuard
+from sparse_prefill.guard import ErrorGuard
 from sparse_prefill.interfaces import AttentionContext, Executor, Identifier, PlanBudgetExceeded
 from sparse_prefill.plan import DensePlan, Plan
 from sparse_prefill.registry import get_registry
@@ -56,7 +56,7 @@ def sparse_attention(
     return_lse: bool = False,
     on_plan: Callable[[Plan, AttentionContext], None] | None = None,
     max_plan_bytes: int | None = None,
-    guard: RecallGuard | None = None,
+    guard: ErrorGuard | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Causal prefill attention over the keys ``identifier`` selects.
 
@@ -72,10 +72,10 @@ def sparse_attention(
     identifier allows), each identified, executed into the shared output and freed before the
     next. Identifiers that ignore the budget run in one call.
 
-    ``guard`` (a :class:`~sparse_prefill.guard.RecallGuard`): before a sparse plan runs, the KV groups
-    whose sampled query rows keep too little of their attention run dense instead; ``on_plan`` then
-    sees the plan of the heads that stayed sparse and a :class:`DensePlan` with the guard's ``reason``
-    for the others, each with the context of its heads.
+    ``guard`` (a :class:`~sparse_prefill.guard.ErrorGuard`): after a sparse plan runs, the KV groups
+    whose output on a few sampled query rows is too far from exact attention run dense again;
+    ``on_plan`` then sees the plan of the heads that stayed sparse and a :class:`DensePlan` with the
+    guard's ``reason`` for the others, each with the context of its heads.
 
     Gradients: identification runs under ``torch.no_grad()`` (selection is not differentiable; the
     plan is integers). When q, k or v require grad under grad mode, the chosen executor must have a
@@ -139,7 +139,7 @@ def _greedy_runs(sizes: list[int], budget: int) -> list[slice]:
 def _run_in_chunks(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, identifier: Identifier, ctx: AttentionContext,
     chunks: list[tuple[slice, slice]], *, executor: Executor | None, return_lse: bool,
-    on_plan: Callable[[Plan, AttentionContext], None] | None, guard: RecallGuard | None = None,
+    on_plan: Callable[[Plan, AttentionContext], None] | None, guard: ErrorGuard | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Identify and execute each (query heads, KV heads) chunk into one output; a chunk's plan is
     freed before the next is built."""
@@ -166,33 +166,35 @@ def _run_in_chunks(
 
 def _guarded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, ctx: AttentionContext,
              executor: Executor | None, return_lse: bool, on_plan: Callable[[Plan, AttentionContext], None] | None,
-             guard: RecallGuard | None, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Runs ``plan``, except the KV groups ``guard`` sends to dense attention; ``on_plan`` sees what runs."""
+             guard: ErrorGuard | None, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Runs ``plan``, then runs dense again the KV groups whose output ``guard`` rejects; ``on_plan`` sees what
+    each group's output came from."""
+    result, lse = _execute(q, k, v, plan, ctx, executor, return_lse, out=out)
     with torch.no_grad():
-        dense = ([] if guard is None or isinstance(plan, DensePlan)
-                 else guard.dense_kv_heads(q, k, plan, ctx.scale))
+        dense = [] if guard is None or isinstance(plan, DensePlan) else guard.dense_kv_heads(q, k, v, result, ctx.scale)
     if not any(dense):
         if on_plan is not None:
             on_plan(plan, ctx)
-        return _execute(q, k, v, plan, ctx, executor, return_lse, out=out)
+        return result, lse
     assert guard is not None
-    group, plan_heads = q.shape[1] // k.shape[1], _plan_heads(plan)
-    per_kv = plan_heads // k.shape[1]  # plan heads per KV head: 1, or the group when each query head has its own
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
-    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device) if return_lse else None
+    group = q.shape[1] // k.shape[1]
+    per_kv = _plan_heads(plan) // k.shape[1]  # plan heads per KV head: 1, or the group when each query head has its own
     for start, stop, run_dense in _runs(dense):
         heads = slice(start * group, stop * group)
-        part_q, part_k, part_v = q[:, heads], k[:, start:stop], v[:, start:stop]
-        part_ctx = dataclasses.replace(ctx, num_q_heads=part_q.shape[1], num_kv_heads=stop - start,
+        part_ctx = dataclasses.replace(ctx, num_q_heads=(stop - start) * group, num_kv_heads=stop - start,
                                        head_offset=ctx.head_offset + heads.start)
-        part = (DensePlan(q.shape[0], part_q.shape[1], q.shape[2], reason=guard.reason()) if run_dense
-                else plan.select_heads(start * per_kv, stop * per_kv))
+        if not run_dense:
+            if on_plan is not None:
+                on_plan(plan.select_heads(start * per_kv, stop * per_kv), part_ctx)  # type: ignore[union-attr]
+            continue
+        part = DensePlan(q.shape[0], part_ctx.num_q_heads, q.shape[2], reason=guard.reason())
         if on_plan is not None:
             on_plan(part, part_ctx)
-        part_lse = _execute(part_q, part_k, part_v, part, part_ctx, executor, return_lse, out=out[:, heads])[1]
+        part_lse = _execute(q[:, heads], k[:, start:stop], v[:, start:stop], part, part_ctx, executor, return_lse,
+                            out=result[:, heads])[1]
         if lse is not None:
             lse[:, heads] = part_lse
-    return out, lse
+    return result, lse
 
 
 def _plan_heads(plan: Plan) -> int:

@@ -1,4 +1,4 @@
-"""The recall guard: plans' row masks and head selections, the guard's recall, and what runs dense."""
+"""The error guard: plans' row masks and head selections, the guard's errors, and what runs dense."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from plan_factories import masked_attention, random_block_plan, random_stripe_plan
 from sparse_prefill import load_policy
 from sparse_prefill.dispatch import sparse_attention
-from sparse_prefill.guard import RecallGuard
+from sparse_prefill.guard import ErrorGuard
 from sparse_prefill.interfaces import AttentionContext, Identifier
 from sparse_prefill.plan import BlockPlan, DensePlan, StripePlan
 from sparse_prefill.policy import PolicyError
@@ -47,36 +47,32 @@ def test_select_heads_keeps_exactly_those_heads(shape):
             assert torch.equal(part.to_dense(), plan.to_dense()[:, start:stop])
 
 
-def _brute_force_recall(q, k, plan, scale, rows):
-    """Mean over the rows of the softmax mass on the plan's keys, per query head: from the full N x N scores."""
+def _brute_force_errors(q, k, v, out, scale, rows):
+    """90th percentile per KV group of ||out - O|| / ||O|| over batch, its query heads and ``rows``, O from the
+    full N x N softmax."""
     group = q.shape[1] // k.shape[1]
-    kk = k.repeat_interleave(group, 1)
-    scores = (q @ kk.transpose(-1, -2)) * scale
     n = q.shape[2]
-    causal = torch.ones(n, n, dtype=torch.bool).tril()
-    p = scores.masked_fill(~causal, float("-inf")).softmax(-1)[:, :, rows]
-    mask = plan.to_dense()[:, :, rows]
-    if mask.shape[1] != q.shape[1]:
-        mask = mask.repeat_interleave(group, 1)
-    return (p * mask).sum(-1).mean(-1)  # [B, Hq]
+    scores = (q @ k.repeat_interleave(group, 1).transpose(-1, -2)) * scale
+    p = scores.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf")).softmax(-1)
+    exact = (p @ v.repeat_interleave(group, 1))[:, :, rows]
+    error = (out[:, :, rows] - exact).norm(dim=-1) / exact.norm(dim=-1)
+    return torch.stack([error[:, h * group:(h + 1) * group].flatten().quantile(0.9) for h in range(k.shape[1])])
 
 
-@pytest.mark.parametrize("per_query_head", [False, True])
-def test_guard_recall_matches_brute_force(per_query_head):
+def test_guard_errors_match_brute_force():
     torch.manual_seed(0)
     batch, hq, hkv, n, d = 2, 4, 2, 160, 16
-    q, k = torch.randn(batch, hq, n, d) * 2, torch.randn(batch, hkv, n, d)
-    plan = random_stripe_plan(batch, hq if per_query_head else hkv, n, 32, 8, 32, fraction=0.2, seed=3)
-    guard = RecallGuard(min_recall=0.5, rows=20)
-    recall = guard.kv_head_recall(q, k, plan, d ** -0.5)
-    expected = _brute_force_recall(q, k, plan, d ** -0.5, guard.sample_rows(n, q.device))
-    assert torch.allclose(recall, expected.view(batch, hkv, -1).amin(dim=(0, 2)), atol=1e-5)
-    assert torch.all((recall > 0) & (recall <= 1 + 1e-6))
+    q, k, v = torch.randn(batch, hq, n, d) * 2, torch.randn(batch, hkv, n, d), torch.randn(batch, hkv, n, d)
+    out = torch.randn(batch, hq, n, d)
+    guard = ErrorGuard(max_error=0.5, rows=20)
+    errors = guard.kv_head_errors(q, k, v, out, d ** -0.5)
+    expected = _brute_force_errors(q, k, v, out, d ** -0.5, guard.sample_rows(n, q.device))
+    assert torch.allclose(errors, expected, atol=1e-5)
 
 
 def test_sampled_rows_are_distinct_and_in_the_last_three_quarters():
     for n, count in [(1000, 64), (10, 64), (1, 3), (4096, 1)]:
-        rows = RecallGuard(rows=count).sample_rows(n, torch.device("cpu"))
+        rows = ErrorGuard(rows=count).sample_rows(n, torch.device("cpu"))
         assert rows.numel() == min(count, n - n // 4)
         assert torch.equal(rows, rows.unique()) and int(rows.min()) >= n // 4 and int(rows.max()) < n
 
@@ -104,7 +100,7 @@ def _inputs_far_key(batch=1, hq=4, hkv=2, n=128, d=16):
     k[:, 0] *= 0.1
     k[:, 0, 3] = direction * 4
     q[:, : hq // 2] += direction * 4
-    q[:, hq // 2:] = 5 * k[:, 1:2]
+    q[:, hq // 2:] = 20 * k[:, 1:2]
     return q, k, v
 
 
@@ -113,7 +109,7 @@ def test_guard_runs_dense_only_the_lossy_kv_group_and_says_why():
     plan = _windows_only_plan(1, 2, q.shape[2])
     ctx = AttentionContext.for_inputs(q, k)
     seen = []
-    out, _ = sparse_attention(q, k, v, _FixedPlan(plan), ctx, guard=RecallGuard(min_recall=0.9, rows=16),
+    out, _ = sparse_attention(q, k, v, _FixedPlan(plan), ctx, guard=ErrorGuard(max_error=0.5, rows=16),
                               on_plan=lambda p, c: seen.append((p, c.head_offset, c.num_q_heads)))
     dense = masked_attention(q, k, v, DensePlan(1, 2, q.shape[2]).to_dense(), ctx.scale)[0]
     sparse = masked_attention(q, k, v, plan.to_dense(), ctx.scale)[0]
@@ -122,28 +118,28 @@ def test_guard_runs_dense_only_the_lossy_kv_group_and_says_why():
     assert not torch.allclose(dense[:, :2], sparse[:, :2], atol=1e-2)  # and the difference is real
     kinds = [(type(p).__name__, offset, heads) for p, offset, heads in seen]
     assert kinds == [("DensePlan", 0, 2), ("StripePlan", 2, 2)]
-    assert "min_recall 0.9" in seen[0][0].reason
+    assert "max_error 0.5" in seen[0][0].reason
 
 
-@pytest.mark.parametrize("min_recall", [0.0, 1.0])
-def test_guard_at_its_extremes(min_recall):
+@pytest.mark.parametrize("max_error", [0.0, 1e9])
+def test_guard_at_its_extremes(max_error):
     q, k, v = _inputs_far_key(batch=2)
     plan = random_stripe_plan(2, 2, q.shape[2], 32, 4, 16, fraction=0.3, seed=5)
     ctx = AttentionContext.for_inputs(q, k)
-    out, lse = sparse_attention(q, k, v, _FixedPlan(plan), ctx, guard=RecallGuard(min_recall, rows=32),
+    out, lse = sparse_attention(q, k, v, _FixedPlan(plan), ctx, guard=ErrorGuard(max_error, rows=32),
                                 return_lse=True)
-    expected_plan = plan if min_recall == 0.0 else DensePlan(2, 2, q.shape[2])  # 1.0: every lossy group is dense
-    expected = masked_attention(q, k, v, expected_plan.to_dense(), ctx.scale)[0]
+    expected_plan = plan if max_error > 0 else DensePlan(2, 2, q.shape[2])  # 0: every lossy group is dense
+    expected, expected_lse = masked_attention(q, k, v, expected_plan.to_dense(), ctx.scale)
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
-    assert torch.allclose(out, expected, atol=1e-5)
+    assert torch.allclose(out, expected, atol=1e-5) and torch.allclose(lse, expected_lse, atol=1e-5)
 
 
-def test_a_complete_plan_passes_the_strictest_guard():
+def test_a_complete_plan_has_no_error():
     q, k, v = _inputs_far_key()
-    n = q.shape[2]
-    plan = random_stripe_plan(1, 2, n, 32, 4, 16, fraction=1.0)
-    recall = RecallGuard(1.0, rows=8).kv_head_recall(q, k, plan, q.shape[-1] ** -0.5)
-    assert torch.allclose(recall, torch.ones(2), atol=1e-5)
+    plan = random_stripe_plan(1, 2, q.shape[2], 32, 4, 16, fraction=1.0)
+    ctx = AttentionContext.for_inputs(q, k)
+    out, _ = sparse_attention(q, k, v, _FixedPlan(plan), ctx)
+    assert torch.all(ErrorGuard(0.0, rows=8).kv_head_errors(q, k, v, out, ctx.scale) < 1e-5)
 
 
 def test_block_plans_are_guarded_too():
@@ -151,17 +147,21 @@ def test_block_plans_are_guarded_too():
     n = q.shape[2]
     offsets = torch.arange(2 * 4 + 1, dtype=torch.int64)
     diagonal = BlockPlan(1, 2, n, 32, offsets, torch.arange(4, dtype=torch.int32).repeat(2))
-    dense_heads = RecallGuard(0.9, rows=16).dense_kv_heads(q, k, diagonal, q.shape[-1] ** -0.5)
-    assert dense_heads == [True, False]
+    ctx = AttentionContext.for_inputs(q, k)
+    seen = []
+    sparse_attention(q, k, v, _FixedPlan(diagonal), ctx, guard=ErrorGuard(0.5, rows=16),
+                     on_plan=lambda p, c: seen.append(type(p).__name__))
+    assert seen == ["DensePlan", "BlockPlan"]
 
 
 def test_policy_guard_key():
-    policy = load_policy({"default": {"pattern": "anchor"}, "guard": {"min_recall": 0.9, "rows": 32}})
-    assert policy.guard == RecallGuard(0.9, 32)
+    policy = load_policy({"default": {"pattern": "anchor"}, "guard": {"max_error": 0.3, "rows": 32}})
+    assert policy.guard == ErrorGuard(0.3, 32)
     assert "guard" in policy.describe()
-    assert load_policy({"default": {"pattern": "anchor"}, "guard": {}}).guard == RecallGuard()
+    assert load_policy({"default": {"pattern": "anchor"}, "guard": {}}).guard == ErrorGuard()
     assert load_policy({"default": {"pattern": "anchor"}}).guard is None
-    for bad, key in [({"min_recall": 1.5}, "guard.min_recall"), ({"rows": 0}, "guard.rows"),
-                     ({"rows": True}, "guard.rows"), ({"recall": 0.9}, "guard.recall"), ([0.9], "guard")]:
+    for bad, key in [({"max_error": -1}, "guard.max_error"), ({"max_error": "big"}, "guard.max_error"),
+                     ({"rows": 0}, "guard.rows"), ({"rows": True}, "guard.rows"), ({"error": 0.5}, "guard.error"),
+                     ([0.5], "guard")]:
         with pytest.raises(PolicyError, match=key.replace(".", r"\.")):
             load_policy({"default": {"pattern": "anchor"}, "guard": bad})

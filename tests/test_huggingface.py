@@ -462,16 +462,16 @@ def test_summary_without_collected_densities_says_how_to_collect_them():
 
 
 def test_a_guard_that_takes_no_loss_makes_the_model_dense_and_says_so():
-    """A streaming window loses attention on random weights; a guard with min_recall 1 sends every such KV
+    """A streaming window changes attention on random weights; a guard with max_error 0 sends every such KV
     group to dense attention, so the model's logits are the unpatched ones and the summary says why."""
     model = make_model()
     ids = torch.randint(0, 128, (1, 160))
     expected = logits(model, ids)
-    handle = sparse_prefill.apply(model, {**STREAMING, "guard": {"min_recall": 1.0, "rows": 16}}, collect_stats=True)
+    handle = sparse_prefill.apply(model, {**STREAMING, "guard": {"max_error": 0.0, "rows": 16}}, collect_stats=True)
     torch.testing.assert_close(logits(model, ids), expected, atol=LOGIT_ATOL, rtol=0)
     assert handle.stats.densities == [1.0] * len(handle.stats.densities)
-    assert "min_recall 1.0" in handle.summary()
+    assert "max_error 0.0" in handle.summary()
     sparse_prefill.remove(model)
-    handle = sparse_prefill.apply(model, {**STREAMING, "guard": {"min_recall": 0.0}}, collect_stats=True)
+    handle = sparse_prefill.apply(model, {**STREAMING, "guard": {"max_error": 1e9}}, collect_stats=True)
     logits(model, ids)
-    assert max(handle.stats.densities) < 1.0 and "min_recall" not in handle.summary()
+    assert max(handle.stats.densities) < 1.0 and "max_error" not in handle.summary()
