@@ -23,8 +23,8 @@ __all__ = [
     "HEAD_DIMS", "DTYPES", "INTERPRET", "LOG2E", "MAX_GRID_X",
     "load_rows", "mma", "softmax_update", "key_tile", "contiguous_window", "causal_window",
     "program_tile", "program_heads", "load_queries", "initial_state", "store_result",
-    "validate_kernel_inputs", "validate_out", "check_grid", "tile_shape", "dot_settings", "last_dim_contiguous",
-    "fits_and_pays",
+    "validate_kernel_inputs", "check_csr", "validate_out", "tile_shape", "dot_settings", "last_dim_contiguous",
+    "fits_and_pays", "launch",
 ]
 
 HEAD_DIMS = (64, 96, 128, 256)
@@ -200,7 +200,7 @@ def store_result(
     o_ptrs = Out + b * stride_ob + q_head[:, None] * stride_oh + rows64 * stride_on + offs_d[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     if RETURN_LSE:
-        lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # log2 units back to natural log
+        lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # log2 units back to natural log; no key: -inf
         tl.store(Lse + (b * num_q_heads + q_head) * seq_len + row_pos, lse, mask=row_ok)
 
 # ---------------------------------------------------------------------------------------------
@@ -225,6 +225,16 @@ def validate_kernel_inputs(kernel: str, q: torch.Tensor, k: torch.Tensor, v: tor
         raise ValueError(f"scale must be a positive finite number (usually 1/sqrt(head_dim)), got {scale!r}")
 
 
+def check_csr(kind: str, offsets: torch.Tensor, indices: torch.Tensor, segments: int) -> None:
+    """The CSR dtypes and length the kernels read through raw pointers (no host sync: values are not read)."""
+    if offsets.dtype != torch.int64 or indices.dtype != torch.int32 or offsets.numel() != segments + 1:
+        raise ValueError(
+            f"{kind} CSR must be int64 offsets of length {segments + 1} and int32 indices, got "
+            f"{offsets.dtype} offsets of length {offsets.numel()} and {indices.dtype} indices; "
+            "call plan.validate() to locate the problem"
+        )
+
+
 def validate_out(out: torch.Tensor, q: torch.Tensor) -> None:
     if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
         raise ValueError(
@@ -234,13 +244,6 @@ def validate_out(out: torch.Tensor, q: torch.Tensor) -> None:
     if any(stride == 0 and size > 1 for stride, size in zip(out.stride(), out.shape)):
         # An expanded tensor: every row would write the same memory (PyTorch's out= refuses these too).
         raise ValueError(f"out must not overlap itself, got strides {out.stride()} for shape {tuple(out.shape)}")
-
-
-def check_grid(programs: int) -> None:
-    """One grid axis holds every program; refuse a launch CUDA would reject."""
-    if programs > MAX_GRID_X:
-        raise ValueError(f"{programs} programs (batch x heads x query tiles) pass CUDA's grid limit {MAX_GRID_X}; "
-                         "split the batch")
 
 
 def tile_shape(heads_per_plan: int, group_rows: int, head_dim: int) -> tuple[int, int]:
@@ -277,3 +280,45 @@ def dot_settings(dtype: torch.dtype) -> tuple[str, bool]:
 def last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     """The kernels assume unit stride along the head dim; other strides are passed through."""
     return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def launch(
+    kernel: triton.runtime.Autotuner, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan_heads: int,
+    units: int, unit_rows: int, offsets: torch.Tensor, indices: torch.Tensor, scale: float, return_lse: bool,
+    out: torch.Tensor | None, unit_args: tuple = (), **constexprs: object,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run an attention kernel over ``units`` query units (groups or blocks) of ``unit_rows`` rows.
+
+    The kernels share their leading arguments (tensors, strides, head layout, ``units``,
+    ``tiles_per_unit``), then take ``unit_args``, the score scale and the constexprs; this sizes
+    the tile and the grid, allocates or checks ``out`` and the lse, and launches.
+    """
+    q, k, v = (last_dim_contiguous(x) for x in (q, k, v))
+    batch, num_q, seq_len, head_dim = q.shape
+    heads_per_plan = num_q // plan_heads
+    head_tile, rows = tile_shape(heads_per_plan, unit_rows, head_dim)
+    head_chunks = triton.cdiv(heads_per_plan, head_tile)
+    tiles_per_unit = triton.cdiv(unit_rows, rows)
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    else:
+        validate_out(out, q)
+    lse = torch.empty(batch, num_q, seq_len, dtype=torch.float32, device=q.device) if return_lse else None
+    dot_precision, upcast = dot_settings(q.dtype)
+    programs = batch * plan_heads * head_chunks * units * tiles_per_unit
+    if programs > MAX_GRID_X:
+        raise ValueError(f"{programs} programs (batch x heads x query tiles) pass CUDA's grid limit {MAX_GRID_X}; "
+                         "split the batch")
+    # The kernels read the CSR through raw pointers: a strided view (a plugin's plan) must be made dense.
+    kernel[(programs,)](
+        q, k, v, out, out if lse is None else lse, offsets.contiguous(), indices.contiguous(),
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        seq_len, triton.next_power_of_2(seq_len), num_q, plan_heads, heads_per_plan, num_q // k.shape[1], head_chunks,
+        units, tiles_per_unit, *unit_args, scale * LOG2E,
+        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), HEAD_TILE=head_tile, ROWS=rows,
+        RETURN_LSE=return_lse, DOT_PRECISION=dot_precision, UPCAST=upcast, **constexprs,
+    )
+    return out, lse

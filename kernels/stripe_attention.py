@@ -24,22 +24,18 @@ from sparse_prefill.kernels.attention_tiles import (
     DTYPES,
     HEAD_DIMS,
     INTERPRET,
-    LOG2E,
     causal_window,
-    check_grid,
+    check_csr,
     contiguous_window,
-    initial_state,
-    dot_settings,
     fits_and_pays,
+    initial_state,
     key_tile,
-    last_dim_contiguous,
+    launch,
     load_queries,
     program_heads,
     program_tile,
     store_result,
-    tile_shape,
     validate_kernel_inputs,
-    validate_out,
 )
 from sparse_prefill.kernels.reference import validate_plan_layout
 from sparse_prefill.plan import StripePlan
@@ -48,7 +44,6 @@ __all__ = ["stripe_attention", "STRIPE_HEAD_DIMS", "STRIPE_DTYPES"]
 
 STRIPE_HEAD_DIMS = HEAD_DIMS
 STRIPE_DTYPES = DTYPES
-_INTERPRET = INTERPRET  # read by the tests: whether kernels run on the CPU
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,7 +89,7 @@ def _gathered_keys(
 
 def _configs() -> list[triton.Config]:
     """Smallest first (the pruning fallback); one config under the interpreter, which cannot time."""
-    if _INTERPRET:
+    if INTERPRET:
         return [triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=1)]
     return [
         triton.Config({"BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
@@ -136,7 +131,7 @@ def _stripe_fwd(
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
     seq_len, length_bucket, num_q_heads, plan_heads, heads_per_plan, q_per_kv, head_chunks,
-    group_rows, num_groups, tiles_per_group, sink, local, qk_scale,
+    num_groups, tiles_per_group, group_rows, sink, local, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_TILE: tl.constexpr, ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr, RETURN_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -192,12 +187,7 @@ def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: StripePla
     validate_kernel_inputs("stripe_attention", q, k, v, scale)
     plan_heads = validate_plan_layout(q, k, plan)
     segments = plan.batch * plan_heads * plan.num_groups
-    if plan.offsets.dtype != torch.int64 or plan.indices.dtype != torch.int32 or plan.offsets.numel() != segments + 1:
-        raise ValueError(
-            f"StripePlan CSR must be int64 offsets of length {segments + 1} and int32 indices, got "
-            f"{plan.offsets.dtype} offsets of length {plan.offsets.numel()} and {plan.indices.dtype} indices; "
-            "call plan.validate() to locate the problem"
-        )
+    check_csr("StripePlan", plan.offsets, plan.indices, segments)
     return plan_heads
 
 
@@ -219,32 +209,5 @@ def stripe_attention(
     """
     # shape constraints
     plan_heads = _validate(q, k, v, plan, scale)
-    q, k, v = (last_dim_contiguous(x) for x in (q, k, v))
-    batch, num_q, seq_len, head_dim = q.shape
-    heads_per_plan = num_q // plan_heads
-    head_tile, rows = tile_shape(heads_per_plan, plan.group_rows, head_dim)
-    head_chunks = triton.cdiv(heads_per_plan, head_tile)
-    tiles_per_group = triton.cdiv(plan.group_rows, rows)
-
-    if out is None:
-        out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    else:
-        validate_out(out, q)
-    lse = torch.empty(batch, num_q, seq_len, dtype=torch.float32, device=q.device) if return_lse else None
-    dot_precision, upcast = dot_settings(q.dtype)
-    programs = batch * plan_heads * head_chunks * plan.num_groups * tiles_per_group
-    check_grid(programs)
-    # The kernel reads the CSR through raw pointers: a strided view (a plugin's plan) must be made dense.
-    offsets, indices = plan.offsets.contiguous(), plan.indices.contiguous()
-    _stripe_fwd[(programs,)](
-        q, k, v, out, out if lse is None else lse, offsets, indices,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        seq_len, triton.next_power_of_2(seq_len), num_q, plan_heads, heads_per_plan, num_q // k.shape[1], head_chunks,
-        plan.group_rows, plan.num_groups, tiles_per_group, plan.sink, plan.local, scale * LOG2E,
-        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), HEAD_TILE=head_tile, ROWS=rows,
-        RETURN_LSE=return_lse, DOT_PRECISION=dot_precision, UPCAST=upcast,
-    )
-    return out, lse
+    return launch(_stripe_fwd, q, k, v, plan_heads, plan.num_groups, plan.group_rows, plan.offsets, plan.indices, scale,
+                  return_lse, out, unit_args=(plan.group_rows, plan.sink, plan.local))
