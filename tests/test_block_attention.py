@@ -1,5 +1,5 @@
 """Block executor: the Triton BlockPlan kernel against the block reference and dense masked attention,
-and the executor's capabilities and selection.
+the executor's capabilities and selection, and BlockPlan -> StripePlan conversion.
 
 The kernel runs interpreted on the CPU unless a GPU run sets TRITON_INTERPRET=0. Shapes stay
 small (a 2-core CI runs the interpreter); each case still spans several query blocks, a last
@@ -236,3 +236,29 @@ def test_executor_refuses_inputs_that_require_grad() -> None:
     with pytest.raises(NoCapableExecutorError, match="triton-block has no backward"):
         _execute(q, k, v, call["plan"], AttentionContext.for_inputs(q, k, 0.125), TritonBlockExecutor(), False)
 
+
+# ---------------------------------------------------------------------------------------------
+# BlockPlan -> StripePlan
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seq_len, block_size, fraction",
+                         [(200, 64, 0.4), (300, 128, 1.0), (130, 32, 0.0), (1, 16, 0.5)])
+def test_block_plan_converts_to_the_same_stripe_mask(seq_len: int, block_size: int, fraction: float) -> None:
+    plan = random_block_plan(2, 3, seq_len, block_size, fraction=fraction, seed=seq_len)
+    stripes = plan.to_stripe_plan()
+    stripes.validate()
+    assert (stripes.group_rows, stripes.sink, stripes.local, stripes.plan_heads) == (block_size, 0, 0, 3)
+    assert torch.equal(stripes.to_dense(), plan.to_dense())
+    assert stripes.density() == pytest.approx(plan.density(), rel=1e-12)
+    # Only the selected off-diagonal blocks are expanded: block_size indices each.
+    assert stripes.indices.numel() == (plan.indices.numel() - plan.batch * plan.heads * plan.num_blocks) * block_size
+
+
+def test_block_plan_without_a_diagonal_block_refuses_to_convert() -> None:
+    plan = random_block_plan(1, 2, 200, 64, fraction=0.5, seed=3, keep_diagonal=False)
+    first_rows = torch.arange(plan.num_blocks) * plan.block_size
+    keeps_diagonal = plan.to_dense()[:, :, first_rows, first_rows]  # a block's first row attends itself
+    assert not keeps_diagonal.all()
+    with pytest.raises(ValueError, match="lack their diagonal block"):
+        plan.to_stripe_plan()
