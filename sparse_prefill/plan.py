@@ -356,6 +356,37 @@ class BlockPlan:
         mask = blocks.repeat_interleave(bs, dim=2).repeat_interleave(bs, dim=3)[:, :, :n, :n]
         return mask & torch.ones(n, n, dtype=torch.bool).tril()
 
+    def to_stripe_plan(self) -> StripePlan:
+        """The same mask as a StripePlan, to run a block plan on the stripe kernel (a benchmark's baseline).
+
+        Query block ``i`` becomes query group ``i`` (``group_rows = block_size``) with ``sink = 0``
+        and ``local = 0``, so the group's local window ``[i * block_size, row]`` is the diagonal block
+        with its causal mask, and every selected block before it is expanded into its
+        ``block_size`` key indices. Memory grows with the selected off-diagonal keys (never N^2).
+
+        Exact only when every segment holds its diagonal block: a StripePlan always attends its
+        local window, so a segment without it (a valid BlockPlan) cannot be expressed; that raises
+        ValueError rather than returning a plan that attends more.
+        """
+        nnz = self.indices.numel()
+        segments = self.batch * self.heads * self.num_blocks
+        seg = _segment_ids(self.offsets, nnz)
+        blocks = self.indices.long()
+        diagonal = blocks == seg % self.num_blocks
+        lacking = segments - int(diagonal.sum())  # one host sync; a sorted unique list holds the diagonal once at most
+        if lacking:
+            raise ValueError(
+                f"{lacking} of {segments} BlockPlan segments lack their diagonal block; a StripePlan always attends "
+                "its local window, so only plans whose every query block keeps its diagonal convert exactly"
+            )
+        # int32 throughout (keys < seq_len): the expanded list is the large tensor here.
+        before = self.indices[~diagonal]
+        within = torch.arange(self.block_size, dtype=torch.int32, device=before.device)
+        keys = (before.unsqueeze(-1) * self.block_size + within).flatten()
+        counts = (self.counts().flatten() - 1) * self.block_size
+        layout = StripePlan.empty(self.batch, self.heads, self.seq_len, self.block_size, 0, 0, self.device)
+        return layout.filled(counts, keys)
+
     def __repr__(self) -> str:
         return (
             f"BlockPlan(batch={self.batch}, heads={self.heads}, seq_len={self.seq_len}, "
