@@ -21,11 +21,14 @@ FlexPrefill's block kernel computes.
 
 Decided here: diagonal blocks are offset ranges ``[s * block, (s + 1) * block)`` (the published
 code pools diagonals from the far end, which shifts them when the length is not a multiple of the
-block); partial last blocks are averaged over their real rows; a plan denser than
-``dense_above`` runs as dense attention. Plain PyTorch on any device, one head at a time (a
-Python loop, with host syncs for the budgets): a baseline for comparisons, far slower than
-`anchor`'s Triton identifier. The block-level pooled attention of a query-aware head is
-(N / block)^2 floats, transient.
+block); partial last blocks are averaged over their real rows; equal scores rank the lower block
+first (a stable sort, the same on every device); a plan denser than ``dense_above`` runs as dense
+attention.
+
+:func:`~sparse_prefill.patterns.flexprefill_reference.flexprefill_block_mask_reference` is the
+specification (one head); :func:`flexprefill_block_masks` computes the same masks for every head
+at once in plain PyTorch on any device, and the identifier lists them with one host sync. Memory:
+the ``block x N`` scores of a chunk of heads and (N / block)^2 pooled scores per head, transient.
 """
 
 from __future__ import annotations
@@ -34,13 +37,16 @@ import torch
 import torch.nn.functional as F
 
 from sparse_prefill.interfaces import AttentionContext, Identifier, Parameter, PatternSpec
-from sparse_prefill.patterns._budget import check_plan_budget
+from sparse_prefill.patterns._blocks import block_means, causal_blocks
+from sparse_prefill.patterns._budget import enforce_plan_budget, plan_head_bytes
 from sparse_prefill.patterns._checks import allowing, at_least, density, multiple_of
-from sparse_prefill.patterns.vertical_slash import line_scores
+from sparse_prefill.patterns._lines import all_line_scores
+from sparse_prefill.patterns.flexprefill_reference import covering_count, flexprefill_block_mask_reference
 from sparse_prefill.plan import DensePlan, StripePlan
 from sparse_prefill.validation import validate_attention_inputs
 
-__all__ = ["FLEXPREFILL", "FlexPrefillIdentifier", "covering_count", "block_mask"]
+__all__ = ["FLEXPREFILL", "FlexPrefillIdentifier", "covering_count", "flexprefill_block_mask_reference",
+           "flexprefill_block_masks"]
 
 
 @allowing("in (0, 1]")
@@ -53,96 +59,97 @@ def _closed_unit(value: float) -> str | None:
     return None if 0 <= value <= 1 else "must be in [0, 1] (0: no head is query-aware; 1: every head is)"
 
 
-def covering_count(mass: torch.Tensor, gamma: float) -> int:
-    """How many of the largest entries of ``mass`` (summing to about 1) it takes to cover ``gamma``
-    of it, counted as FlexPrefill does: the entries whose running sum stays within gamma, plus one."""
-    running = mass.sort(descending=True).values.cumsum(0)
-    return int((running <= gamma).sum()) + 1
+def _ranked_first(values: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """bool like ``values``: the ``counts[...]`` largest along the last dim, ties to the lower index."""
+    order = values.sort(dim=-1, descending=True, stable=True).indices
+    ranks = torch.arange(values.shape[-1], device=values.device)
+    return torch.zeros_like(values, dtype=torch.bool).scatter_(-1, order, (ranks < counts[..., None]).expand_as(order))
 
 
-def _block_sums(values: torch.Tensor, block: int) -> torch.Tensor:
-    """Sums of consecutive ``block`` entries of a 1-D tensor (the last block may be shorter)."""
-    return F.pad(values, (0, -values.numel() % block)).view(-1, block).sum(dim=1)
-
-
-def _block_means(rows: torch.Tensor, block: int) -> torch.Tensor:
-    """Means of consecutive ``block`` rows of [N, D] over the rows that exist."""
-    sums = F.pad(rows.float(), (0, 0, 0, -rows.shape[0] % block)).view(-1, block, rows.shape[1]).sum(dim=1)
-    counts = _block_sums(torch.ones(rows.shape[0], device=rows.device), block)
-    return sums / counts[:, None]
-
-
-def _js_distance(p: torch.Tensor, q: torch.Tensor) -> float:
-    """Square root of the Jensen-Shannon divergence of two distributions (natural log)."""
+def _js_distances(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Square root of the Jensen-Shannon divergence of distributions along the last dim (natural log)."""
     m = (p + q) / 2
 
     def relative_entropy(x: torch.Tensor) -> torch.Tensor:  # KL(x || m), with 0 log 0 = 0
-        return torch.where(x > 0, x * (x / m).log(), torch.zeros_like(x)).sum()
+        return torch.where(x > 0, x * (x / m).log(), torch.zeros_like(x)).sum(dim=-1)
 
-    return float((0.5 * relative_entropy(p) + 0.5 * relative_entropy(q)).clamp_min(0).sqrt())
+    return (0.5 * relative_entropy(p) + 0.5 * relative_entropy(q)).clamp_min(0).sqrt()
 
 
-def block_mask(q: torch.Tensor, k: torch.Tensor, scale: float, gamma: float, tau: float, block: int,
-               min_budget: int) -> torch.Tensor:
-    """[nb, nb] bool: which key blocks each query block attends, for one query head (q [N, D]) and
-    its key head (k [N, D]); block-causal, the diagonal included."""
-    seq_len = q.shape[0]
+def flexprefill_block_masks(q: torch.Tensor, k: torch.Tensor, scale: float, gamma: float, tau: float, block: int,
+                            min_budget: int) -> torch.Tensor:
+    """[B, Hq, nb, nb] bool: :func:`flexprefill_block_mask_reference` for every query head at once
+    (q [B, Hq, N, D], k [B, Hkv, N, D] read in place for GQA); no host sync."""
+    batch, num_q, seq_len, _ = q.shape
+    num_kv = k.shape[1]
     num_blocks = -(-seq_len // block)
     rows = min(block, seq_len)
-    positions = torch.arange(seq_len - rows, seq_len, device=q.device)
-    vertical, slash = line_scores(q[-rows:], k, positions, scale)
-    vertical, slash = vertical / rows, slash / rows  # each sums to 1
+    vertical, slash = (x / rows for x in all_line_scores(q, k, scale, rows))  # each sums to 1
     min_blocks = -(-min_budget // block)
-    vertical_blocks = min(max(covering_count(vertical, gamma) // block + 1, min_blocks), num_blocks)
-    slash_blocks = min(max(covering_count(slash, gamma) // block + 1, min_blocks), num_blocks)
-    vertical, slash = _block_sums(vertical, block), _block_sums(slash, block)
 
-    key_means = _block_means(k, block)
-    estimate = torch.softmax(q[-rows:].float().mean(dim=0) @ key_means.T * scale, dim=-1)
-    query_aware = _js_distance(estimate, vertical) < tau
-    if query_aware:
-        vertical_blocks = slash_blocks = min(min_blocks, num_blocks)
+    def budget(mass: torch.Tensor) -> torch.Tensor:  # covering_count // block + 1, within [min_blocks, nb]
+        covering = (mass.sort(dim=-1, descending=True).values.cumsum(dim=-1) <= gamma).sum(dim=-1) + 1
+        return (covering // block + 1).clamp(min=min_blocks).clamp(max=num_blocks)
 
-    vertical[0] = float("inf")  # the first key block and the nearest diagonal block, always
-    slash[0] = float("inf")
-    kept_columns = torch.topk(vertical, vertical_blocks).indices
-    kept_offsets = torch.topk(slash, slash_blocks).indices
-    query_block = torch.arange(num_blocks, device=q.device)[:, None]
-    mask = torch.zeros(num_blocks, num_blocks, dtype=torch.bool, device=q.device)
-    mask[:, kept_columns] = True
-    diagonal_keys = query_block - kept_offsets[None, :]
-    valid = diagonal_keys >= 0
-    mask[query_block.expand_as(diagonal_keys)[valid], diagonal_keys[valid]] = True
-    if query_aware:
-        scores = (_block_means(q, block) @ key_means.T) * scale
-        causal = query_block >= torch.arange(num_blocks, device=q.device)[None, :]
-        pooled = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1).flatten()
-        mass, order = pooled.sort(descending=True)
-        mask.view(-1)[order[mass.cumsum(0) <= gamma * num_blocks]] = True
-    return mask & (query_block >= torch.arange(num_blocks, device=q.device)[None, :])
+    vertical_blocks, slash_blocks = budget(vertical), budget(slash)
+    vertical, slash = (F.pad(x, (0, -seq_len % block)).unflatten(-1, (-1, block)).sum(dim=-1)
+                       for x in (vertical, slash))
+
+    key_means = block_means(k, block)[:, :, None]  # [B, Hkv, 1, nb, D]
+    last_mean = q[:, :, seq_len - rows:].float().mean(dim=-2).unflatten(1, (num_kv, -1))  # [B, Hkv, g, D]
+    estimate = torch.softmax((last_mean[..., None, :] * key_means).sum(dim=-1) * scale, dim=-1).flatten(1, 2)
+    query_aware = _js_distances(estimate, vertical).double() < tau  # [B, Hq]; tau compared as a Python float
+    vertical_blocks = torch.where(query_aware, min(min_blocks, num_blocks), vertical_blocks)
+    slash_blocks = torch.where(query_aware, min(min_blocks, num_blocks), slash_blocks)
+
+    vertical[..., 0] = float("inf")  # the first key block and the nearest diagonal block, always
+    slash[..., 0] = float("inf")
+    kept_columns = _ranked_first(vertical, vertical_blocks)
+    kept_offsets = _ranked_first(slash, slash_blocks)
+    blocks = torch.arange(num_blocks, device=q.device)
+    causal = causal_blocks(num_blocks, q.device)
+    offset = (blocks[:, None] - blocks[None, :]).clamp_min(0)  # query block I, key block J: diagonal I - J
+    mask = kept_columns[..., None, :] | (kept_offsets[..., offset.flatten()].view(batch, num_q, num_blocks,
+                                                                                  num_blocks) & causal)
+
+    scores = (block_means(q, block).unflatten(1, (num_kv, -1)) @ key_means.transpose(-1, -2)) * scale
+    pooled = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1).flatten(1, 2).flatten(-2)
+    mass, order = pooled.sort(dim=-1, descending=True, stable=True)
+    covered = torch.zeros_like(pooled, dtype=torch.bool).scatter_(-1, order, mass.cumsum(dim=-1) <= gamma * num_blocks)
+    mask |= covered.view_as(mask) & query_aware[..., None, None]
+    return mask & causal
+
+
+def _stripe_plan(mask: torch.Tensor, seq_len: int, block: int, num_kv_heads: int, ctx: AttentionContext,
+                 dense_above: float) -> StripePlan | DensePlan:
+    """Every key of each query block's off-diagonal blocks in ``mask`` [B, Hq, nb, nb] as a StripePlan
+    (its diagonal block is the group's local window), or a DensePlan when denser than ``dense_above``.
+    One host sync: the density, the list size and each head's bytes come back together."""
+    batch, heads, num_blocks, _ = mask.shape
+    off_diagonal = mask.tril(-1)
+    counts = off_diagonal.sum(dim=-1) * block  # [B, Hq, nb]: keys listed per group
+    plan = StripePlan.empty(batch, heads, seq_len, block, 0, 0, mask.device)
+    summary = torch.cat([counts.sum(dim=(0, 1)), plan_head_bytes(counts)]).tolist()
+    if ctx.dense_fallback and plan.density_with(torch.tensor(summary[:num_blocks])) > dense_above:
+        return DensePlan(batch, heads, seq_len)
+    enforce_plan_budget(summary[num_blocks:], num_kv_heads, ctx, per_query_head=True)
+    # Row-major nonzero lists each group's key blocks ascending, groups in order.
+    pairs = torch.nonzero_static(off_diagonal.reshape(-1, num_blocks), size=sum(summary[:num_blocks]) // block)
+    within = torch.arange(block, device=mask.device)
+    return plan.filled(counts, (pairs[:, 1:] * block + within).flatten())
 
 
 class FlexPrefillIdentifier(Identifier):
-    """One block mask per query head (its KV head read in place), listed as whole key blocks."""
+    """Block masks of every query head at once (KV heads read in place), listed as whole key blocks."""
 
     def __init__(self, gamma: float, tau: float, block: int, min_budget: int, dense_above: float) -> None:
         self.gamma, self.tau, self.block, self.min_budget, self.dense_above = gamma, tau, block, min_budget, dense_above
 
     def identify(self, q: torch.Tensor, k: torch.Tensor, ctx: AttentionContext) -> StripePlan | DensePlan:
         validate_attention_inputs(q, k, k)  # identification reads no v
-        batch, num_q, seq_len, _ = q.shape
-        group = num_q // k.shape[1]
-        plan = StripePlan.empty(batch, num_q, seq_len, self.block, 0, 0, q.device)
-        # Off-diagonal (query block, key block) pairs per head; the diagonal block is the local window.
-        pairs = [torch.nonzero(block_mask(q[b, h], k[b, h // group], ctx.scale, self.gamma, self.tau, self.block,
-                                          self.min_budget).tril(-1))
-                 for b in range(batch) for h in range(num_q)]
-        counts = torch.stack([torch.bincount(p[:, 0], minlength=plan.num_groups) for p in pairs]) * self.block
-        if ctx.dense_fallback and plan.density_with(counts.sum(dim=0)) > self.dense_above:
-            return DensePlan(batch, num_q, seq_len)
-        check_plan_budget(counts.view(batch, num_q, -1), k.shape[1], ctx, per_query_head=True)
-        within = torch.arange(self.block, device=q.device)
-        return plan.filled(counts, torch.cat([(p[:, 1:] * self.block + within).flatten() for p in pairs]))
+        with torch.no_grad():
+            mask = flexprefill_block_masks(q, k, ctx.scale, self.gamma, self.tau, self.block, self.min_budget)
+            return _stripe_plan(mask, q.shape[2], self.block, k.shape[1], ctx, self.dense_above)
 
 
 FLEXPREFILL = PatternSpec(

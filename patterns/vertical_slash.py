@@ -17,119 +17,137 @@ Decided where the published method leaves room, or differs here on purpose:
   scores and share one list (the published code scores every query head alone: the default).
 * Diagonals whose key ranges touch within a group are merged first; the last, shorter group of
   a sequence keeps the merged ranges whole (a few keys more than its rows reach).
+* Equal scores rank the lower column or diagonal first (a stable sort, the same on every device).
 * A plan denser than ``dense_above`` runs as dense attention, as `anchor`'s does.
 
-This identifier is plain PyTorch on any device, one head at a time (a Python loop, with host
-syncs for the data-dependent sizes): a baseline for comparisons, far slower than `anchor`'s Triton
-identifier. Its memory is the ``last_q x N`` score block of one head and lists proportional to
-what is selected.
+:func:`~sparse_prefill.patterns.vertical_slash_reference.vertical_slash_plan_reference` is the
+specification (one plan head at a time); :class:`VerticalSlashIdentifier` builds the same plan for
+every head at once in plain PyTorch on any device, with one host sync to size it. Its memory: the
+``last_q x N`` scores of a chunk of heads, [groups x (runs + columns)] entries for a chunk of plan
+heads (both chunks bounded by ``_blocks.CHUNK_ELEMENTS``), and the plan itself.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
 from sparse_prefill.interfaces import AttentionContext, Identifier, Parameter, PatternSpec
-from sparse_prefill.patterns._budget import check_plan_budget
+from sparse_prefill.patterns import _blocks
+from sparse_prefill.patterns._budget import enforce_plan_budget
 from sparse_prefill.patterns._checks import at_least, density, multiple_of
+from sparse_prefill.patterns._lines import all_line_scores, largest, line_scores
 from sparse_prefill.plan import DensePlan, StripePlan
 from sparse_prefill.validation import validate_attention_inputs
 
 __all__ = ["VERTICAL_SLASH", "VerticalSlashIdentifier", "line_scores"]
 
 
-def line_scores(q_last: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, scale: float,
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(vertical [N], slash [N]) scores of one head: the last queries' attention summed per key
-    column and per diagonal ``offset = row - key``.
-
-    q_last [L, D] are the queries at ``positions`` [L] (the last rows); k [N, D].
-    """
-    seq_len = k.shape[0]
-    keys = torch.arange(seq_len, device=k.device)
-    scores = (q_last.float() @ k.float().T) * scale
-    scores.masked_fill_(keys[None, :] > positions[:, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    vertical = probs.sum(dim=0)
-    # Masked entries have probability 0, so clamping their (negative) offsets to 0 adds nothing.
-    offsets = (positions[:, None] - keys[None, :]).clamp_min(0)
-    slash = torch.zeros(seq_len, dtype=torch.float32, device=k.device)
-    slash.scatter_add_(0, offsets.flatten(), probs.flatten())
-    return vertical, slash
-
-
 @dataclass(frozen=True)
-class _Lines:
-    """One plan head's selection: key columns (ascending) and runs of merged diagonals."""
+class _AllLines:
+    """Every plan head's selection, one row per (batch, plan head); runs padded to a common count."""
 
-    columns: torch.Tensor  # int64 [V], ascending, all >= sink
-    run_first: torch.Tensor  # int64 [I], each run's largest offset, descending across runs
-    run_last: torch.Tensor  # int64 [I], each run's smallest offset
+    columns: torch.Tensor  # int64 [P, V], ascending, all >= sink
+    run_first: torch.Tensor  # int64 [P, I], each run's largest offset, descending; padding runs -far
+    run_last: torch.Tensor  # int64 [P, I], each run's smallest offset; padding runs +far
 
 
-def _select(vertical: torch.Tensor, slash: torch.Tensor, count_vertical: int, count_slash: int, sink: int,
-            local: int, group_rows: int) -> _Lines:
-    """Top columns outside the initial window and top diagonals outside the local one, the diagonals
-    merged into runs whose key ranges touch within a group (consecutive offsets <= group_rows apart)."""
-    seq_len = vertical.numel()
+def _select_all(vertical: torch.Tensor, slash: torch.Tensor, count_vertical: int, count_slash: int, sink: int,
+                local: int, group_rows: int) -> _AllLines:
+    """The reference's selection for rows of line scores [P, N] at once: top columns outside the
+    initial window, top diagonals outside the local one merged into runs (offsets <= group_rows apart)."""
+    rows, seq_len = vertical.shape
     count_vertical = max(0, min(count_vertical, seq_len - sink))
     count_slash = max(0, min(count_slash, seq_len - local - 1))
-    columns = sink + torch.topk(vertical[sink:], count_vertical).indices
-    offsets = (local + 1 + torch.topk(slash[local + 1:], count_slash).indices).sort(descending=True).values
-    if not count_slash:
-        return _Lines(columns.sort().values, offsets, offsets)
-    breaks = torch.nonzero(offsets[:-1] - offsets[1:] > group_rows).flatten()
-    first = torch.cat([breaks.new_zeros(1), breaks + 1])
-    last = torch.cat([breaks, breaks.new_full((1,), count_slash - 1)])
-    return _Lines(columns.sort().values, offsets[first], offsets[last])
+    columns = (sink + largest(vertical[:, sink:], count_vertical)).sort(dim=-1).values
+    offsets = (local + 1 + largest(slash[:, local + 1:], count_slash)).sort(dim=-1, descending=True).values
+    # Consecutive runs lie more than group_rows apart within [local + 1, N - 1]: this many at most.
+    runs = min(count_slash, (seq_len - local - 2) // (group_rows + 1) + 1) if count_slash else 0
+    far = 4 * seq_len  # a padding run starts after every key and ends before it: it lists nothing
+    run_first = offsets.new_full((rows, runs), -far)
+    run_last = offsets.new_full((rows, runs), far)
+    if runs:
+        starts = torch.cat([torch.ones_like(offsets[:, :1], dtype=torch.bool),
+                            offsets[:, :-1] - offsets[:, 1:] > group_rows], dim=1)
+        run = starts.cumsum(dim=1) - 1
+        run_first.scatter_reduce_(1, run, offsets, "amax")
+        run_last.scatter_reduce_(1, run, offsets, "amin")
+    return _AllLines(columns, run_first, run_last)
 
 
-def _group_entries(lines: _Lines, plan: StripePlan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per group: the clipped diagonal runs (start [G, I], length [G, I]) and the columns kept (mask [G, V]),
-    and the number of keys each group selects [G]. Windows and lists never overlap."""
-    row_start, row_end, sink_end, local_start = (x[:, None] for x in plan.group_geometry(lines.columns.device))
-    # Run i covers keys [row_start - first_i, row_end - 1 - last_i] of the group's rows.
-    run_start = row_start - lines.run_first[None, :]
-    run_end = row_end - 1 - lines.run_last[None, :]
+def _entries(lines: _AllLines, rows: slice, geometry: tuple[torch.Tensor, ...],
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For plan-head rows ``rows``: clipped runs (start, length [c, G, I]), the columns each group keeps
+    (keep [c, G, V]) and the columns themselves per group (int64 [c, G, V])."""
+    row_start, row_end, sink_end, local_start = (x[None, :, None] for x in geometry)
+    run_start = row_start - lines.run_first[rows, None, :]  # run i covers [row_start - first_i,
+    run_end = row_end - 1 - lines.run_last[rows, None, :]  # row_end - 1 - last_i] of a group's rows
     start = torch.maximum(run_start, sink_end)
     length = (torch.minimum(run_end, local_start - 1) - start + 1).clamp_min(0)
-    # A column is listed when it is a candidate and no run already lists it.
-    columns = lines.columns[None, :]
-    keep = (columns >= sink_end) & (columns < local_start) & ~_covered(columns, run_start, run_end)
-    return start, length, keep, length.sum(dim=1) + keep.sum(dim=1)
+    columns = lines.columns[rows, None, :].expand(-1, row_start.shape[1], -1).contiguous()
+    keep = (columns >= sink_end) & (columns < local_start)
+    if run_start.shape[-1]:  # a column is listed when no run lists it already (runs sorted, disjoint)
+        run = torch.searchsorted(run_start, columns, right=True) - 1
+        keep &= ~((run >= 0) & (columns <= run_end.gather(2, run.clamp_min(0))))
+    return start, length, keep, columns
 
 
-def _covered(columns: torch.Tensor, run_start: torch.Tensor, run_end: torch.Tensor) -> torch.Tensor:
-    """[G, V] whether a run's key range [run_start, run_end] (sorted, disjoint per group) holds the column."""
-    if run_start.shape[1] == 0:
-        return torch.zeros(run_start.shape[0], columns.shape[1], dtype=torch.bool, device=columns.device)
-    columns = columns.expand(run_start.shape[0], -1).contiguous()
-    run = torch.searchsorted(run_start.contiguous(), columns, right=True) - 1
-    end = run_end.gather(1, run.clamp_min(0))
-    return (run >= 0) & (columns <= end)
+def _chunks(rows: int, per_row: int) -> Iterator[slice]:
+    """Slices of plan-head rows holding about CHUNK_ELEMENTS entries each, at least one row."""
+    step = max(1, _blocks.CHUNK_ELEMENTS // max(per_row, 1))
+    for start in range(0, rows, step):
+        yield slice(start, min(start + step, rows))
 
 
-def _group_keys(lines: _Lines, plan: StripePlan) -> torch.Tensor:
-    """The int32 key lists of one plan head's groups, concatenated in group order, each ascending."""
-    start, length, keep, _ = _group_entries(lines, plan)
-    groups = torch.arange(start.shape[0], device=start.device)
-    # Diagonal runs: length[g, i] consecutive keys from start[g, i].
-    flat_length = length.flatten()
-    run_keys = torch.repeat_interleave(start.flatten(), flat_length)
-    first_slot = torch.repeat_interleave(flat_length.cumsum(0) - flat_length, flat_length)
-    run_keys = run_keys + torch.arange(run_keys.numel(), device=start.device) - first_slot
-    run_groups = torch.repeat_interleave(groups.repeat_interleave(start.shape[1]), flat_length)
-    column_groups, column = torch.nonzero(keep, as_tuple=True)
-    keys = torch.cat([run_keys, lines.columns[column]])
-    # Runs and kept columns are disjoint: one sort by (group, key) orders every list.
-    order = torch.argsort(torch.cat([run_groups, column_groups]) * plan.seq_len + keys)
-    return keys[order].to(torch.int32)
+def _counts(lines: _AllLines, geometry: tuple[torch.Tensor, ...],
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keys per segment [P, G], and per plan-head row the keys from runs and from columns [P] each."""
+    rows, groups = lines.columns.shape[0], geometry[0].numel()
+    counts = torch.empty(rows, groups, dtype=torch.int64, device=lines.columns.device)
+    run_keys = torch.empty(rows, dtype=torch.int64, device=counts.device)
+    column_keys = torch.empty_like(run_keys)
+    for chunk in _chunks(rows, groups * (lines.run_first.shape[1] + lines.columns.shape[1] + 1)):
+        _, length, keep, _ = _entries(lines, chunk, geometry)
+        counts[chunk] = length.sum(dim=-1) + keep.sum(dim=-1)
+        run_keys[chunk] = length.sum(dim=(1, 2))
+        column_keys[chunk] = keep.sum(dim=(1, 2))
+    return counts, run_keys, column_keys
+
+
+def _list_keys(lines: _AllLines, geometry: tuple[torch.Tensor, ...], counts: torch.Tensor, run_keys: list[int],
+               column_keys: list[int]) -> torch.Tensor:
+    """Every segment's keys, ascending, written straight to their places (no sort): within a group,
+    runs and kept columns are disjoint, so a key's place is the keys of both kinds below it."""
+    rows, groups = counts.shape
+    segment_start = (counts.flatten().cumsum(0) - counts.flatten()).view(rows, groups)
+    indices = torch.empty(sum(run_keys) + sum(column_keys), dtype=torch.int32, device=counts.device)
+    for chunk in _chunks(rows, groups * (lines.run_first.shape[1] + lines.columns.shape[1] + 1)):
+        start, length, keep, columns = _entries(lines, chunk, geometry)
+        kept_below = torch.nn.functional.pad(keep.cumsum(dim=-1), (1, 0))  # kept columns before column v
+        run_keys_below = torch.nn.functional.pad(length.cumsum(dim=-1), (1, 0))  # run keys before run i
+        first = segment_start[chunk, :, None]
+        total = sum(run_keys[chunk])
+        if total:
+            below = torch.searchsorted(columns, start) if columns.shape[-1] else torch.zeros_like(start)
+            base = (first + run_keys_below[..., :-1] + kept_below.gather(-1, below)).flatten()
+            flat_length = length.flatten()
+            within = torch.arange(total, device=counts.device) - torch.repeat_interleave(
+                flat_length.cumsum(0) - flat_length, flat_length, output_size=total)
+            keys = torch.repeat_interleave(start.flatten(), flat_length, output_size=total) + within
+            indices[torch.repeat_interleave(base, flat_length, output_size=total) + within] = keys.to(torch.int32)
+        total = sum(column_keys[chunk])
+        if total:
+            runs_below = torch.searchsorted(start, columns) if start.shape[-1] else torch.zeros_like(columns)
+            place = first + kept_below[..., :-1] + run_keys_below.gather(-1, runs_below)
+            kept = torch.nonzero_static(keep.flatten(), size=total).flatten()
+            indices[place.flatten()[kept]] = columns.flatten()[kept].to(torch.int32)
+    return indices
 
 
 class VerticalSlashIdentifier(Identifier):
-    """Scores lines from the last queries, then lists each group's keys; any device (plain PyTorch)."""
+    """Scores lines from the last queries of every head at once, then lists each group's keys; any device."""
 
     def __init__(self, vertical: int, slash: int, last_q: int, block: int, sink: int, local: int,
                  share_kv_heads: bool, dense_above: float) -> None:
@@ -138,33 +156,32 @@ class VerticalSlashIdentifier(Identifier):
 
     def identify(self, q: torch.Tensor, k: torch.Tensor, ctx: AttentionContext) -> StripePlan | DensePlan:
         validate_attention_inputs(q, k, k)  # identification reads no v
+        with torch.no_grad():
+            return self._identify(q, k, ctx)
+
+    def _identify(self, q: torch.Tensor, k: torch.Tensor, ctx: AttentionContext) -> StripePlan | DensePlan:
         batch, num_q, seq_len, _ = q.shape
         num_kv = k.shape[1]
-        group = num_q // num_kv
         plan_heads = num_kv if self.share_kv_heads else num_q
+        vertical, slash = all_line_scores(q, k, ctx.scale, min(self.last_q, seq_len))
+        if self.share_kv_heads:  # the query heads of a KV group add their scores, in head order
+            vertical, slash = (x.unflatten(1, (num_kv, -1)).sum(dim=2) for x in (vertical, slash))
+        lines = _select_all(vertical.flatten(0, 1), slash.flatten(0, 1), self.vertical, self.slash, self.sink,
+                            self.local, self.block)
         plan = StripePlan.empty(batch, plan_heads, seq_len, self.block, self.sink, self.local, q.device)
-        lines = [[self._lines(q[b], k[b], h, group, ctx.scale) for h in range(plan_heads)] for b in range(batch)]
-        # Counted here and listed below from the same small selection: keeping every head's [groups, runs]
-        # entries in between would hold them all at once, which at 128k is about 100 MB per head.
-        counts = torch.stack([torch.stack([_group_entries(head, plan)[3] for head in row]) for row in lines])
-        if ctx.dense_fallback and plan.density_with(counts.sum(dim=(0, 1))) > self.dense_above:
+        geometry = plan.group_geometry(q.device)
+        counts, run_keys, column_keys = _counts(lines, geometry)
+        # The one host sync: the density, the list sizes and each plan head's bytes come back together.
+        groups, rows = plan.num_groups, batch * plan_heads
+        summary = torch.cat([counts.view(batch, plan_heads, groups).sum(dim=(0, 1)), run_keys, column_keys]).tolist()
+        per_group, run_keys_host = summary[:groups], summary[groups:groups + rows]
+        column_keys_host = summary[groups + rows:]
+        if ctx.dense_fallback and plan.density_with(torch.tensor(per_group)) > self.dense_above:
             return DensePlan(batch, num_q, seq_len)
-        check_plan_budget(counts, num_kv, ctx, per_query_head=not self.share_kv_heads)
-        return plan.filled(counts, torch.cat([_group_keys(head, plan) for row in lines for head in row]))
-
-    def _lines(self, q: torch.Tensor, k: torch.Tensor, plan_head: int, group: int, scale: float) -> _Lines:
-        """One plan head's selection; q [Hq, N, D] and k [Hkv, N, D] of one sequence."""
-        seq_len = q.shape[1]
-        rows = min(self.last_q, seq_len)
-        positions = torch.arange(seq_len - rows, seq_len, device=q.device)
-        query_heads = range(plan_head * group, (plan_head + 1) * group) if self.share_kv_heads else [plan_head]
-        vertical = torch.zeros(seq_len, dtype=torch.float32, device=q.device)
-        slash = torch.zeros_like(vertical)
-        for h in query_heads:
-            head_vertical, head_slash = line_scores(q[h, -rows:], k[h // group], positions, scale)
-            vertical += head_vertical
-            slash += head_slash
-        return _select(vertical, slash, self.vertical, self.slash, self.sink, self.local, self.block)
+        per_row = [r + c for r, c in zip(run_keys_host, column_keys_host)]
+        head_bytes = [4 * sum(per_row[h::plan_heads]) + 8 * batch * groups for h in range(plan_heads)]
+        enforce_plan_budget(head_bytes, num_kv, ctx, per_query_head=not self.share_kv_heads)
+        return plan.filled(counts, _list_keys(lines, geometry, counts, run_keys_host, column_keys_host))
 
 
 VERTICAL_SLASH = PatternSpec(

@@ -1,4 +1,5 @@
-"""The `flexprefill` baseline: block budgets, query-aware heads, plans as whole key blocks, execution."""
+"""The `flexprefill` baseline: block budgets, query-aware heads, the vectorised masks against the per-head
+reference, plans as whole key blocks, execution."""
 
 from __future__ import annotations
 
@@ -9,7 +10,12 @@ from plan_factories import masked_attention
 from sparse_prefill.dispatch import sparse_attention
 from sparse_prefill.interfaces import AttentionContext, PlanBudgetExceeded
 from sparse_prefill.kernels.reference import dense_attention_reference
-from sparse_prefill.patterns.flexprefill import FLEXPREFILL, block_mask, covering_count
+from sparse_prefill.patterns.flexprefill import (
+    FLEXPREFILL,
+    covering_count,
+    flexprefill_block_mask_reference,
+    flexprefill_block_masks,
+)
 from sparse_prefill.plan import DensePlan, StripePlan
 from sparse_prefill.policy import PolicyError, load_policy
 
@@ -48,7 +54,8 @@ def test_plan_lists_the_off_diagonal_blocks_of_the_mask(n: int, block: int) -> N
     plan.validate()
     assert (plan.plan_heads, plan.group_rows, plan.sink, plan.local) == (4, block, 0, 0)
     for h in range(4):
-        mask = block_mask(q[0, h], k[0, h // 2], ctx.scale, params["gamma"], params["tau"], block, params["min_budget"])
+        mask = flexprefill_block_mask_reference(q[0, h], k[0, h // 2], ctx.scale, params["gamma"], params["tau"], block,
+                                                params["min_budget"])
         assert bool(mask.diagonal().all()) and bool(mask[:, 0].all())  # diagonal and first key block, always
         assert not bool(mask.triu(1).any())  # block-causal
         for g in range(plan.num_groups):
@@ -62,7 +69,7 @@ def test_plan_lists_the_off_diagonal_blocks_of_the_mask(n: int, block: int) -> N
 def test_focused_attention_keeps_few_blocks_and_the_minimum_budget() -> None:
     q, k = _focused()
     scale = 32 ** -0.5
-    mask = block_mask(q, k, scale, gamma=0.9, tau=0.0, block=16, min_budget=32)
+    mask = flexprefill_block_mask_reference(q, k, scale, gamma=0.9, tau=0.0, block=16, min_budget=32)
     assert bool(mask[:, 40 // 16][40 // 16:].all())  # the hot key's block, for every query block after it
     per_row = mask.sum(dim=1)
     # two vertical blocks (the budget's minimum, 32 keys) and two diagonal blocks at most, per query block
@@ -73,9 +80,9 @@ def test_tau_decides_which_heads_are_query_aware() -> None:
     """tau 0: no head is query-aware, so only budgeted lines; tau 1: every head adds its pooled blocks."""
     q, k, _ = _inputs(2, hq=1, hkv=1, n=160)
     scale = 32 ** -0.5
-    lines_only = block_mask(q[0, 0], k[0, 0], scale, gamma=0.5, tau=0.0, block=16, min_budget=16)
-    query_aware = block_mask(q[0, 0], k[0, 0], scale, gamma=0.5, tau=1.0, block=16, min_budget=16)
-    minimum = block_mask(q[0, 0], k[0, 0], scale, gamma=1e-6, tau=1.0, block=16, min_budget=16)
+    lines_only = flexprefill_block_mask_reference(q[0, 0], k[0, 0], scale, gamma=0.5, tau=0.0, block=16, min_budget=16)
+    query_aware = flexprefill_block_mask_reference(q[0, 0], k[0, 0], scale, gamma=0.5, tau=1.0, block=16, min_budget=16)
+    minimum = flexprefill_block_mask_reference(q[0, 0], k[0, 0], scale, gamma=1e-6, tau=1.0, block=16, min_budget=16)
     assert int(minimum.sum()) <= int(query_aware.sum())
     assert not torch.equal(lines_only, query_aware)
 
@@ -129,3 +136,55 @@ def test_a_plan_over_the_budget_runs_in_head_chunks_with_the_same_answer() -> No
     expected, _ = sparse_attention(q, k, v, identifier)
     chunked, _ = sparse_attention(q, k, v, identifier, max_plan_bytes=64)
     torch.testing.assert_close(chunked, expected, atol=1e-6, rtol=1e-5)  # same plans; head tiles may differ
+
+
+EQUAL_CASES = {  # (batch, q heads, kv heads, N, head dim, parameter changes)
+    "gqa-ragged": (1, 4, 2, 150, 32, {}),
+    "batch2-gqa4-ragged": (2, 4, 1, 77, 16, {"block": 32}),
+    "batch2-mha": (2, 3, 3, 96, 16, {"tau": 0.3}),
+    "every-head-query-aware": (1, 4, 2, 160, 16, {"tau": 1.0, "gamma": 0.5}),
+    "no-head-query-aware": (1, 4, 2, 160, 16, {"tau": 0.0, "gamma": 0.6, "min_budget": 0}),
+    "everything": (2, 2, 1, 130, 16, {"gamma": 1.0, "min_budget": 10_000}),
+    "tiny-gamma": (1, 4, 2, 160, 16, {"gamma": 1e-6, "tau": 1.0}),
+    "shorter-than-a-block": (1, 2, 1, 10, 16, {}),
+}
+
+
+def _reference_masks(q: torch.Tensor, k: torch.Tensor, scale: float, params: dict) -> torch.Tensor:
+    group = q.shape[1] // k.shape[1]
+    selection = {key: value for key, value in params.items() if key != "dense_above"}
+    return torch.stack([torch.stack([flexprefill_block_mask_reference(q[b, h], k[b, h // group], scale, **selection)
+                                     for h in range(q.shape[1])]) for b in range(q.shape[0])])
+
+
+@pytest.mark.parametrize("case", EQUAL_CASES)
+def test_vectorised_masks_and_plan_equal_the_per_head_reference(case: str) -> None:
+    batch, hq, hkv, n, d, changes = EQUAL_CASES[case]
+    params = {**SMALL, **changes}
+    q, k, _ = _inputs(n + hq, batch, hq, hkv, n, d)
+    ctx = AttentionContext.for_inputs(q, k)
+    expected = _reference_masks(q, k, ctx.scale, params)
+    selection = {key: value for key, value in params.items() if key != "dense_above"}
+    assert torch.equal(flexprefill_block_masks(q, k, ctx.scale, **selection), expected)
+    plan = FLEXPREFILL.build(**params).identify(q, k, ctx)
+    assert isinstance(plan, StripePlan)
+    plan.validate()
+    block = params["block"]
+    within = torch.arange(block)
+    for segment, (b, h, g) in enumerate(torch.cartesian_prod(*(torch.arange(x) for x in expected.shape[:3])).tolist()):
+        listed = plan.indices[plan.offsets[segment]: plan.offsets[segment + 1]].long()
+        blocks = torch.nonzero(expected[b, h, g, :g]).flatten()
+        assert torch.equal(listed, (blocks[:, None] * block + within).flatten()), (b, h, g)
+
+
+def test_a_nan_query_row_leaves_the_other_heads_alone() -> None:
+    q, k, _ = _inputs(12, batch=2, n=150)
+    params = {**SMALL, "tau": 0.3}
+    selection = {key: value for key, value in params.items() if key != "dense_above"}
+    clean = flexprefill_block_masks(q, k, 32 ** -0.5, **selection)
+    q[1, 2, -3] = float("nan")
+    poisoned = flexprefill_block_masks(q, k, 32 ** -0.5, **selection)
+    assert torch.equal(poisoned, _reference_masks(q, k, 32 ** -0.5, params))
+    others = torch.ones(2, 4, dtype=torch.bool)
+    others[1, 2] = False
+    assert torch.equal(poisoned[others], clean[others])

@@ -1,4 +1,5 @@
-"""The `vertical-slash` baseline (MInference): line scores, plans against the rule, execution, errors."""
+"""The `vertical-slash` baseline (MInference): line scores, plans against the rule, the vectorised identifier
+against its per-head reference, execution, errors."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from sparse_prefill.dispatch import sparse_attention
 from sparse_prefill.interfaces import AttentionContext, PlanBudgetExceeded
 from sparse_prefill.kernels.reference import dense_attention_reference
 from sparse_prefill.patterns.vertical_slash import VERTICAL_SLASH, line_scores
+from sparse_prefill.patterns.vertical_slash_reference import vertical_slash_plan_reference
 from sparse_prefill.plan import DensePlan, StripePlan
 from sparse_prefill.policy import PolicyError, load_policy
 from sparse_prefill.registry import get_pattern
@@ -180,3 +182,58 @@ def test_no_lines_and_sequences_shorter_than_the_windows(n: int, vertical: int, 
         assert plan.indices.numel() == 0
     out, _ = sparse_attention(q, k, v, identifier)
     assert torch.isfinite(out).all()
+
+
+EQUAL_CASES = {  # (batch, q heads, kv heads, N, head dim, parameter changes)
+    "gqa-ragged": (1, 4, 2, 150, 32, {}),
+    "batch2-gqa4-ragged": (2, 4, 1, 77, 16, {"block": 32, "last_q": 40}),
+    "batch2-mha": (2, 3, 3, 96, 16, {"sink": 0, "local": 0}),
+    "every-line": (1, 4, 2, 130, 16, {"vertical": 10_000, "slash": 10_000}),
+    "one-line-each": (2, 4, 2, 150, 16, {"vertical": 1, "slash": 1, "last_q": 1}),
+    "no-lines": (1, 2, 1, 100, 16, {"vertical": 0, "slash": 0}),
+    "shorter-than-the-windows": (1, 4, 2, 9, 16, {}),
+    "scattered-diagonals": (1, 2, 2, 200, 16, {"slash": 60, "local": 3}),
+}
+
+
+@pytest.mark.parametrize("share_kv_heads", [False, True], ids=["per-query-head", "shared"])
+@pytest.mark.parametrize("case", EQUAL_CASES)
+def test_vectorised_plan_equals_the_per_head_reference(case: str, share_kv_heads: bool) -> None:
+    batch, hq, hkv, n, d, changes = EQUAL_CASES[case]
+    params = {**SMALL, **changes, "share_kv_heads": share_kv_heads}
+    q, k, _ = _inputs(n + hq, batch, hq, hkv, n, d)
+    ctx = AttentionContext.for_inputs(q, k)
+    selection = {key: value for key, value in params.items() if key != "dense_above"}
+    expected = vertical_slash_plan_reference(q, k, ctx.scale, **selection)
+    plan = VERTICAL_SLASH.build(**params).identify(q, k, ctx)
+    assert isinstance(plan, StripePlan) and plan.plan_heads == (hkv if share_kv_heads else hq)
+    plan.validate()
+    assert torch.equal(plan.offsets, expected.offsets) and torch.equal(plan.indices, expected.indices)
+    # The dense decision is the reference plan's density against dense_above, on either side of it.
+    density = expected.density()
+    if density > 0:
+        below = VERTICAL_SLASH.build(**{**params, "dense_above": density * 0.999}).identify(q, k, ctx)
+        assert isinstance(below, DensePlan)
+    assert isinstance(VERTICAL_SLASH.build(**{**params, "dense_above": min(1.0, density * 1.001)}).identify(q, k, ctx),
+                      StripePlan)
+
+
+def test_smallest_chunks_and_a_nan_query_row_change_nothing_else(monkeypatch) -> None:
+    """One plan head per chunk gives the same plan; a NaN in one head's last queries leaves the other
+    heads' lists alone, and the vectorised plan still equals the reference."""
+    q, k, _ = _inputs(11, batch=2, n=150)
+    ctx = AttentionContext.for_inputs(q, k)
+    identifier = VERTICAL_SLASH.build(**SMALL)
+    clean = identifier.identify(q, k, ctx)
+    monkeypatch.setattr("sparse_prefill.patterns._blocks.CHUNK_ELEMENTS", 1)
+    chunked = identifier.identify(q, k, ctx)
+    assert torch.equal(chunked.offsets, clean.offsets) and torch.equal(chunked.indices, clean.indices)
+    q[1, 2, -3] = float("nan")
+    poisoned = identifier.identify(q, k, ctx)
+    selection = {key: value for key, value in SMALL.items() if key != "dense_above"}
+    expected = vertical_slash_plan_reference(q, k, ctx.scale, share_kv_heads=False, **selection)
+    assert torch.equal(poisoned.indices, expected.indices) and torch.equal(poisoned.offsets, expected.offsets)
+    segments = clean.num_groups
+    for segment in range(2 * 4 * segments):
+        if segment // segments != 1 * 4 + 2:  # every segment but those of batch 1, head 2
+            assert _listed(poisoned, segment) == _listed(clean, segment)

@@ -1,0 +1,63 @@
+"""What `vertical-slash` and `flexprefill` share: the last queries' attention summed per key column
+(vertical lines) and per diagonal (slash lines), and a top-k whose order among equal values is fixed.
+
+:func:`line_scores` broadcasts over leading dims, so the per-head references and the vectorised
+identifiers run the same arithmetic (their selections are then equal bit for bit, not only close).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sparse_prefill.patterns import _blocks
+
+__all__ = ["largest", "line_scores", "all_line_scores"]
+
+
+def largest(values: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the ``count`` largest entries along the last dim, ties to the lower index.
+
+    A stable sort, not ``torch.topk``: topk's order among equal values is unspecified and differs
+    between shapes and devices, which would let one head's list depend on how many heads ran with it.
+    """
+    return values.sort(dim=-1, descending=True, stable=True).indices[..., :count]
+
+
+def line_scores(q_last: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, scale: float,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(vertical [..., N], slash [..., N]): the last queries' attention (softmax in float32) summed per
+    key column and per diagonal ``offset = row - key``.
+
+    q_last [..., L, D] are the queries at ``positions`` [L] (the last rows); k [..., N, D] broadcasts
+    against q_last's leading dims (one KV head read by several query heads).
+    """
+    seq_len = k.shape[-2]
+    keys = torch.arange(seq_len, device=k.device)
+    scores = (q_last.float() @ k.float().transpose(-1, -2)) * scale
+    scores.masked_fill_(keys > positions[:, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    # Row r's key on diagonal `offset` is r - offset; offsets past the row have no key (mass 0).
+    on_diagonal = positions[:, None] - keys[None, :]
+    slash = probs.gather(-1, on_diagonal.clamp_min(0).expand(probs.shape))
+    slash.masked_fill_(on_diagonal < 0, 0.0)
+    return probs.sum(dim=-2), slash.sum(dim=-2)
+
+
+def all_line_scores(q: torch.Tensor, k: torch.Tensor, scale: float, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`line_scores` of the last ``rows`` queries of every query head, (vertical, slash) each
+    [B, Hq, N] float32; q [B, Hq, N, D], k [B, Hkv, N, D] read in place for GQA. KV heads go in
+    chunks whose scores stay under CHUNK_ELEMENTS floats (a loop over chunks, no host sync)."""
+    batch, num_q, seq_len, _ = q.shape
+    num_kv = k.shape[1]
+    group = num_q // num_kv
+    positions = torch.arange(seq_len - rows, seq_len, device=q.device)
+    vertical = torch.empty(batch, num_q, seq_len, dtype=torch.float32, device=q.device)
+    slash = torch.empty_like(vertical)
+    step = max(1, _blocks.CHUNK_ELEMENTS // (batch * group * rows * seq_len))
+    for start in range(0, num_kv, step):
+        end = min(start + step, num_kv)
+        q_last = q[:, start * group:end * group, seq_len - rows:].unflatten(1, (end - start, group))
+        chunk_vertical, chunk_slash = line_scores(q_last, k[:, start:end, None], positions, scale)
+        vertical[:, start * group:end * group] = chunk_vertical.flatten(1, 2)
+        slash[:, start * group:end * group] = chunk_slash.flatten(1, 2)
+    return vertical, slash
