@@ -126,7 +126,8 @@ def register() -> None:
 
 def anchor_policy(source: str, pattern: str, min_length: int | None = None, **params) -> Policy:
     """``source`` (a policy of one anchor default) with ``pattern`` in anchor's place; ``min_length`` and
-    ``params`` replace the file's when given (the tiny path), everything else is kept."""
+    ``params`` replace the file's when given (the tiny path), everything else is kept but the guard: it would
+    compare plans made on the synthetic inputs with this random model's own attention, and reject them all."""
     base = sparse_prefill.load_policy(source)
     if base.default.pattern != "anchor" or base.overrides:
         raise ValueError(f"{base.source}: expected one anchor default and no overrides, got\n{base.describe()}")

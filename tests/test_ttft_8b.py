@@ -101,5 +101,6 @@ def test_the_policy_keeps_anchor_yaml_but_the_pattern(script: ModuleType) -> Non
     policy = script.anchor_policy("anchor.yaml", script.PATTERN)
     assert policy.min_length == shipped.min_length and policy.default.params == shipped.default.params
     assert policy.default.pattern == script.PATTERN
+    assert policy.guard is None  # its plans are made on other inputs than the model's: see anchor_policy
     with pytest.raises(ValueError, match="one anchor default"):
         script.anchor_policy("streaming.yaml", script.PATTERN)
