@@ -3,14 +3,11 @@
 A pattern's settings are chosen on some models and texts; on another model a head can lose what
 matters (a row-specific head, or attention spread thinly over every key) and the answers change. The
 guard checks each sparse call after it runs: it computes exact attention for a few query rows
-(``rows`` of N, so ``rows / N`` of the dense cost; each KV head's query rows stacked into one
-matmul, K and V read in place), compares the
+(``rows`` of N, so ``rows / N`` of the dense cost; SDPA with those rows' causal mask), compares the
 plan's output on those rows with it, and runs dense again every KV group whose query heads' relative
 output error ``||O_plan - O|| / ||O||`` has a 90th percentile above ``max_error`` over those rows.
 Groups that pass keep the plan's output, so a call that passes costs the test alone: a few
 kernels and one host synchronisation (the decision), and ``O(rows * N)`` memory.
-
-The 90th percentile is the sample's: the ceil(0.9 * count)-th smallest error (one kernel, no interpolation).
 
 Why the output error and its 90th percentile: on Qwen2.5-Coder-0.5B at 32k (benchmarks/guard_signals.py,
 docs/benchmarks/whole_model.md) it separates the five layers whose anchor plans cost the model most
@@ -27,9 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-import math
-
 import torch
+import torch.nn.functional as F
 
 __all__ = ["ErrorGuard"]
 
@@ -37,37 +33,13 @@ __all__ = ["ErrorGuard"]
 _QUANTILE = 0.9
 
 
-# Bytes of float32 scores the exact rows may hold at once (KV groups are taken in chunks under it).
-_SCORE_BYTES = 256 * 2**20
-
-
 @lru_cache(maxsize=32)
 def _sampled_rows(count: int, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows int64 [R], their causal mask as float32 0 / -inf [R, seq_len]) on ``device``, built once per shape."""
+    """(rows int64 [R], their causal mask bool [R, seq_len]) on ``device``, built once per shape."""
     first = seq_len // 4
     rows = sorted({round(first + i * (seq_len - 1 - first) / max(count - 1, 1)) for i in range(count)})
     rows_t = torch.tensor(rows[: seq_len - first], dtype=torch.int64, device=device)
-    causal = torch.arange(seq_len, device=device) <= rows_t.unsqueeze(1)
-    return rows_t, torch.zeros(causal.shape, device=device).masked_fill_(~causal, float("-inf"))
-
-
-def _exact_rows(q_rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
-                scale: float) -> torch.Tensor:
-    """Exact causal attention of the sampled rows, float32 [B, Hq, R, D]: each KV head's query heads stacked
-    into one matrix (GQA read in place, no K/V copy), in chunks of KV heads whose scores fit _SCORE_BYTES."""
-    batch, num_q, rows, dim = q_rows.shape
-    num_kv, seq_len = k.shape[1], k.shape[2]
-    group = num_q // num_kv
-    stacked = q_rows.reshape(batch, num_kv, group * rows, dim)
-    per_kv = batch * group * rows * seq_len * 4
-    step = max(1, _SCORE_BYTES // per_kv)
-    parts = []
-    for start in range(0, num_kv, step):
-        kv = slice(start, start + step)
-        scores = torch.matmul(stacked[:, kv], k[:, kv].transpose(-1, -2)).float().mul_(scale)
-        scores = scores.view(batch, -1, group, rows, seq_len).add_(bias).softmax(dim=-1)
-        parts.append(torch.matmul(scores.view(batch, -1, group * rows, seq_len), v[:, kv].float()))
-    return torch.cat(parts, dim=1).view(batch, num_q, rows, dim)
+    return rows_t, torch.arange(seq_len, device=device) <= rows_t.unsqueeze(1)
 
 
 @dataclass(frozen=True)
@@ -100,15 +72,14 @@ class ErrorGuard:
                        scale: float) -> torch.Tensor:
         """float32 [Hkv]: per KV group, the 90th percentile over batch, its query heads and the sampled rows of
         ``||out - O|| / ||O||``, with O exact attention of those rows. ``out`` is the plan's output [B, Hq, N, D]."""
-        rows, bias = _sampled_rows(self.rows, q.shape[2], q.device)
-        exact = _exact_rows(q[:, :, rows], k, v, bias, scale)
-        difference = torch.linalg.vector_norm(out[:, :, rows].float() - exact, dim=-1)
-        error = torch.nan_to_num(difference / torch.linalg.vector_norm(exact, dim=-1).clamp_min(1e-6), nan=0.0)
-        # (a row with no finite output has nothing a plan could lose)
+        rows, causal = _sampled_rows(self.rows, q.shape[2], q.device)
+        exact = F.scaled_dot_product_attention(q[:, :, rows], k, v, attn_mask=causal, scale=scale,
+                                               enable_gqa=q.shape[1] != k.shape[1]).float()
+        error = (out[:, :, rows].float() - exact).norm(dim=-1) / exact.norm(dim=-1).clamp_min(1e-6)
+        error = torch.nan_to_num(error, nan=0.0)  # a row with no finite output has nothing a plan could lose
         batch, num_kv = q.shape[0], k.shape[1]
-        per_group = error.view(batch, num_kv, -1).transpose(0, 1).reshape(num_kv, -1)
-        rank = max(1, math.ceil(_QUANTILE * per_group.shape[1]))  # the sample's 90th percentile, one kernel
-        return per_group.kthvalue(rank, dim=1).values
+        per_group = error.view(batch, num_kv, -1, rows.numel()).transpose(0, 1).reshape(num_kv, -1)
+        return torch.quantile(per_group, _QUANTILE, dim=1)
 
     def dense_kv_heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                        scale: float) -> list[bool]:

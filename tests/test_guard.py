@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -58,8 +56,7 @@ def _brute_force_errors(q, k, v, out, scale, rows):
     p = scores.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf")).softmax(-1)
     exact = (p @ v.repeat_interleave(group, 1))[:, :, rows]
     error = (out[:, :, rows] - exact).norm(dim=-1) / exact.norm(dim=-1)
-    per_group = [error[:, h * group:(h + 1) * group].flatten().sort().values for h in range(k.shape[1])]
-    return torch.stack([values[math.ceil(0.9 * values.numel()) - 1] for values in per_group])
+    return torch.stack([error[:, h * group:(h + 1) * group].flatten().quantile(0.9) for h in range(k.shape[1])])
 
 
 def test_guard_errors_match_brute_force():
@@ -71,17 +68,6 @@ def test_guard_errors_match_brute_force():
     errors = guard.kv_head_errors(q, k, v, out, d ** -0.5)
     expected = _brute_force_errors(q, k, v, out, d ** -0.5, guard.sample_rows(n, q.device))
     assert torch.allclose(errors, expected, atol=1e-5)
-
-
-def test_guard_errors_are_the_same_when_kv_heads_are_taken_one_at_a_time(monkeypatch):
-    import sparse_prefill.guard as guard_module
-
-    torch.manual_seed(2)
-    q, k, v = torch.randn(1, 6, 90, 8), torch.randn(1, 3, 90, 8), torch.randn(1, 3, 90, 8)
-    out = torch.randn(1, 6, 90, 8)
-    whole = ErrorGuard(rows=12).kv_head_errors(q, k, v, out, 0.3)
-    monkeypatch.setattr(guard_module, "_SCORE_BYTES", 1)
-    assert torch.allclose(ErrorGuard(rows=12).kv_head_errors(q, k, v, out, 0.3), whole, atol=1e-6)
 
 
 def test_sampled_rows_are_distinct_and_in_the_last_three_quarters():
