@@ -18,6 +18,7 @@ if not _os.path.isdir(_os.path.join(__path__[0], "kernels")) and _os.path.isdir(
     __path__.append(_CHECKOUT_ROOT)
 
 from sparse_prefill.dispatch import NoCapableExecutorError, sparse_attention
+from sparse_prefill.guard import ErrorGuard
 from sparse_prefill.dispatch import select_executor  # noqa: F401  (importable as before; not the users' API)
 from sparse_prefill.integrations.huggingface import SparsePrefillHandle, apply, remove
 # Plugin authors' names, importable from here as before sparse_prefill.plugin existed:
@@ -38,6 +39,7 @@ __version__ = "0.1.0"
 # The user's API. Plugin authors import from sparse_prefill.plugin (roles, plans, hook marker); those names
 # stay importable from here too, for code written before the split, but are not part of this layer.
 __all__ = [
+    "ErrorGuard",
     "NoCapableExecutorError",
     "PatternInfo",
     "PluginLoadError",

@@ -178,14 +178,13 @@ def _guarded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, ctx:
         return result, lse
     assert guard is not None
     group = q.shape[1] // k.shape[1]
-    per_kv = _plan_heads(plan) // k.shape[1]  # plan heads per KV head: 1, or the group when each query head has its own
     for start, stop, run_dense in _runs(dense):
         heads = slice(start * group, stop * group)
         part_ctx = dataclasses.replace(ctx, num_q_heads=(stop - start) * group, num_kv_heads=stop - start,
                                        head_offset=ctx.head_offset + heads.start)
         if not run_dense:
             if on_plan is not None:
-                on_plan(plan.select_heads(start * per_kv, stop * per_kv), part_ctx)  # type: ignore[union-attr]
+                on_plan(_kv_heads_of(plan, start, stop, k.shape[1]), part_ctx)
             continue
         part = DensePlan(q.shape[0], part_ctx.num_q_heads, q.shape[2], reason=guard.reason())
         if on_plan is not None:
@@ -197,8 +196,14 @@ def _guarded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, ctx:
     return result, lse
 
 
-def _plan_heads(plan: Plan) -> int:
-    return plan.plan_heads if hasattr(plan, "plan_heads") else plan.heads  # type: ignore[union-attr]
+def _kv_heads_of(plan: Plan, start: int, stop: int, num_kv: int) -> Plan:
+    """The part of ``plan`` that KV heads [start, stop) read, for reporting; a plan kind without
+    ``select_heads`` (a plugin's) is reported whole."""
+    plan_heads = getattr(plan, "plan_heads", getattr(plan, "heads", None))
+    if not hasattr(plan, "select_heads") or not isinstance(plan_heads, int):
+        return plan
+    per_kv = plan_heads // num_kv  # 1, or the group size when each query head has its own list
+    return plan.select_heads(start * per_kv, stop * per_kv)
 
 
 def _runs(flags: list[bool]) -> list[tuple[int, int, bool]]:
