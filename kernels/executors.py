@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from sparse_prefill.interfaces import AttentionContext, Executor, write_into
+from sparse_prefill.kernels.block_attention import BLOCK_HEAD_DIMS, block_attention, block_size_supported
 from sparse_prefill.kernels.reference import (
     block_attention_reference,
     dense_attention_reference,
@@ -17,7 +18,7 @@ from sparse_prefill.kernels.runtime import triton_can_run
 from sparse_prefill.kernels.stripe_attention import STRIPE_HEAD_DIMS, stripe_attention
 from sparse_prefill.plan import BlockPlan, DensePlan, Plan, StripePlan
 
-__all__ = ["DenseSDPAExecutor", "ReferenceExecutor", "TritonStripeExecutor"]
+__all__ = ["DenseSDPAExecutor", "ReferenceExecutor", "TritonBlockExecutor", "TritonStripeExecutor"]
 
 _ALL_DEVICES = frozenset({"cpu", "cuda", "xpu", "mps"})
 # Plain PyTorch takes float64 too (a model run in float64 must not fail mid-generation).
@@ -74,3 +75,26 @@ class TritonStripeExecutor(Executor):
 
     def __call__(self, q, k, v, plan: Plan, ctx: AttentionContext, return_lse: bool = False, out=None):
         return stripe_attention(q, k, v, plan, ctx.scale, return_lse=return_lse, out=out)
+
+
+class TritonBlockExecutor(Executor):
+    """Selected key blocks with contiguous K/V tile loads, causal only in the diagonal block (Triton)."""
+
+    name = "triton-block"
+    plan_kinds = (BlockPlan,)
+    devices = frozenset({"cuda"})
+    priority = 100
+    head_dims: ClassVar[frozenset[int] | None] = frozenset(BLOCK_HEAD_DIMS)
+    supports_backward: ClassVar[bool] = False  # a forward kernel only: the dispatcher refuses inputs needing grad
+
+    def not_supported_reasons(self, q: torch.Tensor, plan: Plan) -> list[str]:
+        reasons = super().not_supported_reasons(q, plan)
+        if isinstance(plan, BlockPlan) and not block_size_supported(plan.block_size):
+            reasons.append(f"block size {plan.block_size} not a multiple of 16")
+        return reasons
+
+    def device_supported(self, device: torch.device) -> bool:
+        return triton_can_run(device)
+
+    def __call__(self, q, k, v, plan: Plan, ctx: AttentionContext, return_lse: bool = False, out=None):
+        return block_attention(q, k, v, plan, ctx.scale, return_lse=return_lse, out=out)

@@ -26,6 +26,7 @@ def sparse_prefill_executors() -> list[Executor]:
 
     return [
         executors.TritonStripeExecutor(),
+        executors.TritonBlockExecutor(),
         executors.DenseSDPAExecutor(),
         executors.ReferenceExecutor(),
     ]

@@ -14,7 +14,7 @@ detector. ``alpha`` 0 keeps every block.
 
 Expressed as a :class:`~sparse_prefill.plan.BlockPlan`, one key-block list per query head (the
 selection is whole blocks: its exact form, ``block`` times smaller than a StripePlan listing the
-keys). The reference executor runs it on any device; a block kernel for the GPU is later work.
+keys). The Triton block executor runs it on CUDA devices, the reference executor anywhere.
 
 Decided where the published method leaves room:
 

@@ -10,8 +10,8 @@ total score (the block that crosses it included); ``threshold`` 1 keeps every bl
 
 Expressed as a :class:`~sparse_prefill.plan.BlockPlan`, one key-block list per query head: the
 selection is whole blocks, so this is its exact form (a StripePlan would list ``block`` keys per
-kept block: ``block`` times the memory for the same mask). The reference executor runs it on any
-device; a block kernel for the GPU is later work.
+kept block: ``block`` times the memory for the same mask). The Triton block executor runs it on
+CUDA devices, the reference executor anywhere.
 
 Decided where the published method leaves room:
 

@@ -7,8 +7,9 @@ from typing import Callable
 
 import torch
 
+from sparse_prefill.guard import ErrorGuard
 from sparse_prefill.interfaces import AttentionContext, Executor, Identifier, PlanBudgetExceeded
-from sparse_prefill.plan import Plan
+from sparse_prefill.plan import DensePlan, Plan
 from sparse_prefill.registry import get_registry
 from sparse_prefill.validation import validate_attention_inputs
 
@@ -55,6 +56,7 @@ def sparse_attention(
     return_lse: bool = False,
     on_plan: Callable[[Plan, AttentionContext], None] | None = None,
     max_plan_bytes: int | None = None,
+    guard: ErrorGuard | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Causal prefill attention over the keys ``identifier`` selects.
 
@@ -69,6 +71,11 @@ def sparse_attention(
     then run in chunks that fit (whole KV groups, or the query heads of one group when the
     identifier allows), each identified, executed into the shared output and freed before the
     next. Identifiers that ignore the budget run in one call.
+
+    ``guard`` (a :class:`~sparse_prefill.guard.ErrorGuard`): after a sparse plan runs, the KV groups
+    whose output on a few sampled query rows is too far from exact attention run dense again;
+    ``on_plan`` then sees the plan of the heads that stayed sparse and a :class:`DensePlan` with the
+    guard's ``reason`` for the others, each with the context of its heads.
 
     Gradients: identification runs under ``torch.no_grad()`` (selection is not differentiable; the
     plan is integers). When q, k or v require grad under grad mode, the chosen executor must have a
@@ -90,10 +97,8 @@ def sparse_attention(
     except PlanBudgetExceeded as exceeded:
         chunks = _head_chunks(exceeded, q.shape[1] // k.shape[1], budget)
         return _run_in_chunks(q, k, v, identifier, ctx, chunks, executor=executor, return_lse=return_lse,
-                              on_plan=on_plan)
-    if on_plan is not None:
-        on_plan(plan, ctx)
-    return _execute(q, k, v, plan, ctx, executor, return_lse)
+                              on_plan=on_plan, guard=guard)
+    return _guarded(q, k, v, plan, ctx, executor, return_lse, on_plan, guard)
 
 
 def _head_chunks(exceeded: PlanBudgetExceeded, group: int, budget: int) -> list[tuple[slice, slice]]:
@@ -134,7 +139,7 @@ def _greedy_runs(sizes: list[int], budget: int) -> list[slice]:
 def _run_in_chunks(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, identifier: Identifier, ctx: AttentionContext,
     chunks: list[tuple[slice, slice]], *, executor: Executor | None, return_lse: bool,
-    on_plan: Callable[[Plan, AttentionContext], None] | None,
+    on_plan: Callable[[Plan, AttentionContext], None] | None, guard: ErrorGuard | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Identify and execute each (query heads, KV heads) chunk into one output; a chunk's plan is
     freed before the next is built."""
@@ -151,13 +156,60 @@ def _run_in_chunks(
         )
         with torch.no_grad():
             plan = identifier.identify(chunk_q, chunk_k, chunk_ctx)
-        if on_plan is not None:
-            on_plan(plan, chunk_ctx)
-        chunk_lse = _execute(chunk_q, chunk_k, chunk_v, plan, chunk_ctx, executor, return_lse, out=out[:, q_heads])[1]
+        chunk_lse = _guarded(chunk_q, chunk_k, chunk_v, plan, chunk_ctx, executor, return_lse, on_plan, guard,
+                             out=out[:, q_heads])[1]
         if lse is not None:
             lse[:, q_heads] = chunk_lse
         del plan
     return out, lse
+
+
+def _guarded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, ctx: AttentionContext,
+             executor: Executor | None, return_lse: bool, on_plan: Callable[[Plan, AttentionContext], None] | None,
+             guard: ErrorGuard | None, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Runs ``plan``, then runs dense again the KV groups whose output ``guard`` rejects; ``on_plan`` sees what
+    each group's output came from."""
+    result, lse = _execute(q, k, v, plan, ctx, executor, return_lse, out=out)
+    with torch.no_grad():
+        dense = [] if guard is None or isinstance(plan, DensePlan) else guard.dense_kv_heads(q, k, v, result, ctx.scale)
+    if not any(dense):
+        if on_plan is not None:
+            on_plan(plan, ctx)
+        return result, lse
+    assert guard is not None
+    group = q.shape[1] // k.shape[1]
+    per_kv = _plan_heads(plan) // k.shape[1]  # plan heads per KV head: 1, or the group when each query head has its own
+    for start, stop, run_dense in _runs(dense):
+        heads = slice(start * group, stop * group)
+        part_ctx = dataclasses.replace(ctx, num_q_heads=(stop - start) * group, num_kv_heads=stop - start,
+                                       head_offset=ctx.head_offset + heads.start)
+        if not run_dense:
+            if on_plan is not None:
+                on_plan(plan.select_heads(start * per_kv, stop * per_kv), part_ctx)  # type: ignore[union-attr]
+            continue
+        part = DensePlan(q.shape[0], part_ctx.num_q_heads, q.shape[2], reason=guard.reason())
+        if on_plan is not None:
+            on_plan(part, part_ctx)
+        part_lse = _execute(q[:, heads], k[:, start:stop], v[:, start:stop], part, part_ctx, executor, return_lse,
+                            out=result[:, heads])[1]
+        if lse is not None:
+            lse[:, heads] = part_lse
+    return result, lse
+
+
+def _plan_heads(plan: Plan) -> int:
+    return plan.plan_heads if hasattr(plan, "plan_heads") else plan.heads  # type: ignore[union-attr]
+
+
+def _runs(flags: list[bool]) -> list[tuple[int, int, bool]]:
+    """(start, stop, flag) of each run of equal consecutive flags."""
+    runs: list[tuple[int, int, bool]] = []
+    for i, flag in enumerate(flags):
+        if runs and runs[-1][2] == flag:
+            runs[-1] = (runs[-1][0], i + 1, flag)
+        else:
+            runs.append((i, i + 1, flag))
+    return runs
 
 
 def _execute(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, ctx: AttentionContext,

@@ -46,6 +46,29 @@ def _check_csr(name: str, offsets: torch.Tensor, indices: torch.Tensor, segments
         raise ValueError(f"{name}.offsets must be non-decreasing")
 
 
+def _rows_entries(offsets: torch.Tensor, indices: torch.Tensor, segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(position in ``segments``, index) of every CSR entry of the listed segments, gathered without a host loop
+    (one host sync sizes the result)."""
+    starts, counts = offsets[segments], offsets[segments + 1] - offsets[segments]
+    total = int(counts.sum())
+    owner = torch.repeat_interleave(torch.arange(segments.numel(), device=segments.device), counts, output_size=total)
+    first = torch.cumsum(counts, 0) - counts
+    position = torch.arange(total, device=segments.device) - first[owner] + starts[owner]
+    return owner, indices[position].long()
+
+
+def _select_heads(offsets: torch.Tensor, indices: torch.Tensor, shape: tuple[int, int, int], start: int,
+                  stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """CSR (offsets, indices) of plan heads [start, stop) of a CSR laid out as ``shape`` = (batch, heads, groups)."""
+    counts = (offsets[1:] - offsets[:-1]).view(shape)
+    keep = torch.zeros(shape, dtype=torch.bool, device=offsets.device)
+    keep[:, start:stop] = True
+    kept = torch.repeat_interleave(keep.flatten(), counts.flatten(), output_size=indices.numel())
+    new_offsets = torch.zeros(shape[0] * (stop - start) * shape[2] + 1, dtype=torch.int64, device=offsets.device)
+    torch.cumsum(counts[:, start:stop].flatten(), 0, out=new_offsets[1:])
+    return new_offsets, indices[kept]
+
+
 def _segment_ids(offsets: torch.Tensor, nnz: int) -> torch.Tensor:
     """Segment id of each CSR entry (length nnz), without a host loop."""
     counts = offsets[1:] - offsets[:-1]
@@ -59,9 +82,19 @@ class DensePlan:
     batch: int
     heads: int
     seq_len: int
+    reason: str = ""  # why a sparse pattern's call runs dense, when something other than the pattern decided
 
     def density(self) -> float:
         return 1.0
+
+    def rows_mask(self, rows: torch.Tensor) -> torch.Tensor:
+        """Boolean [batch, heads, len(rows), seq_len]: the causal prefix of each row in ``rows``."""
+        causal = torch.arange(self.seq_len, device=rows.device) <= rows.unsqueeze(1)
+        return causal.expand(self.batch, self.heads, -1, -1)
+
+    def select_heads(self, start: int, stop: int) -> "DensePlan":
+        """The plan of heads [start, stop) alone."""
+        return replace(self, heads=stop - start)
 
     def to_dense(self) -> torch.Tensor:
         mask = torch.ones(self.seq_len, self.seq_len, dtype=torch.bool).tril()
@@ -150,6 +183,27 @@ class StripePlan:
         row_end = torch.clamp(row_start + self.group_rows, max=self.seq_len)
         local_start = torch.clamp(row_start - self.local, min=0)
         return row_start, row_end, torch.clamp(local_start, max=self.sink), local_start
+
+    def rows_mask(self, rows: torch.Tensor) -> torch.Tensor:
+        """Boolean [batch, plan_heads, len(rows), seq_len]: the keys each row in ``rows`` (int64, on the plan's
+        device) attends. Memory grows with the rows asked for, never N^2; one host sync."""
+        keys = torch.arange(self.seq_len, device=rows.device)
+        groups = rows // self.group_rows
+        local_start = torch.clamp(groups * self.group_rows - self.local, min=0)
+        sink_end = torch.clamp(local_start, max=self.sink)
+        window = (keys < sink_end.unsqueeze(1)) | ((keys >= local_start.unsqueeze(1)) & (keys <= rows.unsqueeze(1)))
+        mask = window.expand(self.batch, self.plan_heads, -1, -1).clone()
+        heads = torch.arange(self.batch * self.plan_heads, device=rows.device).unsqueeze(1)
+        segments = (heads * self.num_groups + groups).flatten()
+        owner, keys_selected = _rows_entries(self.offsets, self.indices, segments)
+        mask.view(-1, self.seq_len)[owner, keys_selected] = True
+        return mask
+
+    def select_heads(self, start: int, stop: int) -> "StripePlan":
+        """The plan of plan heads [start, stop) alone (for running some heads another way)."""
+        offsets, indices = _select_heads(self.offsets, self.indices, (self.batch, self.plan_heads, self.num_groups),
+                                         start, stop)
+        return replace(self, plan_heads=stop - start, offsets=offsets, indices=indices)
 
     def density(self) -> float:
         """Fraction of the causal score matrix this plan computes."""
@@ -243,6 +297,25 @@ class BlockPlan:
     def counts(self) -> torch.Tensor:
         return (self.offsets[1:] - self.offsets[:-1]).view(self.batch, self.heads, self.num_blocks)
 
+    def rows_mask(self, rows: torch.Tensor) -> torch.Tensor:
+        """Boolean [batch, heads, len(rows), seq_len]: the keys each row in ``rows`` (int64, on the plan's device)
+        attends, causal. Memory grows with the rows asked for, never N^2; one host sync."""
+        blocks = torch.zeros(self.batch * self.heads * rows.numel(), self.num_blocks, dtype=torch.bool,
+                             device=rows.device)
+        heads = torch.arange(self.batch * self.heads, device=rows.device).unsqueeze(1)
+        segments = (heads * self.num_blocks + rows // self.block_size).flatten()
+        owner, key_blocks = _rows_entries(self.offsets, self.indices, segments)
+        blocks[owner, key_blocks] = True
+        mask = blocks.repeat_interleave(self.block_size, dim=1)[:, : self.seq_len]
+        causal = torch.arange(self.seq_len, device=rows.device) <= rows.unsqueeze(1)
+        return mask.view(self.batch, self.heads, rows.numel(), self.seq_len) & causal
+
+    def select_heads(self, start: int, stop: int) -> "BlockPlan":
+        """The plan of heads [start, stop) alone (for running some heads another way)."""
+        offsets, indices = _select_heads(self.offsets, self.indices, (self.batch, self.heads, self.num_blocks),
+                                         start, stop)
+        return replace(self, heads=stop - start, offsets=offsets, indices=indices)
+
     def density(self) -> float:
         """Fraction of the causal score matrix this plan computes, from the CSR alone (no N^2 mask)."""
         nnz = self.indices.numel()
@@ -282,6 +355,37 @@ class BlockPlan:
         blocks = blocks.view(self.batch, self.heads, self.num_blocks, self.num_blocks)
         mask = blocks.repeat_interleave(bs, dim=2).repeat_interleave(bs, dim=3)[:, :, :n, :n]
         return mask & torch.ones(n, n, dtype=torch.bool).tril()
+
+    def to_stripe_plan(self) -> StripePlan:
+        """The same mask as a StripePlan, to run a block plan on the stripe kernel (a benchmark's baseline).
+
+        Query block ``i`` becomes query group ``i`` (``group_rows = block_size``) with ``sink = 0``
+        and ``local = 0``, so the group's local window ``[i * block_size, row]`` is the diagonal block
+        with its causal mask, and every selected block before it is expanded into its
+        ``block_size`` key indices. Memory grows with the selected off-diagonal keys (never N^2).
+
+        Exact only when every segment holds its diagonal block: a StripePlan always attends its
+        local window, so a segment without it (a valid BlockPlan) cannot be expressed; that raises
+        ValueError rather than returning a plan that attends more.
+        """
+        nnz = self.indices.numel()
+        segments = self.batch * self.heads * self.num_blocks
+        seg = _segment_ids(self.offsets, nnz)
+        blocks = self.indices.long()
+        diagonal = blocks == seg % self.num_blocks
+        lacking = segments - int(diagonal.sum())  # one host sync; a sorted unique list holds the diagonal once at most
+        if lacking:
+            raise ValueError(
+                f"{lacking} of {segments} BlockPlan segments lack their diagonal block; a StripePlan always attends "
+                "its local window, so only plans whose every query block keeps its diagonal convert exactly"
+            )
+        # int32 throughout (keys < seq_len): the expanded list is the large tensor here.
+        before = self.indices[~diagonal]
+        within = torch.arange(self.block_size, dtype=torch.int32, device=before.device)
+        keys = (before.unsqueeze(-1) * self.block_size + within).flatten()
+        counts = (self.counts().flatten() - 1) * self.block_size
+        layout = StripePlan.empty(self.batch, self.heads, self.seq_len, self.block_size, 0, 0, self.device)
+        return layout.filled(counts, keys)
 
     def __repr__(self) -> str:
         return (

@@ -11,6 +11,9 @@ a dict of the same shape::
       - layers: [0, 1]        # an index, "a-b" (inclusive), or a list of them; omitted: all
         heads: "0-7"          # global query-head indices, same forms; omitted: all
         pattern: dense
+    guard:                    # optional: a run-time test of every sparse call's output (sparse_prefill.guard)
+      max_error: 0.5          # KV groups whose sampled rows' output errs more (90th percentile) run dense
+      rows: 64                # query rows sampled per call
 
 Every key is checked: unknown keys, wrong types and out-of-range values raise
 :class:`PolicyError` naming the file, the key path and what is allowed. Layer and head indices
@@ -30,6 +33,7 @@ from typing import Any, Mapping, Union
 
 import yaml
 
+from sparse_prefill.guard import ErrorGuard
 from sparse_prefill.interfaces import Identifier, PatternSpec
 from sparse_prefill.registry import get_pattern, get_registry
 
@@ -37,7 +41,8 @@ __all__ = ["Policy", "PolicyError", "PatternChoice", "HeadAssignment", "load_pol
 
 PolicySource = Union[str, os.PathLike, Mapping[str, Any], "Policy"]
 
-_TOP_KEYS = ("min_length", "default", "overrides")
+_TOP_KEYS = ("min_length", "default", "overrides", "guard")
+_GUARD_KEYS = ("max_error", "rows")
 _SELECTOR_KEYS = ("layers", "heads")
 # ASCII digits only: str.isdigit() also accepts "²", which int() then rejects.
 _RANGE = re.compile(r"\s*([0-9]+)\s*-\s*([0-9]+)\s*", re.ASCII)
@@ -102,6 +107,7 @@ class Policy:
     overrides: tuple[_Override, ...] = ()
     min_length: int = 0
     source: str = "<dict>"
+    guard: ErrorGuard | None = None
     # Caches, not state: init=False, so a dataclasses.replace() copy starts empty instead of sharing stale ones.
     _identifiers: dict[PatternChoice, Identifier] = field(init=False, default_factory=dict, repr=False,
                                                           compare=False)
@@ -155,6 +161,9 @@ class Policy:
 
     def describe(self) -> str:
         lines = [f"policy from {self.source}", f"  min_length: {self.min_length}", f"  default: {self.default}"]
+        if self.guard is not None:
+            lines.append(f"  guard: KV groups whose output on {self.guard.rows} sampled rows errs more than "
+                         f"{self.guard.max_error} run dense")
         for o in self.overrides:
             layers = "all" if o.layers is None else o.layers
             heads = "all" if o.heads is None else o.heads
@@ -220,7 +229,21 @@ class _Validator:
             raise self.fail("overrides", f"expected a list of overrides (or null for none), got "
                                          f"{type(overrides_raw).__name__} {overrides_raw!r}")
         overrides = tuple(self.override(item, f"overrides[{i}]") for i, item in enumerate(overrides_raw))
-        return Policy(default=default, overrides=overrides, min_length=min_length, source=self.source)
+        guard = None if raw.get("guard") is None else self.guard(raw["guard"])
+        return Policy(default=default, overrides=overrides, min_length=min_length, source=self.source, guard=guard)
+
+    def guard(self, raw: Any) -> ErrorGuard:
+        raw = self.mapping(raw, "guard")
+        unknown = sorted(set(raw) - set(_GUARD_KEYS))
+        if unknown:
+            raise self.fail(f"guard.{unknown[0]}", f"unknown key; allowed: {', '.join(_GUARD_KEYS)}")
+        max_error = raw.get("max_error", ErrorGuard.max_error)
+        if isinstance(max_error, bool) or not isinstance(max_error, (int, float)) or not max_error >= 0:
+            raise self.fail("guard.max_error", f"expected a number >= 0 (relative output error), got {max_error!r}")
+        rows = raw.get("rows", ErrorGuard.rows)
+        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+            raise self.fail("guard.rows", f"expected an integer >= 1, got {rows!r}")
+        return ErrorGuard(max_error=float(max_error), rows=rows)
 
     def override(self, raw: Any, path: str) -> _Override:
         raw = self.mapping(raw, path)

@@ -74,15 +74,21 @@ def random_block_plan(
     fraction: float = 0.5,
     seed: int = 0,
     device: torch.device | str = "cpu",
+    keep_diagonal: bool = True,
 ) -> BlockPlan:
-    """A validated BlockPlan: the diagonal block always, each earlier block with probability ``fraction``."""
+    """A validated BlockPlan: the diagonal block always, each earlier block with probability ``fraction``.
+
+    ``keep_diagonal=False`` picks the diagonal with probability ``fraction`` too, so some segments lack
+    it or select nothing (valid plans, whose empty rows attend no key).
+    """
     generator = torch.Generator().manual_seed(seed)
     num_blocks = -(-seq_len // block_size)
     segments = []
     for _ in range(batch * heads):
         for block in range(num_blocks):
-            earlier = _pick_sorted(0, block, fraction, generator)
-            segments.append(torch.cat([earlier, torch.tensor([block])]))
+            last = block if keep_diagonal else block + 1
+            picked = _pick_sorted(0, last, fraction, generator)
+            segments.append(torch.cat([picked, torch.tensor([block])]) if keep_diagonal else picked)
     offsets, indices = _csr(segments, device)
     plan = BlockPlan(batch, heads, seq_len, block_size, offsets, indices)
     plan.validate()

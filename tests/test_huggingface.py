@@ -459,3 +459,19 @@ def test_summary_without_collected_densities_says_how_to_collect_them():
     assert "no attention call" in handle.summary()
     logits(model, torch.randint(0, 128, (1, 150)))
     assert "2 attention call(s) ran sparse" in handle.summary() and "collect_stats=True" in handle.summary()
+
+
+def test_a_guard_that_takes_no_loss_makes_the_model_dense_and_says_so():
+    """A streaming window changes attention on random weights; a guard with max_error 0 sends every such KV
+    group to dense attention, so the model's logits are the unpatched ones and the summary says why."""
+    model = make_model()
+    ids = torch.randint(0, 128, (1, 160))
+    expected = logits(model, ids)
+    handle = sparse_prefill.apply(model, {**STREAMING, "guard": {"max_error": 0.0, "rows": 16}}, collect_stats=True)
+    torch.testing.assert_close(logits(model, ids), expected, atol=LOGIT_ATOL, rtol=0)
+    assert handle.stats.densities == [1.0] * len(handle.stats.densities)
+    assert "max_error 0.0" in handle.summary()
+    sparse_prefill.remove(model)
+    handle = sparse_prefill.apply(model, {**STREAMING, "guard": {"max_error": 1e9}}, collect_stats=True)
+    logits(model, ids)
+    assert max(handle.stats.densities) < 1.0 and "max_error" not in handle.summary()

@@ -2,7 +2,7 @@
 
 The references are checked against softmax over ``plan.to_dense()`` (small N only); the Triton
 kernel, interpreted on the CPU unless a GPU run sets TRITON_INTERPRET=0, against the stripe
-reference on the same low-precision inputs. Tolerances per dtype live in ``TOLERANCES``.
+reference on the same low-precision inputs. Tolerances per dtype live in ``kernel_checks.TOLERANCES``.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import pytest
 import torch
 
 import sparse_prefill.kernels.stripe_attention as stripe_module
+from kernel_checks import DEVICE, REFERENCE_TOLERANCE, TOLERANCES, needs_kernel, random_qkv
+from kernel_checks import assert_close as _assert_close
 from plan_factories import full_stripe_plan, masked_attention, random_block_plan, random_stripe_plan
 from sparse_prefill.kernels.reference import (
     block_attention_reference,
@@ -27,23 +29,6 @@ from sparse_prefill.kernels.reference import (
 )
 from sparse_prefill.kernels.stripe_attention import STRIPE_HEAD_DIMS, stripe_attention
 from sparse_prefill.plan import StripePlan
-
-if stripe_module._INTERPRET:
-    DEVICE = "cpu"
-elif torch.cuda.is_available():
-    DEVICE = "cuda"
-else:
-    DEVICE = None
-needs_kernel = pytest.mark.skipif(DEVICE is None, reason="needs a CUDA device or TRITON_INTERPRET=1")
-
-# Output: the kernel rounds probabilities to the input dtype before P @ V (fp16 ~1e-3, bf16 ~8e-3
-# relative), the reference keeps them in fp32. LSE is accumulated in fp32 by both.
-TOLERANCES = {
-    torch.float32: {"atol": 1e-5, "rtol": 1e-4, "lse_atol": 1e-5},
-    torch.float16: {"atol": 2e-3, "rtol": 1e-2, "lse_atol": 1e-4},
-    torch.bfloat16: {"atol": 1.6e-2, "rtol": 2e-2, "lse_atol": 1e-4},
-}
-REFERENCE_TOLERANCE = {"atol": 1e-5, "rtol": 1e-5}  # fp32 reference vs fp32 dense softmax
 
 
 @dataclass(frozen=True)
@@ -73,27 +58,10 @@ class Case:
         )
 
 
-def _inputs(case: Case, seed: int, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    shapes = [(case.batch, heads, case.seq_len, case.head_dim) for heads in (case.num_q, case.num_kv, case.num_kv)]
-    return tuple(torch.randn(shape, generator=generator).to(device=device, dtype=case.dtype) for shape in shapes)
-
-
 def _plan(case: Case, seed: int, device: str) -> StripePlan:
     return random_stripe_plan(
         case.batch, case.plan_heads, case.seq_len, case.group_rows, case.sink, case.local,
         fraction=case.fraction, seed=seed, device=device,
-    )
-
-
-def _assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float, what: str) -> None:
-    """Finite and close; the failure message gives the max absolute and relative error."""
-    actual, expected = actual.float().cpu(), expected.float().cpu()
-    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
-    error = (actual - expected).abs()
-    relative = (error / expected.abs().clamp_min(1e-6)).max()
-    assert torch.allclose(actual, expected, atol=atol, rtol=rtol), (
-        f"{what}: max abs error {error.max():.3g}, max rel error {relative:.3g} (atol {atol}, rtol {rtol})"
     )
 
 
@@ -111,7 +79,7 @@ REFERENCE_CASES = [
 
 @pytest.mark.parametrize("case", REFERENCE_CASES, ids=Case.id)
 def test_stripe_reference_matches_dense_mask(case: Case) -> None:
-    q, k, v = _inputs(case, seed=1, device="cpu")
+    q, k, v = random_qkv(case, seed=1, device="cpu")
     plan = _plan(case, seed=2, device="cpu")
     out, lse = stripe_attention_reference(q, k, v, plan, 0.3, return_lse=True)
     expected_out, expected_lse = masked_attention(q, k, v, plan.to_dense(), 0.3)
@@ -122,7 +90,7 @@ def test_stripe_reference_matches_dense_mask(case: Case) -> None:
 @pytest.mark.parametrize("block_size", [16, 32])
 @pytest.mark.parametrize("case", REFERENCE_CASES, ids=Case.id)
 def test_block_reference_matches_dense_mask(case: Case, block_size: int) -> None:
-    q, k, v = _inputs(case, seed=3, device="cpu")
+    q, k, v = random_qkv(case, seed=3, device="cpu")
     plan = random_block_plan(case.batch, case.plan_heads, case.seq_len, block_size, seed=4)
     out, lse = block_attention_reference(q, k, v, plan, 0.3, return_lse=True)
     expected_out, expected_lse = masked_attention(q, k, v, plan.to_dense(), 0.3)
@@ -133,7 +101,7 @@ def test_block_reference_matches_dense_mask(case: Case, block_size: int) -> None
 @pytest.mark.parametrize("seq_len", [1, 300, 600])  # 600 spans several dense chunks
 def test_dense_reference_matches_causal_softmax(seq_len: int) -> None:
     case = Case(1, 4, 2, seq_len, 16, 16, 0, 0, shared=True)
-    q, k, v = _inputs(case, seed=5, device="cpu")
+    q, k, v = random_qkv(case, seed=5, device="cpu")
     causal = torch.ones(seq_len, seq_len, dtype=torch.bool).tril().expand(1, 2, -1, -1)
     out, lse = dense_attention_reference(q, k, v, 0.25, return_lse=True)
     expected_out, expected_lse = masked_attention(q, k, v, causal, 0.25)
@@ -143,7 +111,7 @@ def test_dense_reference_matches_causal_softmax(seq_len: int) -> None:
 
 def test_reference_returns_input_dtype_and_no_lse_by_default() -> None:
     case = Case(1, 2, 1, 20, 16, 16, 2, 4, shared=True, dtype=torch.bfloat16)
-    q, k, v = _inputs(case, seed=6, device="cpu")
+    q, k, v = random_qkv(case, seed=6, device="cpu")
     out, lse = stripe_attention_reference(q, k, v, _plan(case, seed=7, device="cpu"), 0.25)
     assert out.dtype == torch.bfloat16 and out.shape == q.shape and lse is None
 
@@ -170,7 +138,7 @@ KERNEL_CASES = [
 @needs_kernel
 @pytest.mark.parametrize("case", KERNEL_CASES, ids=Case.id)
 def test_kernel_matches_reference(case: Case) -> None:
-    q, k, v = _inputs(case, seed=11, device=DEVICE)
+    q, k, v = random_qkv(case, seed=11, device=DEVICE)
     plan = _plan(case, seed=12, device=DEVICE)
     scale = case.head_dim**-0.5
     out, lse = stripe_attention(q, k, v, plan, scale, return_lse=True)
@@ -182,10 +150,10 @@ def test_kernel_matches_reference(case: Case) -> None:
 
 
 @needs_kernel
-def test_kernel_without_lse_and_with_strided_inputs() -> None:
+def test_kernel_without_lse_and_with_stridedrandom_qkv() -> None:
     """[B, N, H, D] storage transposed to [B, H, N, D], and a head dim with stride 2."""
     case = Case(1, 4, 2, 70, 64, 16, 4, 16, shared=True)
-    q, k, v = _inputs(case, seed=13, device=DEVICE)
+    q, k, v = random_qkv(case, seed=13, device=DEVICE)
     q_strided = q.transpose(1, 2).contiguous().transpose(1, 2)
     k_strided = torch.stack([k, torch.zeros_like(k)], dim=-1).flatten(-2)[..., ::2]
     plan = _plan(case, seed=14, device=DEVICE)
@@ -199,7 +167,7 @@ def test_kernel_without_lse_and_with_strided_inputs() -> None:
 def test_kernel_reads_a_plan_with_strided_csr_tensors() -> None:
     """A plugin's plan may hold views: the kernel reads raw pointers, so it must get dense copies."""
     case = Case(1, 4, 2, 70, 64, 16, 4, 16, shared=True)
-    q, k, v = _inputs(case, seed=15, device=DEVICE)
+    q, k, v = random_qkv(case, seed=15, device=DEVICE)
     plan = _plan(case, seed=16, device=DEVICE)
     spread = lambda x: torch.stack([x, torch.zeros_like(x)], dim=-1).flatten()[::2]  # noqa: E731
     strided = dataclasses.replace(plan, offsets=spread(plan.offsets), indices=spread(plan.indices))
@@ -212,7 +180,7 @@ def test_kernel_reads_a_plan_with_strided_csr_tensors() -> None:
 @needs_kernel
 def test_kernel_refuses_an_out_that_overlaps_itself() -> None:
     case = Case(1, 4, 2, 70, 64, 16, 4, 16, shared=True)
-    q, k, v = _inputs(case, seed=17, device=DEVICE)
+    q, k, v = random_qkv(case, seed=17, device=DEVICE)
     expanded = torch.empty(1, 4, 1, 64, dtype=q.dtype, device=DEVICE).expand(q.shape)
     with pytest.raises(ValueError, match="overlap"):
         stripe_attention(q, k, v, _plan(case, seed=18, device=DEVICE), 0.125, out=expanded)
@@ -226,7 +194,7 @@ def test_gathered_loop_with_several_whole_tiles_matches_the_reference(monkeypatc
     case = Case(2, 4, 2, 300, 64, 32, 8, 16, shared=False, dtype=torch.float16, fraction=0.6)
     config = triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1)
     monkeypatch.setattr(stripe_module._stripe_fwd, "configs", [config])
-    q, k, v = _inputs(case, seed=17, device=DEVICE)
+    q, k, v = random_qkv(case, seed=17, device=DEVICE)
     plan = _plan(case, seed=18, device=DEVICE)
     assert (plan.counts() > 2 * 16).any() and (plan.counts() % 16 != 0).any()
     out, lse = stripe_attention(q, k, v, plan, 0.125, return_lse=True)
@@ -241,7 +209,7 @@ def test_gathered_loop_with_several_whole_tiles_matches_the_reference(monkeypatc
 def test_kernel_large_scores_stay_finite(dtype: torch.dtype) -> None:
     """Scores in the thousands: the online softmax must rescale without overflow or NaN."""
     case = Case(1, 2, 1, 80, 64, 16, 8, 16, shared=True, dtype=dtype)
-    q, k, v = _inputs(case, seed=15, device=DEVICE)
+    q, k, v = random_qkv(case, seed=15, device=DEVICE)
     plan = _plan(case, seed=16, device=DEVICE)
     out, lse = stripe_attention(q * 20, k * 20, v, plan, 1.0, return_lse=True)
     assert torch.isfinite(out.float()).all() and torch.isfinite(lse).all()
@@ -261,7 +229,7 @@ FULL_CASES = [
 @pytest.mark.parametrize("case", FULL_CASES, ids=Case.id)
 def test_full_plan_equals_dense_causal(case: Case) -> None:
     """Windows plus every candidate partition the causal range; tolerance as kernel vs reference."""
-    q, k, v = _inputs(case, seed=17, device=DEVICE)
+    q, k, v = random_qkv(case, seed=17, device=DEVICE)
     plan = full_stripe_plan(case.batch, case.plan_heads, case.seq_len, case.group_rows, case.sink, case.local, DEVICE)
     out, lse = stripe_attention(q, k, v, plan, 0.1, return_lse=True)
     expected_out, expected_lse = dense_attention_reference(q, k, v, 0.1, return_lse=True)
@@ -280,7 +248,7 @@ _VALID = Case(1, 4, 2, 32, 64, 16, 2, 4, shared=True)
 
 
 def _valid_call() -> dict:
-    q, k, v = _inputs(_VALID, seed=0, device="cpu")
+    q, k, v = random_qkv(_VALID, seed=0, device="cpu")
     return {"q": q, "k": k, "v": v, "plan": _plan(_VALID, seed=0, device="cpu"), "scale": 0.125}
 
 
@@ -375,7 +343,7 @@ def test_a_nan_row_reaches_exactly_the_rows_dense_attention_gives_it(name: str, 
         pytest.skip("needs a CUDA device or TRITON_INTERPRET=1")
     device = "cpu" if name == "reference" else DEVICE
     case = Case(1, 4, 2, 150, 64, 32, 8, 16, shared=True, fraction=0.5)
-    q, k, v = _inputs(case, seed=21, device=device)
+    q, k, v = random_qkv(case, seed=21, device=device)
     plan = _plan(case, seed=22, device=device)
     clean, clean_lse = EXECUTORS[name](q, k, v, plan, 0.125, return_lse=True)
     poisoned = {"q": q.clone(), "k": k.clone(), "v": v.clone()}

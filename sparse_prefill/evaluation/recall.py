@@ -41,6 +41,7 @@ _ACTIVE_CAPTURE: contextvars.ContextVar[dict[int, tuple[torch.Tensor, torch.Tens
 _CAPTURE_LAYERS: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar(
     "sparse_prefill_capture_layers", default=frozenset()
 )
+_CAPTURE_VALUES: contextvars.ContextVar[bool] = contextvars.ContextVar("sparse_prefill_capture_values", default=False)
 
 
 def _capturing_attention(
@@ -50,7 +51,8 @@ def _capturing_attention(
     captured, layers = _ACTIVE_CAPTURE.get(), _CAPTURE_LAYERS.get()
     layer = getattr(module, "layer_idx", None)
     if captured is not None and layer in layers:
-        captured[layer] = (query.detach().clone(), key.detach().clone())
+        tensors = (query, key, value) if _CAPTURE_VALUES.get() else (query, key)
+        captured[layer] = tuple(t.detach().clone() for t in tensors)
         if len(captured) == len(layers):
             raise _StopForward
     return sdpa_attention_forward(module, query, key, value, *args, **kwargs)
@@ -62,16 +64,17 @@ AttentionMaskInterface.register(_CAPTURE_IMPL, sdpa_mask)
 
 
 def capture_qk(
-    model: PreTrainedModel, input_ids: torch.Tensor, layers: Iterable[int]
-) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """Post-RoPE (q [B, Hq, N, D], k [B, Hkv, N, D]) of each requested layer, from one causal forward."""
+    model: PreTrainedModel, input_ids: torch.Tensor, layers: Iterable[int], values: bool = False
+) -> dict[int, tuple[torch.Tensor, ...]]:
+    """Post-RoPE (q [B, Hq, N, D], k [B, Hkv, N, D]) of each requested layer, from one causal forward;
+    with ``values``, (q, k, v)."""
     wanted = frozenset(layers)
     num_layers = model.config.num_hidden_layers
     if not wanted or min(wanted) < 0 or max(wanted) >= num_layers:
         raise ValueError(f"layers must be a non-empty subset of [0, {num_layers}), got {sorted(wanted)}")
     captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     previous = model.config._attn_implementation
-    tokens = (_ACTIVE_CAPTURE.set(captured), _CAPTURE_LAYERS.set(wanted))
+    tokens = (_ACTIVE_CAPTURE.set(captured), _CAPTURE_LAYERS.set(wanted), _CAPTURE_VALUES.set(values))
     model.set_attn_implementation(_CAPTURE_IMPL)
     try:
         with torch.inference_mode():
@@ -82,6 +85,7 @@ def capture_qk(
         model.set_attn_implementation(previous)
         _ACTIVE_CAPTURE.reset(tokens[0])
         _CAPTURE_LAYERS.reset(tokens[1])
+        _CAPTURE_VALUES.reset(tokens[2])
     return dict(sorted(captured.items()))
 
 

@@ -200,7 +200,8 @@ def _sparse_prefill(handle: SparsePrefillHandle, layer: int | None, q: torch.Ten
     if len(assignments) == 1:
         ctx = AttentionContext.for_inputs(q, k, scale, layer_idx=layer, head_offset=offset)
         identifier = handle.policy.identifier(assignments[0].choice)
-        return sparse_attention(q, k, v, identifier, ctx, on_plan=_plan_observer(handle, assignments[0].choice))[0]
+        return sparse_attention(q, k, v, identifier, ctx, on_plan=_plan_observer(handle, assignments[0].choice),
+                                guard=handle.policy.guard)[0]
     out = torch.empty_like(q)
     for assignment in assignments:
         identifier = handle.policy.identifier(assignment.choice)
@@ -208,7 +209,8 @@ def _sparse_prefill(handle: SparsePrefillHandle, layer: int | None, q: torch.Ten
         for q_heads, kv_heads in kv_aligned_chunks(assignment.heads, hq // hkv):
             q_sub, k_sub, v_sub = q[:, q_heads], k[:, kv_heads], v[:, kv_heads]
             ctx = AttentionContext.for_inputs(q_sub, k_sub, scale, layer_idx=layer, head_offset=offset + q_heads[0])
-            out[:, q_heads] = sparse_attention(q_sub, k_sub, v_sub, identifier, ctx, on_plan=on_plan)[0]
+            out[:, q_heads] = sparse_attention(q_sub, k_sub, v_sub, identifier, ctx, on_plan=on_plan,
+                                               guard=handle.policy.guard)[0]
     return out
 
 
@@ -218,8 +220,8 @@ def _plan_observer(handle: SparsePrefillHandle, choice: PatternChoice) -> Callab
     def observe(plan: Plan, ctx: AttentionContext) -> None:
         if isinstance(plan, DensePlan) and choice.pattern != "dense":
             limit = choice.as_dict().get("dense_above")
-            reason = (f"made dense by the {choice.pattern} pattern" if limit is None
-                      else f"denser than the {choice.pattern} pattern's dense_above {limit}")
+            reason = plan.reason or (f"made dense by the {choice.pattern} pattern" if limit is None
+                                     else f"denser than the {choice.pattern} pattern's dense_above {limit}")
             handle._ran_dense(reason, fallback=False)
         if handle.collect_stats:
             handle.stats.record(plan, ctx)

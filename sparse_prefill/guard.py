@@ -1,0 +1,87 @@
+"""A cheap test at run time that a plan's output is the attention's: the error guard.
+
+A pattern's settings are chosen on some models and texts; on another model a head can lose what
+matters (a row-specific head, or attention spread thinly over every key) and the answers change. The
+guard checks each sparse call after it runs: it computes exact attention for a few query rows
+(``rows`` of N, so ``rows / N`` of the dense cost; SDPA with those rows' causal mask), compares the
+plan's output on those rows with it, and runs dense again every KV group whose query heads' relative
+output error ``||O_plan - O|| / ||O||`` has a 90th percentile above ``max_error`` over those rows.
+Groups that pass keep the plan's output, so a call that passes costs the test alone: a few
+kernels and one host synchronisation (the decision), and ``O(rows * N)`` memory.
+
+Why the output error and its 90th percentile: on Qwen2.5-Coder-0.5B at 32k (benchmarks/guard_signals.py,
+docs/benchmarks/whole_model.md) it separates the five layers whose anchor plans cost the model most
+(KL 0.016-0.083 each, p90 error 0.60-1.31) from the rest (KL <= 0.009, p90 error <= 0.38); attention
+recall does not (a layer keeping 0.81 of the mass cost KL 0.076, another keeping 0.81 cost 0.002).
+
+The rows are spread evenly over the last three quarters of the prompt (rows in the first quarter attend
+mostly their windows, which every plan keeps); the same rows for the same length, so a decision is
+reproducible.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["ErrorGuard"]
+
+# The share of sampled rows (per KV group, all its query heads pooled) allowed above max_error.
+_QUANTILE = 0.9
+
+
+@lru_cache(maxsize=32)
+def _sampled_rows(count: int, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows int64 [R], their causal mask bool [R, seq_len]) on ``device``, built once per shape."""
+    first = seq_len // 4
+    rows = sorted({round(first + i * (seq_len - 1 - first) / max(count - 1, 1)) for i in range(count)})
+    rows_t = torch.tensor(rows[: seq_len - first], dtype=torch.int64, device=device)
+    return rows_t, torch.arange(seq_len, device=device) <= rows_t.unsqueeze(1)
+
+
+@dataclass(frozen=True)
+class ErrorGuard:
+    """Run dense the KV groups whose plan output, on sampled query rows, is further than ``max_error`` from exact.
+
+    ``max_error`` >= 0: the largest relative output error allowed at the 90th percentile of the sampled rows
+    (0 makes every lossy group dense; a large value never intervenes). ``rows``: query rows sampled per
+    call (the test's cost grows with it, its noise falls).
+    """
+
+    max_error: float = 0.5
+    rows: int = 64
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_error, bool) or not isinstance(self.max_error, (int, float)) or not self.max_error >= 0:
+            raise ValueError(f"max_error must be a number >= 0, got {self.max_error!r}")
+        if isinstance(self.rows, bool) or not isinstance(self.rows, int) or self.rows < 1:
+            raise ValueError(f"rows must be an integer >= 1, got {self.rows!r}")
+
+    def reason(self) -> str:
+        """Why the guard made heads dense, as PrefillStats and the log say it."""
+        return f"output error on sampled rows above the guard's max_error {self.max_error}"
+
+    def sample_rows(self, seq_len: int, device: torch.device) -> torch.Tensor:
+        """int64 [<= rows] distinct rows spread evenly over [seq_len // 4, seq_len)."""
+        return _sampled_rows(self.rows, seq_len, torch.device(device))[0]
+
+    def kv_head_errors(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                       scale: float) -> torch.Tensor:
+        """float32 [Hkv]: per KV group, the 90th percentile over batch, its query heads and the sampled rows of
+        ``||out - O|| / ||O||``, with O exact attention of those rows. ``out`` is the plan's output [B, Hq, N, D]."""
+        rows, causal = _sampled_rows(self.rows, q.shape[2], q.device)
+        exact = F.scaled_dot_product_attention(q[:, :, rows], k, v, attn_mask=causal, scale=scale,
+                                               enable_gqa=q.shape[1] != k.shape[1]).float()
+        error = (out[:, :, rows].float() - exact).norm(dim=-1) / exact.norm(dim=-1).clamp_min(1e-6)
+        error = torch.nan_to_num(error, nan=0.0)  # a row with no finite output has nothing a plan could lose
+        batch, num_kv = q.shape[0], k.shape[1]
+        per_group = error.view(batch, num_kv, -1, rows.numel()).transpose(0, 1).reshape(num_kv, -1)
+        return torch.quantile(per_group, _QUANTILE, dim=1)
+
+    def dense_kv_heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                       scale: float) -> list[bool]:
+        """Whether each KV group must run dense (the one host synchronisation)."""
+        return (self.kv_head_errors(q, k, v, out, scale) > self.max_error).tolist()
