@@ -17,10 +17,17 @@ from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from sparse_prefill.evaluation.models import essay_token_ids, load_model
-from sparse_prefill.evaluation.recall import attention_recall, capture_qk
+from sparse_prefill.evaluation.recall import (
+    attention_recall,
+    capture_qk,
+    causal_probabilities,
+    sampled_attention_recall,
+)
+from sparse_prefill.interfaces import AttentionContext
 from sparse_prefill.patterns.anchor import ANCHOR
 from sparse_prefill.patterns.anchor.reference import anchor_identify_reference
 from sparse_prefill.plan import BlockPlan, DensePlan, StripePlan
+from sparse_prefill.registry import get_pattern
 from tests.plan_factories import random_block_plan
 
 TOKENS = 1024
@@ -166,3 +173,25 @@ def test_report_merges_only_results_of_the_same_model_and_input(tmp_path: Path, 
     report = json.loads(out.read_text())
     assert report["model"] == "gemma-3-270m.gguf" and [r["params"]["theta"] for r in report["results"]] == [7.0]
     assert "overwriting" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name, params", [
+    ("vertical-slash", {"vertical": 12, "slash": 9, "last_q": 16, "block": 16, "sink": 4, "local": 8}),
+    ("xattention", {"block": 16, "stride": 4, "threshold": 0.5}),
+    ("dense", {}),
+])
+def test_sampled_recall_over_every_row_is_attention_recall_and_one_window_its_rows_mean(name: str, params: dict,
+                                                                                      ) -> None:
+    """Windows covering every row give attention_recall (stripe, block and dense plans); one window
+    gives the mean of its rows' mass inside the plan, read from the plan's dense mask."""
+    generator = torch.Generator().manual_seed(3)
+    q, k = torch.randn(2, 4, 200, 32, generator=generator), torch.randn(2, 2, 200, 32, generator=generator)
+    scale = 32 ** -0.5
+    plan = get_pattern(name).build(**params, **({} if name == "dense" else {"dense_above": 1.0})).identify(
+        q, k, AttentionContext.for_inputs(q, k))
+    whole = attention_recall(q, k, plan, scale)
+    assert sampled_attention_recall(q, k, plan, scale, windows=5, rows=40) == pytest.approx(whole, abs=1e-9)
+    mask = plan.to_dense().repeat_interleave(4 // plan.to_dense().shape[1], dim=1)[:, :, 150:200]
+    probs = torch.stack([causal_probabilities(q[b], k[b], 150, 200, scale).flatten(0, 1) for b in range(2)])
+    expected = float(probs.masked_fill(~mask, 0).sum(dtype=torch.float64)) / (2 * 4 * 50)
+    assert sampled_attention_recall(q, k, plan, scale, windows=1, rows=50) == pytest.approx(expected, abs=1e-9)

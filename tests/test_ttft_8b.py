@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -20,20 +18,13 @@ from sparse_prefill import AttentionContext, load_policy, registry
 from sparse_prefill.evaluation.synthetic import structured_qkv
 from sparse_prefill.patterns.anchor import ANCHOR
 
-BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+from benchmark_scripts import load_benchmark
 
 
 @functools.cache
 def _script() -> ModuleType:
-    """benchmarks/ttft_8b.py, imported by path once (benchmarks/ is not a package; its scripts import each other)."""
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        spec = importlib.util.spec_from_file_location("ttft_8b", BENCHMARKS / "ttft_8b.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    return module
+    """benchmarks/ttft_8b.py, imported by path once."""
+    return load_benchmark("ttft_8b")
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from sparse_prefill.plan import BlockPlan, DensePlan, StripePlan
 
 __all__ = ["capture_qk", "attention_recall", "causal_probabilities", "oracle_row_density", "oracle_stripe_plan",
-           "plan_rows_mask"]
+           "plan_rows_mask", "sampled_attention_recall"]
 
 _CAPTURE_IMPL = "sparse_prefill_capture"
 
@@ -158,6 +158,72 @@ def attention_recall(q: torch.Tensor, k: torch.Tensor, plan: StripePlan | BlockP
             selected = selected.repeat_interleave(num_q // heads, dim=0)
             mass += float(probs.masked_fill_(~selected, 0.0).sum(dtype=torch.float64))
     return mass / (batch * num_q * seq_len)
+
+
+def _listed_keys(plan: StripePlan | BlockPlan, batch: int, segment_in_head: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(plan head, key) of every entry that segment ``segment_in_head`` of each plan head lists, on the
+    plan's device: keys for a StripePlan, key blocks for a BlockPlan."""
+    heads, per_head = (plan.plan_heads, plan.num_groups) if isinstance(plan, StripePlan) else (plan.heads,
+                                                                                                plan.num_blocks)
+    segments = (batch * heads + torch.arange(heads, device=plan.device)) * per_head + segment_in_head
+    first, counts = plan.offsets[segments], plan.offsets[segments + 1] - plan.offsets[segments]
+    total = int(counts.sum())
+    head = torch.repeat_interleave(torch.arange(heads, device=plan.device), counts, output_size=total)
+    slot = torch.arange(total, device=plan.device) - torch.repeat_interleave(counts.cumsum(0) - counts, counts,
+                                                                             output_size=total)
+    return head, plan.indices[torch.repeat_interleave(first, counts, output_size=total) + slot].long()
+
+
+def _rows_mask_all_heads(plan: StripePlan | BlockPlan | DensePlan, batch: int, row_start: int, row_end: int,
+                         device: torch.device) -> torch.Tensor:
+    """[plan heads, rows, row_end] bool: :func:`plan_rows_mask` of every plan head at once, on ``device``."""
+    rows = torch.arange(row_start, row_end, device=device)[:, None]
+    causal = torch.arange(row_end, device=device)[None, :] <= rows
+    if isinstance(plan, DensePlan):
+        return causal[None].expand(plan.heads, -1, -1)
+    size = plan.group_rows if isinstance(plan, StripePlan) else plan.block_size
+    heads = plan.plan_heads if isinstance(plan, StripePlan) else plan.heads
+    mask = torch.zeros(heads, row_end - row_start, row_end, dtype=torch.bool, device=device)
+    for segment in range(row_start // size, math.ceil(row_end / size)):
+        lo, hi = max(row_start, segment * size) - row_start, min(row_end, (segment + 1) * size) - row_start
+        head, keys = (x.to(device) for x in _listed_keys(plan, batch, segment))
+        if isinstance(plan, StripePlan):
+            _, _, sink_end, local_start = plan.group_bounds(segment)
+            mask[:, lo:hi, :sink_end] = True
+            mask[:, lo:hi, local_start:] = True  # causal below
+        else:  # key blocks -> their keys, those before row_end
+            keys = (keys[:, None] * size + torch.arange(size, device=device)).flatten()
+            head = head.repeat_interleave(size)
+            head, keys = head[keys < row_end], keys[keys < row_end]
+        mask[head[:, None], torch.arange(lo, hi, device=device)[None, :], keys[:, None]] = True
+    return mask & causal
+
+
+def sampled_attention_recall(q: torch.Tensor, k: torch.Tensor, plan: StripePlan | BlockPlan | DensePlan,
+                             scale: float, windows: int = 16, rows: int = 64) -> float:
+    """:func:`attention_recall` over a sample of query rows: the last ``rows`` rows before each of
+    ``windows`` evenly spaced ends (the last at N), per batch, every query head.
+
+    For long sequences, where every row costs O(N) and :func:`attention_recall` reads the plan on the
+    host group by group: here each window's exact softmax and the plan's mask of those rows are built
+    on q's device ([Hq, rows, N] at once). With windows covering every row it equals attention_recall.
+    """
+    batch, num_q, seq_len, _ = q.shape
+    heads = plan.plan_heads if isinstance(plan, StripePlan) else plan.heads
+    if (plan.batch, plan.seq_len) != (batch, seq_len) or num_q % heads:
+        raise ValueError(f"plan (batch={plan.batch}, seq_len={plan.seq_len}, heads={heads}) does not fit "
+                         f"q of shape {tuple(q.shape)}")
+    ends = sorted({max(1, round(seq_len * (i + 1) / windows)) for i in range(windows)})
+    mass, counted = 0.0, 0
+    for b in range(batch):
+        for row_end in ends:
+            row_start = max(0, row_end - rows)
+            probs = causal_probabilities(q[b], k[b], row_start, row_end, scale).flatten(0, 1)
+            selected = _rows_mask_all_heads(plan, b, row_start, row_end, q.device)
+            selected = selected.repeat_interleave(num_q // heads, dim=0)
+            mass += float(probs.masked_fill_(~selected, 0.0).sum(dtype=torch.float64))
+            counted += num_q * (row_end - row_start)
+    return mass / counted
 
 
 _ORACLE_ROWS = 128  # rows per softmax chunk of oracle_row_density: bounds memory, any value gives the same result

@@ -1,0 +1,42 @@
+"""`vertical-slash` and `flexprefill` identify with one host sync per call (issue 14), counted by CUDA's
+sync debug mode. Needs a GPU (skipped on the CPU, where nothing counts syncs):
+`python -m pytest tests/test_host_syncs.py` there.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from sparse_prefill.interfaces import AttentionContext
+from sparse_prefill.registry import get_pattern
+
+VECTORISED = {  # small settings whose plans stay sparse at 1024 tokens
+    "vertical-slash": {"vertical": 64, "slash": 64, "last_q": 32, "block": 64, "sink": 16, "local": 32},
+    "vertical-slash shared": {"vertical": 64, "slash": 64, "block": 64, "share_kv_heads": True},
+    "flexprefill": {"block": 64, "min_budget": 128},
+}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="counts CUDA host syncs: needs a GPU")
+@pytest.mark.parametrize("dense_above", [1.0, 0.0], ids=["sparse-plan", "dense-fallback"])
+@pytest.mark.parametrize("case", VECTORISED)
+def test_identification_syncs_with_the_host_once(case: str, dense_above: float) -> None:
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, 8, 1000, 64, device="cuda", generator=generator, dtype=torch.bfloat16)
+    k = torch.randn(1, 2, 1000, 64, device="cuda", generator=generator, dtype=torch.bfloat16)
+    ctx = AttentionContext.for_inputs(q, k)
+    identifier = get_pattern(case.split()[0]).build(**VECTORISED[case], dense_above=dense_above)
+    identifier.identify(q, k, ctx)  # first call: lazy initialisation may sync
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            identifier.identify(q, k, ctx)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, syncs
