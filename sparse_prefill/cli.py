@@ -289,7 +289,7 @@ def _kl_options(args: argparse.Namespace, base: Policy) -> dict[str, PatternChoi
         raise UsageError(f"--options: give the settings to choose from for pattern {base.default.pattern!r}, "
                          "e.g. --options PARAM=V1,V2 (`sparse-prefill patterns` lists the patterns)")
     try:
-        swept = sweep_policies({"": base}, parse_sweep(items))
+        swept = sweep_policies({"": base}, parse_sweep(items), allow_guard=False)
     except (ValueError, PolicyError) as exc:
         raise UsageError(f"--options: {exc}") from None
     return {label.strip("[]") or str(policy.default): policy.default for label, policy in swept.items()}
@@ -319,7 +319,8 @@ def _cmd_calibrate_kl(args: argparse.Namespace) -> int:
     options = _kl_options(args, base)
     if args.tokens < base.min_length:
         raise UsageError(f"--tokens {args.tokens}: below the policy's min_length {base.min_length}, every layer "
-                         "would stay dense; give at least that many tokens")
+                         "would stay dense; give at least that many tokens, or (for a model of shorter context) a "
+                         "--policy whose min_length is at most --tokens")
     model, ids, num_layers, dtype = _calibration_model_and_text(args, base)
     layers = args.layers if args.layers else list(range(num_layers))
     reference = next_token_logprobs(model, ids, args.score_last)
@@ -649,7 +650,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--policy", action="append", default=None,
                             help=f"as for `run` (repeatable; default: {', '.join(EVAL_POLICIES)})")
     evaluation.add_argument("--sweep", action="append", default=None, metavar="[PATTERN.]PARAM=V1,V2,...",
-                            help="run each policy whose default pattern has PARAM once per value (repeatable)")
+                            help="run each policy whose default pattern has PARAM once per value (repeatable); "
+                                 "guard.max_error=none,0.3 runs every policy without and with a guard")
     evaluation.add_argument("--lengths", type=int, nargs="+", default=[4096], help="prompt lengths in tokens")
     evaluation.add_argument("--score-last", type=int, default=1024,
                             help="positions scored for perplexity and KL (the last ones of each text)")

@@ -91,6 +91,24 @@ def test_sweep_makes_one_policy_per_value_and_checks_values():
         parse_sweep(["theta"])
 
 
+def test_sweep_of_the_guard_runs_every_policy_without_and_with_it():
+    from sparse_prefill.guard import ErrorGuard
+
+    policies = {"anchor": load_policy("anchor.yaml"), "streaming": load_policy("streaming.yaml")}
+    swept = sweep_policies(policies, parse_sweep(["guard.max_error=none,0.5", "theta=6"]))
+    assert list(swept) == ["anchor[theta=6.0,guard.max_error=none]", "anchor[theta=6.0,guard.max_error=0.5]",
+                           "streaming[guard.max_error=none]", "streaming[guard.max_error=0.5]"]
+    assert swept["anchor[theta=6.0,guard.max_error=none]"].guard is None
+    assert swept["streaming[guard.max_error=0.5]"].guard == ErrorGuard(0.5, ErrorGuard().rows)
+    rows = sweep_policies({"anchor": policies["anchor"]}, parse_sweep(["guard.rows=16"]))
+    assert rows["anchor[guard.rows=16]"].guard == ErrorGuard(policies["anchor"].guard.max_error, 16)
+    for bad in (["guard.max_error=-1"], ["guard.recall=0.9"]):
+        with pytest.raises(PolicyError, match="guard"):
+            sweep_policies(policies, parse_sweep(bad))
+    with pytest.raises(PolicyError, match="not a per-layer setting"):
+        sweep_policies(policies, parse_sweep(["guard.max_error=0.3"]), allow_guard=False)
+
+
 def test_settings_refuse_what_cannot_be_measured():
     with pytest.raises(ValueError, match="score_last"):
         EvalSettings(lengths=(64, 32), score_last=32)

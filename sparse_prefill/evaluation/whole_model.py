@@ -35,6 +35,7 @@ import yaml
 from sparse_prefill.evaluation import BASELINE_LABEL
 from sparse_prefill.evaluation.ruler import RulerSample, build_samples
 from sparse_prefill.evaluation.ruler import check_tasks as check_ruler_tasks
+from sparse_prefill.guard import ErrorGuard
 from sparse_prefill.integrations.huggingface import PrefillStats, apply, remove
 from sparse_prefill.policy import PatternChoice, Policy, PolicyError
 from sparse_prefill.registry import get_pattern
@@ -161,40 +162,66 @@ def parse_sweep(items: Iterable[str]) -> dict[tuple[str | None, str], list[Any]]
 
 
 def sweep_policies(policies: Mapping[str, Policy], sweep: Mapping[tuple[str | None, str], list[Any]],
-                   ) -> dict[str, Policy]:
+                   allow_guard: bool = True) -> dict[str, Policy]:
     """Each policy once per combination of the swept values of its default pattern's parameters
     (labelled ``label[theta=6]``); policies the sweep does not touch stay as they are.
 
     Only the default choice changes: per-layer or per-head overrides keep their own parameters.
     Every value is checked against the pattern's parameter, so a bad one fails before any model runs;
-    a sweep key no policy can take is an error.
+    a sweep key no policy can take is an error. Keys ``guard.max_error`` and ``guard.rows`` set the
+    policy's run-time guard instead (every policy takes them; ``max_error`` ``none`` means no guard),
+    so one eval compares a policy with and without it.
     """
+    guard_keys = [key for key in sweep if key[0] == "guard"]
+    if guard_keys and not allow_guard:
+        raise PolicyError(f"--options {', '.join(f'guard.{name}' for _, name in guard_keys)}: the guard is not a "
+                          "per-layer setting; calibration measures each layer without it")
     out: dict[str, Policy] = {}
-    used: set[tuple[str | None, str]] = set()
+    used: set[tuple[str | None, str]] = set(guard_keys)
     for label, policy in policies.items():
         pattern = policy.default.pattern
         spec = get_pattern(pattern)
         keys = [(p, name) for (p, name) in sweep if p in (None, pattern) and name in spec.parameters]
-        if not keys:
+        if not keys and not guard_keys:
             out[label] = policy
             continue
         used.update(keys)
-        for values in itertools.product(*(sweep[key] for key in keys)):
+        for values in itertools.product(*(sweep[key] for key in keys + guard_keys)):
             params = policy.default.as_dict()
             for (_, name), value in zip(keys, values):
                 try:
                     params[name] = spec.parameters[name].coerce(value)
                 except ValueError as exc:
                     raise PolicyError(f"--sweep {pattern}.{name}={value!r}: {exc}") from None
-            tag = ",".join(f"{name}={params[name]}" for _, name in keys)
+            guard = _swept_guard(policy.guard, dict(zip((name for _, name in guard_keys), values[len(keys):])))
+            tags = [f"{name}={params[name]}" for _, name in keys]
+            tags += [f"guard.{name}={value}" for (_, name), value in zip(guard_keys, values[len(keys):])]
+            tag = ",".join(tags)
             choice = PatternChoice(pattern, tuple(params.items()))
-            out[f"{label}[{tag}]"] = dataclasses.replace(policy, default=choice, source=f"{policy.source} [{tag}]")
+            out[f"{label}[{tag}]"] = dataclasses.replace(policy, default=choice, guard=guard,
+                                                         source=f"{policy.source} [{tag}]")
     unused = [f"{p + '.' if p else ''}{name}" for (p, name) in sweep if (p, name) not in used]
     if unused:
         patterns = sorted({policy.default.pattern for policy in policies.values()})
         raise PolicyError(f"--sweep {', '.join(unused)}: no given policy's default pattern ({', '.join(patterns)}) "
                           "has that parameter; `sparse-prefill patterns` lists the patterns")
     return out
+
+
+def _swept_guard(base: ErrorGuard | None, values: Mapping[str, Any]) -> ErrorGuard | None:
+    """``base`` (or the default guard) with the swept ``max_error`` / ``rows``; ``max_error`` None: no guard."""
+    if not values:
+        return base
+    unknown = sorted(set(values) - {"max_error", "rows"})
+    if unknown:
+        raise PolicyError(f"--sweep guard.{unknown[0]}: the guard takes max_error and rows")
+    if "max_error" in values and values["max_error"] in (None, "none", "off"):
+        return None
+    fields = {"max_error": (base or ErrorGuard()).max_error, "rows": (base or ErrorGuard()).rows, **values}
+    try:
+        return ErrorGuard(**fields)
+    except (TypeError, ValueError) as exc:
+        raise PolicyError(f"--sweep guard: {exc}") from None
 
 
 # ----------------------------------------------------------------------------------------------
