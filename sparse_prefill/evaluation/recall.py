@@ -91,35 +91,18 @@ def capture_qk(
 
 def plan_rows_mask(plan: StripePlan | BlockPlan | DensePlan, batch: int, plan_head: int, row_start: int,
                    row_end: int) -> torch.Tensor:
-    """Boolean [rows, seq_len]: which keys rows ``[row_start, row_end)`` attend under ``plan`` (causal)."""
+    """Boolean [rows, seq_len] on the CPU: which keys rows ``[row_start, row_end)`` attend under ``plan`` (causal)."""
+    return _plan_rows(plan, batch, row_start, row_end, None)[plan_head].cpu()
+
+
+def _plan_rows(plan: StripePlan | BlockPlan | DensePlan, batch: int, row_start: int, row_end: int,
+               keys: int | None) -> torch.Tensor:
+    """[plan heads, rows, keys] bool on the plan's device: the plan's ``rows_mask`` of rows [row_start, row_end)
+    of one batch entry, its first ``keys`` columns (None: all)."""
     if not isinstance(plan, (StripePlan, BlockPlan, DensePlan)):
         raise TypeError(f"plan must be a StripePlan, BlockPlan or DensePlan, got {type(plan).__name__}")
-    n = plan.seq_len
-    rows = torch.arange(row_start, row_end).unsqueeze(1)
-    keys = torch.arange(n).unsqueeze(0)
-    causal = keys <= rows
-    if isinstance(plan, DensePlan):
-        return causal
-    mask = torch.zeros(row_end - row_start, n, dtype=torch.bool)
-    offsets, indices = plan.offsets.cpu(), plan.indices.cpu().long()
-    if isinstance(plan, StripePlan):
-        for group in range(row_start // plan.group_rows, math.ceil(row_end / plan.group_rows)):
-            g_start, g_end, sink_end, local_start = plan.group_bounds(group)
-            lo, hi = max(row_start, g_start) - row_start, min(row_end, g_end) - row_start
-            segment = (batch * plan.plan_heads + plan_head) * plan.num_groups + group
-            part = mask[lo:hi]
-            part[:, :sink_end] = True
-            part[:, indices[offsets[segment]:offsets[segment + 1]]] = True
-            part |= (keys >= local_start) & causal[lo:hi]
-    else:  # BlockPlan
-        size = plan.block_size
-        for block in range(row_start // size, math.ceil(row_end / size)):
-            lo, hi = max(row_start, block * size) - row_start, min(row_end, (block + 1) * size) - row_start
-            segment = (batch * plan.heads + plan_head) * plan.num_blocks + block
-            for key_block in indices[offsets[segment]:offsets[segment + 1]].tolist():
-                mask[lo:hi, key_block * size:(key_block + 1) * size] = True
-        mask &= causal
-    return mask
+    device = torch.device("cpu") if isinstance(plan, DensePlan) else plan.device
+    return plan.rows_mask(torch.arange(row_start, row_end, device=device))[batch, :, :, :keys]
 
 
 def causal_probabilities(q: torch.Tensor, k: torch.Tensor, row_start: int, row_end: int, scale: float) -> torch.Tensor:
@@ -153,50 +136,10 @@ def attention_recall(q: torch.Tensor, k: torch.Tensor, plan: StripePlan | BlockP
         for row_start in range(0, seq_len, rows):
             row_end = min(row_start + rows, seq_len)
             probs = causal_probabilities(q[b], k[b], row_start, row_end, scale).flatten(0, 1)
-            selected = torch.stack([plan_rows_mask(plan, b, head, row_start, row_end)[:, :row_end]
-                                    for head in range(heads)]).to(probs.device)
+            selected = _plan_rows(plan, b, row_start, row_end, row_end).to(probs.device)
             selected = selected.repeat_interleave(num_q // heads, dim=0)
             mass += float(probs.masked_fill_(~selected, 0.0).sum(dtype=torch.float64))
     return mass / (batch * num_q * seq_len)
-
-
-def _listed_keys(plan: StripePlan | BlockPlan, batch: int, segment_in_head: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(plan head, key) of every entry that segment ``segment_in_head`` of each plan head lists, on the
-    plan's device: keys for a StripePlan, key blocks for a BlockPlan."""
-    heads, per_head = (plan.plan_heads, plan.num_groups) if isinstance(plan, StripePlan) else (plan.heads,
-                                                                                                plan.num_blocks)
-    segments = (batch * heads + torch.arange(heads, device=plan.device)) * per_head + segment_in_head
-    first, counts = plan.offsets[segments], plan.offsets[segments + 1] - plan.offsets[segments]
-    total = int(counts.sum())
-    head = torch.repeat_interleave(torch.arange(heads, device=plan.device), counts, output_size=total)
-    slot = torch.arange(total, device=plan.device) - torch.repeat_interleave(counts.cumsum(0) - counts, counts,
-                                                                             output_size=total)
-    return head, plan.indices[torch.repeat_interleave(first, counts, output_size=total) + slot].long()
-
-
-def _rows_mask_all_heads(plan: StripePlan | BlockPlan | DensePlan, batch: int, row_start: int, row_end: int,
-                         device: torch.device) -> torch.Tensor:
-    """[plan heads, rows, row_end] bool: :func:`plan_rows_mask` of every plan head at once, on ``device``."""
-    rows = torch.arange(row_start, row_end, device=device)[:, None]
-    causal = torch.arange(row_end, device=device)[None, :] <= rows
-    if isinstance(plan, DensePlan):
-        return causal[None].expand(plan.heads, -1, -1)
-    size = plan.group_rows if isinstance(plan, StripePlan) else plan.block_size
-    heads = plan.plan_heads if isinstance(plan, StripePlan) else plan.heads
-    mask = torch.zeros(heads, row_end - row_start, row_end, dtype=torch.bool, device=device)
-    for segment in range(row_start // size, math.ceil(row_end / size)):
-        lo, hi = max(row_start, segment * size) - row_start, min(row_end, (segment + 1) * size) - row_start
-        head, keys = (x.to(device) for x in _listed_keys(plan, batch, segment))
-        if isinstance(plan, StripePlan):
-            _, _, sink_end, local_start = plan.group_bounds(segment)
-            mask[:, lo:hi, :sink_end] = True
-            mask[:, lo:hi, local_start:] = True  # causal below
-        else:  # key blocks -> their keys, those before row_end
-            keys = (keys[:, None] * size + torch.arange(size, device=device)).flatten()
-            head = head.repeat_interleave(size)
-            head, keys = head[keys < row_end], keys[keys < row_end]
-        mask[head[:, None], torch.arange(lo, hi, device=device)[None, :], keys[:, None]] = True
-    return mask & causal
 
 
 def sampled_attention_recall(q: torch.Tensor, k: torch.Tensor, plan: StripePlan | BlockPlan | DensePlan,
@@ -219,7 +162,7 @@ def sampled_attention_recall(q: torch.Tensor, k: torch.Tensor, plan: StripePlan 
         for row_end in ends:
             row_start = max(0, row_end - rows)
             probs = causal_probabilities(q[b], k[b], row_start, row_end, scale).flatten(0, 1)
-            selected = _rows_mask_all_heads(plan, b, row_start, row_end, q.device)
+            selected = _plan_rows(plan, b, row_start, row_end, row_end).to(q.device)
             selected = selected.repeat_interleave(num_q // heads, dim=0)
             mass += float(probs.masked_fill_(~selected, 0.0).sum(dtype=torch.float64))
             counted += num_q * (row_end - row_start)
