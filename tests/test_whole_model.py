@@ -143,6 +143,16 @@ def test_evaluate_end_to_end_on_a_tiny_model():
     assert "streaming" in summary_table(results)
 
 
+def test_a_guarded_policy_says_so_in_its_result():
+    model = tiny_model()
+    text = torch.randint(1, 96, (1, 160), generator=torch.Generator().manual_seed(4))
+    guarded = load_policy({**STREAMING, "guard": {"max_error": 0.0, "rows": 8}})
+    settings = EvalSettings(lengths=(160,), score_last=32, needle_depths=(), repeats=0)
+    by = {m.label: m for m in evaluate(model, CharTokenizer(), lambda n: text[:, :n], {"guarded": guarded}, settings)}
+    assert by["dense"].guard is None and by["guarded"].guard == {"max_error": 0.0, "rows": 8}
+    assert sum(by["guarded"].dense_plans.values()) > 0 and by["guarded"].kl < 1e-6  # every lossy group ran dense
+
+
 def test_recall_per_layer_is_what_the_policys_plans_keep_on_the_dense_q_and_k():
     from sparse_prefill.evaluation.recall import attention_recall, capture_qk
 

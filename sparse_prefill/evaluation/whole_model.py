@@ -109,6 +109,8 @@ class Measurement:
     prefill_vs_dense: float | None = None
     needle: dict[str, bool] = field(default_factory=dict)
     summary: str = ""  # what ran in the quality run, for people (PrefillStats.summary); "" for dense
+    guard: dict[str, Any] | None = None  # the policy's run-time guard (max_error, rows); None: none
+    dense_plans: dict[str, int] = field(default_factory=dict)  # dense attention inside sparse calls, by reason
     ruler: dict[str, float] = field(default_factory=dict)  # task -> mean string_match_all over its samples
 
 
@@ -355,6 +357,8 @@ def _measure(model: Any, tokenizer: Any, ids: torch.Tensor, label: str, policy: 
         layer_density={str(layer): round(d, 5) for layer, d in stats.layer_densities().items()},
         sparse_calls=stats.sparse_calls, fallbacks=dict(stats.fallbacks),
         summary=stats.summary() if handle is not None else "",
+        guard=None if policy is None or policy.guard is None else dataclasses.asdict(policy.guard),
+        dense_plans=dict(stats.dense_plans),
     )
     if policy is None:
         dense[length] = (logprobs, measurement)
