@@ -21,13 +21,14 @@ reproducible.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import lru_cache
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ErrorGuard"]
+__all__ = ["ErrorGuard", "guard_setting_problem"]
 
 # The share of sampled rows (per KV group, all its query heads pooled) allowed above max_error.
 _QUANTILE = 0.9
@@ -40,6 +41,28 @@ def _sampled_rows(count: int, seq_len: int, device: torch.device) -> tuple[torch
     rows = sorted({round(first + i * (seq_len - 1 - first) / max(count - 1, 1)) for i in range(count)})
     rows_t = torch.tensor(rows[: seq_len - first], dtype=torch.int64, device=device)
     return rows_t, torch.arange(seq_len, device=device) <= rows_t.unsqueeze(1)
+
+
+def _max_error_problem(value: Any) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        return f"expected a number >= 0 (relative output error), got {value!r}"
+    return None
+
+
+def _rows_problem(value: Any) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        return f"expected an integer >= 1, got {value!r}"
+    return None
+
+
+_SETTINGS: dict[str, Callable[[Any], str | None]] = {"max_error": _max_error_problem, "rows": _rows_problem}
+
+
+def guard_setting_problem(key: str, value: Any) -> str | None:
+    """What is wrong with one guard setting (None: nothing): the one rule ErrorGuard, policy files and eval's
+    sweeps check, so each can say where the bad value came from."""
+    check = _SETTINGS.get(key)
+    return f"unknown key; allowed: {', '.join(_SETTINGS)}" if check is None else check(value)
 
 
 @dataclass(frozen=True)
@@ -55,10 +78,10 @@ class ErrorGuard:
     rows: int = 64
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_error, bool) or not isinstance(self.max_error, (int, float)) or not self.max_error >= 0:
-            raise ValueError(f"max_error must be a number >= 0, got {self.max_error!r}")
-        if isinstance(self.rows, bool) or not isinstance(self.rows, int) or self.rows < 1:
-            raise ValueError(f"rows must be an integer >= 1, got {self.rows!r}")
+        for setting in fields(self):
+            problem = guard_setting_problem(setting.name, getattr(self, setting.name))
+            if problem is not None:
+                raise ValueError(f"{setting.name}: {problem}")
 
     def reason(self) -> str:
         """Why the guard made heads dense, as PrefillStats and the log say it."""

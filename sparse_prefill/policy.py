@@ -33,7 +33,7 @@ from typing import Any, Mapping, Union
 
 import yaml
 
-from sparse_prefill.guard import ErrorGuard
+from sparse_prefill.guard import ErrorGuard, guard_setting_problem
 from sparse_prefill.interfaces import Identifier, PatternSpec
 from sparse_prefill.registry import get_pattern, get_registry
 
@@ -42,7 +42,6 @@ __all__ = ["Policy", "PolicyError", "PatternChoice", "HeadAssignment", "load_pol
 PolicySource = Union[str, os.PathLike, Mapping[str, Any], "Policy"]
 
 _TOP_KEYS = ("min_length", "default", "overrides", "guard")
-_GUARD_KEYS = ("max_error", "rows")
 _SELECTOR_KEYS = ("layers", "heads")
 # ASCII digits only: str.isdigit() also accepts "²", which int() then rejects.
 _RANGE = re.compile(r"\s*([0-9]+)\s*-\s*([0-9]+)\s*", re.ASCII)
@@ -234,16 +233,11 @@ class _Validator:
 
     def guard(self, raw: Any) -> ErrorGuard:
         raw = self.mapping(raw, "guard")
-        unknown = sorted(set(raw) - set(_GUARD_KEYS))
-        if unknown:
-            raise self.fail(f"guard.{unknown[0]}", f"unknown key; allowed: {', '.join(_GUARD_KEYS)}")
-        max_error = raw.get("max_error", ErrorGuard.max_error)
-        if isinstance(max_error, bool) or not isinstance(max_error, (int, float)) or not max_error >= 0:
-            raise self.fail("guard.max_error", f"expected a number >= 0 (relative output error), got {max_error!r}")
-        rows = raw.get("rows", ErrorGuard.rows)
-        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
-            raise self.fail("guard.rows", f"expected an integer >= 1, got {rows!r}")
-        return ErrorGuard(max_error=float(max_error), rows=rows)
+        for key, value in raw.items():
+            problem = guard_setting_problem(key, value)
+            if problem is not None:
+                raise self.fail(f"guard.{key}", problem)
+        return ErrorGuard(**raw)
 
     def override(self, raw: Any, path: str) -> _Override:
         raw = self.mapping(raw, path)

@@ -35,7 +35,7 @@ import yaml
 from sparse_prefill.evaluation import BASELINE_LABEL
 from sparse_prefill.evaluation.ruler import RulerSample, build_samples
 from sparse_prefill.evaluation.ruler import check_tasks as check_ruler_tasks
-from sparse_prefill.guard import ErrorGuard
+from sparse_prefill.guard import ErrorGuard, guard_setting_problem
 from sparse_prefill.integrations.huggingface import PrefillStats, apply, remove
 from sparse_prefill.policy import PatternChoice, Policy, PolicyError
 from sparse_prefill.registry import get_pattern
@@ -211,19 +211,16 @@ def sweep_policies(policies: Mapping[str, Policy], sweep: Mapping[tuple[str | No
 
 
 def _swept_guard(base: ErrorGuard | None, values: Mapping[str, Any]) -> ErrorGuard | None:
-    """``base`` (or the default guard) with the swept ``max_error`` / ``rows``; ``max_error`` None: no guard."""
+    """``base`` (or the default guard) with the swept ``max_error`` / ``rows``; ``max_error`` none: no guard."""
     if not values:
         return base
-    unknown = sorted(set(values) - {"max_error", "rows"})
-    if unknown:
-        raise PolicyError(f"--sweep guard.{unknown[0]}: the guard takes max_error and rows")
     if "max_error" in values and values["max_error"] in (None, "none", "off"):
         return None
-    fields = {"max_error": (base or ErrorGuard()).max_error, "rows": (base or ErrorGuard()).rows, **values}
-    try:
-        return ErrorGuard(**fields)
-    except (TypeError, ValueError) as exc:
-        raise PolicyError(f"--sweep guard: {exc}") from None
+    for key, value in values.items():
+        problem = guard_setting_problem(key, value)
+        if problem is not None:
+            raise PolicyError(f"--sweep guard.{key}={value!r}: {problem}")
+    return dataclasses.replace(base or ErrorGuard(), **values)
 
 
 # ----------------------------------------------------------------------------------------------
