@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Callable
 
 import torch
@@ -178,7 +179,9 @@ def _guarded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, ctx:
         return result, lse
     assert guard is not None
     group = q.shape[1] // k.shape[1]
-    for start, stop, run_dense in _runs(dense):
+    for run_dense, run in itertools.groupby(range(len(dense)), key=dense.__getitem__):  # runs of equal decisions
+        kv_heads = list(run)
+        start, stop = kv_heads[0], kv_heads[-1] + 1
         heads = slice(start * group, stop * group)
         part_ctx = dataclasses.replace(ctx, num_q_heads=(stop - start) * group, num_kv_heads=stop - start,
                                        head_offset=ctx.head_offset + heads.start)
@@ -204,17 +207,6 @@ def _kv_heads_of(plan: Plan, start: int, stop: int, num_kv: int) -> Plan:
         return plan
     per_kv = plan_heads // num_kv  # 1, or the group size when each query head has its own list
     return plan.select_heads(start * per_kv, stop * per_kv)
-
-
-def _runs(flags: list[bool]) -> list[tuple[int, int, bool]]:
-    """(start, stop, flag) of each run of equal consecutive flags."""
-    runs: list[tuple[int, int, bool]] = []
-    for i, flag in enumerate(flags):
-        if runs and runs[-1][2] == flag:
-            runs[-1] = (runs[-1][0], i + 1, flag)
-        else:
-            runs.append((i, i + 1, flag))
-    return runs
 
 
 def _execute(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, ctx: AttentionContext,

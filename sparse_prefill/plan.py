@@ -59,14 +59,21 @@ def _rows_entries(offsets: torch.Tensor, indices: torch.Tensor, segments: torch.
 
 def _select_heads(offsets: torch.Tensor, indices: torch.Tensor, shape: tuple[int, int, int], start: int,
                   stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """CSR (offsets, indices) of plan heads [start, stop) of a CSR laid out as ``shape`` = (batch, heads, groups)."""
-    counts = (offsets[1:] - offsets[:-1]).view(shape)
-    keep = torch.zeros(shape, dtype=torch.bool, device=offsets.device)
-    keep[:, start:stop] = True
-    kept = torch.repeat_interleave(keep.flatten(), counts.flatten(), output_size=indices.numel())
-    new_offsets = torch.zeros(shape[0] * (stop - start) * shape[2] + 1, dtype=torch.int64, device=offsets.device)
-    torch.cumsum(counts[:, start:stop].flatten(), 0, out=new_offsets[1:])
-    return new_offsets, indices[kept]
+    """CSR (offsets, indices) of plan heads [start, stop) of a CSR laid out as ``shape`` = (batch, heads, groups).
+
+    The heads' segments are consecutive within each batch entry, so this slices the CSR once per entry
+    (one host sync reads where each slice starts and ends) instead of touching every entry."""
+    batch, heads, groups = shape
+    firsts = [(b * heads + start) * groups for b in range(batch)]
+    lasts = [(b * heads + stop) * groups for b in range(batch)]
+    bounds = offsets[torch.tensor(firsts + lasts, device=offsets.device)].tolist()
+    new_offsets, new_indices, kept = [offsets.new_zeros(1)], [], 0
+    for b in range(batch):
+        lo, hi = bounds[b], bounds[batch + b]
+        new_offsets.append(offsets[firsts[b] + 1:lasts[b] + 1] - lo + kept)
+        new_indices.append(indices[lo:hi])
+        kept += hi - lo
+    return torch.cat(new_offsets), torch.cat(new_indices)
 
 
 def _segment_ids(offsets: torch.Tensor, nnz: int) -> torch.Tensor:
