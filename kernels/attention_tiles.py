@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from sparse_prefill.kernels.reference import validate_plan_layout
 from sparse_prefill.kernels.runtime import triton_can_run, triton_interpreted
 from sparse_prefill.validation import validate_attention_inputs
 
@@ -223,6 +224,20 @@ def validate_kernel_inputs(kernel: str, q: torch.Tensor, k: torch.Tensor, v: tor
         )
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
         raise ValueError(f"scale must be a positive finite number (usually 1/sqrt(head_dim)), got {scale!r}")
+
+
+def validate_launch(kernel: str, plan_kind: type, segments_per_head: str, q: torch.Tensor, k: torch.Tensor,
+                    v: torch.Tensor, plan: object, scale: float) -> int:
+    """Everything a plan kernel assumes, checked before launch without a host sync: the plan's kind, the
+    inputs (:func:`validate_kernel_inputs`), the plan's heads against q and k, and its CSR's dtypes and
+    length (``plan.batch * heads * getattr(plan, segments_per_head)`` segments). Returns the plan's head count."""
+    if not isinstance(plan, plan_kind):
+        raise TypeError(f"{kernel} executes a {plan_kind.__name__}, got {type(plan).__name__}")
+    validate_kernel_inputs(kernel, q, k, v, scale)
+    plan_heads = validate_plan_layout(q, k, plan)
+    segments = plan.batch * plan_heads * getattr(plan, segments_per_head)  # type: ignore[attr-defined]
+    check_csr(plan_kind.__name__, plan.offsets, plan.indices, segments)  # type: ignore[attr-defined]
+    return plan_heads
 
 
 def check_csr(kind: str, offsets: torch.Tensor, indices: torch.Tensor, segments: int) -> None:

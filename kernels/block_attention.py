@@ -30,7 +30,6 @@ from sparse_prefill.kernels.attention_tiles import (
     HEAD_DIMS,
     INTERPRET,
     causal_window,
-    check_csr,
     fits_and_pays,
     initial_state,
     key_tile,
@@ -39,9 +38,8 @@ from sparse_prefill.kernels.attention_tiles import (
     program_heads,
     program_tile,
     store_result,
-    validate_kernel_inputs,
+    validate_launch,
 )
-from sparse_prefill.kernels.reference import validate_plan_layout
 from sparse_prefill.plan import BlockPlan
 
 __all__ = ["block_attention", "block_size_supported", "BLOCK_HEAD_DIMS", "BLOCK_DTYPES", "BLOCK_SIZE_MULTIPLE"]
@@ -190,16 +188,10 @@ def _block_fwd(
 
 def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan, scale: float) -> int:
     """Everything the kernel assumes, checked before launch (no host sync); returns the plan's head count."""
-    if not isinstance(plan, BlockPlan):
-        raise TypeError(f"block_attention executes a BlockPlan, got {type(plan).__name__}")
-    validate_kernel_inputs("block_attention", q, k, v, scale)
-    if not block_size_supported(plan.block_size):
+    if isinstance(plan, BlockPlan) and not block_size_supported(plan.block_size):  # before its CSR's length
         raise ValueError(f"block_attention supports block sizes that are multiples of {BLOCK_SIZE_MULTIPLE}, "
                          f"got {plan.block_size}; the reference executor runs any block size")
-    plan_heads = validate_plan_layout(q, k, plan)
-    segments = plan.batch * plan_heads * plan.num_blocks
-    check_csr("BlockPlan", plan.offsets, plan.indices, segments)
-    return plan_heads
+    return validate_launch("block_attention", BlockPlan, "num_blocks", q, k, v, plan, scale)
 
 
 def block_attention(

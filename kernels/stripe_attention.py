@@ -25,7 +25,6 @@ from sparse_prefill.kernels.attention_tiles import (
     HEAD_DIMS,
     INTERPRET,
     causal_window,
-    check_csr,
     contiguous_window,
     fits_and_pays,
     initial_state,
@@ -35,9 +34,8 @@ from sparse_prefill.kernels.attention_tiles import (
     program_heads,
     program_tile,
     store_result,
-    validate_kernel_inputs,
+    validate_launch,
 )
-from sparse_prefill.kernels.reference import validate_plan_layout
 from sparse_prefill.plan import StripePlan
 
 __all__ = ["stripe_attention", "STRIPE_HEAD_DIMS", "STRIPE_DTYPES"]
@@ -180,17 +178,6 @@ def _stripe_fwd(
 # ---------------------------------------------------------------------------------------------
 
 
-def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: StripePlan, scale: float) -> int:
-    """Everything the kernel assumes, checked before launch; returns the plan's head count."""
-    if not isinstance(plan, StripePlan):
-        raise TypeError(f"stripe_attention executes a StripePlan, got {type(plan).__name__}")
-    validate_kernel_inputs("stripe_attention", q, k, v, scale)
-    plan_heads = validate_plan_layout(q, k, plan)
-    segments = plan.batch * plan_heads * plan.num_groups
-    check_csr("StripePlan", plan.offsets, plan.indices, segments)
-    return plan_heads
-
-
 def stripe_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -208,6 +195,6 @@ def stripe_attention(
     (q's shape and dtype, unit stride along D, any other strides) the output is written there.
     """
     # shape constraints
-    plan_heads = _validate(q, k, v, plan, scale)
+    plan_heads = validate_launch("stripe_attention", StripePlan, "num_groups", q, k, v, plan, scale)
     return launch(_stripe_fwd, q, k, v, plan_heads, plan.num_groups, plan.group_rows, plan.offsets, plan.indices, scale,
                   return_lse, out, unit_args=(plan.group_rows, plan.sink, plan.local))

@@ -15,7 +15,6 @@ query group at a time, on the device the tensors are on.
 from __future__ import annotations
 
 import contextvars
-import math
 from typing import Any, Iterable
 
 import torch
