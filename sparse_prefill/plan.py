@@ -99,10 +99,6 @@ class DensePlan:
         causal = torch.arange(self.seq_len, device=rows.device) <= rows.unsqueeze(1)
         return causal.expand(self.batch, self.heads, -1, -1)
 
-    def select_heads(self, start: int, stop: int) -> "DensePlan":
-        """The plan of heads [start, stop) alone."""
-        return replace(self, heads=stop - start)
-
     def to_dense(self) -> torch.Tensor:
         mask = torch.ones(self.seq_len, self.seq_len, dtype=torch.bool).tril()
         return mask.expand(self.batch, self.heads, -1, -1)
@@ -207,7 +203,7 @@ class StripePlan:
         return mask
 
     def select_heads(self, start: int, stop: int) -> "StripePlan":
-        """The plan of plan heads [start, stop) alone (for running some heads another way)."""
+        """The plan of plan heads [start, stop) alone (what the guard reports for the heads it left sparse)."""
         offsets, indices = _select_heads(self.offsets, self.indices, (self.batch, self.plan_heads, self.num_groups),
                                          start, stop)
         return replace(self, plan_heads=stop - start, offsets=offsets, indices=indices)
@@ -318,7 +314,7 @@ class BlockPlan:
         return mask.view(self.batch, self.heads, rows.numel(), self.seq_len) & causal
 
     def select_heads(self, start: int, stop: int) -> "BlockPlan":
-        """The plan of heads [start, stop) alone (for running some heads another way)."""
+        """The plan of heads [start, stop) alone (what the guard reports for the heads it left sparse)."""
         offsets, indices = _select_heads(self.offsets, self.indices, (self.batch, self.heads, self.num_blocks),
                                          start, stop)
         return replace(self, heads=stop - start, offsets=offsets, indices=indices)
