@@ -176,7 +176,7 @@ def sweep_policies(policies: Mapping[str, Policy], sweep: Mapping[tuple[str | No
     """
     guard_keys = [key for key in sweep if key[0] == "guard"]
     if guard_keys and not allow_guard:
-        raise PolicyError(f"--options {', '.join(f'guard.{name}' for _, name in guard_keys)}: the guard is not a "
+        raise PolicyError(f"{', '.join(f'guard.{name}' for _, name in guard_keys)}: the guard is not a "
                           "per-layer setting; calibration measures each layer without it")
     out: dict[str, Policy] = {}
     used: set[tuple[str | None, str]] = set(guard_keys)
