@@ -4,8 +4,8 @@
 
 For each shape (default: a Qwen2.5-Coder-0.5B layer at 32k, a 1.5B layer at 32k, a Llama-3.1-8B layer at
 128k; calibrated synthetic inputs): dense SDPA, anchor.yaml's pattern unguarded, and guarded with a
-max_error no group reaches (the test's cost alone); then the guard's pieces apart (exact rows, error and
-quantile, the decision's host sync), and the same calls chained as a model's layers are (no
+max_error no group reaches (the test's cost alone); then the guard's pieces apart (exact rows by SDPA
+with the rows' mask and by kernels/sampled_rows.py, error and quantile, the decision's host sync), and the same calls chained as a model's layers are (no
 synchronisation between them), where a host sync also exposes the launches behind it.
 """
 
@@ -22,6 +22,7 @@ from sparse_prefill.dispatch import sparse_attention
 from sparse_prefill.evaluation.synthetic import structured_qkv
 from sparse_prefill.guard import ErrorGuard, _sampled_rows
 from sparse_prefill.interfaces import AttentionContext
+from sparse_prefill.kernels.sampled_rows import sampled_rows_attention
 from sparse_prefill.patterns.anchor import ANCHOR
 from sparse_prefill.policy import load_policy
 
@@ -70,17 +71,12 @@ def main() -> None:
         out = unguarded()[0]
         for run in (dense, unguarded, guarded):
             run()
-        rows, causal = _sampled_rows(never.rows, n, q.device)
-
-        def folded_rows():  # the sampled rows with each KV group's query heads folded into rows: K/V never expanded
-            rq = q[:, :, rows].reshape(q.shape[0], hkv, -1, d)
-            return torch.nn.functional.scaled_dot_product_attention(rq, k, v, attn_mask=causal.repeat(hq // hkv, 1),
-                                                                    scale=scale)
-
+        rows = _sampled_rows(never.rows, n, q.device)
+        causal = torch.arange(n, device=q.device) <= rows.unsqueeze(1)
         pieces = {
-            "exact rows (SDPA, enable_gqa)": lambda: torch.nn.functional.scaled_dot_product_attention(
+            "exact rows (SDPA with the rows' mask)": lambda: torch.nn.functional.scaled_dot_product_attention(
                 q[:, :, rows], k, v, attn_mask=causal, scale=scale, enable_gqa=True),
-            "exact rows (SDPA, heads folded into rows)": folded_rows,
+            "exact rows (Triton, split over keys)": lambda: sampled_rows_attention(q, k, v, rows, scale),
             "errors (exact rows + quantile)": lambda: never.kv_head_errors(q, k, v, out, scale),
             "decision (errors + host sync)": lambda: never.dense_kv_heads(q, k, v, out, scale),
         }

@@ -16,6 +16,7 @@ all its plan heads at once; K and V are gathered per plan head, never copied per
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from sparse_prefill.plan import BlockPlan, StripePlan
 from sparse_prefill.validation import validate_attention_inputs
@@ -24,6 +25,7 @@ __all__ = [
     "stripe_attention_reference",
     "block_attention_reference",
     "dense_attention_reference",
+    "sampled_rows_reference",
     "validate_plan_layout",
 ]
 
@@ -221,3 +223,14 @@ def dense_attention_reference(
         parts = [(heads.k[:, :, None, :row_end], heads.v[:, :, None, :row_end], allowed)]
         heads.store(row_start, row_end, *_attend(queries, parts, scale))
     return heads.result(q.dtype)
+
+
+def sampled_rows_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor,
+                           scale: float) -> torch.Tensor:
+    """Exact causal attention of query rows ``rows`` only: SDPA in float32 (float64 for float64 inputs) with
+    those rows' causal mask. Returns [B, Hq, R, D] in that dtype; memory O(R * N) per head."""
+    validate_attention_inputs(q, k, v)
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    causal = torch.arange(k.shape[2], device=q.device) <= rows.unsqueeze(1)
+    return F.scaled_dot_product_attention(q[:, :, rows].to(dtype), k.to(dtype), v.to(dtype), attn_mask=causal,
+                                          scale=scale, enable_gqa=q.shape[1] != k.shape[1])

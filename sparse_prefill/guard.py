@@ -3,7 +3,7 @@
 A pattern's settings are chosen on some models and texts; on another model a head can lose what
 matters (a row-specific head, or attention spread thinly over every key) and the answers change. The
 guard checks each sparse call after it runs: it computes exact attention for a few query rows
-(``rows`` of N, so ``rows / N`` of the dense cost; SDPA with those rows' causal mask), compares the
+(``rows`` of N, so ``rows / N`` of the dense cost; kernels/sampled_rows.py on a GPU), compares the
 plan's output on those rows with it, and runs dense again every KV group whose query heads' relative
 output error ``||O_plan - O|| / ||O||`` has a 90th percentile above ``max_error`` over those rows.
 Groups that pass keep the plan's output, so a call that passes costs the test alone: a few
@@ -26,7 +26,10 @@ from functools import lru_cache
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
+
+from sparse_prefill.kernels.attention_tiles import DTYPES, HEAD_DIMS
+from sparse_prefill.kernels.reference import sampled_rows_reference
+from sparse_prefill.kernels.sampled_rows import sampled_rows_attention
 
 __all__ = ["ErrorGuard", "guard_setting_problem"]
 
@@ -35,12 +38,19 @@ _QUANTILE = 0.9
 
 
 @lru_cache(maxsize=32)
-def _sampled_rows(count: int, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows int64 [R], their causal mask bool [R, seq_len]) on ``device``, built once per shape."""
+def _sampled_rows(count: int, seq_len: int, device: torch.device) -> torch.Tensor:
+    """int64 [R] rows on ``device``, built once per shape."""
     first = seq_len // 4
     rows = sorted({round(first + i * (seq_len - 1 - first) / max(count - 1, 1)) for i in range(count)})
-    rows_t = torch.tensor(rows[: seq_len - first], dtype=torch.int64, device=device)
-    return rows_t, torch.arange(seq_len, device=device) <= rows_t.unsqueeze(1)
+    return torch.tensor(rows[: seq_len - first], dtype=torch.int64, device=device)
+
+
+def _exact_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, scale: float) -> torch.Tensor:
+    """float32 exact attention of ``rows``: the Triton kernel split over the keys on a GPU (SDPA with a row mask
+    runs one program per head there, 5-10x slower), the SDPA reference elsewhere."""
+    if q.is_cuda and q.dtype in DTYPES and q.shape[-1] in HEAD_DIMS:
+        return sampled_rows_attention(q, k, v, rows, scale)
+    return sampled_rows_reference(q, k, v, rows, scale).float()
 
 
 def _max_error_problem(value: Any) -> str | None:
@@ -89,15 +99,14 @@ class ErrorGuard:
 
     def sample_rows(self, seq_len: int, device: torch.device) -> torch.Tensor:
         """int64 [<= rows] distinct rows spread evenly over [seq_len // 4, seq_len)."""
-        return _sampled_rows(self.rows, seq_len, torch.device(device))[0]
+        return _sampled_rows(self.rows, seq_len, torch.device(device))
 
     def kv_head_errors(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                        scale: float) -> torch.Tensor:
         """float32 [Hkv]: per KV group, the 90th percentile over batch, its query heads and the sampled rows of
         ``||out - O|| / ||O||``, with O exact attention of those rows. ``out`` is the plan's output [B, Hq, N, D]."""
-        rows, causal = _sampled_rows(self.rows, q.shape[2], q.device)
-        exact = F.scaled_dot_product_attention(q[:, :, rows], k, v, attn_mask=causal, scale=scale,
-                                               enable_gqa=q.shape[1] != k.shape[1]).float()
+        rows = _sampled_rows(self.rows, q.shape[2], q.device)
+        exact = _exact_rows(q, k, v, rows, scale)
         error = (out[:, :, rows].float() - exact).norm(dim=-1) / exact.norm(dim=-1).clamp_min(1e-6)
         error = torch.nan_to_num(error, nan=0.0)  # a row with no finite output has nothing a plan could lose
         batch, num_kv = q.shape[0], k.shape[1]
