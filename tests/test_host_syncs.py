@@ -21,7 +21,7 @@ VECTORISED = {  # small settings whose plans stay sparse at 1024 tokens
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="counts CUDA host syncs: needs a GPU")
-@pytest.mark.parametrize("dense_above", [1.0, 0.0], ids=["sparse-plan", "dense-fallback"])
+@pytest.mark.parametrize("dense_above", [1.0, 1e-6], ids=["sparse-plan", "dense-fallback"])
 @pytest.mark.parametrize("case", VECTORISED)
 def test_identification_syncs_with_the_host_once(case: str, dense_above: float) -> None:
     generator = torch.Generator(device="cuda").manual_seed(0)
@@ -38,5 +38,6 @@ def test_identification_syncs_with_the_host_once(case: str, dense_above: float) 
             identifier.identify(q, k, ctx)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    # One warning per synchronising call; the mode also warns once that it is a prototype (not a sync).
+    syncs = [str(w.message) for w in caught if "called a synchronizing CUDA operation" in str(w.message)]
     assert len(syncs) == 1, syncs
