@@ -123,13 +123,16 @@ def xattention_block_masks(q: torch.Tensor, k: torch.Tensor, scale: float, block
     tile = torch.arange(tiles, device=q.device)
     mass = torch.zeros(batch, num_kv, group, num_blocks, num_blocks, device=q.device)
     for start, end in row_chunks(tiles, per_block, batch * num_q * tiles):
+        # Causal: tile rows [start, end) score key tiles [0, end) only (``end`` is a whole number of blocks);
+        # the tiles after would be masked out, so skipping them halves the work and changes no score.
         q_tiles = rows_float(q, start * stride, end * stride).view(batch, num_kv, group, -1, stride, dim)
-        logits = (q_tiles.flip(4).flatten(4) @ k_tiles) * (scale / stride)
-        logits.masked_fill_(tile[None, :] > tile[start:end, None], float("-inf"))
+        logits = (q_tiles.flip(4).flatten(4) @ k_tiles[..., :end]) * (scale / stride)
+        logits.masked_fill_(tile[None, :end] > tile[start:end, None], float("-inf"))
         probs = finite_softmax(logits)
         probs.masked_fill_((tile[start:end] >= real_tiles)[:, None], 0.0)
-        mass[:, :, :, start // per_block:end // per_block] = probs.view(
-            batch, num_kv, group, -1, per_block, num_blocks, per_block).sum(dim=(4, 6))
+        key_blocks = end // per_block
+        mass[:, :, :, start // per_block:key_blocks, :key_blocks] = probs.view(
+            batch, num_kv, group, -1, per_block, key_blocks, per_block).sum(dim=(4, 6))
     mass = mass.view(batch, num_q, num_blocks, num_blocks)
 
     causal = causal_blocks(num_blocks, q.device)
