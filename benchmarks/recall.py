@@ -25,9 +25,10 @@ from typing import Any
 import torch
 
 from sparse_prefill.evaluation.models import essay_token_ids, load_model
-from sparse_prefill.evaluation.recall import attention_recall, capture_qk
+from sparse_prefill.evaluation.recall import attention_recall, capture_qk, oracle_stripe_plan
 from sparse_prefill.patterns.anchor import ANCHOR
 from sparse_prefill.patterns.anchor.reference import anchor_identify_reference
+from sparse_prefill.plan import StripePlan
 
 GRID_PARAMS = ("theta", "block", "group_blocks", "sink", "local", "share_kv_heads", "dense_tail")
 DEFAULTS = {name: ANCHOR.parameters[name].default for name in GRID_PARAMS}  # the shipped defaults
@@ -47,6 +48,12 @@ def _parse_args() -> argparse.Namespace:
                         help="last rows whose groups attend every key")
     parser.add_argument("--share-kv-heads", type=_bool, nargs="+", default=[DEFAULTS["share_kv_heads"]], help="true/false: one list per KV head")
     parser.add_argument("--qk-cache", type=Path, help="load captured Q/K from here if it exists, else save them here")
+    parser.add_argument("--per-head", action="store_true",
+                        help="also each query head's recall (the worst head is where a default loses answers)")
+    parser.add_argument("--oracle", type=float, metavar="RECALL",
+                        help="also the stripes-with-windows oracle per layer at this recall (128-row blocks, 128 sink "
+                             "keys; per query head and shared per KV group): the least density any identifier of "
+                             "that granularity and list sharing needs")
     parser.add_argument("--out", type=Path, help="write the results as JSON (merged into an existing report)")
     return parser.parse_args()
 
@@ -71,16 +78,41 @@ def load_qk(model_path: str, tokens: int, layers: list[int], cache: Path | None
     return qk
 
 
-def _evaluate(qk: dict[int, tuple[torch.Tensor, torch.Tensor]], params: dict[str, Any]) -> dict[str, Any]:
-    """Density and recall per layer for one parameter set, plus their means over layers."""
+def _head_recalls(q: torch.Tensor, k: torch.Tensor, plan: StripePlan, scale: float) -> list[float]:
+    """Each query head's recall under ``plan`` (head h reads plan head h // (Hq / plan heads))."""
+    per_plan, per_kv = q.shape[1] // plan.plan_heads, q.shape[1] // k.shape[1]
+    return [attention_recall(q[:, h:h + 1], k[:, h // per_kv:h // per_kv + 1],
+                             plan.select_heads(h // per_plan, h // per_plan + 1), scale) for h in range(q.shape[1])]
+
+
+def _evaluate(qk: dict[int, tuple[torch.Tensor, torch.Tensor]], params: dict[str, Any],
+              per_head: bool = False) -> dict[str, Any]:
+    """Density and recall per layer for one parameter set (and each head's recall), plus their means over layers."""
     per_layer = {}
     for layer, (q, k) in qk.items():
         scale = q.shape[-1] ** -0.5
         # The selection itself: never its dense fallback (dense_above), which would report recall 1.
         plan = anchor_identify_reference(q, k, scale=scale, **{**params, "dense_above": 1.0})
         per_layer[layer] = {"density": plan.density(), "recall": attention_recall(q, k, plan, scale)}
+        if per_head:
+            per_layer[layer]["head_recalls"] = _head_recalls(q, k, plan, scale)
     mean = {name: sum(r[name] for r in per_layer.values()) / len(per_layer) for name in ("density", "recall")}
-    return {"params": params, "layers": per_layer, "mean_density": mean["density"], "mean_recall": mean["recall"]}
+    result = {"params": params, "layers": per_layer, "mean_density": mean["density"], "mean_recall": mean["recall"]}
+    if per_head:
+        worst = min(((recall, layer, head) for layer, r in per_layer.items()
+                     for head, recall in enumerate(r["head_recalls"])))
+        result["worst_head"] = {"recall": worst[0], "layer": worst[1], "head": worst[2]}
+    return result
+
+
+def _oracles(qk: dict[int, tuple[torch.Tensor, torch.Tensor]], recall: float) -> dict[str, Any]:
+    """The stripe oracle's density per layer and its mean, per query head and shared per KV group."""
+    layers = {layer: {f"{name}_density": oracle_stripe_plan(q, k, q.shape[-1] ** -0.5, recall,
+                                                            share_kv_heads=shared).density()
+                      for name, shared in (("per_head", False), ("shared", True))}
+              for layer, (q, k) in qk.items()}
+    mean = {key: sum(v[key] for v in layers.values()) / len(layers) for key in ("per_head_density", "shared_density")}
+    return {"recall": recall, "block": 128, "sink": 128, "layers": layers, **{f"mean_{k}": v for k, v in mean.items()}}
 
 
 def _row(result: dict[str, Any]) -> str:
@@ -94,16 +126,24 @@ def main() -> None:
     qk = load_qk(args.model, args.tokens, args.layers, args.qk_cache)
     grid = [getattr(args, name) for name in GRID_PARAMS]
     print(f"per layer {list(qk)}: recall/density")
+    oracles = None
+    if args.oracle is not None:
+        oracles = _oracles(qk, args.oracle)
+        print(f"stripe oracle at recall {args.oracle}: density per query head {oracles['mean_per_head_density']:.4f}, "
+              f"shared per KV group {oracles['mean_shared_density']:.4f}", flush=True)
     results = []
     for values in itertools.product(*grid):
         start = time.perf_counter()
-        results.append(_evaluate(qk, dict(zip(GRID_PARAMS, values))))
-        print(f"{_row(results[-1])} | {time.perf_counter() - start:.1f}s", flush=True)
+        results.append(_evaluate(qk, dict(zip(GRID_PARAMS, values)), args.per_head))
+        worst = results[-1].get("worst_head")
+        worst_text = f" | worst head {worst['recall']:.3f} (layer {worst['layer']}, head {worst['head']})" if worst else ""
+        print(f"{_row(results[-1])}{worst_text} | {time.perf_counter() - start:.1f}s", flush=True)
     if args.out is not None:
-        _write_report(args.out, args.model, args.tokens, args.layers, results)
+        _write_report(args.out, args.model, args.tokens, args.layers, results, oracles)
 
 
-def _write_report(path: Path, model: str, tokens: int, layers: list[int], results: list[dict[str, Any]]) -> None:
+def _write_report(path: Path, model: str, tokens: int, layers: list[int], results: list[dict[str, Any]],
+                  oracles: dict[str, Any] | None = None) -> None:
     """Write JSON, merged into an existing report of the same model, tokens and layers: several grids share a file."""
     report = {
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to fp32)" if model == "smollm2" else Path(model).name,
@@ -114,7 +154,14 @@ def _write_report(path: Path, model: str, tokens: int, layers: list[int], result
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
         "results": [],
     }
-    report["results"] = mergeable_results(path, report)
+    previous = mergeable_results(path, report)
+    report["results"] = previous
+    if oracles is not None:
+        report["oracles"] = oracles
+    elif previous and path.exists():  # a later grid keeps the oracles an earlier run stored
+        stored = json.loads(path.read_text()).get("oracles")
+        if stored is not None:
+            report["oracles"] = stored
     new_params = [r["params"] for r in results]
     report["results"] = [r for r in report["results"] if r["params"] not in new_params] + results
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -54,6 +54,30 @@ def test_stripe_oracle_reaches_the_target_in_every_block_with_fewest_columns() -
         assert bool((kept[chose] - lightest[chose] / probs[:, :, rows].shape[2] < TARGET).all())
 
 
+def test_shared_stripe_oracle_reaches_the_target_per_kv_group_with_fewest_columns() -> None:
+    """With ``share_kv_heads`` one list serves a KV group's query heads (anchor's default): each block keeps the
+    target on average over the group's heads and rows, and drops below it without its lightest column."""
+    q, k = _random_qk()
+    block, sink, group = 16, 8, q.shape[1] // k.shape[1]
+    plan = oracle_stripe_plan(q, k, 0.25, TARGET, block=block, sink=sink, share_kv_heads=True)
+    assert plan.plan_heads == k.shape[1]
+    probs = _dense_probs(q, k, 0.25).unflatten(1, (k.shape[1], group))  # [B, Hkv, group, N, N]
+    mask = plan.to_dense().unsqueeze(2)  # [B, Hkv, 1, N, N]
+    assert attention_recall(q, k, plan, 0.25) >= TARGET
+    for start in range(0, q.shape[2], block):
+        rows = slice(start, start + block)
+        count = group * probs[..., rows, :].shape[-2]
+        kept = (probs[..., rows, :] * mask[..., rows, :]).sum(dim=(-1, -2, -3)) / count
+        assert bool((kept >= TARGET - 1e-6).all()), f"block at row {start} keeps {kept}"
+        if start <= sink:
+            continue
+        columns = probs[..., rows, sink:start].sum(dim=(-2, -3))
+        stripes = mask[:, :, 0, start, sink:start]
+        lightest = columns.masked_fill(~stripes, float("inf")).amin(dim=-1)
+        chose = stripes.any(dim=-1)
+        assert bool((kept[chose] - lightest[chose] / count < TARGET).all())
+
+
 def test_synthetic_inputs_get_sparser_as_strength_grows() -> None:
     """The calibration (docs/benchmarks/calibration.md) interpolates along this monotone trend."""
     densities = []

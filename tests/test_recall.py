@@ -195,3 +195,18 @@ def test_sampled_recall_over_every_row_is_attention_recall_and_one_window_its_ro
     probs = torch.stack([causal_probabilities(q[b], k[b], 150, 200, scale).flatten(0, 1) for b in range(2)])
     expected = float(probs.masked_fill(~mask, 0).sum(dtype=torch.float64)) / (2 * 4 * 50)
     assert sampled_attention_recall(q, k, plan, scale, windows=1, rows=50) == pytest.approx(expected, abs=1e-9)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_each_heads_recall_averages_to_the_layers_and_the_worst_is_reported(shared: bool) -> None:
+    """benchmarks/recall.py --per-head: heads have equal rows, so their recalls average to attention_recall."""
+    generator = torch.Generator().manual_seed(5)
+    q, k = torch.randn(1, 4, 300, 32, generator=generator), torch.randn(1, 2, 300, 32, generator=generator)
+    params = {"theta": 2.0, "block": 32, "group_blocks": 1, "sink": 16, "local": 16, "share_kv_heads": shared,
+              "dense_tail": 0}
+    result = _benchmark_module()._evaluate({7: (q, k)}, params, per_head=True)
+    heads = result["layers"][7]["head_recalls"]
+    assert len(heads) == 4 and sum(heads) / 4 == pytest.approx(result["mean_recall"], abs=1e-9)
+    assert result["worst_head"] == {"recall": min(heads), "layer": 7, "head": heads.index(min(heads))}
+    oracles = _benchmark_module()._oracles({7: (q, k)}, 0.9)
+    assert 0 < oracles["mean_per_head_density"] <= 1 and 0 < oracles["mean_shared_density"] <= 1

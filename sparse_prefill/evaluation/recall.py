@@ -205,32 +205,39 @@ def oracle_row_density(q: torch.Tensor, k: torch.Tensor, scale: float, recall: f
 
 
 def oracle_stripe_plan(
-    q: torch.Tensor, k: torch.Tensor, scale: float, recall: float = 0.95, *, block: int = 128, sink: int = 128
+    q: torch.Tensor, k: torch.Tensor, scale: float, recall: float = 0.95, *, block: int = 128, sink: int = 128,
+    share_kv_heads: bool = False,
 ) -> StripePlan:
     """The sparsest stripes-with-windows plan in which every query block keeps ``recall`` of its softmax mass.
 
-    Per query head and ``block``-row query block: the first ``sink`` keys and the block's own causal
-    diagonal are always kept (a :class:`StripePlan` with ``local=0``); the other key columns are
-    added in order of their softmax mass summed over the block's rows until the block's mean recall
-    reaches ``recall``. ``plan.density()`` is then the best any identifier of this granularity can do.
+    Per query head (or, with ``share_kv_heads``, per KV group: one list for its query heads, as anchor's
+    shared lists) and ``block``-row query block: the first ``sink`` keys and the block's own causal diagonal
+    are always kept (a :class:`StripePlan` with ``local=0``); the other key columns are added in order of
+    their softmax mass summed over the block's rows (and the group's heads) until the block's mean recall
+    reaches ``recall``. ``plan.density()`` is then the best any identifier of this granularity and list
+    sharing can do.
     """
     _check_target(recall)
     batch, num_q, seq_len, _ = q.shape
+    plan_heads = k.shape[1] if share_kv_heads else num_q
     q, k = q.cpu(), k.cpu()
-    layout = StripePlan.empty(batch, num_q, seq_len, block, sink, 0, torch.device("cpu"))
-    selected = [torch.zeros(0, dtype=torch.int32)] * (batch * num_q * layout.num_groups)
+    layout = StripePlan.empty(batch, plan_heads, seq_len, block, sink, 0, torch.device("cpu"))
+    selected = [torch.zeros(0, dtype=torch.int32)] * (batch * plan_heads * layout.num_groups)
     for b in range(batch):
         for group in range(layout.num_groups):
             row_start, row_end, sink_end, _ = layout.group_bounds(group)
-            probs = causal_probabilities(q[b], k[b], row_start, row_end, scale).flatten(0, 1)
+            probs = causal_probabilities(q[b], k[b], row_start, row_end, scale)  # [Hkv, Hq/Hkv, rows, keys]
+            # [plan heads, rows of every query head the list serves, keys]
+            probs = probs.flatten(1, 2) if share_kv_heads else probs.flatten(0, 1)
+            heads_rows = probs.shape[-2]
             window_mass = probs[..., :sink_end].sum((-1, -2)) + probs[..., row_start:].sum((-1, -2))
             columns = probs[..., sink_end:row_start].sum(dim=-2).sort(dim=-1, descending=True)
-            missing = recall * (row_end - row_start) - window_mass
+            missing = recall * heads_rows - window_mass
             counts = (columns.values.cumsum(dim=-1) < missing[:, None]).sum(dim=-1) + 1
             counts = torch.where(missing > 0, counts.clamp(max=row_start - sink_end), 0)
-            for head in range(num_q):
+            for head in range(plan_heads):
                 keys = columns.indices[head, : int(counts[head])].sort().values + sink_end
-                selected[(b * num_q + head) * layout.num_groups + group] = keys.to(torch.int32)
+                selected[(b * plan_heads + head) * layout.num_groups + group] = keys.to(torch.int32)
     plan = layout.filled(torch.tensor([len(keys) for keys in selected]), torch.cat(selected))
     plan.validate()
     return plan
