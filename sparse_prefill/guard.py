@@ -47,7 +47,8 @@ def _sampled_rows(count: int, seq_len: int, device: torch.device) -> torch.Tenso
 
 def _exact_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, scale: float) -> torch.Tensor:
     """float32 exact attention of ``rows``: the Triton kernel split over the keys on a GPU (SDPA with a row mask
-    runs one program per head there, 5-10x slower), the SDPA reference elsewhere."""
+    runs one program per head there: 2.3-3.7x slower on an H200, benchmarks/guard_cost.py), the SDPA reference
+    elsewhere."""
     if q.is_cuda and q.dtype in DTYPES and q.shape[-1] in HEAD_DIMS:
         return sampled_rows_attention(q, k, v, rows, scale)
     return sampled_rows_reference(q, k, v, rows, scale).float()
