@@ -8,7 +8,8 @@ Each file is converted (the policy checked as any policy file is), then applied 
 with the file's layers and heads (hidden size 16 per head, so a 70B layout fits a CPU) for one prefill of
 ``--length`` tokens with ``min_length`` 0, compared with the same model dense (``--max-heads`` bounds the layouts run). Recorded per file: the
 model layout, how many heads get which pattern, the vertical/slash sizes, the policy's default and
-overrides, what ran (sparse calls, dense fallbacks and why) and the logits' largest difference from dense.
+overrides, what ran (sparse calls, mean density, dense fallbacks and why) and the logits' largest difference
+from dense.
 """
 
 from __future__ import annotations
@@ -58,10 +59,11 @@ def check(path: Path, length: int, max_heads: int) -> dict:
     with torch.no_grad():
         dense = model(ids).logits[0, -64:].float()
         start = time.perf_counter()
-        handle = sparse_prefill.apply(model, {**policy_dict, "min_length": 0})
+        handle = sparse_prefill.apply(model, {**policy_dict, "min_length": 0}, collect_stats=True)
         sparse = model(ids).logits[0, -64:].float()
         row["prefill_s"] = round(time.perf_counter() - start, 2)
         row["what_ran"] = handle.summary()
+        row["mean_density"] = handle.stats.mean_density()
         sparse_prefill.remove(model)
     row["ran"], row["finite"] = True, bool(torch.isfinite(sparse).all())
     row["max_logit_difference"] = float((sparse - dense).abs().max())
