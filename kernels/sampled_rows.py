@@ -40,7 +40,7 @@ def chunk_keys(seq_len: int) -> int:
 def _partial_kernel(
     Q, K, V, Rows, M, L, Acc,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    num_rows, num_q_heads, q_per_kv, num_chunks, chunk_len, qk_scale,
+    seq_len, num_rows, num_q_heads, q_per_kv, num_chunks, chunk_len, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -52,6 +52,8 @@ def _partial_kernel(
     offs_r = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = offs_r < num_rows
     rows = tl.load(Rows + offs_r, mask=r_ok, other=0)
+    inside = (rows >= 0) & (rows < seq_len)  # a row outside the sequence reads nothing (its output is NaN)
+    rows = tl.where(inside, rows, 0)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + offs_d[None, :],
@@ -66,15 +68,16 @@ def _partial_kernel(
         DOT_PRECISION, UPCAST,
     )
     at = (bh * num_chunks + chunk) * num_rows + offs_r  # [B * Hq, chunks, rows] partials
-    tl.store(M + at, m_i, mask=r_ok)
+    tl.store(M + at, tl.where(inside, m_i, float("nan")), mask=r_ok)
     tl.store(L + at, l_i, mask=r_ok)
     tl.store(Acc + at[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=r_ok[:, None] & d_ok[None, :])
 
 
 def sampled_rows_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor,
                            scale: float, chunk_len: int | None = None) -> torch.Tensor:
-    """float32 [B, Hq, R, D]: exact causal attention of query rows ``rows`` (int64, each < N) of q [B, Hq, N, D]
-    over k, v [B, Hkv, N, D] (GQA read in place). ``chunk_len``: keys per program, a multiple of 64 (default
+    """float32 [B, Hq, R, D]: exact causal attention of query rows ``rows`` (int64, each in [0, N); checking would
+    cost a host sync, so a row outside gets NaN, never a read outside q) of q [B, Hq, N, D] over k, v
+    [B, Hkv, N, D] (GQA read in place). ``chunk_len``: keys per program, a multiple of 64 (default
     :func:`chunk_keys`). Memory: the partials, B * Hq * R * D floats per chunk."""
     validate_kernel_inputs("sampled_rows_attention", q, k, v, scale)
     chunk_len = chunk_keys(q.shape[2]) if chunk_len is None else chunk_len
@@ -96,7 +99,7 @@ def sampled_rows_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ro
         q, k, v, rows.contiguous(), m, l, acc,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        num_rows, num_q, num_q // k.shape[1], chunks, chunk_len, scale * LOG2E,
+        seq_len, num_rows, num_q, num_q // k.shape[1], chunks, chunk_len, scale * LOG2E,
         HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_R=block_r, BLOCK_N=_BLOCK_N,
         DOT_PRECISION=dot_precision, UPCAST=upcast, num_warps=4, num_stages=2,
     )

@@ -90,3 +90,15 @@ def test_bad_rows_are_refused() -> None:
     q, k, v = random_qkv(CASES[0], seed=0, device=DEVICE)
     with pytest.raises(ValueError, match="rows must be a non-empty 1-D int64 tensor"):
         sampled_rows_attention(q, k, v, torch.tensor([5], dtype=torch.int32, device=q.device), 0.125)
+
+
+@needs_kernel
+def test_a_row_outside_the_sequence_gives_nan_and_leaves_the_others_exact() -> None:
+    case = CASES[0]
+    q, k, v = random_qkv(case, seed=4, device=DEVICE)
+    rows = torch.tensor([3, case.seq_len + 5, 250], device=q.device)
+    out = sampled_rows_attention(q, k, v, rows, 0.125, chunk_len=64)
+    assert bool(out[:, :, 1].isnan().all())
+    expected = sampled_rows_reference(q, k, v, rows[[0, 2]], 0.125)
+    assert_close(out[:, :, [0, 2]], expected, **{key: TOLERANCES[torch.float32][key] for key in ("atol", "rtol")},
+                 what="rows inside")
