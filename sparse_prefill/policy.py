@@ -29,7 +29,7 @@ import reprlib
 from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
-from typing import Any, Mapping, Union
+from typing import Any, Iterable, Mapping, Union
 
 import yaml
 
@@ -72,6 +72,18 @@ class HeadAssignment:
 
     heads: tuple[int, ...]
     choice: PatternChoice
+
+
+def index_runs(indices: Iterable[int]) -> list[tuple[int, int]]:
+    """Distinct indices as inclusive runs of consecutive values, in order: {0, 1, 2, 5} -> [(0, 2), (5, 5)];
+    the "a-b" ranges a policy's layers and heads are written in."""
+    runs: list[tuple[int, int]] = []
+    for index in sorted(set(indices)):
+        if runs and index == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], index)
+        else:
+            runs.append((index, index))
+    return runs
 
 
 @dataclass(frozen=True)

@@ -471,6 +471,11 @@ def test_a_guard_that_takes_no_loss_makes_the_model_dense_and_says_so():
     torch.testing.assert_close(logits(model, ids), expected, atol=LOGIT_ATOL, rtol=0)
     assert handle.stats.densities == [1.0] * len(handle.stats.densities)
     assert "max_error 0.0" in handle.summary()
+    layers = model.config.num_hidden_layers  # every layer's groups went dense, and the summary names them
+    assert list(handle.stats.dense_plan_layers.values()) == [set(range(layers))]
+    assert f"(layers 0-{layers - 1})" in handle.summary()
+    handle.stats.reset()
+    assert handle.stats.dense_plan_layers == {}
     sparse_prefill.remove(model)
     handle = sparse_prefill.apply(model, {**STREAMING, "guard": {"max_error": 1e9}}, collect_stats=True)
     logits(model, ids)

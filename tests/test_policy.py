@@ -248,3 +248,10 @@ def test_only_numbers_yaml_reads_as_strings_get_the_yaml_hint(tmp_path, text):
     with pytest.raises(PolicyError, match=r"default\.theta: expected float") as info:
         load_policy(path)
     assert "YAML 1.1" not in str(info.value)
+
+
+def test_index_runs_joins_consecutive_indices() -> None:
+    from sparse_prefill.policy import index_runs
+
+    assert index_runs([5, 0, 2, 1, 2]) == [(0, 2), (5, 5)]
+    assert index_runs([]) == [] and index_runs(range(4)) == [(0, 3)]

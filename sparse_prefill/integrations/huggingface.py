@@ -90,13 +90,13 @@ class SparsePrefillHandle:
         """What ran under this handle, in one paragraph: :meth:`PrefillStats.summary` headed by the policy."""
         return f"{self.policy.source}: {self.stats.summary()}"
 
-    def _ran_dense(self, reason: str, fallback: bool) -> None:
+    def _ran_dense(self, reason: str, fallback: bool, layer: int | None = None) -> None:
         """Count one call (``fallback``: it ran the previous implementation) or plan that ran dense, and log
         ``reason`` the first time this handle meets it: a notice per layer per call would bury the one that matters."""
         if fallback:
             self.stats.record_fallback(reason)
         else:
-            self.stats.dense_plans[reason] += 1
+            self.stats.record_dense_plan(reason, layer)
         if reason not in self._told:
             self._told.add(reason)
             where = "ran the model's own attention" if fallback else "ran dense attention"
@@ -222,7 +222,7 @@ def _plan_observer(handle: SparsePrefillHandle, choice: PatternChoice) -> Callab
             limit = choice.as_dict().get("dense_above")
             reason = plan.reason or (f"made dense by the {choice.pattern} pattern" if limit is None
                                      else f"denser than the {choice.pattern} pattern's dense_above {limit}")
-            handle._ran_dense(reason, fallback=False)
+            handle._ran_dense(reason, fallback=False, layer=ctx.layer_idx)
         if handle.collect_stats:
             handle.stats.record(plan, ctx)
 

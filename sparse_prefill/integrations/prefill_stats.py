@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from sparse_prefill.interfaces import AttentionContext
 from sparse_prefill.plan import Plan
+from sparse_prefill.policy import index_runs
 
 __all__ = ["PrefillStats"]
 
@@ -29,7 +30,9 @@ class PrefillStats:
     by reason (decode steps and cached prefixes included: that is where they belong).
     ``dense_plans`` counts, by reason, the dense attention inside sparse calls: plans an identifier
     of a sparse pattern made dense (denser than its ``dense_above``) and padded sequences shorter
-    than ``min_length``; those calls count in ``sparse_calls`` too.
+    than ``min_length``; those calls count in ``sparse_calls`` too. ``dense_plan_layers`` holds, per
+    reason, the layers those dense plans came from (which layers a guard or ``dense_above`` kept dense
+    is what a user needs to decide where to calibrate).
     """
 
     sparse_calls: int = 0
@@ -39,6 +42,7 @@ class PrefillStats:
     plan_layers: list[int | None] = field(default_factory=list)
     fallbacks: collections.Counter[str] = field(default_factory=collections.Counter)
     dense_plans: collections.Counter[str] = field(default_factory=collections.Counter)
+    dense_plan_layers: dict[str, set[int]] = field(default_factory=dict)
 
     def mean_density(self) -> float | None:
         """Density over every query head of every sparse call (plans weighted by their heads)."""
@@ -59,6 +63,11 @@ class PrefillStats:
         self.plan_heads.append(ctx.num_q_heads)
         self.plan_layers.append(ctx.layer_idx)
 
+    def record_dense_plan(self, reason: str, layer: int | None) -> None:
+        self.dense_plans[reason] += 1
+        if layer is not None:
+            self.dense_plan_layers.setdefault(reason, set()).add(layer)
+
     def record_fallback(self, reason: str) -> None:
         self.dense_calls += 1
         self.fallbacks[reason] += 1
@@ -67,6 +76,7 @@ class PrefillStats:
         self.sparse_calls, self.dense_calls = 0, 0
         self.densities, self.plan_heads, self.plan_layers = [], [], []
         self.fallbacks, self.dense_plans = collections.Counter(), collections.Counter()
+        self.dense_plan_layers = {}
 
     def summary(self) -> str:
         """One paragraph for people: calls per path, mean density, and why calls or plans ran dense."""
@@ -78,18 +88,25 @@ class PrefillStats:
         parts = [f"{self.sparse_calls} attention call(s) ran sparse"
                  + (f", {density_text}" if self.sparse_calls else "")]
         if self.dense_plans:
-            parts.append(f"dense attention within them: {_by_reason(self.dense_plans, 'plan(s)')}")
+            parts.append(f"dense attention within them: {_by_reason(self.dense_plans, 'plan(s)', self.dense_plan_layers)}")
         if self.dense_calls:
             parts.append(f"{self.dense_calls} call(s) ran the model's own attention: "
                          f"{_by_reason(self.fallbacks, 'call(s)')}")
         return "; ".join(parts) + "."
 
 
-def _by_reason(counts: collections.Counter[str], noun: str) -> str:
-    """``counts`` as "7 call(s) decode ... (dense by design), 2 call(s) shorter than ...", most first
-    (every reason reads after "N calls")."""
+def _by_reason(counts: collections.Counter[str], noun: str, layers: dict[str, set[int]] | None = None) -> str:
+    """``counts`` as "7 call(s) decode ... (dense by design), 2 call(s) shorter than ... (layers 3, 9)", most
+    first (every reason reads after "N calls")."""
+    layers = layers or {}
     return ", ".join(f"{count} {noun} {reason}" + (" (dense by design)" if reason == _DECODE else "")
+                     + (f" (layers {_layer_list(layers[reason])})" if layers.get(reason) else "")
                      for reason, count in counts.most_common())
+
+
+def _layer_list(layers: set[int]) -> str:
+    """Sorted layers with runs joined: {3, 4, 5, 9} -> "3-5, 9"."""
+    return ", ".join(f"{a}-{b}" if b > a else str(a) for a, b in index_runs(layers))
 
 
 def _notice_level(reason: str, fallback: bool) -> int:
