@@ -20,10 +20,11 @@ from torch.profiler import ProfilerActivity, profile
 
 from sparse_prefill.dispatch import sparse_attention
 from sparse_prefill.evaluation.synthetic import structured_qkv
-from sparse_prefill.guard import ErrorGuard, _sampled_rows
+from sparse_prefill.guard import ErrorGuard
 from sparse_prefill.interfaces import AttentionContext
 from sparse_prefill.kernels.sampled_rows import sampled_rows_attention
 from sparse_prefill.patterns.anchor import ANCHOR
+from sparse_prefill.plan import causal_rows_mask
 from sparse_prefill.policy import load_policy
 
 SHAPES = {"qwen-0.5b-32k": (32768, 14, 2, 64), "qwen-1.5b-32k": (32768, 12, 2, 128),
@@ -71,8 +72,8 @@ def main() -> None:
         out = unguarded()[0]
         for run in (dense, unguarded, guarded):
             run()
-        rows = _sampled_rows(never.rows, n, q.device)
-        causal = torch.arange(n, device=q.device) <= rows.unsqueeze(1)
+        rows = never.sample_rows(n, q.device)
+        causal = causal_rows_mask(rows, n)
         pieces = {
             "exact rows (SDPA with the rows' mask)": lambda: torch.nn.functional.scaled_dot_product_attention(
                 q[:, :, rows], k, v, attn_mask=causal, scale=scale, enable_gqa=True),

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from sparse_prefill.dispatch import sparse_attention
 from sparse_prefill.guard import ErrorGuard
 from sparse_prefill.interfaces import AttentionContext
-from sparse_prefill.plan import DensePlan
+from sparse_prefill.plan import DensePlan, causal_rows_mask
 from sparse_prefill.registry import get_pattern
 
 
@@ -46,7 +46,7 @@ def _row_signals(q, k, v, plan, scale: float, rows: torch.Tensor) -> dict[str, l
     group = num_q // num_kv
     mask = plan.rows_mask(rows)
     per_query_head = mask.shape[1] == num_q
-    causal = torch.arange(q.shape[2], device=q.device) <= rows.unsqueeze(1)
+    causal = causal_rows_mask(rows, q.shape[2])
     stats: dict[str, list[float]] = {name: [] for name in
                                      ("recall_mean", "recall_p10", "recall_min", "error_mean", "error_p90", "error_max")}
     for kv in range(num_kv):

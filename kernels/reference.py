@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sparse_prefill.plan import BlockPlan, StripePlan
+from sparse_prefill.plan import BlockPlan, StripePlan, causal_rows_mask
 from sparse_prefill.validation import validate_attention_inputs
 
 __all__ = [
@@ -231,6 +231,6 @@ def sampled_rows_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ro
     those rows' causal mask. Returns [B, Hq, R, D] in that dtype; memory O(R * N) per head."""
     validate_attention_inputs(q, k, v)
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    causal = torch.arange(k.shape[2], device=q.device) <= rows.unsqueeze(1)
-    return F.scaled_dot_product_attention(q[:, :, rows].to(dtype), k.to(dtype), v.to(dtype), attn_mask=causal,
+    return F.scaled_dot_product_attention(q[:, :, rows].to(dtype), k.to(dtype), v.to(dtype),
+                                          attn_mask=causal_rows_mask(rows, k.shape[2]),
                                           scale=scale, enable_gqa=q.shape[1] != k.shape[1])

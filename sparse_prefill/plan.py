@@ -57,6 +57,11 @@ def _rows_entries(offsets: torch.Tensor, indices: torch.Tensor, segments: torch.
     return owner, indices[position].long()
 
 
+def causal_rows_mask(rows: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Boolean [len(rows), seq_len]: the causal prefix ``[0, row]`` of each row in ``rows`` (on rows' device)."""
+    return torch.arange(seq_len, device=rows.device) <= rows.unsqueeze(1)
+
+
 def _select_heads(offsets: torch.Tensor, indices: torch.Tensor, shape: tuple[int, int, int], start: int,
                   stop: int) -> tuple[torch.Tensor, torch.Tensor]:
     """CSR (offsets, indices) of plan heads [start, stop) of a CSR laid out as ``shape`` = (batch, heads, groups).
@@ -96,8 +101,7 @@ class DensePlan:
 
     def rows_mask(self, rows: torch.Tensor) -> torch.Tensor:
         """Boolean [batch, heads, len(rows), seq_len]: the causal prefix of each row in ``rows``."""
-        causal = torch.arange(self.seq_len, device=rows.device) <= rows.unsqueeze(1)
-        return causal.expand(self.batch, self.heads, -1, -1)
+        return causal_rows_mask(rows, self.seq_len).expand(self.batch, self.heads, -1, -1)
 
     def to_dense(self) -> torch.Tensor:
         mask = torch.ones(self.seq_len, self.seq_len, dtype=torch.bool).tril()
@@ -310,8 +314,7 @@ class BlockPlan:
         owner, key_blocks = _rows_entries(self.offsets, self.indices, segments)
         blocks[owner, key_blocks] = True
         mask = blocks.repeat_interleave(self.block_size, dim=1)[:, : self.seq_len]
-        causal = torch.arange(self.seq_len, device=rows.device) <= rows.unsqueeze(1)
-        return mask.view(self.batch, self.heads, rows.numel(), self.seq_len) & causal
+        return mask.view(self.batch, self.heads, rows.numel(), self.seq_len) & causal_rows_mask(rows, self.seq_len)
 
     def select_heads(self, start: int, stop: int) -> "BlockPlan":
         """The plan of heads [start, stop) alone (what the guard reports for the heads it left sparse)."""
