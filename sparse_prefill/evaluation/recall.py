@@ -122,23 +122,11 @@ def attention_recall(q: torch.Tensor, k: torch.Tensor, plan: StripePlan | BlockP
     ``h // (Hq / plan heads)``. Work goes one query group (or block) at a time, all heads together,
     on q's device, so memory is O(Hq * group_rows * N), never O(Hq * N^2). A DensePlan keeps 1.0.
     """
-    batch, num_q, seq_len, _ = q.shape
-    heads = plan.plan_heads if isinstance(plan, StripePlan) else plan.heads
-    if (plan.batch, plan.seq_len) != (batch, seq_len) or num_q % heads:
-        raise ValueError(f"plan (batch={plan.batch}, seq_len={plan.seq_len}, heads={heads}) does not fit "
-                         f"q of shape {tuple(q.shape)}")
+    _check_plan_fits(q, plan)
     if isinstance(plan, DensePlan):
         return 1.0
-    rows = plan.group_rows if isinstance(plan, StripePlan) else plan.block_size
-    mass = 0.0
-    for b in range(batch):
-        for row_start in range(0, seq_len, rows):
-            row_end = min(row_start + rows, seq_len)
-            probs = causal_probabilities(q[b], k[b], row_start, row_end, scale).flatten(0, 1)
-            selected = _plan_rows(plan, b, row_start, row_end, row_end).to(probs.device)
-            selected = selected.repeat_interleave(num_q // heads, dim=0)
-            mass += float(probs.masked_fill_(~selected, 0.0).sum(dtype=torch.float64))
-    return mass / (batch * num_q * seq_len)
+    rows, seq_len = (plan.group_rows if isinstance(plan, StripePlan) else plan.block_size), q.shape[2]
+    return _recall_over(q, k, plan, scale, [(start, min(start + rows, seq_len)) for start in range(0, seq_len, rows)])
 
 
 def sampled_attention_recall(q: torch.Tensor, k: torch.Tensor, plan: StripePlan | BlockPlan | DensePlan,
@@ -146,22 +134,33 @@ def sampled_attention_recall(q: torch.Tensor, k: torch.Tensor, plan: StripePlan 
     """:func:`attention_recall` over a sample of query rows: the last ``rows`` rows before each of
     ``windows`` evenly spaced ends (the last at N), per batch, every query head.
 
-    For long sequences, where every row costs O(N) and :func:`attention_recall` reads the plan on the
-    host group by group: here each window's exact softmax and the plan's mask of those rows are built
-    on q's device ([Hq, rows, N] at once). With windows covering every row it equals attention_recall.
+    For long sequences, where every row costs O(N): only the sampled rows' exact softmax is computed
+    ([Hq, rows, N] per window, on q's device). With windows covering every row it equals attention_recall.
     """
+    _check_plan_fits(q, plan)
+    seq_len = q.shape[2]
+    ends = sorted({max(1, round(seq_len * (i + 1) / windows)) for i in range(windows)})
+    return _recall_over(q, k, plan, scale, [(max(0, end - rows), end) for end in ends])
+
+
+def _check_plan_fits(q: torch.Tensor, plan: StripePlan | BlockPlan | DensePlan) -> None:
     batch, num_q, seq_len, _ = q.shape
     heads = plan.plan_heads if isinstance(plan, StripePlan) else plan.heads
     if (plan.batch, plan.seq_len) != (batch, seq_len) or num_q % heads:
         raise ValueError(f"plan (batch={plan.batch}, seq_len={plan.seq_len}, heads={heads}) does not fit "
                          f"q of shape {tuple(q.shape)}")
-    ends = sorted({max(1, round(seq_len * (i + 1) / windows)) for i in range(windows)})
+
+
+def _recall_over(q: torch.Tensor, k: torch.Tensor, plan: StripePlan | BlockPlan | DensePlan, scale: float,
+                 windows: list[tuple[int, int]]) -> float:
+    """Mean softmax mass inside ``plan`` over the rows [start, end) of each window, every batch entry and query head."""
+    num_q = q.shape[1]
+    heads = plan.plan_heads if isinstance(plan, StripePlan) else plan.heads
     mass, counted = 0.0, 0
-    for b in range(batch):
-        for row_end in ends:
-            row_start = max(0, row_end - rows)
+    for b in range(q.shape[0]):
+        for row_start, row_end in windows:
             probs = causal_probabilities(q[b], k[b], row_start, row_end, scale).flatten(0, 1)
-            selected = _plan_rows(plan, b, row_start, row_end, row_end).to(q.device)
+            selected = _plan_rows(plan, b, row_start, row_end, row_end).to(probs.device)
             selected = selected.repeat_interleave(num_q // heads, dim=0)
             mass += float(probs.masked_fill_(~selected, 0.0).sum(dtype=torch.float64))
             counted += num_q * (row_end - row_start)
