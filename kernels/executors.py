@@ -60,41 +60,40 @@ class ReferenceExecutor(Executor):
         return write_into(result, out), lse
 
 
-class TritonStripeExecutor(Executor):
-    """Windows with contiguous loads plus gathered discrete keys, one online softmax (Triton)."""
+class _TritonExecutor(Executor):
+    """What the Triton plan kernels share as executors: CUDA (or the interpreter), top priority, forward only."""
 
-    name = "triton-stripe"
-    plan_kinds = (StripePlan,)
     devices = frozenset({"cuda"})
     priority = 100
-    head_dims: ClassVar[frozenset[int] | None] = frozenset(STRIPE_HEAD_DIMS)
     supports_backward: ClassVar[bool] = False  # a forward kernel only: the dispatcher refuses inputs needing grad
 
     def device_supported(self, device: torch.device) -> bool:
         return triton_can_run(device)
 
+
+class TritonStripeExecutor(_TritonExecutor):
+    """Windows with contiguous loads plus gathered discrete keys, one online softmax (Triton)."""
+
+    name = "triton-stripe"
+    plan_kinds = (StripePlan,)
+    head_dims: ClassVar[frozenset[int] | None] = frozenset(STRIPE_HEAD_DIMS)
+
     def __call__(self, q, k, v, plan: Plan, ctx: AttentionContext, return_lse: bool = False, out=None):
         return stripe_attention(q, k, v, plan, ctx.scale, return_lse=return_lse, out=out)
 
 
-class TritonBlockExecutor(Executor):
+class TritonBlockExecutor(_TritonExecutor):
     """Selected key blocks with contiguous K/V tile loads, causal only in the diagonal block (Triton)."""
 
     name = "triton-block"
     plan_kinds = (BlockPlan,)
-    devices = frozenset({"cuda"})
-    priority = 100
     head_dims: ClassVar[frozenset[int] | None] = frozenset(BLOCK_HEAD_DIMS)
-    supports_backward: ClassVar[bool] = False  # a forward kernel only: the dispatcher refuses inputs needing grad
 
     def not_supported_reasons(self, q: torch.Tensor, plan: Plan) -> list[str]:
         reasons = super().not_supported_reasons(q, plan)
         if isinstance(plan, BlockPlan) and not block_size_supported(plan.block_size):
             reasons.append(f"block size {plan.block_size} not a multiple of 16")
         return reasons
-
-    def device_supported(self, device: torch.device) -> bool:
-        return triton_can_run(device)
 
     def __call__(self, q, k, v, plan: Plan, ctx: AttentionContext, return_lse: bool = False, out=None):
         return block_attention(q, k, v, plan, ctx.scale, return_lse=return_lse, out=out)
