@@ -25,7 +25,7 @@ __all__ = [
     "load_rows", "mma", "softmax_update", "key_tile", "contiguous_window", "causal_window",
     "program_tile", "program_heads", "load_queries", "initial_state", "store_result",
     "validate_kernel_inputs", "check_csr", "validate_out", "tile_shape", "dot_settings", "last_dim_contiguous",
-    "fits_and_pays", "launch",
+    "fitting_configs", "launch",
 ]
 
 HEAD_DIMS = (64, 96, 128, 256)
@@ -271,13 +271,20 @@ def tile_shape(heads_per_plan: int, group_rows: int, head_dim: int) -> tuple[int
     return head_tile, rows
 
 
-def fits_and_pays(config: triton.Config, block_m: int, row_bytes: int) -> bool:
-    """Whether a config's K/V buffers fit shared memory beside the q tile, and its warps have rows."""
-    # K and V tiles are buffered num_stages deep in shared memory, beside the q tile.
-    if (config.num_stages * 2 * config.kwargs["BLOCK_N"] + block_m) * row_bytes > _SMEM_BUDGET:
-        return False
-    # Eight warps need 128 stacked rows: with fewer, half of them would have no MMA rows.
-    return not (config.num_warps == 8 and block_m < 128)
+def fitting_configs(configs: list[triton.Config], args: dict) -> list[triton.Config]:
+    """The configs whose K/V buffers fit shared memory beside the q tile and whose warps all have MMA rows, for
+    a launch's arguments ``args`` (HEAD_TILE, ROWS, BLOCK_D, Q); the first config when none does."""
+    block_m = args["HEAD_TILE"] * args["ROWS"]
+    row_bytes = args["BLOCK_D"] * args["Q"].element_size()
+
+    def fits_and_pays(config: triton.Config) -> bool:
+        # K and V tiles are buffered num_stages deep in shared memory, beside the q tile.
+        if (config.num_stages * 2 * config.kwargs["BLOCK_N"] + block_m) * row_bytes > _SMEM_BUDGET:
+            return False
+        # Eight warps need 128 stacked rows: with fewer, half of them would have no MMA rows.
+        return not (config.num_warps == 8 and block_m < 128)
+
+    return [config for config in configs if fits_and_pays(config)] or configs[:1]
 
 
 def dot_settings(dtype: torch.dtype) -> tuple[str, bool]:

@@ -30,7 +30,7 @@ from sparse_prefill.kernels.attention_tiles import (
     HEAD_DIMS,
     INTERPRET,
     causal_window,
-    fits_and_pays,
+    fitting_configs,
     initial_state,
     key_tile,
     launch,
@@ -112,10 +112,7 @@ def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> 
         dividing = [config for config in dividing if config.kwargs["BLOCK_N"] > 16]
     if INTERPRET:  # the largest dividing tile: fewest interpreted iterations, no timing
         return dividing[-1:]
-    block_m = args["HEAD_TILE"] * args["ROWS"]
-    row_bytes = args["BLOCK_D"] * args["Q"].element_size()
-    kept = [config for config in dividing if fits_and_pays(config, block_m, row_bytes)]
-    return kept or dividing[:1]
+    return fitting_configs(dividing, args)
 
 
 # ---------------------------------------------------------------------------------------------

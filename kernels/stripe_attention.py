@@ -26,7 +26,7 @@ from sparse_prefill.kernels.attention_tiles import (
     INTERPRET,
     causal_window,
     contiguous_window,
-    fits_and_pays,
+    fitting_configs,
     initial_state,
     key_tile,
     launch,
@@ -99,11 +99,7 @@ def _configs() -> list[triton.Config]:
 
 def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     """Drop configs that cannot fit or cannot pay off for this tile shape and dtype."""
-    args = {**named_args, **kwargs}
-    block_m = args["HEAD_TILE"] * args["ROWS"]
-    row_bytes = args["BLOCK_D"] * args["Q"].element_size()
-    kept = [config for config in configs if fits_and_pays(config, block_m, row_bytes)]
-    return kept or configs[:1]
+    return fitting_configs(configs, {**named_args, **kwargs})
 
 
 # ---------------------------------------------------------------------------------------------
