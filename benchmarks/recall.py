@@ -50,12 +50,23 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--qk-cache", type=Path, help="load captured Q/K from here if it exists, else save them here")
     parser.add_argument("--per-head", action="store_true",
                         help="also each query head's recall (the worst head is where a default loses answers)")
-    parser.add_argument("--oracle", type=float, metavar="RECALL",
+    parser.add_argument("--oracle", type=_recall_target, metavar="RECALL",
                         help="also the stripes-with-windows oracle per layer at this recall (128-row blocks, 128 sink "
                              "keys; per query head and shared per KV group): the least density any identifier of "
                              "that granularity and list sharing needs")
     parser.add_argument("--out", type=Path, help="write the results as JSON (merged into an existing report)")
     return parser.parse_args()
+
+
+def _recall_target(text: str) -> float:
+    """A recall in (0, 1], checked before the Q/K capture (which loads a model)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a recall in (0, 1], got {text!r}")
+    return value
 
 
 def _bool(text: str) -> bool:

@@ -6,6 +6,7 @@ report merges only results of the same model and input.
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 from pathlib import Path
@@ -210,3 +211,9 @@ def test_each_heads_recall_averages_to_the_layers_and_the_worst_is_reported(shar
     assert result["worst_head"] == {"recall": min(heads), "layer": 7, "head": heads.index(min(heads))}
     oracles = _benchmark_module()._oracles({7: (q, k)}, 0.9)
     assert 0 < oracles["mean_per_head_density"] <= 1 and 0 < oracles["mean_shared_density"] <= 1
+
+
+@pytest.mark.parametrize("bad", ["0", "1.5", "x"])
+def test_recall_script_refuses_an_oracle_target_outside_0_1_before_loading(bad: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match=r"expected a recall in \(0, 1\]"):
+        _benchmark_module()._recall_target(bad)
