@@ -70,11 +70,18 @@ def check(path: Path, length: int, max_heads: int) -> dict:
     return row
 
 
+def _positive(text: str) -> int:
+    """An integer >= 1, checked before any model is built."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return int(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("configs", nargs="+", type=Path, help="MInference JSON files")
-    parser.add_argument("--length", type=int, default=4096, help="prompt tokens of the prefill under each policy")
-    parser.add_argument("--max-heads", type=int, default=1280,
+    parser.add_argument("--length", type=_positive, default=4096, help="prompt tokens of the prefill under each policy")
+    parser.add_argument("--max-heads", type=_positive, default=1280,
                         help="run the prefill only for layouts of at most this many heads (layers x heads; a CPU "
                              "takes about 3 minutes for 40 x 32 at 8192 tokens); larger ones are converted only")
     parser.add_argument("--out", required=True)

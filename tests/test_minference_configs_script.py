@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
+
+import pytest
 
 from benchmark_scripts import load_benchmark
 
@@ -28,3 +31,9 @@ def test_a_tiny_configuration_converts_runs_sparse_and_is_recorded(tmp_path: Pat
     assert 0 < row["mean_density"] < 1 and row["max_logit_difference"] > 0  # sparse at this length, not dense
     assert "2 attention call(s) ran sparse" in row["what_ran"]
     assert script.check(path, length=256, max_heads=7)["ran"] is False  # 2 x 4 heads: converted only
+
+
+@pytest.mark.parametrize("bad", ["0", "-5", "x"])
+def test_lengths_and_head_limits_below_one_are_refused_before_any_model(bad: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match="expected an integer >= 1"):
+        load_benchmark("minference_configs")._positive(bad)
