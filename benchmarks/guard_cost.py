@@ -92,6 +92,7 @@ def main() -> None:
         }
         row = {"shape": name, "N": n, "heads": [hq, hkv, d], "plan": type(plan).__name__,
                "plan density": plan.density(),
+               "plan's error per KV group (90th percentile)": never.plan_kv_head_errors(q, k, v, plan, scale).tolist(),
                "ms": {"dense SDPA": cuda_ms(dense, args.repeats), "anchor": cuda_ms(unguarded, args.repeats),
                       "anchor + guard": cuda_ms(guarded, args.repeats),
                       "anchor + guard, every lossy group dense": cuda_ms(rejected, args.repeats),

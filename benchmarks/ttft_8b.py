@@ -22,7 +22,11 @@ dtype or device that differs raises). Its policy is ``anchor.yaml``'s: the same 
 parameters, ``min_length`` and ``dense_above``. So identification costs what it costs at that
 shape, the plans have the densities calibrated inputs give, and the library's executor runs
 them on the model's own tensors. ``anchor.yaml`` on the raw random-weight inputs is timed too
-(``--raw-lengths``): what random weights alone give, the dense fallback. On CUDA, dense SDPA and
+(``--raw-lengths``): what random weights alone give, the dense fallback. When the policy has a guard,
+``anchor-on-synthetic`` is timed once more with the guard's test on every call and a ``max_error`` no
+plan reaches (``GUARD_TESTED``): the test's cost in the forward (the decisions themselves would compare
+plans made on synthetic inputs with the random model's attention and reject them all; on the synthetic
+inputs, benchmarks/guard_cost.py reports the errors the shipped max_error judges). On CUDA, dense SDPA and
 anchor-on-synthetic attention of one layer are timed alone (attention's share of the forward).
 
 Timed runs do not collect statistics (that syncs the host on every plan); one more forward
@@ -58,6 +62,7 @@ TARGETS = {32768: 0.8, 65536: 0.55, 131072: 0.4}  # issue 16: at most this fract
 TINY_MODEL = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                   vocab_size=256)
 TINY_ANCHOR = dict(theta=3.0, block=16, sink=16, local=16, dense_tail=16)
+GUARD_TESTED = f"{PATTERN} + guard test"
 METHOD = "Method " + __doc__.split("Method ", 1)[1].split("\n\n", 1)[0].replace("\n", " ")
 
 
@@ -124,15 +129,21 @@ def register() -> None:
         raise RuntimeError(f"pattern {PATTERN!r} is registered by another plugin; its held inputs are not SYNTHETIC's")
 
 
-def anchor_policy(source: str, pattern: str, min_length: int | None = None, **params) -> Policy:
+def anchor_policy(source: str, pattern: str, min_length: int | None = None, guard_tested: bool = False,
+                  **params) -> Policy | None:
     """``source`` (a policy of one anchor default) with ``pattern`` in anchor's place; ``min_length`` and
     ``params`` replace the file's when given (the tiny path), everything else is kept but the guard: it would
-    compare plans made on the synthetic inputs with this random model's own attention, and reject them all."""
+    compare plans made on the synthetic inputs with this random model's own attention, and reject them all.
+    ``guard_tested``: keep the guard's test (its ``rows``) with a max_error no plan reaches, to time it; None
+    when the file has no guard."""
     base = sparse_prefill.load_policy(source)
     if base.default.pattern != "anchor" or base.overrides:
         raise ValueError(f"{base.source}: expected one anchor default and no overrides, got\n{base.describe()}")
+    if guard_tested and base.guard is None:
+        return None
+    guard = {"guard": {"max_error": 1e9, "rows": base.guard.rows}} if guard_tested and base.guard else {}
     return sparse_prefill.load_policy({"min_length": base.min_length if min_length is None else min_length,
-                                       "default": {**base.default.as_dict(), **params, "pattern": pattern}})
+                                       "default": {**base.default.as_dict(), **params, "pattern": pattern}, **guard})
 
 
 def measure(model, ids: torch.Tensor, policy: Policy | None, repeats: int) -> dict:
@@ -181,6 +192,8 @@ def run_length(model, length: int, policies: dict[str, Policy], repeats: int, ra
     try:
         row = {"length": length, "target": TARGETS.get(length), "dense": measure(model, ids, None, repeats),
                PATTERN: measure(model, ids, policies[PATTERN], repeats)}
+        if policies.get(GUARD_TESTED) is not None:
+            row[GUARD_TESTED] = measure(model, ids, policies[GUARD_TESTED], repeats)
         if raw:
             row["anchor_yaml_raw_inputs"] = measure(model, ids, policies["anchor"], repeats)
         if device.type == "cuda":
@@ -190,7 +203,7 @@ def run_length(model, length: int, policies: dict[str, Policy], repeats: int, ra
             row["ratio_if_only_attention_changed"] = 1 - saved / row["dense"]["ms"]
     finally:
         SYNTHETIC.release()
-    for name in (PATTERN, "anchor_yaml_raw_inputs"):
+    for name in (PATTERN, GUARD_TESTED, "anchor_yaml_raw_inputs"):
         if name in row:
             row[name]["ratio_vs_dense"] = row[name]["ms"] / row["dense"]["ms"]
     if row["target"] is not None:
@@ -204,20 +217,23 @@ def _number(value: float | None, digits: int = 3) -> str:
 
 def table(rows: list[dict]) -> str:
     lines = ["| N | dense ms | anchor-on-synthetic ms | ratio | target | met | density (layers min-max) | sparse calls "
-             "| fallbacks | attention share of dense | anchor.yaml on raw inputs: ms, ratio, density |",
-             "|" + "---|" * 11]
+             "| fallbacks | attention share of dense | with the guard's test: ms, ratio "
+             "| anchor.yaml on raw inputs: ms, ratio, density |",
+             "|" + "---|" * 12]
     for row in rows:
         s = row[PATTERN]
         layers = list(s["layer_densities"].values()) or [None]
         raw = row.get("anchor_yaml_raw_inputs")
         raw_text = ", ".join((_number(raw["ms"], 0), _number(raw["ratio_vs_dense"]), _number(raw["mean_density"]))) \
             if raw else "-"
+        tested = row.get(GUARD_TESTED)
+        tested_text = f"{_number(tested['ms'], 0)}, {_number(tested['ratio_vs_dense'])}" if tested else "-"
         met = {True: "yes", False: "NO"}.get(row.get("target_met"), "-")
         lines.append(f"| {row['length']} | {_number(row['dense']['ms'], 0)} | {_number(s['ms'], 0)} | "
                      f"{_number(s['ratio_vs_dense'])} | {_number(row['target'], 2)} | {met} | "
                      f"{_number(s['mean_density'])} ({_number(min(layers, key=_order))}-{_number(max(layers, key=_order))}) | "
                      f"{s['sparse_calls']} | {s['fallbacks'] or '-'} | {_number(row.get('attention_share_of_dense'))} | "
-                     f"{raw_text} |")
+                     f"{tested_text} | {raw_text} |")
     return "\n".join(lines)
 
 
@@ -249,6 +265,7 @@ def main(argv: list[str] | None = None) -> dict:
     register()
     changes = (dict(min_length=0, **TINY_ANCHOR) if args.tiny else {})
     policies = {pattern: anchor_policy(args.policy, pattern, **changes) for pattern in (PATTERN, "anchor")}
+    policies[GUARD_TESTED] = anchor_policy(args.policy, PATTERN, guard_tested=True, **changes)
     torch.manual_seed(0)
     model = random_llama(args.layers, device.type, **(TINY_MODEL if args.tiny else {}))
     result = {**environment(device), "model": "Llama-3.1-8B shape, random weights, bf16" + (" (tiny)" if args.tiny else ""),

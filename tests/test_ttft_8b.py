@@ -57,6 +57,9 @@ def test_tiny_run_identifies_on_synthetic_inputs_and_executes_on_every_layer(scr
         assert run["sparse_calls"] == 2 and run["fallbacks"] == {}
         assert run["layer_densities"] == {"0": direct, "1": direct} and direct < 1
         assert run["logits_finite"] and run["ms"] > 0 and run["ratio_vs_dense"] > 0
+        tested = row[script.GUARD_TESTED]  # anchor.yaml's guard tests every call and, at max_error 1e9, keeps it
+        assert tested["layer_densities"] == run["layer_densities"] and tested["fallbacks"] == {}
+        assert tested["logits_finite"] and tested["ms"] > 0
     raw = result["lengths"][0]["anchor_yaml_raw_inputs"]  # random weights: near-uniform, so the dense fallback
     assert raw["layer_densities"] == {"0": 1.0, "1": 1.0} and raw["logits_finite"]
     assert raw["sparse_calls"] == 2 and raw["fallbacks"] == {}
