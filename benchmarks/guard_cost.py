@@ -4,11 +4,9 @@
 
 For each shape (default: a Qwen2.5-Coder-0.5B layer at 32k, a 1.5B layer at 32k, a Llama-3.1-8B layer at
 128k; calibrated synthetic inputs): dense SDPA, anchor.yaml's pattern unguarded, and guarded with a
-max_error no group reaches (the test's cost alone) and one every lossy group passes (max_error 0: the plan is
-judged, rejected and never run, every group dense); then the guard's pieces apart (exact rows by SDPA with
-the rows' mask and by kernels/sampled_rows.py, with the plan's kept keys in the same pass, the plan's row
-mask, error and quantile, the decision's host sync), and the same calls chained as a model's layers are
-(no synchronisation between them), where a host sync also exposes the launches behind it.
+max_error no group reaches (the test's cost alone); then the guard's pieces apart (exact rows by SDPA
+with the rows' mask and by kernels/sampled_rows.py, error and quantile, the decision's host sync), and the same calls chained as a model's layers are (no
+synchronisation between them), where a host sync also exposes the launches behind it.
 """
 
 from __future__ import annotations
@@ -24,7 +22,7 @@ from sparse_prefill.dispatch import sparse_attention
 from sparse_prefill.evaluation.synthetic import structured_qkv
 from sparse_prefill.guard import ErrorGuard
 from sparse_prefill.interfaces import AttentionContext
-from sparse_prefill.kernels.sampled_rows import exact_and_kept_rows, sampled_rows_attention
+from sparse_prefill.kernels.sampled_rows import sampled_rows_attention
 from sparse_prefill.patterns.anchor import ANCHOR
 from sparse_prefill.plan import causal_rows_mask
 from sparse_prefill.policy import load_policy
@@ -62,7 +60,6 @@ def main() -> None:
     args = parser.parse_args()
     identifier = ANCHOR.build(**load_policy("anchor.yaml").default.as_dict())
     never = ErrorGuard(max_error=1e9)
-    always = ErrorGuard(max_error=0.0)
     results = []
     for name in args.shapes.split(","):
         n, hq, hkv, d = SHAPES[name]
@@ -72,35 +69,28 @@ def main() -> None:
         dense = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # noqa: E731
         unguarded = lambda: sparse_attention(q, k, v, identifier, ctx)  # noqa: E731
         guarded = lambda: sparse_attention(q, k, v, identifier, ctx, guard=never)  # noqa: E731
-        rejected = lambda: sparse_attention(q, k, v, identifier, ctx, guard=always)  # noqa: E731
         out = unguarded()[0]
-        for run in (dense, unguarded, guarded, rejected):
+        for run in (dense, unguarded, guarded):
             run()
+        plan = identifier.identify(q, k, ctx)
         rows = never.sample_rows(n, q.device)
         causal = causal_rows_mask(rows, n)
-        plan = identifier.identify(q, k, ctx)
-        keep = plan.rows_mask(rows)
         pieces = {
             "exact rows (SDPA with the rows' mask)": lambda: torch.nn.functional.scaled_dot_product_attention(
                 q[:, :, rows], k, v, attn_mask=causal, scale=scale, enable_gqa=True),
             "exact rows (Triton, split over keys)": lambda: sampled_rows_attention(q, k, v, rows, scale),
-            "plan's row mask (rows_mask, host sync)": lambda: plan.rows_mask(rows),
-            "exact + kept rows (Triton, one pass)": lambda: exact_and_kept_rows(q, k, v, rows, keep, scale),
-            "errors on the output (exact rows + quantile)": lambda: never.kv_head_errors(q, k, v, out, scale),
-            "decision on the plan (row mask + exact and kept + quantile + host sync)":
-                lambda: never.dense_kv_heads_of_plan(q, k, v, plan, scale),
+            "errors (exact rows + quantile)": lambda: never.kv_head_errors(q, k, v, out, scale),
+            "decision (errors + host sync)": lambda: never.dense_kv_heads(q, k, v, out, scale),
         }
         row = {"shape": name, "N": n, "heads": [hq, hkv, d], "plan": type(plan).__name__,
                "plan density": plan.density(),
-               "plan's error per KV group (90th percentile)": never.plan_kv_head_errors(q, k, v, plan, scale).tolist(),
+               "error per KV group (90th percentile)": never.kv_head_errors(q, k, v, out, scale).tolist(),
                "ms": {"dense SDPA": cuda_ms(dense, args.repeats), "anchor": cuda_ms(unguarded, args.repeats),
                       "anchor + guard": cuda_ms(guarded, args.repeats),
-                      "anchor + guard, every lossy group dense": cuda_ms(rejected, args.repeats),
                       **{key: cuda_ms(run, args.repeats) for key, run in pieces.items()}},
                "chained ms per call": {key: chained_ms(run, args.layers, max(args.repeats // 2, 2))
                                        for key, run in (("dense SDPA", dense), ("anchor", unguarded),
-                                                        ("anchor + guard", guarded),
-                                                        ("anchor + guard, every lossy group dense", rejected))}}
+                                                        ("anchor + guard", guarded))}}
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             guarded()
             torch.cuda.synchronize()
@@ -109,7 +99,7 @@ def main() -> None:
         print(json.dumps({key: value for key, value in row.items() if key != "guarded call kernels"}), flush=True)
         print(row["guarded call kernels"], flush=True)
         results.append(row)
-        del q, k, v, out, plan, keep
+        del q, k, v, out, plan
         torch.cuda.empty_cache()
     record = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
               "commit": args.commit, "results": results}

@@ -26,7 +26,6 @@ __all__ = [
     "block_attention_reference",
     "dense_attention_reference",
     "sampled_rows_reference",
-    "kept_rows_reference",
     "validate_plan_layout",
 ]
 
@@ -235,16 +234,3 @@ def sampled_rows_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ro
     return F.scaled_dot_product_attention(q[:, :, rows].to(dtype), k.to(dtype), v.to(dtype),
                                           attn_mask=causal_rows_mask(rows, k.shape[2]),
                                           scale=scale, enable_gqa=q.shape[1] != k.shape[1])
-
-
-def kept_rows_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, keep: torch.Tensor,
-                        scale: float) -> torch.Tensor:
-    """Causal attention of query rows ``rows`` over only the keys ``keep`` marks (bool [B, Hp, R, N], Hp dividing
-    Hq: a plan's ``rows_mask``): SDPA in float32 (float64 for float64 inputs). A row with no kept key gives 0.
-    Returns [B, Hq, R, D]; memory O(R * N) per head."""
-    validate_attention_inputs(q, k, v)
-    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    mask = keep.repeat_interleave(q.shape[1] // keep.shape[1], dim=1) & causal_rows_mask(rows, k.shape[2])
-    out = F.scaled_dot_product_attention(q[:, :, rows].to(dtype), k.to(dtype), v.to(dtype), attn_mask=mask,
-                                         scale=scale, enable_gqa=q.shape[1] != k.shape[1])
-    return out.masked_fill(~mask.any(-1, keepdim=True), 0.0)

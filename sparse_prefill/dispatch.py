@@ -73,9 +73,9 @@ def sparse_attention(
     identifier allows), each identified, executed into the shared output and freed before the
     next. Identifiers that ignore the budget run in one call.
 
-    ``guard`` (a :class:`~sparse_prefill.guard.ErrorGuard`): the KV groups whose plan output on a few
-    sampled query rows is too far from exact attention run dense instead (judged before the plan runs
-    when the plan has ``rows_mask``, else after, on its output); ``on_plan`` then sees the plan of the heads that stayed sparse and a :class:`DensePlan` with the
+    ``guard`` (a :class:`~sparse_prefill.guard.ErrorGuard`): after a sparse plan runs, the KV groups
+    whose output on a few sampled query rows is too far from exact attention run dense again;
+    ``on_plan`` then sees the plan of the heads that stayed sparse and a :class:`DensePlan` with the
     guard's ``reason`` for the others, each with the context of its heads.
 
     Gradients: identification runs under ``torch.no_grad()`` (selection is not differentiable; the
@@ -168,40 +168,16 @@ def _run_in_chunks(
 def _guarded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, ctx: AttentionContext,
              executor: Executor | None, return_lse: bool, on_plan: Callable[[Plan, AttentionContext], None] | None,
              guard: ErrorGuard | None, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Runs ``plan``, dense instead for the KV groups ``guard`` rejects; ``on_plan`` sees what each group's output
-    came from.
-
-    A plan with ``rows_mask`` is judged before it runs, and with ``select_heads`` only the groups that pass run it
-    (a rejected group's plan would be wasted work); any other plan runs whole and is judged on its output."""
-    if guard is None or isinstance(plan, DensePlan):
-        result, lse = _execute(q, k, v, plan, ctx, executor, return_lse, out=out)
-        dense: list[bool] = []
-    elif hasattr(plan, "rows_mask"):
-        with torch.no_grad():
-            dense = guard.dense_kv_heads_of_plan(q, k, v, plan, ctx.scale)
-        if any(dense) and _splittable(plan):
-            result = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
-            lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device) if return_lse else None
-            return _run_kv_runs(q, k, v, plan, ctx, executor, on_plan, guard, dense, result, lse, planned=False)
-        result, lse = _execute(q, k, v, plan, ctx, executor, return_lse, out=out)
-    else:
-        result, lse = _execute(q, k, v, plan, ctx, executor, return_lse, out=out)
-        with torch.no_grad():
-            dense = guard.dense_kv_heads(q, k, v, result, ctx.scale)
+    """Runs ``plan``, then runs dense again the KV groups whose output ``guard`` rejects; ``on_plan`` sees what
+    each group's output came from."""
+    result, lse = _execute(q, k, v, plan, ctx, executor, return_lse, out=out)
+    with torch.no_grad():
+        dense = [] if guard is None or isinstance(plan, DensePlan) else guard.dense_kv_heads(q, k, v, result, ctx.scale)
     if not any(dense):
         if on_plan is not None:
             on_plan(plan, ctx)
         return result, lse
     assert guard is not None
-    return _run_kv_runs(q, k, v, plan, ctx, executor, on_plan, guard, dense, result, lse, planned=True)
-
-
-def _run_kv_runs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, ctx: AttentionContext,
-                 executor: Executor | None, on_plan: Callable[[Plan, AttentionContext], None] | None,
-                 guard: ErrorGuard, dense: list[bool], result: torch.Tensor, lse: torch.Tensor | None,
-                 planned: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Fills ``result`` (and ``lse``) run by run of KV groups with equal decisions: dense where ``dense`` says so,
-    else the plan's part (already in ``result`` when ``planned``, which only needs reporting)."""
     group = q.shape[1] // k.shape[1]
     for run_dense, run in itertools.groupby(range(len(dense)), key=dense.__getitem__):  # runs of equal decisions
         kv_heads = list(run)
@@ -209,34 +185,25 @@ def _run_kv_runs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, 
         heads = slice(start * group, stop * group)
         part_ctx = dataclasses.replace(ctx, num_q_heads=(stop - start) * group, num_kv_heads=stop - start,
                                        head_offset=ctx.head_offset + heads.start)
-        part = (DensePlan(q.shape[0], part_ctx.num_q_heads, q.shape[2], reason=guard.reason()) if run_dense
-                else _kv_heads_of(plan, start, stop, k.shape[1]))
+        if not run_dense:
+            if on_plan is not None:
+                on_plan(_kv_heads_of(plan, start, stop, k.shape[1]), part_ctx)
+            continue
+        part = DensePlan(q.shape[0], part_ctx.num_q_heads, q.shape[2], reason=guard.reason())
         if on_plan is not None:
             on_plan(part, part_ctx)
-        if planned and not run_dense:
-            continue
-        part_lse = _execute(q[:, heads], k[:, start:stop], v[:, start:stop], part, part_ctx, executor,
-                            lse is not None, out=result[:, heads])[1]
+        part_lse = _execute(q[:, heads], k[:, start:stop], v[:, start:stop], part, part_ctx, executor, return_lse,
+                            out=result[:, heads])[1]
         if lse is not None:
             lse[:, heads] = part_lse
     return result, lse
 
 
-def _plan_heads(plan: Plan) -> int | None:
-    heads = getattr(plan, "plan_heads", getattr(plan, "heads", None))
-    return heads if isinstance(heads, int) else None
-
-
-def _splittable(plan: Plan) -> bool:
-    """Whether the part of ``plan`` some KV heads read can be cut out (``select_heads``) and run alone."""
-    return hasattr(plan, "select_heads") and _plan_heads(plan) is not None
-
-
 def _kv_heads_of(plan: Plan, start: int, stop: int, num_kv: int) -> Plan:
-    """The part of ``plan`` that KV heads [start, stop) read; a plan kind that is not :func:`_splittable` (a
-    plugin's) is given whole, for reporting only."""
-    plan_heads = _plan_heads(plan)
-    if not _splittable(plan) or plan_heads is None:
+    """The part of ``plan`` that KV heads [start, stop) read, for reporting; a plan kind without
+    ``select_heads`` (a plugin's) is reported whole."""
+    plan_heads = getattr(plan, "plan_heads", getattr(plan, "heads", None))
+    if not hasattr(plan, "select_heads") or not isinstance(plan_heads, int):
         return plan
     per_kv = plan_heads // num_kv  # 1, or the group size when each query head has its own list
     return plan.select_heads(start * per_kv, stop * per_kv)

@@ -2,14 +2,12 @@
 
 A pattern's settings are chosen on some models and texts; on another model a head can lose what
 matters (a row-specific head, or attention spread thinly over every key) and the answers change. The
-guard judges each sparse plan before it runs: for a few query rows (``rows`` of N, so ``rows / N`` of
-the dense cost) it computes exact attention and attention over the keys the plan keeps for those rows
-(one pass, kernels/sampled_rows.py on a GPU), and every KV group whose query heads' relative output
-error ``||O_plan - O|| / ||O||`` has a 90th percentile above ``max_error`` over those rows runs dense
-instead of its plan. A rejected group costs the test and dense attention, never its plan too; a call
-that passes costs the test alone: a few kernels, two host synchronisations (sizing the plan's row
-mask, and the decision), and ``O(rows * N)`` memory. A plan kind without ``rows_mask`` (a plugin's)
-is judged after it runs, on its output.
+guard checks each sparse call after it runs: it computes exact attention for a few query rows
+(``rows`` of N, so ``rows / N`` of the dense cost; kernels/sampled_rows.py on a GPU), compares the
+plan's output on those rows with it, and runs dense again every KV group whose query heads' relative
+output error ``||O_plan - O|| / ||O||`` has a 90th percentile above ``max_error`` over those rows.
+Groups that pass keep the plan's output, so a call that passes costs the test alone: a few
+kernels and one host synchronisation (the decision), and ``O(rows * N)`` memory.
 
 Why the output error and its 90th percentile: on Qwen2.5-Coder-0.5B at 32k (benchmarks/guard_signals.py,
 docs/benchmarks/whole_model.md) it separates the five layers whose anchor plans cost the model most
@@ -30,8 +28,8 @@ from typing import Any, Callable
 import torch
 
 from sparse_prefill.kernels.attention_tiles import DTYPES, HEAD_DIMS
-from sparse_prefill.kernels.reference import kept_rows_reference, sampled_rows_reference
-from sparse_prefill.kernels.sampled_rows import exact_and_kept_rows, sampled_rows_attention
+from sparse_prefill.kernels.reference import sampled_rows_reference
+from sparse_prefill.kernels.sampled_rows import sampled_rows_attention
 
 __all__ = ["ErrorGuard", "guard_setting_problem"]
 
@@ -51,22 +49,9 @@ def _exact_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.T
     """float32 exact attention of ``rows``: the Triton kernel split over the keys on a GPU (SDPA with a row mask
     runs one program per head there: 2.3-3.7x slower on an H200, benchmarks/guard_cost.py), the SDPA reference
     elsewhere."""
-    if _on_kernel(q):
+    if q.is_cuda and q.dtype in DTYPES and q.shape[-1] in HEAD_DIMS:
         return sampled_rows_attention(q, k, v, rows, scale)
     return sampled_rows_reference(q, k, v, rows, scale).float()
-
-
-def _on_kernel(q: torch.Tensor) -> bool:
-    return q.is_cuda and q.dtype in DTYPES and q.shape[-1] in HEAD_DIMS
-
-
-def _exact_and_kept_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, keep: torch.Tensor,
-                         scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 (exact, over the kept keys) attention of ``rows``: one Triton pass on a GPU, the references
-    elsewhere."""
-    if _on_kernel(q):
-        return exact_and_kept_rows(q, k, v, rows, keep, scale)
-    return _exact_rows(q, k, v, rows, scale), kept_rows_reference(q, k, v, rows, keep, scale).float()
 
 
 def _max_error_problem(value: Any) -> str | None:
@@ -122,32 +107,14 @@ class ErrorGuard:
         """float32 [Hkv]: per KV group, the 90th percentile over batch, its query heads and the sampled rows of
         ``||out - O|| / ||O||``, with O exact attention of those rows. ``out`` is the plan's output [B, Hq, N, D]."""
         rows = _sampled_rows(self.rows, q.shape[2], q.device)
-        return _group_quantile(out[:, :, rows].float(), _exact_rows(q, k, v, rows, scale), k.shape[1])
-
-    def plan_kv_head_errors(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Any,
-                            scale: float) -> torch.Tensor:
-        """float32 [Hkv]: :meth:`kv_head_errors` of the output ``plan`` would give, computed on the sampled rows
-        alone from its ``rows_mask`` (the plan never runs)."""
-        rows = _sampled_rows(self.rows, q.shape[2], q.device)
-        exact, kept = _exact_and_kept_rows(q, k, v, rows, plan.rows_mask(rows), scale)
-        return _group_quantile(kept, exact, k.shape[1])
+        exact = _exact_rows(q, k, v, rows, scale)
+        error = (out[:, :, rows].float() - exact).norm(dim=-1) / exact.norm(dim=-1).clamp_min(1e-6)
+        error = torch.nan_to_num(error, nan=0.0)  # a row with no finite output has nothing a plan could lose
+        batch, num_kv = q.shape[0], k.shape[1]
+        per_group = error.view(batch, num_kv, -1, rows.numel()).transpose(0, 1).reshape(num_kv, -1)
+        return torch.quantile(per_group, _QUANTILE, dim=1)
 
     def dense_kv_heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                        scale: float) -> list[bool]:
-        """Whether each KV group must run dense, judged on a plan's output (the one host synchronisation)."""
+        """Whether each KV group must run dense (the one host synchronisation)."""
         return (self.kv_head_errors(q, k, v, out, scale) > self.max_error).tolist()
-
-    def dense_kv_heads_of_plan(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Any,
-                               scale: float) -> list[bool]:
-        """Whether each KV group must run dense instead of ``plan`` (which needs ``rows_mask``), before it runs."""
-        return (self.plan_kv_head_errors(q, k, v, plan, scale) > self.max_error).tolist()
-
-
-def _group_quantile(candidate: torch.Tensor, exact: torch.Tensor, num_kv: int) -> torch.Tensor:
-    """float32 [Hkv]: the 90th percentile of ``||candidate - exact|| / ||exact||`` ([B, Hq, R, D] each) over each
-    KV group's batch entries, query heads and rows."""
-    error = (candidate - exact).norm(dim=-1) / exact.norm(dim=-1).clamp_min(1e-6)
-    error = torch.nan_to_num(error, nan=0.0)  # a row with no finite output has nothing a plan could lose
-    batch, rows = exact.shape[0], exact.shape[2]
-    per_group = error.view(batch, num_kv, -1, rows).transpose(0, 1).reshape(num_kv, -1)
-    return torch.quantile(per_group, _QUANTILE, dim=1)

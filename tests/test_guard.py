@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -12,7 +10,6 @@ from sparse_prefill import load_policy
 from sparse_prefill.dispatch import sparse_attention
 from sparse_prefill.guard import ErrorGuard
 from sparse_prefill.interfaces import AttentionContext, Identifier
-from sparse_prefill.kernels.executors import DenseSDPAExecutor, ReferenceExecutor
 from sparse_prefill.plan import BlockPlan, DensePlan, StripePlan
 from sparse_prefill.policy import PolicyError
 
@@ -155,75 +152,6 @@ def test_block_plans_are_guarded_too():
     sparse_attention(q, k, v, _FixedPlan(diagonal), ctx, guard=ErrorGuard(0.5, rows=16),
                      on_plan=lambda p, c: seen.append(type(p).__name__))
     assert seen == ["DensePlan", "BlockPlan"]
-
-
-class _SpyExecutor(ReferenceExecutor):
-    """The reference executor (stripe and block plans) and dense SDPA, recording the plan kind and query heads of
-    every run."""
-
-    def __init__(self):
-        self.runs = []
-        self.dense = DenseSDPAExecutor()
-
-    def not_supported_reasons(self, q, plan):
-        return [] if isinstance(plan, DensePlan) else super().not_supported_reasons(q, plan)
-
-    def __call__(self, q, k, v, plan, ctx, return_lse=False, out=None):
-        self.runs.append((type(plan).__name__, ctx.head_offset, q.shape[1]))
-        run = self.dense if isinstance(plan, DensePlan) else super().__call__
-        return run(q, k, v, plan, ctx, return_lse=return_lse, out=out)
-
-
-class _NoRowsMaskPlan(StripePlan):
-    """A plan kind without ``rows_mask`` (as a plugin's may be): the guard can only judge its output."""
-
-    @property
-    def rows_mask(self):
-        raise AttributeError("rows_mask")
-
-
-def test_a_rejected_group_never_runs_its_plan():
-    q, k, v = _inputs_far_key()
-    plan = _windows_only_plan(1, 2, q.shape[2])
-    spy = _SpyExecutor()
-    out, lse = sparse_attention(q, k, v, _FixedPlan(plan), AttentionContext.for_inputs(q, k), executor=spy,
-                                guard=ErrorGuard(max_error=0.5, rows=16), return_lse=True)
-    assert spy.runs == [("DensePlan", 0, 2), ("StripePlan", 2, 2)]  # KV group 0 dense only, group 1 its plan only
-    ctx = AttentionContext.for_inputs(q, k)
-    expected = [masked_attention(q, k, v, p.to_dense(), ctx.scale) for p in (DensePlan(1, 2, q.shape[2]), plan)]
-    for got, dense, sparse in zip((out, lse), *expected):
-        assert torch.allclose(got[:, :2], dense[:, :2], atol=1e-5) and torch.allclose(got[:, 2:], sparse[:, 2:],
-                                                                                      atol=1e-5)
-
-
-def test_a_plan_without_rows_mask_is_judged_on_its_output_with_the_same_decisions():
-    q, k, v = _inputs_far_key()
-    plan = _windows_only_plan(1, 2, q.shape[2])
-    opaque = _NoRowsMaskPlan(**{f.name: getattr(plan, f.name) for f in dataclasses.fields(plan)})
-    assert not hasattr(opaque, "rows_mask")
-    spy = _SpyExecutor()
-    ctx = AttentionContext.for_inputs(q, k)
-    guard = ErrorGuard(max_error=0.5, rows=16)
-    out, _ = sparse_attention(q, k, v, _FixedPlan(opaque), ctx, executor=spy, guard=guard)
-    assert spy.runs == [("_NoRowsMaskPlan", 0, 4), ("DensePlan", 0, 2)]  # the whole plan, then group 0 again
-    before, _ = sparse_attention(q, k, v, _FixedPlan(plan), ctx, guard=guard)
-    assert torch.allclose(out, before, atol=1e-6)
-
-
-@pytest.mark.parametrize("kind", ["stripe per KV group", "stripe per query head", "block"])
-def test_errors_judged_before_a_plan_runs_equal_those_of_its_output(kind):
-    torch.manual_seed(3)
-    batch, hq, hkv, n, d = 2, 4, 2, 150, 16
-    q, k, v = torch.randn(batch, hq, n, d) * 2, torch.randn(batch, hkv, n, d), torch.randn(batch, hkv, n, d)
-    plan = {"stripe per KV group": lambda: random_stripe_plan(batch, hkv, n, 32, 4, 16, fraction=0.2, seed=1),
-            "stripe per query head": lambda: random_stripe_plan(batch, hq, n, 16, 0, 16, fraction=0.1, seed=2),
-            "block": lambda: random_block_plan(batch, hq, n, 32, fraction=0.3, seed=3)}[kind]()
-    ctx = AttentionContext.for_inputs(q, k)
-    out = masked_attention(q, k, v, plan.to_dense(), ctx.scale)[0]
-    guard = ErrorGuard(rows=24)
-    before = guard.plan_kv_head_errors(q, k, v, plan, ctx.scale)
-    assert torch.allclose(before, guard.kv_head_errors(q, k, v, out, ctx.scale), atol=1e-5)
-    assert bool((before > 0.01).all())  # the plans lose something real
 
 
 def test_policy_guard_key():

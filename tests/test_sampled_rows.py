@@ -1,6 +1,5 @@
 """The guard's exact attention of sampled rows: the Triton kernel (split over key chunks) against the SDPA
-reference and dense attention, in float32 and half precision, with GQA, batches and rows at both ends; and
-the same pass's attention over a plan's kept keys against the reference and the plan's masked attention."""
+reference and dense attention, in float32 and half precision, with GQA, batches and rows at both ends."""
 
 from __future__ import annotations
 
@@ -14,9 +13,8 @@ import pytest
 import torch
 
 from kernel_checks import DEVICE, TOLERANCES, assert_close, needs_kernel, random_qkv
-from plan_factories import masked_attention, random_block_plan, random_stripe_plan
-from sparse_prefill.kernels.reference import dense_attention_reference, kept_rows_reference, sampled_rows_reference
-from sparse_prefill.kernels.sampled_rows import chunk_keys, exact_and_kept_rows, sampled_rows_attention
+from sparse_prefill.kernels.reference import dense_attention_reference, sampled_rows_reference
+from sparse_prefill.kernels.sampled_rows import chunk_keys, sampled_rows_attention
 
 
 @dataclass(frozen=True)
@@ -104,57 +102,3 @@ def test_a_row_outside_the_sequence_gives_nan_and_leaves_the_others_exact() -> N
     expected = sampled_rows_reference(q, k, v, rows[[0, 2]], 0.125)
     assert_close(out[:, :, [0, 2]], expected, **{key: TOLERANCES[torch.float32][key] for key in ("atol", "rtol")},
                  what="rows inside")
-
-
-def _plans(case: Case, seed: int) -> list:
-    """A stripe plan per KV group, one per query head, and a block plan per query head, on the CPU."""
-    return [random_stripe_plan(case.batch, case.num_kv, case.seq_len, 32, 8, 32, fraction=0.3, seed=seed),
-            random_stripe_plan(case.batch, case.num_q, case.seq_len, 64, 0, 16, fraction=0.1, seed=seed + 1),
-            random_block_plan(case.batch, case.num_q, case.seq_len, 64, fraction=0.4, seed=seed + 2)]
-
-
-@needs_kernel
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"b{c.batch}h{c.num_q}-{c.num_kv}n{c.seq_len}d{c.head_dim}r{c.rows}c{c.chunk_len}-{str(c.dtype)[6:]}")
-def test_kept_rows_equal_the_plans_output_on_those_rows(case: Case) -> None:
-    q, k, v = random_qkv(case, seed=case.seq_len + 7, device=DEVICE)
-    rows = _rows(case, seed=case.rows + 1)
-    scale = case.head_dim**-0.5
-    tolerance = TOLERANCES[case.dtype]
-    for plan in _plans(case, seed=case.rows):
-        keep = plan.rows_mask(rows.cpu()).to(q.device)
-        exact, kept = exact_and_kept_rows(q, k, v, rows, keep, scale, chunk_len=case.chunk_len)
-        assert_close(exact, sampled_rows_attention(q, k, v, rows, scale, chunk_len=case.chunk_len), 1e-6, 1e-6,
-                     "exact rows with and without a mask")
-        reference = kept_rows_reference(q.float(), k.float(), v.float(), rows, keep, scale)
-        assert_close(kept, reference, tolerance["atol"], tolerance["rtol"], f"kept rows vs reference, {plan!r}")
-        planned = masked_attention(q.float().cpu(), k.float().cpu(), v.float().cpu(), plan.to_dense(), scale)[0]
-        assert_close(kept, planned[:, :, rows.cpu()], tolerance["atol"], tolerance["rtol"],
-                     "kept rows vs the plan's masked attention")
-
-
-@needs_kernel
-def test_a_row_with_no_kept_key_gives_zero_and_a_full_mask_gives_exact() -> None:
-    case = CASES[1]
-    q, k, v = random_qkv(case, seed=11, device=DEVICE)
-    rows = _rows(case, seed=2)
-    keep = torch.ones(case.batch, 1, rows.numel(), case.seq_len, dtype=torch.bool, device=q.device)
-    exact, kept = exact_and_kept_rows(q, k, v, rows, keep, 0.1, chunk_len=64)
-    assert_close(kept, exact, 1e-6, 1e-6, "every key kept")
-    keep[:, :, 3] = False
-    exact, kept = exact_and_kept_rows(q, k, v, rows, keep, 0.1, chunk_len=64)
-    assert bool((kept[:, :, 3] == 0).all()) and bool(exact[:, :, 3].abs().sum() > 0)
-    reference = kept_rows_reference(q, k, v, rows, keep, 0.1)
-    assert torch.isfinite(reference).all() and bool((reference[:, :, 3] == 0).all())
-
-
-@needs_kernel
-@pytest.mark.parametrize("bad", ["dtype", "heads", "rows", "length"])
-def test_a_bad_keep_mask_is_refused(bad) -> None:
-    case = CASES[0]  # 4 query heads
-    q, k, v = random_qkv(case, seed=0, device=DEVICE)
-    rows = torch.tensor([5, 9], device=q.device)
-    shape = {"heads": (1, 3, 2, case.seq_len), "rows": (1, 2, 3, case.seq_len),
-             "length": (1, 2, 2, case.seq_len - 1)}.get(bad, (1, 2, 2, case.seq_len))
-    keep = torch.ones(shape, dtype=torch.uint8 if bad == "dtype" else torch.bool, device=q.device)
-    with pytest.raises(ValueError, match="keep must be a bool"):
-        exact_and_kept_rows(q, k, v, rows, keep, 0.125)
