@@ -26,8 +26,10 @@ Decided where the published method leaves room:
 * A plan denser than ``dense_above`` runs as dense attention, as the other patterns' do.
 
 :func:`flashprefill_block_mask_reference` is the specification (one head, a plain loop over query
-blocks); :class:`FlashPrefillIdentifier` computes the same masks for all heads at once, in chunks
-of query rows whose scores stay under 256 MiB, with one host sync to size the plan.
+blocks); :class:`FlashPrefillIdentifier` computes the same masks for all heads at once: on a GPU the
+block scores in one Triton kernel (:mod:`~sparse_prefill.patterns.block_mass`), elsewhere in PyTorch
+(:func:`flashprefill_block_scores`, in chunks of query rows whose scores stay under 256 MiB); one
+host sync sizes the plan.
 """
 
 from __future__ import annotations
@@ -37,10 +39,12 @@ import torch
 from sparse_prefill.interfaces import AttentionContext, Identifier, Parameter, PatternSpec
 from sparse_prefill.patterns import _blocks
 from sparse_prefill.patterns._checks import at_least, density, multiple_of
+from sparse_prefill.patterns.block_mass import block_mass_problems, pooled_block_scores
 from sparse_prefill.plan import BlockPlan, DensePlan
 from sparse_prefill.validation import validate_attention_inputs
 
-__all__ = ["FLASHPREFILL", "FlashPrefillIdentifier", "flashprefill_block_mask_reference", "flashprefill_block_masks"]
+__all__ = ["FLASHPREFILL", "FlashPrefillIdentifier", "flashprefill_block_mask_reference", "flashprefill_block_masks",
+           "flashprefill_block_scores", "flashprefill_keep"]
 
 
 def _alpha(value: float) -> str | None:
@@ -83,10 +87,10 @@ def flashprefill_block_mask_reference(q: torch.Tensor, k: torch.Tensor, scale: f
     return (mask | bad) & _blocks.causal_blocks(num_blocks, q.device)
 
 
-def flashprefill_block_masks(q: torch.Tensor, k: torch.Tensor, scale: float, alpha: float, block: int, sink: int,
-                             window: int, last: int) -> torch.Tensor:
-    """[B, Hq, nb, nb] bool: :func:`flashprefill_block_mask_reference` for every query head at once
-    (q [B, Hq, N, D], k [B, Hkv, N, D] read in place for GQA); no host sync."""
+def flashprefill_block_scores(q: torch.Tensor, k: torch.Tensor, scale: float, block: int) -> torch.Tensor:
+    """[B, Hq, nb, nb] float32: each query block's softmax over its (row, pooled key block) scores, summed per key
+    block, for every query head at once (q [B, Hq, N, D], k [B, Hkv, N, D] read in place for GQA); no host
+    sync. The PyTorch version of :func:`~sparse_prefill.patterns.block_mass.pooled_block_scores`."""
     batch, num_q, seq_len, dim = q.shape
     num_kv = k.shape[1]
     group = num_q // num_kv
@@ -103,12 +107,33 @@ def flashprefill_block_masks(q: torch.Tensor, k: torch.Tensor, scale: float, alp
         per_block = logits.view(batch, num_kv, group, -1, block * num_blocks)  # one softmax per query block
         probs = _blocks.finite_softmax(per_block).view(batch, num_kv, group, -1, block, num_blocks)
         scores[:, :, :, start // block:end // block] = probs.sum(dim=-2)
-    scores = scores.view(batch, num_q, num_blocks, num_blocks)
+    return scores.view(batch, num_q, num_blocks, num_blocks)
+
+
+def flashprefill_keep(scores: torch.Tensor, k: torch.Tensor, alpha: float, block: int, sink: int, window: int,
+                      last: int) -> torch.Tensor:
+    """[B, Hq, nb, nb] bool: the key blocks whose ``scores`` reach ``alpha`` times their query block's best, the
+    sink, window and last blocks, and every causal key block holding a non-finite key of k."""
+    num_blocks = scores.shape[-1]
+    group = scores.shape[1] // k.shape[1]
     best = scores.amax(dim=-1, keepdim=True)
     kept = (scores >= alpha * best) & (best > 0)
-    static = _static_blocks(num_blocks, sink, window, last, q.device)
+    static = _static_blocks(num_blocks, sink, window, last, scores.device)
     bad = _blocks.nonfinite_key_blocks(k, block).repeat_interleave(group, dim=1)[:, :, None, :]
-    return (kept | static | bad) & _blocks.causal_blocks(num_blocks, q.device)
+    return (kept | static | bad) & _blocks.causal_blocks(num_blocks, scores.device)
+
+
+def flashprefill_block_masks(q: torch.Tensor, k: torch.Tensor, scale: float, alpha: float, block: int, sink: int,
+                             window: int, last: int) -> torch.Tensor:
+    """[B, Hq, nb, nb] bool: :func:`flashprefill_block_mask_reference` for every query head at once
+    (q [B, Hq, N, D], k [B, Hkv, N, D] read in place for GQA); no host sync. The scores come from the Triton
+    kernel where it runs (CUDA, half or single precision, ``block`` a power of two; the pooled keys rounded to
+    q's dtype), from :func:`flashprefill_block_scores` elsewhere."""
+    if block_mass_problems(q, block):
+        scores = flashprefill_block_scores(q, k, scale, block)
+    else:
+        scores = pooled_block_scores(q, _blocks.block_means(k, block).to(q.dtype), scale, block)
+    return flashprefill_keep(scores, k, alpha, block, sink, window, last)
 
 
 class FlashPrefillIdentifier(Identifier):

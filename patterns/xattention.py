@@ -26,8 +26,10 @@ Decided where the published method leaves room:
 * A plan denser than ``dense_above`` runs as dense attention, as the other patterns' do.
 
 :func:`xattention_block_mask_reference` is the specification (one head, a plain loop over the
-query blocks); :class:`XAttentionIdentifier` computes the same masks for all heads at once, in
-chunks of query rows whose scores stay under 256 MiB, with one host sync to size the plan.
+query blocks); :class:`XAttentionIdentifier` computes the same masks for all heads at once: on a GPU
+the block mass in one Triton kernel (:mod:`~sparse_prefill.patterns.block_mass`), elsewhere in PyTorch
+(:func:`xattention_block_mass`, in chunks of query rows whose scores stay under 256 MiB); one host
+sync sizes the plan.
 """
 
 from __future__ import annotations
@@ -48,10 +50,12 @@ from sparse_prefill.patterns._blocks import (
     rows_float,
 )
 from sparse_prefill.patterns._checks import density, multiple_of
+from sparse_prefill.patterns.block_mass import antidiagonal_block_mass, block_mass_problems
 from sparse_prefill.plan import BlockPlan, DensePlan
 from sparse_prefill.validation import validate_attention_inputs
 
-__all__ = ["XATTENTION", "XAttentionIdentifier", "xattention_block_mask_reference", "xattention_block_masks"]
+__all__ = ["XATTENTION", "XAttentionIdentifier", "xattention_block_mask_reference", "xattention_block_mass",
+           "xattention_block_masks", "xattention_keep"]
 
 
 def _threshold(value: float) -> str | None:
@@ -105,10 +109,10 @@ def xattention_block_mask_reference(q: torch.Tensor, k: torch.Tensor, scale: flo
     return mask & causal_blocks(num_blocks, q.device)
 
 
-def xattention_block_masks(q: torch.Tensor, k: torch.Tensor, scale: float, block: int, stride: int,
-                           threshold: float) -> torch.Tensor:
-    """[B, Hq, nb, nb] bool: :func:`xattention_block_mask_reference` for every query head at once
-    (q [B, Hq, N, D], k [B, Hkv, N, D] read in place for GQA); no host sync."""
+def xattention_block_mass(q: torch.Tensor, k: torch.Tensor, scale: float, block: int, stride: int) -> torch.Tensor:
+    """[B, Hq, nb, nb] float32: each query block's softmaxed antidiagonal scores summed per key block (zero above
+    the diagonal), for every query head at once (q [B, Hq, N, D], k [B, Hkv, N, D] read in place for GQA); no
+    host sync. The PyTorch version of :func:`~sparse_prefill.patterns.block_mass.antidiagonal_block_mass`."""
     _check_geometry(block, stride)
     batch, num_q, seq_len, dim = q.shape
     num_kv = k.shape[1]
@@ -133,16 +137,37 @@ def xattention_block_masks(q: torch.Tensor, k: torch.Tensor, scale: float, block
         key_blocks = end // per_block
         mass[:, :, :, start // per_block:key_blocks, :key_blocks] = probs.view(
             batch, num_kv, group, -1, per_block, key_blocks, per_block).sum(dim=(4, 6))
-    mass = mass.view(batch, num_q, num_blocks, num_blocks)
+    return mass.view(batch, num_q, num_blocks, num_blocks)
 
-    causal = causal_blocks(num_blocks, q.device)
+
+def xattention_keep(mass: torch.Tensor, k: torch.Tensor, block: int, threshold: float) -> torch.Tensor:
+    """[B, Hq, nb, nb] bool: from each query block's ``mass`` [B, Hq, nb, nb], its largest key blocks until they
+    hold ``threshold`` of its total (the one crossing it included), the first and diagonal blocks, and every
+    causal key block holding a non-finite key of k [B, Hkv, N, D]."""
+    num_blocks = mass.shape[-1]
+    group = mass.shape[1] // k.shape[1]
+    causal = causal_blocks(num_blocks, mass.device)
     mass = mass.masked_fill(~causal, 0.0)
     ordered, order = torch.sort(mass, dim=-1, descending=True, stable=True)
     before = ordered.cumsum(dim=-1) - ordered  # mass of the larger blocks before each
     target = threshold * mass.sum(dim=-1, keepdim=True) if threshold < 1 else torch.full_like(before[..., :1], math.inf)
-    keep = torch.zeros(mass.shape, dtype=torch.bool, device=q.device).scatter_(-1, order, before < target)
+    keep = torch.zeros(mass.shape, dtype=torch.bool, device=mass.device).scatter_(-1, order, before < target)
     bad_keys = nonfinite_key_blocks(k, block).repeat_interleave(group, dim=1)[:, :, None, :]
-    return (keep | kept_always(num_blocks, q.device) | bad_keys) & causal
+    return (keep | kept_always(num_blocks, mass.device) | bad_keys) & causal
+
+
+def xattention_block_masks(q: torch.Tensor, k: torch.Tensor, scale: float, block: int, stride: int,
+                           threshold: float) -> torch.Tensor:
+    """[B, Hq, nb, nb] bool: :func:`xattention_block_mask_reference` for every query head at once
+    (q [B, Hq, N, D], k [B, Hkv, N, D] read in place for GQA); no host sync. The block mass comes from the
+    Triton kernel where it runs (CUDA, half or single precision, ``block // stride`` a power of two), from
+    :func:`xattention_block_mass` elsewhere."""
+    _check_geometry(block, stride)
+    if block_mass_problems(q, block, stride):
+        mass = xattention_block_mass(q, k, scale, block, stride)
+    else:
+        mass = antidiagonal_block_mass(q, k, scale, block, stride)
+    return xattention_keep(mass, k, block, threshold)
 
 
 class XAttentionIdentifier(Identifier):

@@ -1,0 +1,168 @@
+"""The block scores of `xattention` and `flashprefill` in one Triton kernel: scored, softmaxed and summed per
+(query block, key block) without materialising a score matrix.
+
+Both patterns score a query block against key blocks through a matrix of logits, softmax it, and sum the
+probabilities per key block. In PyTorch that matrix is built in chunks and passed over six or seven times
+(mask, finiteness, softmax, padding, sums), in float32: on an H200 at 128k the identification took 4.1x
+(xattention) and 2.4x (flashprefill) the time of executing its own plan (docs/benchmarks/patterns.md).
+Here one program holds a tile of rows; a first pass over the key columns keeps each row's running maximum
+and sum (the online softmax), a second recomputes the logits and adds each probability to its block.
+Products are taken in the inputs' dtype and accumulated in float32, as attention kernels do.
+
+* **Antidiagonal** (xattention): row = a ``stride``-row query tile, column = a ``stride``-row key tile, logit
+  = the tile's antidiagonal ``sum_i q[r*stride + stride-1-i] . k[c*stride + i]`` times ``scale / stride``;
+  causal tile by tile, one softmax per row. Several query blocks share a program (at least 64 rows).
+* **Pooled** (flashprefill): row = a query row, column = a key block's mean key, scored once the block's last
+  key is at or before the row; one softmax over the whole query block.
+
+Non-finite logits count as no mass (a row without a finite one adds nothing), as in the PyTorch versions.
+The PyTorch functions they are tested against: :func:`~sparse_prefill.patterns.xattention.xattention_block_mass`
+and :func:`~sparse_prefill.patterns.flashprefill.flashprefill_block_scores`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from sparse_prefill.kernels.attention_tiles import DTYPES, LOG2E, dot_settings, last_dim_contiguous, mma
+
+__all__ = ["antidiagonal_block_mass", "pooled_block_scores", "block_mass_problems"]
+
+_MIN_ROWS = 64  # rows per program: enough for the tensor cores, several xattention query blocks
+_MIN_COLS = 64  # key columns per step
+_MAX_HEAD_DIM = 256
+
+
+def block_mass_problems(q: torch.Tensor, block: int, stride: int = 1) -> list[str]:
+    """Why the kernel cannot score these inputs (empty: it can). The callers fall back to PyTorch."""
+    problems = []
+    if q.device.type != "cuda":
+        problems.append(f"device {q.device.type} (the kernel runs on CUDA)")
+    if q.dtype not in DTYPES:
+        problems.append(f"dtype {q.dtype}")
+    if q.shape[-1] > _MAX_HEAD_DIM:
+        problems.append(f"head dim {q.shape[-1]} > {_MAX_HEAD_DIM}")
+    per_block = block // stride
+    if per_block & (per_block - 1):
+        problems.append(f"block // stride = {per_block} is not a power of two")
+    return problems
+
+
+@triton.jit
+def _logits(
+    q_base, k_base, stride_qn, stride_kn, row, row_ok, cols, seq_len, key_rows, block, offs_d, d_ok, qk_scale,
+    ROWS: tl.constexpr, BLOCK_C: tl.constexpr, STRIDE: tl.constexpr, POOLED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """[ROWS, BLOCK_C] logits in log2 units; -inf where a column is not scored or the logit is not finite."""
+    s = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
+    for i in tl.static_range(STRIDE):
+        q_rows = row * STRIDE + (STRIDE - 1 - i)
+        k_rows = cols * STRIDE + i
+        q = tl.load(q_base + q_rows.to(tl.int64)[:, None] * stride_qn + offs_d[None, :],
+                    mask=(q_rows < seq_len)[:, None] & d_ok[None, :], other=0.0)
+        k = tl.load(k_base + k_rows.to(tl.int64)[:, None] * stride_kn + offs_d[None, :],
+                    mask=(k_rows < key_rows)[:, None] & d_ok[None, :], other=0.0)
+        s += mma(q, tl.trans(k), DOT_PRECISION, UPCAST)
+    s = s * qk_scale
+    if POOLED:
+        key_end = tl.minimum((cols + 1) * block, seq_len) - 1  # a block is scored once its last key is
+        scored = (key_end[None, :] <= row[:, None]) & (cols < key_rows)[None, :]
+    else:
+        scored = cols[None, :] <= row[:, None]  # causal, tile by tile
+    finite = (s == s) & (tl.abs(s) < float("inf"))
+    return tl.where(scored & row_ok[:, None] & finite, s, float("-inf"))
+
+
+@triton.jit
+def _block_mass_kernel(
+    Q, K, Out,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+    seq_len, key_rows, num_q_heads, q_per_kv, num_blocks, block, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, ROWS_PER_QB: tl.constexpr,
+    BLOCK_C: tl.constexpr, COLS_PER_KB: tl.constexpr, STRIDE: tl.constexpr, POOLED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Out[bh, query block, key block] for the ROWS rows of one program (last rows first: they read the most)."""
+    tile = tl.num_programs(0) - 1 - tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // num_q_heads, bh % num_q_heads
+    q_base = Q + b * stride_qb + h * stride_qh
+    k_base = K + b * stride_kb + (h // q_per_kv) * stride_kh
+    row = tile * ROWS + tl.arange(0, ROWS)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    if POOLED:
+        row_ok = row < seq_len
+        col_end = tile + 1  # the program is one query block: pooled key blocks up to its own
+    else:
+        row_ok = row * STRIDE < seq_len  # a tile row of padding only adds nothing
+        col_end = tile * ROWS + ROWS  # key tiles up to the program's last tile row
+    m_i = tl.full([ROWS], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([ROWS], dtype=tl.float32)
+    for c0 in range(0, col_end, BLOCK_C):
+        s = _logits(q_base, k_base, stride_qn, stride_kn, row, row_ok, c0 + tl.arange(0, BLOCK_C), seq_len,
+                    key_rows, block, offs_d, d_ok, qk_scale, ROWS, BLOCK_C, STRIDE, POOLED, DOT_PRECISION, UPCAST)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(tl.math.exp2(s - m_new[:, None]), 1)
+        m_i = m_new
+    if POOLED:  # one softmax over the whole query block: every row shares its maximum and sum
+        top = tl.max(m_i, 0)
+        total = tl.sum(l_i * tl.math.exp2(m_i - top), 0)
+        m_i = tl.zeros([ROWS], dtype=tl.float32) + top
+        l_i = tl.zeros([ROWS], dtype=tl.float32) + total
+    inv_l = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)
+    QB: tl.constexpr = ROWS // ROWS_PER_QB
+    KB: tl.constexpr = BLOCK_C // COLS_PER_KB
+    query_blocks = tile * QB + tl.arange(0, QB)
+    out_base = Out + bh * num_blocks * num_blocks + query_blocks.to(tl.int64)[:, None] * num_blocks
+    for c0 in range(0, col_end, BLOCK_C):
+        s = _logits(q_base, k_base, stride_qn, stride_kn, row, row_ok, c0 + tl.arange(0, BLOCK_C), seq_len,
+                    key_rows, block, offs_d, d_ok, qk_scale, ROWS, BLOCK_C, STRIDE, POOLED, DOT_PRECISION, UPCAST)
+        p = tl.math.exp2(s - m_i[:, None]) * inv_l[:, None]
+        mass = tl.sum(tl.sum(tl.reshape(p, (QB, ROWS_PER_QB, KB, COLS_PER_KB)), 3), 1)  # [QB, KB]
+        key_blocks = c0 // COLS_PER_KB + tl.arange(0, KB)
+        tl.store(out_base + key_blocks[None, :], mass,
+                 mask=(query_blocks < num_blocks)[:, None] & (key_blocks < num_blocks)[None, :])
+
+
+def _launch(q: torch.Tensor, keys: torch.Tensor, num_blocks: int, block: int, rows_per_qb: int, cols_per_kb: int,
+            total_rows: int, key_rows: int, stride: int, pooled: bool, qk_scale: float, min_rows: int = _MIN_ROWS,
+            min_cols: int = _MIN_COLS, num_warps: int | None = None) -> torch.Tensor:
+    # The device is the caller's choice (the CPU tests run the interpreter); the shapes are the kernel's.
+    problems = [p for p in block_mass_problems(q, block, stride) if not p.startswith("device")]
+    if problems:
+        raise ValueError(f"block mass kernel: {'; '.join(problems)}")
+    q, keys = last_dim_contiguous(q), last_dim_contiguous(keys)
+    batch, num_q, seq_len, head_dim = q.shape
+    rows = rows_per_qb if pooled else max(min_rows, rows_per_qb)
+    cols = max(min_cols, cols_per_kb)
+    out = torch.zeros(batch, num_q, num_blocks, num_blocks, dtype=torch.float32, device=q.device)
+    dot_precision, upcast = dot_settings(q.dtype)
+    _block_mass_kernel[(triton.cdiv(total_rows, rows), batch * num_q)](
+        q, keys, out, q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
+        seq_len, key_rows, num_q, num_q // keys.shape[1], num_blocks, block, qk_scale * LOG2E,
+        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), ROWS=rows, ROWS_PER_QB=rows_per_qb,
+        BLOCK_C=cols, COLS_PER_KB=cols_per_kb, STRIDE=stride, POOLED=pooled, DOT_PRECISION=dot_precision,
+        UPCAST=upcast, num_warps=num_warps or (4 if rows <= 64 else 8), num_stages=2,
+    )
+    return out
+
+
+def antidiagonal_block_mass(q: torch.Tensor, k: torch.Tensor, scale: float, block: int, stride: int) -> torch.Tensor:
+    """[B, Hq, nb, nb] float32: xattention's softmaxed antidiagonal scores summed per (query block, key block),
+    zero above the diagonal. q [B, Hq, N, D], k [B, Hkv, N, D] (GQA read in place); ``block // stride`` a power
+    of two."""
+    num_blocks = -(-q.shape[2] // block)
+    tiles = num_blocks * block // stride
+    return _launch(q, k, num_blocks, block, block // stride, block // stride, tiles, k.shape[2], stride, False,
+                   scale / stride)
+
+
+def pooled_block_scores(q: torch.Tensor, pooled: torch.Tensor, scale: float, block: int) -> torch.Tensor:
+    """[B, Hq, nb, nb] float32: flashprefill's block scores. ``pooled`` [B, Hkv, nb, D]: each key block's mean key
+    in q's dtype; ``block`` a power of two."""
+    num_blocks = pooled.shape[2]
+    return _launch(q, pooled, num_blocks, block, block, 1, num_blocks * block, num_blocks, 1, True, scale)
