@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from sparse_prefill.guard import ErrorGuard
+from sparse_prefill.guard import ErrorGuard, GuardMemory
 from sparse_prefill.interfaces import AttentionContext, Executor, Identifier, PlanBudgetExceeded
 from sparse_prefill.plan import DensePlan, Plan
 from sparse_prefill.registry import get_registry
@@ -58,6 +58,7 @@ def sparse_attention(
     on_plan: Callable[[Plan, AttentionContext], None] | None = None,
     max_plan_bytes: int | None = None,
     guard: ErrorGuard | None = None,
+    guard_memory: GuardMemory | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Causal prefill attention over the keys ``identifier`` selects.
 
@@ -76,7 +77,10 @@ def sparse_attention(
     ``guard`` (a :class:`~sparse_prefill.guard.ErrorGuard`): after a sparse plan runs, the KV groups
     whose output on a few sampled query rows is too far from exact attention run dense again;
     ``on_plan`` then sees the plan of the heads that stayed sparse and a :class:`DensePlan` with the
-    guard's ``reason`` for the others, each with the context of its heads.
+    guard's ``reason`` for the others, each with the context of its heads. ``guard_memory`` (a
+    :class:`~sparse_prefill.guard.GuardMemory`, with a guard and ``ctx.layer_idx``): the KV groups it
+    remembers as rejected run dense at once (``on_plan`` sees a DensePlan with the guard's
+    ``remembered_reason``), the others as above, and this call's rejections are remembered.
 
     Gradients: identification runs under ``torch.no_grad()`` (selection is not differentiable; the
     plan is integers). When q, k or v require grad under grad mode, the chosen executor must have a
@@ -91,6 +95,12 @@ def sparse_attention(
     """
     validate_attention_inputs(q, k, v)
     ctx = ctx or AttentionContext.for_inputs(q, k)
+    memory = guard_memory if guard is not None else None
+    if memory is not None:
+        known = memory.known_dense(ctx.layer_idx, _kv_range(ctx, k.shape[1]), q.shape[2])
+        if any(known):
+            return _run_remembered(q, k, v, identifier, ctx, known, executor=executor, return_lse=return_lse,
+                                   on_plan=on_plan, max_plan_bytes=max_plan_bytes, guard=guard, guard_memory=memory)
     budget = default_plan_budget(q, k, v) if max_plan_bytes is None else max_plan_bytes
     try:
         with torch.no_grad():
@@ -98,8 +108,46 @@ def sparse_attention(
     except PlanBudgetExceeded as exceeded:
         chunks = _head_chunks(exceeded, q.shape[1] // k.shape[1], budget)
         return _run_in_chunks(q, k, v, identifier, ctx, chunks, executor=executor, return_lse=return_lse,
-                              on_plan=on_plan, guard=guard)
-    return _guarded(q, k, v, plan, ctx, executor, return_lse, on_plan, guard)
+                              on_plan=on_plan, guard=guard, guard_memory=memory)
+    return _guarded(q, k, v, plan, ctx, executor, return_lse, on_plan, guard, guard_memory=memory)
+
+
+def _kv_range(ctx: AttentionContext, num_kv: int) -> range:
+    """The global indices of this call's KV heads."""
+    first = ctx.head_offset // ctx.gqa_group_size
+    return range(first, first + num_kv)
+
+
+def _run_remembered(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, identifier: Identifier, ctx: AttentionContext,
+    known: list[bool], *, executor: Executor | None, return_lse: bool,
+    on_plan: Callable[[Plan, AttentionContext], None] | None, max_plan_bytes: int | None, guard: ErrorGuard,
+    guard_memory: GuardMemory,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Runs of KV groups: dense at once where ``known`` says the memory holds a rejection, the usual guarded
+    call on the others (whose memory entries ``known_dense`` has already cleared)."""
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device) if return_lse else None
+    group = q.shape[1] // k.shape[1]
+    for remembered, run in itertools.groupby(range(len(known)), key=known.__getitem__):
+        kv_heads = list(run)
+        start, stop = kv_heads[0], kv_heads[-1] + 1
+        heads = slice(start * group, stop * group)
+        part_ctx = dataclasses.replace(ctx, num_q_heads=(stop - start) * group, num_kv_heads=stop - start,
+                                       head_offset=ctx.head_offset + heads.start)
+        part_q, part_k, part_v = q[:, heads], k[:, start:stop], v[:, start:stop]
+        if remembered:
+            part = DensePlan(q.shape[0], part_ctx.num_q_heads, q.shape[2], reason=guard.remembered_reason())
+            if on_plan is not None:
+                on_plan(part, part_ctx)
+            part_lse = _execute(part_q, part_k, part_v, part, part_ctx, executor, return_lse, out=out[:, heads])[1]
+        else:
+            out[:, heads], part_lse = sparse_attention(
+                part_q, part_k, part_v, identifier, part_ctx, executor=executor, return_lse=return_lse,
+                on_plan=on_plan, max_plan_bytes=max_plan_bytes, guard=guard, guard_memory=guard_memory)
+        if lse is not None:
+            lse[:, heads] = part_lse
+    return out, lse
 
 
 def _head_chunks(exceeded: PlanBudgetExceeded, group: int, budget: int) -> list[tuple[slice, slice]]:
@@ -141,6 +189,7 @@ def _run_in_chunks(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, identifier: Identifier, ctx: AttentionContext,
     chunks: list[tuple[slice, slice]], *, executor: Executor | None, return_lse: bool,
     on_plan: Callable[[Plan, AttentionContext], None] | None, guard: ErrorGuard | None = None,
+    guard_memory: GuardMemory | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Identify and execute each (query heads, KV heads) chunk into one output; a chunk's plan is
     freed before the next is built."""
@@ -157,8 +206,11 @@ def _run_in_chunks(
         )
         with torch.no_grad():
             plan = identifier.identify(chunk_q, chunk_k, chunk_ctx)
+        # The KV heads by the whole call's group size: a chunk may hold some query heads of one group.
+        first_kv = _kv_range(ctx, k.shape[1]).start + (kv_heads.start or 0)
         chunk_lse = _guarded(chunk_q, chunk_k, chunk_v, plan, chunk_ctx, executor, return_lse, on_plan, guard,
-                             out=out[:, q_heads])[1]
+                             out=out[:, q_heads], guard_memory=guard_memory,
+                             kv_range=range(first_kv, first_kv + chunk_k.shape[1]))[1]
         if lse is not None:
             lse[:, q_heads] = chunk_lse
         del plan
@@ -167,12 +219,15 @@ def _run_in_chunks(
 
 def _guarded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, ctx: AttentionContext,
              executor: Executor | None, return_lse: bool, on_plan: Callable[[Plan, AttentionContext], None] | None,
-             guard: ErrorGuard | None, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Runs ``plan``, then runs dense again the KV groups whose output ``guard`` rejects; ``on_plan`` sees what
-    each group's output came from."""
+             guard: ErrorGuard | None, out: torch.Tensor | None = None, guard_memory: GuardMemory | None = None,
+             kv_range: range | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Runs ``plan``, then runs dense again the KV groups whose output ``guard`` rejects (remembered in
+    ``guard_memory`` when given); ``on_plan`` sees what each group's output came from."""
     result, lse = _execute(q, k, v, plan, ctx, executor, return_lse, out=out)
     with torch.no_grad():
         dense = [] if guard is None or isinstance(plan, DensePlan) else guard.dense_kv_heads(q, k, v, result, ctx.scale)
+    if guard_memory is not None and any(dense):
+        guard_memory.record(ctx.layer_idx, kv_range or _kv_range(ctx, k.shape[1]), q.shape[2], dense)
     if not any(dense):
         if on_plan is not None:
             on_plan(plan, ctx)

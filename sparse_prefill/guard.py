@@ -14,6 +14,13 @@ docs/benchmarks/whole_model.md) it separates the five layers whose anchor plans 
 (KL 0.016-0.083 each, p90 error 0.60-1.31) from the rest (KL <= 0.009, p90 error <= 0.38); attention
 recall does not (a layer keeping 0.81 of the mass cost KL 0.076, another keeping 0.81 cost 0.002).
 
+With ``remember`` > 0 a KV group the guard rejects is remembered (per layer, KV head and power-of-two
+length bucket, in a :class:`GuardMemory` the caller keeps: one per patched model): its next ``remember``
+calls run dense at once, without identification, plan or test, and the one after is tested again.
+Acceptances are never remembered (a group that passed is tested on every call), so remembering can cost
+speed, never answers: where rejections repeat from prompt to prompt, as the same layers' did on
+Qwen2.5-Coder, a rejected group stops paying for a plan it will not use.
+
 The rows are spread evenly over the last three quarters of the prompt (rows in the first quarter attend
 mostly their windows, which every plan keeps); the same rows for the same length, so a decision is
 reproducible.
@@ -31,7 +38,7 @@ from sparse_prefill.kernels.attention_tiles import DTYPES, HEAD_DIMS
 from sparse_prefill.kernels.reference import sampled_rows_reference
 from sparse_prefill.kernels.sampled_rows import sampled_rows_attention
 
-__all__ = ["ErrorGuard", "guard_setting_problem"]
+__all__ = ["ErrorGuard", "GuardMemory", "guard_setting_problem"]
 
 # The share of sampled rows (per KV group, all its query heads pooled) allowed above max_error.
 _QUANTILE = 0.9
@@ -66,7 +73,14 @@ def _rows_problem(value: Any) -> str | None:
     return None
 
 
-_SETTINGS: dict[str, Callable[[Any], str | None]] = {"max_error": _max_error_problem, "rows": _rows_problem}
+def _remember_problem(value: Any) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return f"expected an integer >= 0 (calls a rejected KV group runs dense before a new test; 0: none), got {value!r}"
+    return None
+
+
+_SETTINGS: dict[str, Callable[[Any], str | None]] = {"max_error": _max_error_problem, "rows": _rows_problem,
+                                                     "remember": _remember_problem}
 
 
 def guard_setting_problem(key: str, value: Any) -> str | None:
@@ -82,11 +96,13 @@ class ErrorGuard:
 
     ``max_error`` >= 0: the largest relative output error allowed at the 90th percentile of the sampled rows
     (0 makes every lossy group dense; a large value never intervenes). ``rows``: query rows sampled per
-    call (the test's cost grows with it, its noise falls).
+    call (the test's cost grows with it, its noise falls). ``remember``: calls a rejected KV group then
+    runs dense without identification or test (0: every call is tested; see :class:`GuardMemory`).
     """
 
     max_error: float = 0.5
     rows: int = 64
+    remember: int = 0
 
     def __post_init__(self) -> None:
         for setting in fields(self):
@@ -97,6 +113,11 @@ class ErrorGuard:
     def reason(self) -> str:
         """Why the guard made heads dense, as PrefillStats and the log say it."""
         return f"output error on sampled rows above the guard's max_error {self.max_error}"
+
+    def remembered_reason(self) -> str:
+        """Why a remembered group ran dense without a test, as PrefillStats and the log say it."""
+        return (f"rejected by the guard (max_error {self.max_error}) in an earlier call, dense for up to "
+                f"{self.remember} calls before a new test")
 
     def sample_rows(self, seq_len: int, device: torch.device) -> torch.Tensor:
         """int64 [<= rows] distinct rows spread evenly over [seq_len // 4, seq_len)."""
@@ -118,3 +139,44 @@ class ErrorGuard:
                        scale: float) -> list[bool]:
         """Whether each KV group must run dense (the one host synchronisation)."""
         return (self.kv_head_errors(q, k, v, out, scale) > self.max_error).tolist()
+
+
+class GuardMemory:
+    """The KV groups the guard rejected, and for how many more calls each runs dense without a test.
+
+    Keyed by (layer, global KV head, ``seq_len.bit_length()``): a prompt of another length scale is judged
+    afresh. Calls without a layer index are never remembered. Not thread-safe (one per patched model).
+    """
+
+    def __init__(self, remember: int) -> None:
+        problem = _remember_problem(remember)
+        if problem is not None:
+            raise ValueError(f"remember: {problem}")
+        self.remember = remember
+        self._left: dict[tuple[int, int, int], int] = {}
+
+    def known_dense(self, layer: int | None, kv_heads: range, seq_len: int) -> list[bool]:
+        """Whether each of ``kv_heads`` runs dense in this call on a remembered rejection; each True uses up one
+        of its remembered calls, and a group whose calls are used up is tested again (False)."""
+        if layer is None or not self._left:
+            return [False] * len(kv_heads)
+        known = []
+        for kv in kv_heads:
+            key = (layer, kv, seq_len.bit_length())
+            left = self._left.pop(key, 0)
+            if left > 0:
+                self._left[key] = left - 1
+            known.append(left > 0)
+        return known
+
+    def record(self, layer: int | None, kv_heads: range, seq_len: int, rejected: list[bool]) -> None:
+        """Remember the groups the guard just rejected (for ``remember`` calls); the others are left alone."""
+        if layer is None or self.remember == 0:
+            return
+        for kv, was_rejected in zip(kv_heads, rejected):
+            if was_rejected:
+                self._left[(layer, kv, seq_len.bit_length())] = self.remember
+
+    def __len__(self) -> int:
+        """Groups remembered now."""
+        return sum(1 for left in self._left.values() if left > 0)

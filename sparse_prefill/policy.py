@@ -14,6 +14,7 @@ a dict of the same shape::
     guard:                    # optional: a run-time test of every sparse call's output (sparse_prefill.guard)
       max_error: 0.5          # KV groups whose sampled rows' output errs more (90th percentile) run dense
       rows: 64                # query rows sampled per call
+      remember: 0             # calls a rejected KV group then runs dense untested (0: test every call)
 
 Every key is checked: unknown keys, wrong types and out-of-range values raise
 :class:`PolicyError` naming the file, the key path and what is allowed. Layer and head indices
@@ -174,7 +175,9 @@ class Policy:
         lines = [f"policy from {self.source}", f"  min_length: {self.min_length}", f"  default: {self.default}"]
         if self.guard is not None:
             lines.append(f"  guard: KV groups whose output on {self.guard.rows} sampled rows errs more than "
-                         f"{self.guard.max_error} run dense")
+                         f"{self.guard.max_error} run dense" + (
+                             f"; a rejected group then runs dense for {self.guard.remember} calls before a new test"
+                             if self.guard.remember else ""))
         for o in self.overrides:
             layers = "all" if o.layers is None else o.layers
             heads = "all" if o.heads is None else o.heads

@@ -8,7 +8,7 @@ import torch
 from plan_factories import masked_attention, random_block_plan, random_stripe_plan
 from sparse_prefill import load_policy
 from sparse_prefill.dispatch import sparse_attention
-from sparse_prefill.guard import ErrorGuard
+from sparse_prefill.guard import ErrorGuard, GuardMemory
 from sparse_prefill.interfaces import AttentionContext, Identifier
 from sparse_prefill.plan import BlockPlan, DensePlan, StripePlan
 from sparse_prefill.policy import PolicyError
@@ -165,3 +165,58 @@ def test_policy_guard_key():
                      ([0.5], "guard")]:
         with pytest.raises(PolicyError, match=key.replace(".", r"\.")):
             load_policy({"default": {"pattern": "anchor"}, "guard": bad})
+
+
+def test_memory_keeps_a_rejection_for_remember_calls_per_layer_head_and_length_scale():
+    memory = GuardMemory(remember=2)
+    memory.record(3, range(4, 6), 1000, [True, False])
+    assert len(memory) == 1
+    assert memory.known_dense(3, range(4, 6), 1000) == [True, False]
+    assert memory.known_dense(3, range(4, 6), 900) == [True, False]  # same power-of-two bucket, second call
+    assert memory.known_dense(3, range(4, 6), 1000) == [False, False]  # used up: tested again
+    memory.record(3, range(4, 6), 1000, [True, False])
+    assert memory.known_dense(2, range(4, 6), 1000) == [False, False]  # another layer
+    assert memory.known_dense(3, range(4, 6), 4000) == [False, False]  # another length scale
+    memory.record(None, range(2), 1000, [True, True])  # no layer index: never remembered
+    assert memory.known_dense(None, range(2), 1000) == [False, False]
+    GuardMemory(remember=0).record(1, range(2), 10, [True, True])
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="remember"):
+            GuardMemory(remember=bad)
+
+
+class _WindowsOnly(Identifier):
+    """A windows-only plan for whatever heads it is given; counts the KV heads of each identification."""
+
+    def __init__(self):
+        self.kv_heads = []
+
+    def identify(self, q, k, ctx):
+        self.kv_heads.append(k.shape[1])
+        return _windows_only_plan(q.shape[0], k.shape[1], q.shape[2])
+
+
+def test_a_remembered_group_runs_dense_without_identification_and_the_others_as_before():
+    q, k, v = _inputs_far_key()
+    identifier = _WindowsOnly()
+    guard, memory = ErrorGuard(max_error=0.5, rows=16, remember=1), GuardMemory(1)
+    ctx = AttentionContext.for_inputs(q, k, layer_idx=0)
+    outputs, seen = [], []
+    for _ in range(3):
+        seen.append([])
+        outputs.append(sparse_attention(q, k, v, identifier, ctx, guard=guard, guard_memory=memory, return_lse=True,
+                                        on_plan=lambda p, c: seen[-1].append(
+                                            (type(p).__name__, c.head_offset, getattr(p, "reason", "")))))
+    assert identifier.kv_heads == [2, 1, 2]  # the second call identified KV group 1 alone
+    tested = [("DensePlan", 0, guard.reason()), ("StripePlan", 2, "")]
+    assert seen == [tested, [("DensePlan", 0, guard.remembered_reason()), ("StripePlan", 2, "")], tested]
+    for out, lse in outputs[1:]:
+        assert torch.allclose(out, outputs[0][0], atol=1e-6) and torch.allclose(lse, outputs[0][1], atol=1e-6)
+
+
+def test_policy_guard_remember_key():
+    policy = load_policy({"default": {"pattern": "anchor"}, "guard": {"max_error": 0.3, "remember": 8}})
+    assert policy.guard == ErrorGuard(0.3, remember=8) and "for 8 calls" in policy.describe()
+    for bad in (-1, "many", True):
+        with pytest.raises(PolicyError, match=r"guard\.remember"):
+            load_policy({"default": {"pattern": "anchor"}, "guard": {"remember": bad}})

@@ -480,3 +480,24 @@ def test_a_guard_that_takes_no_loss_makes_the_model_dense_and_says_so():
     handle = sparse_prefill.apply(model, {**STREAMING, "guard": {"max_error": 1e9}}, collect_stats=True)
     logits(model, ids)
     assert max(handle.stats.densities) < 1.0 and "max_error" not in handle.summary()
+
+
+def test_a_remembering_guard_runs_rejected_groups_dense_untested_then_tests_them_again():
+    """With guard.remember 1, the groups rejected on the first forward run dense on the second without a test
+    (the summary says so), and are tested again on the third; the logits stay the unpatched ones throughout."""
+    model = make_model()
+    ids = torch.randint(0, 128, (1, 160))
+    expected = logits(model, ids)
+    policy = {**STREAMING, "guard": {"max_error": 0.0, "rows": 16, "remember": 1}}
+    handle = sparse_prefill.apply(model, policy, collect_stats=True)
+    assert handle.guard_memory is not None and "for 1 calls before a new test" in handle.policy.describe()
+    reasons = []
+    for _ in range(3):
+        handle.stats.reset()
+        torch.testing.assert_close(logits(model, ids), expected, atol=LOGIT_ATOL, rtol=0)
+        reasons.append(set(handle.stats.dense_plan_layers))
+    tested, remembered = "max_error 0.0", "in an earlier call"
+    assert [any(remembered in reason for reason in seen) for seen in reasons] == [False, True, False]
+    assert all(any(tested in reason and remembered not in reason for reason in seen) for seen in (reasons[0], reasons[2]))
+    sparse_prefill.remove(model)
+    assert sparse_prefill.apply(model, STREAMING).guard_memory is None  # no guard, nothing to remember

@@ -102,7 +102,9 @@ def test_sweep_of_the_guard_runs_every_policy_without_and_with_it():
     assert swept["streaming[guard.max_error=0.5]"].guard == ErrorGuard(0.5, ErrorGuard().rows)
     rows = sweep_policies({"anchor": policies["anchor"]}, parse_sweep(["guard.rows=16"]))
     assert rows["anchor[guard.rows=16]"].guard == ErrorGuard(policies["anchor"].guard.max_error, 16)
-    for bad in (["guard.max_error=-1"], ["guard.recall=0.9"]):
+    remember = sweep_policies({"anchor": policies["anchor"]}, parse_sweep(["guard.remember=0,16"]))
+    assert [p.guard.remember for p in remember.values()] == [0, 16]
+    for bad in (["guard.max_error=-1"], ["guard.recall=0.9"], ["guard.remember=-2"]):
         with pytest.raises(PolicyError, match="guard"):
             sweep_policies(policies, parse_sweep(bad))
     with pytest.raises(PolicyError, match="not a per-layer setting"):
@@ -149,7 +151,7 @@ def test_a_guarded_policy_says_so_in_its_result():
     guarded = load_policy({**STREAMING, "guard": {"max_error": 0.0, "rows": 8}})
     settings = EvalSettings(lengths=(160,), score_last=32, needle_depths=(), repeats=0)
     by = {m.label: m for m in evaluate(model, CharTokenizer(), lambda n: text[:, :n], {"guarded": guarded}, settings)}
-    assert by["dense"].guard is None and by["guarded"].guard == {"max_error": 0.0, "rows": 8}
+    assert by["dense"].guard is None and by["guarded"].guard == {"max_error": 0.0, "rows": 8, "remember": 0}
     assert sum(by["guarded"].dense_plans.values()) > 0 and by["guarded"].kl < 1e-6  # every lossy group ran dense
 
 

@@ -37,6 +37,7 @@ from typing import Any, Callable
 import torch
 
 from sparse_prefill.dispatch import sparse_attention
+from sparse_prefill.guard import GuardMemory
 from sparse_prefill.integrations.head_groups import kv_aligned_chunks
 from sparse_prefill.integrations.masks import DeferredMask, _make_mask_function
 from sparse_prefill.integrations.prefill_stats import (
@@ -81,6 +82,8 @@ class SparsePrefillHandle:
     collect_stats: bool = False
     head_offset: int = 0  # global index of this rank's first query head (tensor parallelism)
     stats: PrefillStats = field(default_factory=PrefillStats)
+    # The guard's remembered rejections (policy guard with remember > 0): one memory per patched model.
+    guard_memory: GuardMemory | None = None
     _told: set[str] = field(default_factory=set, init=False, repr=False)  # reasons logged: each is told once
 
     def remove(self) -> None:
@@ -109,7 +112,7 @@ class SparsePrefillHandle:
         :func:`remove` on either model leaves the other patched."""
         copied = SparsePrefillHandle(copy.deepcopy(self.model, memo), self.policy, self.name,
                                      self.previous_implementation, self.previous_attention, self.collect_stats,
-                                     self.head_offset, self.stats)
+                                     self.head_offset, self.stats, self.guard_memory)
         _name_users[self.name] += 1
         return copied
 
@@ -201,7 +204,7 @@ def _sparse_prefill(handle: SparsePrefillHandle, layer: int | None, q: torch.Ten
         ctx = AttentionContext.for_inputs(q, k, scale, layer_idx=layer, head_offset=offset)
         identifier = handle.policy.identifier(assignments[0].choice)
         return sparse_attention(q, k, v, identifier, ctx, on_plan=_plan_observer(handle, assignments[0].choice),
-                                guard=handle.policy.guard)[0]
+                                guard=handle.policy.guard, guard_memory=handle.guard_memory)[0]
     out = torch.empty_like(q)
     for assignment in assignments:
         identifier = handle.policy.identifier(assignment.choice)
@@ -210,7 +213,7 @@ def _sparse_prefill(handle: SparsePrefillHandle, layer: int | None, q: torch.Ten
             q_sub, k_sub, v_sub = q[:, q_heads], k[:, kv_heads], v[:, kv_heads]
             ctx = AttentionContext.for_inputs(q_sub, k_sub, scale, layer_idx=layer, head_offset=offset + q_heads[0])
             out[:, q_heads] = sparse_attention(q_sub, k_sub, v_sub, identifier, ctx, on_plan=on_plan,
-                                               guard=handle.policy.guard)[0]
+                                               guard=handle.policy.guard, guard_memory=handle.guard_memory)[0]
     return out
 
 
@@ -294,8 +297,10 @@ def apply(model: Any, policy: PolicySource, *, collect_stats: bool = False) -> S
     if previous not in mask_functions:
         raise ValueError(f"model uses attention implementation {previous!r}, which has no mask function to defer to")
     name = f"sparse_prefill_{next(_names)}"
+    guard = resolved.guard
+    memory = GuardMemory(guard.remember) if guard is not None and guard.remember else None
     handle = SparsePrefillHandle(model, resolved, name, previous, _previous_attention(model, previous), collect_stats,
-                                 head_offset)
+                                 head_offset, guard_memory=memory)
     attention_functions.register(name, _attention_function(handle))
     mask_functions.register(name, _make_mask_function(mask_functions[previous]))
     model.set_attn_implementation(name)
