@@ -227,7 +227,8 @@ def _guarded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, ctx:
     with torch.no_grad():
         dense = [] if guard is None or isinstance(plan, DensePlan) else guard.dense_kv_heads(q, k, v, result, ctx.scale)
     if guard_memory is not None and any(dense):
-        guard_memory.record(ctx.layer_idx, kv_range or _kv_range(ctx, k.shape[1]), q.shape[2], dense)
+        kv_heads = _kv_range(ctx, k.shape[1]) if kv_range is None else kv_range
+        guard_memory.record(ctx.layer_idx, kv_heads, q.shape[2], dense)
     if not any(dense):
         if on_plan is not None:
             on_plan(plan, ctx)
