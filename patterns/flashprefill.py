@@ -127,9 +127,9 @@ def flashprefill_block_masks(q: torch.Tensor, k: torch.Tensor, scale: float, alp
                              window: int, last: int) -> torch.Tensor:
     """[B, Hq, nb, nb] bool: :func:`flashprefill_block_mask_reference` for every query head at once
     (q [B, Hq, N, D], k [B, Hkv, N, D] read in place for GQA); no host sync. The scores come from the Triton
-    kernel where it runs (CUDA, half or single precision, ``block`` a power of two; the pooled keys rounded to
-    q's dtype), from :func:`flashprefill_block_scores` elsewhere."""
-    if block_mass_problems(q, block):
+    kernel where it runs (CUDA, half or single precision, ``block`` a power of two up to 128; the pooled keys
+    rounded to q's dtype), from :func:`flashprefill_block_scores` elsewhere."""
+    if block_mass_problems(q, block, pooled=True):
         scores = flashprefill_block_scores(q, k, scale, block)
     else:
         scores = pooled_block_scores(q, _blocks.block_means(k, block).to(q.dtype), scale, block)

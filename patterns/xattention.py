@@ -160,7 +160,7 @@ def xattention_block_masks(q: torch.Tensor, k: torch.Tensor, scale: float, block
                            threshold: float) -> torch.Tensor:
     """[B, Hq, nb, nb] bool: :func:`xattention_block_mask_reference` for every query head at once
     (q [B, Hq, N, D], k [B, Hkv, N, D] read in place for GQA); no host sync. The block mass comes from the
-    Triton kernel where it runs (CUDA, half or single precision, ``block // stride`` a power of two), from
+    Triton kernel where it runs (CUDA, half or single precision, ``block // stride`` a power of two up to 64), from
     :func:`xattention_block_mass` elsewhere."""
     _check_geometry(block, stride)
     if block_mass_problems(q, block, stride):

@@ -109,5 +109,8 @@ def test_problems_name_what_the_kernel_cannot_take() -> None:
     problems = block_mass_problems(q.to(torch.float64), 96, 8)
     assert any("device cpu" in p for p in problems) and any("float64" in p for p in problems)
     assert any("head dim 512" in p for p in problems) and any("block // stride = 12" in p for p in problems)
+    assert any("128 > 64" in p for p in block_mass_problems(q, 128, 1))  # the tile sizes measured on an H200
+    assert not any(">" in p for p in block_mass_problems(q[..., :64], 128, 1, pooled=True))
+    assert any("256 > 128" in p for p in block_mass_problems(q, 256, pooled=True))
     with pytest.raises(ValueError, match="block // stride = 12"):
         antidiagonal_block_mass(torch.zeros(1, 2, 192, 16), torch.zeros(1, 2, 192, 16), 0.25, 96, 8)
