@@ -75,7 +75,8 @@ def _rows_problem(value: Any) -> str | None:
 
 def _remember_problem(value: Any) -> str | None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        return f"expected an integer >= 0 (calls a rejected KV group runs dense before a new test; 0: none), got {value!r}"
+        return (f"expected an integer >= 0 (calls a rejected KV group runs dense before a new test; 0: none), "
+                f"got {value!r}")
     return None
 
 

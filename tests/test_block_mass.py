@@ -45,7 +45,8 @@ TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
 
 def _ids(case: Case) -> str:
-    return f"b{case.batch}h{case.num_q}-{case.num_kv}n{case.seq_len}d{case.head_dim}B{case.block}s{case.stride}-{str(case.dtype)[6:]}"
+    return (f"b{case.batch}h{case.num_q}-{case.num_kv}n{case.seq_len}d{case.head_dim}B{case.block}s{case.stride}"
+            f"-{str(case.dtype)[6:]}")
 
 
 def _inputs(case: Case, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
