@@ -4,7 +4,8 @@ import re
 import pytest
 
 from sparse_prefill.cli import main
-from sparse_prefill.policy import PolicyError, load_policy
+from sparse_prefill.policy import PolicyError, load_policy, shipped_policies
+from sparse_prefill.registry import get_pattern
 
 ANCHOR_DEFAULT = {"default": {"pattern": "anchor"}}
 
@@ -96,10 +97,14 @@ def test_yaml_is_loaded_safely(tmp_path):
 
 
 def test_shipped_policies_validate(capsys):
-    assert main(["validate", "sparse_prefill/policies/anchor.yaml", "sparse_prefill/policies/anchor-accurate.yaml",
-                 "sparse_prefill/policies/streaming.yaml",
-                 "sparse_prefill/policies/dense.yaml"]) == 0
+    names = shipped_policies()
+    assert {"anchor.yaml", "flexprefill.yaml", "xattention.yaml", "flashprefill.yaml"} <= set(names)
+    assert main(["validate", *(f"sparse_prefill/policies/{name}" for name in names)]) == 0
     assert "default: anchor(" in capsys.readouterr().out
+    for name in ("xattention.yaml", "flashprefill.yaml"):  # the published defaults are the patterns' defaults
+        policy = load_policy(name)
+        defaults = {key: parameter.default for key, parameter in get_pattern(policy.default.pattern).parameters.items()}
+        assert policy.default.as_dict() == defaults
 
 
 def test_cli_validate_reports_errors(tmp_path, capsys):
