@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -128,26 +128,41 @@ def _run_remembered(
     call on the others (whose memory entries ``known_dense`` has already cleared)."""
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device) if return_lse else None
-    group = q.shape[1] // k.shape[1]
-    for remembered, run in itertools.groupby(range(len(known)), key=known.__getitem__):
+    for remembered, kv, heads, part_ctx in _kv_runs(known, q.shape[1] // k.shape[1], ctx):
+        if remembered:
+            _run_dense(q, k, v, kv, heads, part_ctx, guard.remembered_reason(), executor, on_plan, out, lse)
+            continue
+        out[:, heads], part_lse = sparse_attention(
+            q[:, heads], k[:, kv], v[:, kv], identifier, part_ctx, executor=executor, return_lse=return_lse,
+            on_plan=on_plan, max_plan_bytes=max_plan_bytes, guard=guard, guard_memory=guard_memory)
+        if lse is not None:
+            lse[:, heads] = part_lse
+    return out, lse
+
+
+def _kv_runs(flags: list[bool], group: int, ctx: AttentionContext
+             ) -> Iterator[tuple[bool, slice, slice, AttentionContext]]:
+    """Runs of consecutive KV groups with equal ``flags``: (flag, their KV heads, their query heads, the context
+    of those heads)."""
+    for flag, run in itertools.groupby(range(len(flags)), key=flags.__getitem__):
         kv_heads = list(run)
         start, stop = kv_heads[0], kv_heads[-1] + 1
         heads = slice(start * group, stop * group)
         part_ctx = dataclasses.replace(ctx, num_q_heads=(stop - start) * group, num_kv_heads=stop - start,
                                        head_offset=ctx.head_offset + heads.start)
-        part_q, part_k, part_v = q[:, heads], k[:, start:stop], v[:, start:stop]
-        if remembered:
-            part = DensePlan(q.shape[0], part_ctx.num_q_heads, q.shape[2], reason=guard.remembered_reason())
-            if on_plan is not None:
-                on_plan(part, part_ctx)
-            part_lse = _execute(part_q, part_k, part_v, part, part_ctx, executor, return_lse, out=out[:, heads])[1]
-        else:
-            out[:, heads], part_lse = sparse_attention(
-                part_q, part_k, part_v, identifier, part_ctx, executor=executor, return_lse=return_lse,
-                on_plan=on_plan, max_plan_bytes=max_plan_bytes, guard=guard, guard_memory=guard_memory)
-        if lse is not None:
-            lse[:, heads] = part_lse
-    return out, lse
+        yield flag, slice(start, stop), heads, part_ctx
+
+
+def _run_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: slice, heads: slice, ctx: AttentionContext,
+               reason: str, executor: Executor | None, on_plan: Callable[[Plan, AttentionContext], None] | None,
+               out: torch.Tensor, lse: torch.Tensor | None) -> None:
+    """Dense attention of query heads ``heads`` (KV heads ``kv``) into ``out`` and ``lse``, reported with ``reason``."""
+    plan = DensePlan(q.shape[0], ctx.num_q_heads, q.shape[2], reason=reason)
+    if on_plan is not None:
+        on_plan(plan, ctx)
+    part_lse = _execute(q[:, heads], k[:, kv], v[:, kv], plan, ctx, executor, lse is not None, out=out[:, heads])[1]
+    if lse is not None:
+        lse[:, heads] = part_lse
 
 
 def _head_chunks(exceeded: PlanBudgetExceeded, group: int, budget: int) -> list[tuple[slice, slice]]:
@@ -234,24 +249,11 @@ def _guarded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, ctx:
             on_plan(plan, ctx)
         return result, lse
     assert guard is not None
-    group = q.shape[1] // k.shape[1]
-    for run_dense, run in itertools.groupby(range(len(dense)), key=dense.__getitem__):  # runs of equal decisions
-        kv_heads = list(run)
-        start, stop = kv_heads[0], kv_heads[-1] + 1
-        heads = slice(start * group, stop * group)
-        part_ctx = dataclasses.replace(ctx, num_q_heads=(stop - start) * group, num_kv_heads=stop - start,
-                                       head_offset=ctx.head_offset + heads.start)
-        if not run_dense:
-            if on_plan is not None:
-                on_plan(_kv_heads_of(plan, start, stop, k.shape[1]), part_ctx)
-            continue
-        part = DensePlan(q.shape[0], part_ctx.num_q_heads, q.shape[2], reason=guard.reason())
-        if on_plan is not None:
-            on_plan(part, part_ctx)
-        part_lse = _execute(q[:, heads], k[:, start:stop], v[:, start:stop], part, part_ctx, executor, return_lse,
-                            out=result[:, heads])[1]
-        if lse is not None:
-            lse[:, heads] = part_lse
+    for run_dense, kv, heads, part_ctx in _kv_runs(dense, q.shape[1] // k.shape[1], ctx):
+        if run_dense:
+            _run_dense(q, k, v, kv, heads, part_ctx, guard.reason(), executor, on_plan, result, lse)
+        elif on_plan is not None:
+            on_plan(_kv_heads_of(plan, kv.start, kv.stop, k.shape[1]), part_ctx)
     return result, lse
 
 
