@@ -38,11 +38,15 @@ _MAX_HEAD_DIM = 256
 
 
 def block_mass_problems(q: torch.Tensor, block: int, stride: int = 1, pooled: bool = False) -> list[str]:
-    """Why the kernel cannot score these inputs (empty: it can); the callers then score in PyTorch. The shapes
-    allowed are those measured on an H200 (a taller tile may pass the shared memory)."""
+    """Why the kernel cannot score these inputs (empty: it can); the callers then score in PyTorch."""
+    device = [] if q.device.type == "cuda" else [f"device {q.device.type} (the kernel runs on CUDA)"]
+    return device + _input_problems(q, block, stride, pooled)
+
+
+def _input_problems(q: torch.Tensor, block: int, stride: int, pooled: bool) -> list[str]:
+    """Dtype, head dim and tile shapes the kernel takes on any device (the CPU tests run the interpreter). The
+    tiles allowed are those measured on an H200 (a taller one may pass the shared memory)."""
     problems = []
-    if q.device.type != "cuda":
-        problems.append(f"device {q.device.type} (the kernel runs on CUDA)")
     if q.dtype not in DTYPES:
         problems.append(f"dtype {q.dtype}")
     if q.shape[-1] > _MAX_HEAD_DIM:
@@ -134,16 +138,14 @@ def _block_mass_kernel(
 
 
 def _launch(q: torch.Tensor, keys: torch.Tensor, num_blocks: int, block: int, rows_per_qb: int, cols_per_kb: int,
-            total_rows: int, key_rows: int, stride: int, pooled: bool, qk_scale: float, min_rows: int = _MIN_ROWS,
-            min_cols: int = _MIN_COLS, num_warps: int | None = None) -> torch.Tensor:
-    # The device is the caller's choice (the CPU tests run the interpreter); the shapes are the kernel's.
-    problems = [p for p in block_mass_problems(q, block, stride, pooled) if not p.startswith("device")]
+            total_rows: int, key_rows: int, stride: int, pooled: bool, qk_scale: float) -> torch.Tensor:
+    problems = _input_problems(q, block, stride, pooled)
     if problems:
         raise ValueError(f"block mass kernel: {'; '.join(problems)}")
     q, keys = last_dim_contiguous(q), last_dim_contiguous(keys)
     batch, num_q, seq_len, head_dim = q.shape
-    rows = rows_per_qb if pooled else max(min_rows, rows_per_qb)
-    cols = max(min_cols, cols_per_kb)
+    rows = rows_per_qb if pooled else max(_MIN_ROWS, rows_per_qb)
+    cols = max(_MIN_COLS, cols_per_kb)
     out = torch.zeros(batch, num_q, num_blocks, num_blocks, dtype=torch.float32, device=q.device)
     dot_precision, upcast = dot_settings(q.dtype)
     _block_mass_kernel[(triton.cdiv(total_rows, rows), batch * num_q)](
@@ -151,7 +153,7 @@ def _launch(q: torch.Tensor, keys: torch.Tensor, num_blocks: int, block: int, ro
         seq_len, key_rows, num_q, num_q // keys.shape[1], num_blocks, block, qk_scale * LOG2E,
         HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), ROWS=rows, ROWS_PER_QB=rows_per_qb,
         BLOCK_C=cols, COLS_PER_KB=cols_per_kb, STRIDE=stride, POOLED=pooled, DOT_PRECISION=dot_precision,
-        UPCAST=upcast, num_warps=num_warps or (4 if rows <= 64 else 8), num_stages=2,
+        UPCAST=upcast, num_warps=4 if rows <= 64 else 8, num_stages=2,
     )
     return out
 
