@@ -23,8 +23,9 @@ CHUNK_ELEMENTS = 1 << 26
 
 
 def pad_rows(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    """x [..., N, D] in float32, zero rows appended up to a multiple of ``multiple``."""
-    return F.pad(x.float(), (0, 0, 0, -x.shape[-2] % multiple))
+    """x [..., N, D] in float32, zero rows appended up to a multiple of ``multiple``; contiguous, so rows can be
+    viewed as tiles (with nothing to append, F.pad keeps a Hugging Face call's [B, N, H, D] layout)."""
+    return F.pad(x.float(), (0, 0, 0, -x.shape[-2] % multiple)).contiguous()
 
 
 def rows_float(x: torch.Tensor, start: int, end: int) -> torch.Tensor:

@@ -43,3 +43,21 @@ def test_plan_fits_the_inputs_and_the_output_is_attention_over_it(name: str) -> 
         else plan.to_dense()
     expected, _ = masked_attention(q, k, v, mask, ctx.scale)
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("n", [256, 320])  # a whole number of 128-row blocks (no padding copies the input), and not
+@pytest.mark.parametrize("name", PATTERNS)
+def test_the_layout_of_a_hugging_face_call_selects_what_contiguous_inputs_do(name: str, n: int) -> None:
+    """Hugging Face passes q and k as [B, N, H, D] buffers viewed as [B, H, N, D]: the same values in another
+    memory layout must give the same plan and output."""
+    q, k, v = _inputs(PATTERNS.index(name) + 7, n)
+    strided = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v)]
+    assert not strided[0].is_contiguous()
+    identifier = get_pattern(name).build()
+    ctx = AttentionContext.for_inputs(q, k, dense_fallback=False)
+    plan, strided_plan = identifier.identify(q, k, ctx), identifier.identify(*strided[:2], ctx)
+    expected_mask = plan.to_dense() if not isinstance(plan, DensePlan) else None
+    assert type(strided_plan) is type(plan)
+    if expected_mask is not None:
+        assert torch.equal(strided_plan.to_dense(), expected_mask)
+    torch.testing.assert_close(sparse_attention(*strided, identifier, ctx)[0], sparse_attention(q, k, v, identifier, ctx)[0])
