@@ -26,7 +26,7 @@ import json
 from pathlib import Path
 
 from sparse_prefill.evaluation import BASELINE_LABEL
-from sparse_prefill.evaluation.plots import plot_needle_heatmap, plot_quality_vs_density
+from sparse_prefill.evaluation.plots import plot_needle_heatmap, plot_quality_vs_density, plot_quality_vs_time
 from sparse_prefill.evaluation.report import read_report
 from sparse_prefill.evaluation.whole_model import Measurement
 
@@ -77,6 +77,8 @@ def main() -> None:
         title += f" (+ {', '.join(path.stem for path in args.compare)})"
     plot_quality_vs_density([*compared, *results], args.out.with_name(args.out.name + "_quality.png"), title)
     plot_needle_heatmap(results, args.out.with_name(args.out.name + "_needle.png"), title)
+    if any(m.prefill_vs_dense is not None for m in results):
+        plot_quality_vs_time([*compared, *results], args.out.with_name(args.out.name + "_time.png"), title)
 
 
 def _condensed_calibration(saved: dict) -> dict:

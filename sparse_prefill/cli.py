@@ -418,10 +418,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     _print_summaries({f"{m.label} at {m.length}": m.summary for m in results if m.summary})
     print(f"results: {save(results)}")
     if not args.no_plots:
-        from sparse_prefill.evaluation.plots import plot_needle_heatmap, plot_quality_vs_density
+        from sparse_prefill.evaluation.plots import plot_needle_heatmap, plot_quality_vs_density, plot_quality_vs_time
 
         title = f"{Path(args.model).name}, {torch.device(device).type}"
         print(f"plot: {plot_quality_vs_density(results, args.out / 'quality_vs_density.png', title)}")
+        if any(m.prefill_vs_dense is not None for m in results):
+            print(f"plot: {plot_quality_vs_time(results, args.out / 'quality_vs_time.png', title)}")
         if settings.needle_depths:
             print(f"plot: {plot_needle_heatmap(results, args.out / 'needle.png', title)}")
     return 0

@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from sparse_prefill.evaluation import BASELINE_LABEL
 from sparse_prefill.evaluation.whole_model import (
     EvalSettings,
     evaluate,
@@ -176,13 +177,15 @@ def test_recall_per_layer_is_what_the_policys_plans_keep_on_the_dense_q_and_k():
 
 def test_plots_are_written(tmp_path):
     pytest.importorskip("matplotlib")
-    from sparse_prefill.evaluation.plots import plot_needle_heatmap, plot_quality_vs_density
+    from sparse_prefill.evaluation.plots import plot_needle_heatmap, plot_quality_vs_density, plot_quality_vs_time
 
     model = tiny_model()
     text = torch.randint(1, 96, (1, 100))
-    settings = EvalSettings(lengths=(64,), score_last=16, needle_depths=(0.2, 0.8), needle_new_tokens=1, repeats=0)
+    settings = EvalSettings(lengths=(64,), score_last=16, needle_depths=(0.2, 0.8), needle_new_tokens=1, repeats=1)
     results = evaluate(model, CharTokenizer(), lambda n: text[:, :n], {"streaming": load_policy(STREAMING)}, settings)
-    for plot, name in ((plot_quality_vs_density, "quality.png"), (plot_needle_heatmap, "needle.png")):
+    assert all(m.prefill_vs_dense is not None for m in results if m.label != BASELINE_LABEL)
+    for plot, name in ((plot_quality_vs_density, "quality.png"), (plot_needle_heatmap, "needle.png"),
+                       (plot_quality_vs_time, "time.png")):
         path = plot(results, tmp_path / name, title="tiny")
         assert path.stat().st_size > 1000
 

@@ -2,19 +2,20 @@
 
 :func:`plot_quality_vs_density` is the one that settles which pattern keeps more at the same cost:
 KL against dense (and the perplexity change) against mean attention density, one curve per policy
-and length, the points of a sweep joined in density order.
+and length, the points of a sweep joined in density order. :func:`plot_quality_vs_time` draws the same
+against measured prefill time, the cost a user pays.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 from sparse_prefill.evaluation import BASELINE_LABEL
 from sparse_prefill.evaluation.selection import SelectionGrid
 from sparse_prefill.evaluation.whole_model import Measurement
 
-__all__ = ["plot_needle_heatmap", "plot_quality_vs_density", "plot_selection"]
+__all__ = ["plot_needle_heatmap", "plot_quality_vs_density", "plot_quality_vs_time", "plot_selection"]
 
 
 def _pyplot():
@@ -28,34 +29,49 @@ def _pyplot():
     return plt
 
 
-def plot_quality_vs_density(results: Sequence[Measurement], path: str | Path, title: str = "") -> Path:
-    """KL(dense || policy) and perplexity change vs mean density; one line per (policy, length), a
-    policy's sweep points (``anchor.yaml[theta=6.0]``, ...) on one line."""
-    plt = _pyplot()
-    fig, (ax_kl, ax_ppl) = plt.subplots(1, 2, figsize=(12, 4.8))
+def _curve_name(m: Measurement) -> str:
+    """A sweep's points share a curve (``anchor.yaml[theta=6.0]`` -> ``anchor.yaml``); guarded and unguarded
+    runs of one policy are two curves, so a line never joins points of different kinds."""
+    return m.label.split("[")[0] + (", guarded" if m.guard else "")
+
+
+def _curves(results: Sequence[Measurement], cost: Callable[[Measurement], float | None]
+            ) -> dict[tuple[str, int], list[Measurement]]:
+    """Policy runs with a ``cost``, by (curve, length), each curve's points in cost order."""
     curves: dict[tuple[str, int], list[Measurement]] = {}
     for m in results:
-        if m.label != BASELINE_LABEL and m.density is not None:
-            curves.setdefault((m.label.split("[")[0], m.length), []).append(m)
+        if m.label != BASELINE_LABEL and cost(m) is not None:
+            curves.setdefault((_curve_name(m), m.length), []).append(m)
+    for points in curves.values():
+        points.sort(key=cost)
+    return curves
+
+
+def _plot_quality(results: Sequence[Measurement], path: str | Path, title: str,
+                  cost: Callable[[Measurement], float | None], xlabel: str, dense_at: float | None) -> Path:
+    """KL (log axis) and perplexity change against ``cost``, one line per (curve, length)."""
+    plt = _pyplot()
+    fig, (ax_kl, ax_ppl) = plt.subplots(1, 2, figsize=(12, 4.8))
+    curves = _curves(results, cost)
     lengths = sorted({length for _, length in curves})
     styles = ["-", "--", ":", "-."]
-    colors = {policy: f"C{i}" for i, policy in enumerate(sorted({p for p, _ in curves}))}
-    for (policy, length), points in sorted(curves.items()):
-        points.sort(key=lambda m: m.density)
-        style = dict(color=colors[policy], linestyle=styles[lengths.index(length) % len(styles)], marker="o")
-        label = f"{policy}, {round(length / 1024)}k" if length >= 1024 else f"{policy}, {length}"
+    colors = {name: f"C{i % 10}" for i, name in enumerate(sorted({name for name, _ in curves}))}
+    for (name, length), points in sorted(curves.items()):
+        style = dict(color=colors[name], linestyle=styles[lengths.index(length) % len(styles)], marker="o")
+        label = f"{name}, {round(length / 1024)}k" if length >= 1024 else f"{name}, {length}"
         # KL 0 (every plan ran dense) has no place on a log axis: those points show in the perplexity panel.
         changed = [m for m in points if m.kl > 0]
-        ax_kl.plot([m.density for m in changed], [m.kl for m in changed], label=label, **style)
-        ax_ppl.plot([m.density for m in points], [100 * m.perplexity_change for m in points], label=label, **style)
-    ax_kl.set(xlabel="mean attention density (fraction of causal scores computed)",
-              ylabel="mean KL(dense || policy) per position, nats", yscale="log",
+        ax_kl.plot([cost(m) for m in changed], [m.kl for m in changed], label=label, **style)
+        ax_ppl.plot([cost(m) for m in points], [100 * m.perplexity_change for m in points], label=label, **style)
+    ax_kl.set(xlabel=xlabel, ylabel="mean KL(dense || policy) per position, nats", yscale="log",
               title="next-token distributions vs dense (KL 0 left out)")
     ax_ppl.axhline(0.0, color="grey", linewidth=0.8)
-    ax_ppl.set(xlabel="mean attention density", ylabel="perplexity vs dense (%)", title="perplexity")
+    ax_ppl.set(xlabel=xlabel, ylabel="perplexity vs dense (%)", title="perplexity")
     for ax in (ax_kl, ax_ppl):
         ax.set_xlim(left=0)
         ax.grid(alpha=0.3)
+        if dense_at is not None:
+            ax.axvline(dense_at, color="grey", linewidth=0.8, linestyle=":")
     ax_ppl.legend(fontsize=8)
     if title:
         fig.suptitle(title)
@@ -64,6 +80,20 @@ def plot_quality_vs_density(results: Sequence[Measurement], path: str | Path, ti
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_quality_vs_density(results: Sequence[Measurement], path: str | Path, title: str = "") -> Path:
+    """KL(dense || policy) and perplexity change vs mean density; one line per (policy, guarded or not,
+    length), a policy's sweep points (``anchor.yaml[theta=6.0]``, ...) on one line."""
+    return _plot_quality(results, path, title, lambda m: m.density,
+                         "mean attention density (fraction of causal scores computed)", dense_at=None)
+
+
+def plot_quality_vs_time(results: Sequence[Measurement], path: str | Path, title: str = "") -> Path:
+    """The same against the whole model's prefill time as a fraction of dense's (measured in the same run):
+    what a user pays, identification, tests and dense fallbacks included. Dense sits at 1."""
+    return _plot_quality(results, path, title, lambda m: m.prefill_vs_dense,
+                         "prefill time / dense prefill time (same run)", dense_at=1.0)
 
 
 def plot_needle_heatmap(results: Sequence[Measurement], path: str | Path, title: str = "") -> Path:
