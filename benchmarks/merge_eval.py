@@ -5,7 +5,8 @@
 
 Writes OUT.json (the runs of every folder, each folder's settings beside its results; a folder whose
 eval was cut off by its time limit says so with ``complete: false``), OUT_quality.png (KL and
-perplexity vs mean density, one curve per policy and length) and OUT_needle.png. Each folder
+perplexity vs mean density, one curve per policy and length), OUT_time.png (the same against prefill
+time, where the runs timed it) and OUT_needle.png (where they ran the needle). Each folder
 measured dense itself (for its KL); the first dense per length is kept. A folder whose
 name ends in ``-SUFFIX`` gets SUFFIX added to its policy labels, so a second sweep of one policy
 (``anchor.yaml`` with ``local=4096``) draws its own curve. ``--commit`` names the commit the GPU
@@ -76,7 +77,8 @@ def main() -> None:
     if compared:
         title += f" (+ {', '.join(path.stem for path in args.compare)})"
     plot_quality_vs_density([*compared, *results], args.out.with_name(args.out.name + "_quality.png"), title)
-    plot_needle_heatmap(results, args.out.with_name(args.out.name + "_needle.png"), title)
+    if any(m.needle for m in results):  # a run without needle depths has no heatmap to draw
+        plot_needle_heatmap(results, args.out.with_name(args.out.name + "_needle.png"), title)
     if any(m.prefill_vs_dense is not None for m in results):
         plot_quality_vs_time([*compared, *results], args.out.with_name(args.out.name + "_time.png"), title)
 

@@ -14,10 +14,11 @@ follow from their attention:
   adds the key blocks of the pooled attention (block means of q and k, softmax per query block)
   that together cover ``gamma`` of all query blocks' mass, largest first.
 
-Expressed as a :class:`~sparse_prefill.plan.StripePlan` with one group per query block, no
-initial window and no local one beyond the group's own causal diagonal block: each group lists
-every key of its selected off-diagonal blocks. Block granularity is kept, so the density is what
-FlexPrefill's block kernel computes.
+Expressed as a :class:`~sparse_prefill.plan.BlockPlan` (one list of key blocks per query head and
+query block), what FlexPrefill's block kernel computes. Listing every key of the kept blocks as a
+StripePlan, as this pattern first did, made the plan 128 times larger: past the plan budget it was
+identified again in chunks of heads, and Qwen2.5-Coder-0.5B's whole prefill at 32k took 2.2-2.6x
+dense's time (docs/benchmarks/whole_model.md).
 
 Decided here: diagonal blocks are offset ranges ``[s * block, (s + 1) * block)`` (the published
 code pools diagonals from the far end, which shifts them when the length is not a multiple of the
@@ -37,12 +38,11 @@ import torch
 import torch.nn.functional as F
 
 from sparse_prefill.interfaces import AttentionContext, Identifier, Parameter, PatternSpec
-from sparse_prefill.patterns._blocks import block_means, causal_blocks
-from sparse_prefill.patterns._budget import enforce_plan_budget, plan_head_bytes
+from sparse_prefill.patterns._blocks import block_means, block_plan, causal_blocks
 from sparse_prefill.patterns._checks import allowing, at_least, density, multiple_of
 from sparse_prefill.patterns._lines import all_line_scores
 from sparse_prefill.patterns.flexprefill_reference import covering_count, flexprefill_block_mask_reference
-from sparse_prefill.plan import DensePlan, StripePlan
+from sparse_prefill.plan import BlockPlan, DensePlan
 from sparse_prefill.validation import validate_attention_inputs
 
 __all__ = ["FLEXPREFILL", "FlexPrefillIdentifier", "covering_count", "flexprefill_block_mask_reference",
@@ -120,36 +120,17 @@ def flexprefill_block_masks(q: torch.Tensor, k: torch.Tensor, scale: float, gamm
     return mask & causal
 
 
-def _stripe_plan(mask: torch.Tensor, seq_len: int, block: int, num_kv_heads: int, ctx: AttentionContext,
-                 dense_above: float) -> StripePlan | DensePlan:
-    """Every key of each query block's off-diagonal blocks in ``mask`` [B, Hq, nb, nb] as a StripePlan
-    (its diagonal block is the group's local window), or a DensePlan when denser than ``dense_above``.
-    One host sync: the density, the list size and each head's bytes come back together."""
-    batch, heads, num_blocks, _ = mask.shape
-    off_diagonal = mask.tril(-1)
-    counts = off_diagonal.sum(dim=-1) * block  # [B, Hq, nb]: keys listed per group
-    plan = StripePlan.empty(batch, heads, seq_len, block, 0, 0, mask.device)
-    summary = torch.cat([counts.sum(dim=(0, 1)), plan_head_bytes(counts)]).tolist()
-    if ctx.dense_fallback and plan.density_with(torch.tensor(summary[:num_blocks])) > dense_above:
-        return DensePlan(batch, heads, seq_len)
-    enforce_plan_budget(summary[num_blocks:], num_kv_heads, ctx, per_query_head=True)
-    # Row-major nonzero lists each group's key blocks ascending, groups in order.
-    pairs = torch.nonzero_static(off_diagonal.reshape(-1, num_blocks), size=sum(summary[:num_blocks]) // block)
-    within = torch.arange(block, device=mask.device)
-    return plan.filled(counts, (pairs[:, 1:] * block + within).flatten())
-
-
 class FlexPrefillIdentifier(Identifier):
-    """Block masks of every query head at once (KV heads read in place), listed as whole key blocks."""
+    """Block masks of every query head at once (KV heads read in place), listed as key blocks."""
 
     def __init__(self, gamma: float, tau: float, block: int, min_budget: int, dense_above: float) -> None:
         self.gamma, self.tau, self.block, self.min_budget, self.dense_above = gamma, tau, block, min_budget, dense_above
 
-    def identify(self, q: torch.Tensor, k: torch.Tensor, ctx: AttentionContext) -> StripePlan | DensePlan:
+    def identify(self, q: torch.Tensor, k: torch.Tensor, ctx: AttentionContext) -> BlockPlan | DensePlan:
         validate_attention_inputs(q, k, k)  # identification reads no v
         with torch.no_grad():
             mask = flexprefill_block_masks(q, k, ctx.scale, self.gamma, self.tau, self.block, self.min_budget)
-            return _stripe_plan(mask, q.shape[2], self.block, k.shape[1], ctx, self.dense_above)
+            return block_plan(mask, q.shape[2], self.block, k.shape[1], ctx, self.dense_above)
 
 
 FLEXPREFILL = PatternSpec(

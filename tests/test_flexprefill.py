@@ -16,7 +16,7 @@ from sparse_prefill.patterns.flexprefill import (
     flexprefill_block_mask_reference,
     flexprefill_block_masks,
 )
-from sparse_prefill.plan import DensePlan, StripePlan
+from sparse_prefill.plan import BlockPlan, DensePlan
 from sparse_prefill.policy import PolicyError, load_policy
 
 SMALL = dict(gamma=0.9, tau=0.1, block=16, min_budget=16, dense_above=1.0)
@@ -45,25 +45,24 @@ def test_covering_count_is_the_entries_within_gamma_plus_one() -> None:
 
 
 @pytest.mark.parametrize("n, block", [(160, 16), (150, 32), (64, 16), (10, 16)])
-def test_plan_lists_the_off_diagonal_blocks_of_the_mask(n: int, block: int) -> None:
+def test_plan_lists_the_blocks_of_the_mask(n: int, block: int) -> None:
     q, k, _ = _inputs(n, n=n)
     params = {**SMALL, "block": block}
     ctx = AttentionContext.for_inputs(q, k)
     plan = FLEXPREFILL.build(**params).identify(q, k, ctx)
-    assert isinstance(plan, StripePlan)
+    assert isinstance(plan, BlockPlan)
     plan.validate()
-    assert (plan.plan_heads, plan.group_rows, plan.sink, plan.local) == (4, block, 0, 0)
+    assert (plan.heads, plan.block_size) == (4, block)
     for h in range(4):
         mask = flexprefill_block_mask_reference(q[0, h], k[0, h // 2], ctx.scale, params["gamma"], params["tau"], block,
                                                 params["min_budget"])
         assert bool(mask.diagonal().all()) and bool(mask[:, 0].all())  # diagonal and first key block, always
         assert not bool(mask.triu(1).any())  # block-causal
-        for g in range(plan.num_groups):
-            segment = h * plan.num_groups + g
+        num_blocks = mask.shape[0]
+        for g in range(num_blocks):
+            segment = h * num_blocks + g
             listed = plan.indices[plan.offsets[segment]: plan.offsets[segment + 1]]
-            blocks = torch.nonzero(mask[g, :g]).flatten()
-            expected = (blocks[:, None] * block + torch.arange(block)).flatten()
-            assert torch.equal(listed.long(), expected)
+            assert torch.equal(listed.long(), torch.nonzero(mask[g, :g + 1]).flatten())
 
 
 def test_focused_attention_keeps_few_blocks_and_the_minimum_budget() -> None:
@@ -113,7 +112,7 @@ def test_dense_above_falls_back_unless_the_context_forbids_it() -> None:
     q, k, _ = _inputs(5)
     identifier = FLEXPREFILL.build(**{**SMALL, "dense_above": 0.05})
     assert isinstance(identifier.identify(q, k, AttentionContext.for_inputs(q, k)), DensePlan)
-    assert isinstance(identifier.identify(q, k, AttentionContext.for_inputs(q, k, dense_fallback=False)), StripePlan)
+    assert isinstance(identifier.identify(q, k, AttentionContext.for_inputs(q, k, dense_fallback=False)), BlockPlan)
 
 
 def test_policy_and_parameter_errors(tmp_path) -> None:
@@ -167,14 +166,11 @@ def test_vectorised_masks_and_plan_equal_the_per_head_reference(case: str) -> No
     selection = {key: value for key, value in params.items() if key != "dense_above"}
     assert torch.equal(flexprefill_block_masks(q, k, ctx.scale, **selection), expected)
     plan = FLEXPREFILL.build(**params).identify(q, k, ctx)
-    assert isinstance(plan, StripePlan)
+    assert isinstance(plan, BlockPlan)
     plan.validate()
-    block = params["block"]
-    within = torch.arange(block)
     for segment, (b, h, g) in enumerate(torch.cartesian_prod(*(torch.arange(x) for x in expected.shape[:3])).tolist()):
         listed = plan.indices[plan.offsets[segment]: plan.offsets[segment + 1]].long()
-        blocks = torch.nonzero(expected[b, h, g, :g]).flatten()
-        assert torch.equal(listed, (blocks[:, None] * block + within).flatten()), (b, h, g)
+        assert torch.equal(listed, torch.nonzero(expected[b, h, g, :g + 1]).flatten()), (b, h, g)
 
 
 def test_a_nan_query_row_leaves_the_other_heads_alone() -> None:

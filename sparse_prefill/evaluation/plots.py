@@ -55,9 +55,12 @@ def _plot_quality(results: Sequence[Measurement], path: str | Path, title: str,
     curves = _curves(results, cost)
     lengths = sorted({length for _, length in curves})
     styles = ["-", "--", ":", "-."]
-    colors = {name: f"C{i % 10}" for i, name in enumerate(sorted({name for name, _ in curves}))}
+    names = sorted({name for name, _ in curves})
+    palette = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")  # no two curves share a colour
+    colors = {name: palette(i % palette.N) for i, name in enumerate(names)}
     for (name, length), points in sorted(curves.items()):
-        style = dict(color=colors[name], linestyle=styles[lengths.index(length) % len(styles)], marker="o")
+        style = dict(color=colors[name], linestyle=styles[lengths.index(length) % len(styles)],
+                     marker="s" if name.endswith(", guarded") else "o")
         label = f"{name}, {round(length / 1024)}k" if length >= 1024 else f"{name}, {length}"
         # KL 0 (every plan ran dense) has no place on a log axis: those points show in the perplexity panel.
         changed = [m for m in points if m.kl > 0]
