@@ -14,14 +14,16 @@ set -uo pipefail
 model=$1 tokenizer=$2 out=$3
 length=${LENGTH:-32752} limit=${LIMIT:-540}
 mkdir -p "$out/unguarded" "$out/guarded" "$out/policies"
-common=(--model "$model" --no-plots --lengths "$length" --score-last "${SCORE_LAST:-1024}" --needle-depths --min-length 0)
+common=(--model "$model" --no-plots --lengths "$length" --score-last "${SCORE_LAST:-1024}" --needle-depths
+        --min-length 0)
 [ -n "$tokenizer" ] && common+=(--tokenizer "$tokenizer")
 timeout "$limit" python3 -m sparse_prefill.cli eval "${common[@]}" --out "$out/unguarded" \
     --policy anchor.yaml --policy flexprefill.yaml --policy streaming.yaml --policy vertical-slash.yaml \
     --policy xattention.yaml --policy flashprefill.yaml --sweep guard.max_error=none \
     --sweep anchor.local=128,1024 --sweep anchor.theta=6,7.7,10 --sweep flexprefill.gamma=0.8,0.9,0.95 \
     --sweep streaming.local=1024,2048,4096 --sweep vertical-slash.vertical=1000,2000 \
-    --sweep xattention.threshold=0.8,0.9,0.95 --sweep flashprefill.alpha=0.3,0.18,0.05 2>&1 | tee "$out/unguarded/log.txt"
+    --sweep xattention.threshold=0.8,0.9,0.95 --sweep flashprefill.alpha=0.3,0.18,0.05 2>&1 \
+    | tee "$out/unguarded/log.txt"
 p=$out/policies
 guard=$'guard:\n  max_error: 0.3\n'
 printf 'default:\n  pattern: xattention\n  threshold: 0.9\n%s' "$guard" > "$p/xattention_g.yaml"

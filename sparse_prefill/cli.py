@@ -278,7 +278,10 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def _kl_options(args: argparse.Namespace, base: Policy) -> dict[str, PatternChoice]:
-    """The settings each layer may take: ``base``'s default with every combination of ``--options``."""
+    """The settings each layer may take: ``base``'s default with every combination of the ``--options`` that
+    name no pattern or its own (labelled ``theta=6``), and each other pattern named
+    (``xattention.threshold=0.9``) at its defaults with every combination of its own (labelled
+    ``xattention[threshold=0.9]``). The layers then choose by KL and attention density, whatever the pattern."""
     from sparse_prefill.evaluation.whole_model import parse_sweep, sweep_policies
 
     if base.overrides:
@@ -289,10 +292,18 @@ def _kl_options(args: argparse.Namespace, base: Policy) -> dict[str, PatternChoi
         raise UsageError(f"--options: give the settings to choose from for pattern {base.default.pattern!r}, "
                          "e.g. --options PARAM=V1,V2 (`sparse-prefill patterns` lists the patterns)")
     try:
-        swept = sweep_policies({"": base}, parse_sweep(items), allow_guard=False)
+        # A key naming no pattern is the base pattern's; a key naming another pattern adds that pattern's options.
+        sweep = {(pattern or base.default.pattern, name): values
+                 for (pattern, name), values in parse_sweep(items).items()}
+        starts = {"": base}
+        for pattern in sorted({pattern for pattern, _ in sweep} - {base.default.pattern}):
+            starts[pattern] = dataclasses.replace(base, default=load_policy({"default": {"pattern": pattern}}).default)
+        swept = sweep_policies(starts, sweep, allow_guard=False)
     except (ValueError, PolicyError) as exc:
         raise UsageError(f"--options: {exc}") from None
-    return {label.strip("[]") or str(policy.default): policy.default for label, policy in swept.items()}
+    # The base's default stays one option as it is when no key sweeps it (labelled by its settings).
+    return {(label.strip("[]") if label.startswith("[") else label) or base.default.pattern: policy.default
+            for label, policy in swept.items()}
 
 
 def _budget_paths(out: Path, budgets: list[float]) -> list[Path]:
@@ -624,9 +635,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 "write OUT-klBUDGET.yaml each")
     calibrate.add_argument("--record", type=Path, default=None,
                            help="with --kl-budget: also write every measured (layer, option) and check as JSON")
-    calibrate.add_argument("--options", action="append", default=None, metavar="PARAM=V1,V2,...",
+    calibrate.add_argument("--options", action="append", default=None, metavar="[PATTERN.]PARAM=V1,V2,...",
                            help=f"with --kl-budget: the settings a layer may take, as eval's --sweep (repeatable: "
-                                f"their product); default for anchor: {' '.join(KL_OPTIONS)}")
+                                f"their product); PATTERN.PARAM adds another pattern's settings, so each layer "
+                                f"also chooses its pattern (by KL and density: a costlier identification is not "
+                                f"charged); default for anchor: {' '.join(KL_OPTIONS)}")
     calibrate.add_argument("--score-last", type=int, default=None,
                            help="with --kl-budget: positions scored, the last ones (default: min(1024, tokens - 1))")
     calibrate.add_argument("--text-offset", type=int, default=CALIBRATION_TEXT_OFFSET,

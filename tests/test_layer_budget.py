@@ -158,11 +158,46 @@ def test_calibrate_command_with_kl_budgets(tmp_path):
     assert saved["budgets"][0]["checks"][0]["measured_kl"] > 0
 
 
+def test_calibration_options_may_name_other_patterns_and_each_layer_chooses_among_them(tmp_path):
+    import json
+
+    import yaml
+
+    from sparse_prefill.cli import main
+
+    save_tiny_model_with_char_tokenizer(tmp_path / "model")
+    policy = tmp_path / "streaming.yaml"
+    policy.write_text("default:\n  pattern: streaming\n  sink: 8\n  local: 16\n  group_rows: 16\n")
+    out, record = tmp_path / "calibrated.yaml", tmp_path / "record.json"
+    code = main(["calibrate", "--model", str(tmp_path / "model"), "--policy", str(policy), "--kl-budget", "100",
+                 "--options", "local=32", "--options", "anchor.theta=-0.2,0.5", "--options", "anchor.block=16",
+                 "--options", "anchor.sink=8", "--options", "anchor.local=16", "--options", "anchor.dense_above=1",
+                 "--options", "anchor.dense_tail=0",
+                 "--tokens", "128", "--score-last", "16", "--device", "cpu", "--out", str(out),
+                 "--record", str(record)])
+    assert code == 0
+    measured = json.loads(record.read_text())["budgets"][0]["measured"]
+    labels = {m["label"] for m in measured}
+    assert labels == {"dense", "local=32", "anchor[theta=-0.2,block=16,sink=8,local=16,dense_above=1.0,dense_tail=0]",
+                      "anchor[theta=0.5,block=16,sink=8,local=16,dense_above=1.0,dense_tail=0]"}
+    by_label = {(m["layer"], m["label"]): m for m in measured}
+    chosen = load_policy(yaml.safe_load(out.read_text()))
+    for override in chosen.overrides:  # each layer took the least dense of its options (a generous budget)
+        layer = next(at for at in (0, 1) if at in override.layers)
+        options = [m for (at, _), m in by_label.items() if at == layer]
+        least = min(options, key=lambda m: m["density"])
+        assert override.choice.pattern == ("streaming" if least["label"] == "local=32" else
+                                           "dense" if least["label"] == "dense" else "anchor")
+    # anchor's 16-key window with no stripe (theta -0.2) is less dense than streaming's 32 keys
+    assert {override.choice.pattern for override in chosen.overrides} == {"anchor"}
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--kl-budget", "-1"], "--kl-budget must be >= 0"),
     (["--kl-budget", "0.1", "--score-last", "9000"], "--score-last must be in"),
     (["--options", "theta=6"], "--options is for --kl-budget"),
     (["--kl-budget", "0.1", "--options", "gamma=0.9"], "gamma"),
+    (["--kl-budget", "0.1", "--options", "nosuch.gamma=0.9"], "unknown pattern 'nosuch'"),
     (["--text-offset", "-5"], "--text-offset"),
     (["--record", "r.json"], "--record is for"),
 ])
