@@ -301,7 +301,7 @@ def _kl_options(args: argparse.Namespace, base: Policy) -> dict[str, PatternChoi
         swept = sweep_policies(starts, sweep, allow_guard=False)
     except (ValueError, PolicyError) as exc:
         raise UsageError(f"--options: {exc}") from None
-    # The base's default stays one option as it is when no key sweeps it (labelled by its settings).
+    # The base's default stays one option as it is when no key sweeps it (labelled by its pattern's name).
     return {(label.strip("[]") if label.startswith("[") else label) or base.default.pattern: policy.default
             for label, policy in swept.items()}
 
