@@ -164,8 +164,8 @@ class GuardMemory:
         known = []
         for kv in kv_heads:
             key = (layer, kv, seq_len.bit_length())
-            left = self._left.pop(key, 0)
-            if left > 0:
+            left = self._left.pop(key, 0)  # kept only while calls remain, so len() needs no filter
+            if left > 1:
                 self._left[key] = left - 1
             known.append(left > 0)
         return known
@@ -180,4 +180,4 @@ class GuardMemory:
 
     def __len__(self) -> int:
         """Groups remembered now."""
-        return sum(1 for left in self._left.values() if left > 0)
+        return len(self._left)
