@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import importlib.util
 import logging
+import math
 import os
 import sys
 import textwrap
@@ -26,6 +27,7 @@ DEFAULT_POLICIES = ("anchor.yaml", "anchor-accurate.yaml")
 EVAL_POLICIES = ("anchor.yaml", "anchor-accurate.yaml", "flexprefill.yaml", "vertical-slash.yaml", "streaming.yaml")
 KL_OPTIONS = ("theta=4,6,7.7,10,12",)
 CALIBRATION_TEXT_OFFSET = 65536
+MIN_HEAD_RECALL = 0.9  # calibrate --per-kv-group's floor: SmolLM2 8k, docs/benchmarks/recall.md
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -263,6 +265,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     model, ids, num_layers, dtype = _calibration_model_and_text(args, base)
     qk = capture_qk(model, ids, args.layers if args.layers else range(num_layers))
     qk = {layer: (q.float(), k.float()) for layer, (q, k) in qk.items()}  # scores and theta compared in fp32
+    if args.per_kv_group:
+        return _calibrate_per_kv_group(args, base, qk)
     results = calibrate_layers(qk, base.default.as_dict(), args.target_recall,
                                progress=lambda layers: tqdm(layers, desc="layers", unit="layer"))
     header = (f"Written by `sparse-prefill calibrate` from {base.source}: {args.model}, {args.tokens} essay tokens "
@@ -274,6 +278,36 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     missed = [r.layer for r in results if not r.reached]
     if missed:
         print(f"warning: layers {missed} stay below recall {args.target_recall} even at theta 16", file=sys.stderr)
+    return 0
+
+
+def _calibrate_per_kv_group(args: argparse.Namespace, base: Policy,
+                            qk: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> int:
+    """Measure each (layer, KV group) at each theta, allocate for the mean recall target, write the policy."""
+    from tqdm import tqdm
+
+    from sparse_prefill.evaluation.group_thetas import (
+        DEFAULT_THETAS,
+        allocate_thetas,
+        group_calibrated_policy,
+        measure_group_options,
+    )
+
+    thetas = sorted(set(args.thetas or DEFAULT_THETAS))
+    options = measure_group_options(qk, base.default.as_dict(), thetas,
+                                    progress=lambda layers: tqdm(layers, desc="layers x thetas", unit="layer"))
+    q, k = next(iter(qk.values()))
+    allocation = allocate_thetas(options, q.shape[1] // k.shape[1], args.target_recall, args.min_head_recall)
+    header = (f"Written by `sparse-prefill calibrate --per-kv-group` from {base.source}: {args.model}, {args.tokens} "
+              f"essay tokens from token {args.text_offset},\nthe least mean density whose mean attention recall "
+              f"over every query head is >= {args.target_recall}, every head >= {args.min_head_recall},\n"
+              f"thetas from {' '.join(f'{t:g}' for t in thetas)} per (layer, KV group).")
+    text = group_calibrated_policy(base, allocation, header)
+    args.out.write_text(text)
+    print(text, end="")
+    if not allocation.reached:
+        print(f"warning: mean recall {args.target_recall} with every head >= {args.min_head_recall} was not reached "
+              f"even at theta {thetas[-1]:g}; the groups short of it take their largest theta", file=sys.stderr)
     return 0
 
 
@@ -629,6 +663,17 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--layers", type=int, nargs="*", default=None, help="layers to calibrate (default: all)")
     calibrate.add_argument("--target-recall", type=float, default=0.95,
                            help="softmax mass each layer must keep (without --kl-budget)")
+    calibrate.add_argument("--per-kv-group", action="store_true",
+                           help="without --kl-budget: a theta per (layer, KV group), the least mean density whose "
+                                "mean recall over every query head reaches --target-recall (a layer's groups may "
+                                "differ; each group with its own theta runs as its own call)")
+    calibrate.add_argument("--min-head-recall", type=float, default=None,
+                           help=f"with --per-kv-group: every query head keeps at least this much (default "
+                                f"{MIN_HEAD_RECALL}: the worst heads carry the answers' loss, "
+                                f"docs/benchmarks/recall.md; 0 for the mean alone)")
+    calibrate.add_argument("--thetas", type=float, nargs="+", default=None,
+                           help="with --per-kv-group: the thetas a group may take (default: "
+                                "4 5 6 7 7.7 8.5 9.5 11 13 16)")
     calibrate.add_argument("--kl-budget", type=float, nargs="+", default=None,
                            help="choose per layer by what the answers lose: mean KL(dense || policy) per scored "
                                 "position allowed, nats (e.g. 0.02); several budgets share one measurement and "
@@ -752,6 +797,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
                              f"got {args.score_last}")
         if args.kl_budget is None and args.options:
             raise UsageError("--options is for --kl-budget calibration (the recall target sets theta alone)")
+        _check_per_kv_group(args)
         if args.layers and min(args.layers) < 0:
             raise UsageError(f"--layers takes layer indices >= 0, got {args.layers}")
     if args.command == "perplexity":
@@ -762,6 +808,24 @@ def _check_numbers(args: argparse.Namespace) -> None:
         elif not 0 < args.score_last < args.length:
             raise UsageError(f"--score-last must be in [0, {args.length - 1}] for --length {args.length}, "
                              f"got {args.score_last}")
+
+
+def _check_per_kv_group(args: argparse.Namespace) -> None:
+    """The per-KV-group recall calibration's own arguments, and that nothing else takes them."""
+    if not args.per_kv_group:
+        for flag, value in (("--min-head-recall", args.min_head_recall), ("--thetas", args.thetas)):
+            if value is not None:
+                raise UsageError(f"{flag} is for --per-kv-group calibration")
+        return
+    if args.min_head_recall is None:
+        args.min_head_recall = MIN_HEAD_RECALL
+    if args.kl_budget is not None:
+        raise UsageError("--per-kv-group calibrates by attention recall; --kl-budget chooses per layer by KL: "
+                         "give one of them")
+    if not 0 <= args.min_head_recall <= 1:
+        raise UsageError(f"--min-head-recall must be in [0, 1], got {args.min_head_recall}")
+    if args.thetas is not None and not all(math.isfinite(theta) for theta in args.thetas):
+        raise UsageError(f"--thetas must be finite numbers (nats), got {' '.join(map(str, args.thetas))}")
 
 
 def _check_args(args: argparse.Namespace) -> None:

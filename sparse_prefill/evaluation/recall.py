@@ -24,7 +24,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from sparse_prefill.plan import BlockPlan, DensePlan, StripePlan
 
-__all__ = ["capture_qk", "attention_recall", "causal_probabilities", "oracle_row_density", "oracle_stripe_plan",
+__all__ = ["capture_qk", "attention_recall", "head_recalls", "causal_probabilities", "oracle_row_density", "oracle_stripe_plan",
            "plan_rows_mask", "sampled_attention_recall"]
 
 _CAPTURE_IMPL = "sparse_prefill_capture"
@@ -122,11 +122,26 @@ def attention_recall(q: torch.Tensor, k: torch.Tensor, plan: StripePlan | BlockP
     ``h // (Hq / plan heads)``. Work goes one query group (or block) at a time, all heads together,
     on q's device, so memory is O(Hq * group_rows * N), never O(Hq * N^2). A DensePlan keeps 1.0.
     """
-    _check_plan_fits(q, plan)
-    if isinstance(plan, DensePlan):
-        return 1.0
-    rows, seq_len = (plan.group_rows if isinstance(plan, StripePlan) else plan.block_size), q.shape[2]
-    return _recall_over(q, k, plan, scale, [(start, min(start + rows, seq_len)) for start in range(0, seq_len, rows)])
+    return float(head_recalls(q, k, [plan], scale)[0].mean())
+
+
+def head_recalls(q: torch.Tensor, k: torch.Tensor, plans: list[StripePlan | BlockPlan | DensePlan],
+                 scale: float) -> torch.Tensor:
+    """Each plan's recall per query head, float64 [len(plans), Hq]: as :func:`attention_recall`, whose value
+    is the mean of a row. The exact softmax is computed once for all ``plans`` (a theta sweep measures
+    many plans of the same q and k); their row groups must be equal (any DensePlan fits)."""
+    if not plans:
+        raise ValueError("head_recalls needs at least one plan")
+    for plan in plans:
+        _check_plan_fits(q, plan)
+    sized = [plan for plan in plans if not isinstance(plan, DensePlan)]
+    if not sized:
+        return torch.ones(len(plans), q.shape[1], dtype=torch.float64)
+    rows = {plan.group_rows if isinstance(plan, StripePlan) else plan.block_size for plan in sized}
+    if len(rows) > 1:
+        raise ValueError(f"plans measured together must share their query rows per group, got {sorted(rows)}")
+    step, seq_len = rows.pop(), q.shape[2]
+    return _recall_over(q, k, plans, scale, [(start, min(start + step, seq_len)) for start in range(0, seq_len, step)])
 
 
 def sampled_attention_recall(q: torch.Tensor, k: torch.Tensor, plan: StripePlan | BlockPlan | DensePlan,
@@ -140,7 +155,7 @@ def sampled_attention_recall(q: torch.Tensor, k: torch.Tensor, plan: StripePlan 
     _check_plan_fits(q, plan)
     seq_len = q.shape[2]
     ends = sorted({max(1, round(seq_len * (i + 1) / windows)) for i in range(windows)})
-    return _recall_over(q, k, plan, scale, [(max(0, end - rows), end) for end in ends])
+    return float(_recall_over(q, k, [plan], scale, [(max(0, end - rows), end) for end in ends])[0].mean())
 
 
 def _check_plan_fits(q: torch.Tensor, plan: StripePlan | BlockPlan | DensePlan) -> None:
@@ -151,20 +166,27 @@ def _check_plan_fits(q: torch.Tensor, plan: StripePlan | BlockPlan | DensePlan) 
                          f"q of shape {tuple(q.shape)}")
 
 
-def _recall_over(q: torch.Tensor, k: torch.Tensor, plan: StripePlan | BlockPlan | DensePlan, scale: float,
-                 windows: list[tuple[int, int]]) -> float:
-    """Mean softmax mass inside ``plan`` over the rows [start, end) of each window, every batch entry and query head."""
+def _recall_over(q: torch.Tensor, k: torch.Tensor, plans: list[StripePlan | BlockPlan | DensePlan], scale: float,
+                 windows: list[tuple[int, int]]) -> torch.Tensor:
+    """Mean softmax mass inside each plan per query head, over the rows [start, end) of each window and every
+    batch entry: float64 [len(plans), Hq]."""
     num_q = q.shape[1]
-    heads = plan.plan_heads if isinstance(plan, StripePlan) else plan.heads
-    mass, counted = 0.0, 0
+    mass = torch.zeros(len(plans), num_q, dtype=torch.float64)
+    counted = 0
     for b in range(q.shape[0]):
         for row_start, row_end in windows:
             probs = causal_probabilities(q[b], k[b], row_start, row_end, scale).flatten(0, 1)
-            selected = _plan_rows(plan, b, row_start, row_end, row_end).to(probs.device)
-            selected = selected.repeat_interleave(num_q // heads, dim=0)
-            mass += float(probs.masked_fill_(~selected, 0.0).sum(dtype=torch.float64))
-            counted += num_q * (row_end - row_start)
-    return mass / counted
+            counted += row_end - row_start
+            for i, plan in enumerate(plans):
+                if isinstance(plan, DensePlan):
+                    continue
+                heads = plan.plan_heads if isinstance(plan, StripePlan) else plan.heads
+                selected = _plan_rows(plan, b, row_start, row_end, row_end).to(probs.device)
+                selected = selected.repeat_interleave(num_q // heads, dim=0)
+                mass[i] += torch.where(selected, probs, 0.0).sum(dim=(1, 2), dtype=torch.float64).cpu()
+    recalls = mass / counted
+    recalls[[isinstance(plan, DensePlan) for plan in plans]] = 1.0  # a dense plan keeps everything, exactly
+    return recalls
 
 
 _ORACLE_ROWS = 128  # rows per softmax chunk of oracle_row_density: bounds memory, any value gives the same result

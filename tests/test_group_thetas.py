@@ -1,0 +1,175 @@
+"""Theta per (layer, KV group) for a mean recall target: measured options, allocation, written policy."""
+
+import itertools
+import random
+
+import pytest
+import torch
+
+from sparse_prefill.cli import main
+from sparse_prefill.evaluation.group_thetas import (
+    ThetaOption,
+    allocate_thetas,
+    group_calibrated_policy,
+    measure_group_options,
+)
+from sparse_prefill.evaluation.recall import attention_recall, head_recalls
+from sparse_prefill.evaluation.synthetic import structured_qkv
+from sparse_prefill.patterns.anchor.reference import anchor_identify_reference
+from sparse_prefill.plan import DensePlan
+from sparse_prefill.policy import load_policy
+
+PARAMS = dict(block=64, group_blocks=1, sink=64, local=64, share_kv_heads=True, dense_tail=0, dense_above=1.0)
+
+
+def _plan(q, k, theta, **params):
+    return anchor_identify_reference(q, k, scale=q.shape[-1] ** -0.5, **{**PARAMS, **params, "theta": theta})
+
+
+@pytest.mark.parametrize("share_kv_heads", [True, False])
+def test_head_recalls_are_each_heads_attention_recall_for_every_plan_at_once(share_kv_heads):
+    q, k, _ = structured_qkv(320, 4, 2, 32, device="cpu", dtype=torch.float32, seed=5)
+    scale = q.shape[-1] ** -0.5
+    plans = [_plan(q, k, theta, share_kv_heads=share_kv_heads) for theta in (2.0, 6.0)] + [DensePlan(1, 4, 320)]
+    recalls = head_recalls(q, k, plans, scale)
+    assert recalls.shape == (3, 4) and torch.isfinite(recalls).all()
+    for i, plan in enumerate(plans):
+        assert float(recalls[i].mean()) == pytest.approx(attention_recall(q, k, plan, scale), rel=1e-9)
+        for head in range(4):
+            kv = head // 2
+            plan_head = head if share_kv_heads is False and not isinstance(plan, DensePlan) else kv
+            part = plan if isinstance(plan, DensePlan) else plan.select_heads(plan_head, plan_head + 1)
+            alone = attention_recall(q[:, head:head + 1], k[:, kv:kv + 1],
+                                     DensePlan(1, 1, 320) if isinstance(plan, DensePlan) else part, scale)
+            assert float(recalls[i, head]) == pytest.approx(alone, rel=1e-9)
+    assert (recalls[2] == 1).all() and (recalls[0] <= recalls[1] + 1e-12).all()
+
+
+def test_head_recalls_refuses_plans_of_different_row_groups():
+    q, k, _ = structured_qkv(256, 2, 1, 32, device="cpu", dtype=torch.float32, seed=1)
+    with pytest.raises(ValueError, match="query rows per group"):
+        head_recalls(q, k, [_plan(q, k, 4.0), _plan(q, k, 4.0, block=32)], q.shape[-1] ** -0.5)
+
+
+def test_measured_options_grow_with_theta_and_match_the_plans():
+    q, k, _ = structured_qkv(384, 6, 2, 32, device="cpu", dtype=torch.float32, seed=2)
+    options = measure_group_options({3: (q, k)}, PARAMS, [8.0, 2.0, 5.0])
+    assert sorted(options) == [(3, 0), (3, 1)]
+    for (_, group), choices in options.items():
+        assert [o.theta for o in choices] == [2.0, 5.0, 8.0]
+        for low, high in itertools.pairwise(choices):
+            assert high.density >= low.density and all(b >= a - 1e-12 for a, b in zip(low.head_recalls, high.head_recalls))
+        plan = _plan(q, k, 5.0).select_heads(group, group + 1)
+        assert choices[1].density == pytest.approx(plan.density())
+        heads = slice(3 * group, 3 * group + 3)
+        assert choices[1].recall == pytest.approx(attention_recall(q[:, heads], k[:, group:group + 1], plan,
+                                                                   q.shape[-1] ** -0.5))
+
+
+def test_a_selection_over_dense_above_is_measured_as_the_dense_call_that_replaces_it():
+    q, k, _ = structured_qkv(384, 4, 2, 32, device="cpu", dtype=torch.float32, seed=4)
+    free = measure_group_options({0: (q, k)}, PARAMS, [3.0, 30.0])
+    capped = measure_group_options({0: (q, k)}, {**PARAMS, "dense_above": 0.5}, [3.0, 30.0])
+    for key in free:
+        for loose, kept in zip(free[key], capped[key]):
+            if loose.density > 0.5:
+                assert kept == ThetaOption(loose.theta, (1.0, 1.0), 1.0)
+            else:
+                assert kept == loose
+    assert any(o.density == 1.0 for choices in capped.values() for o in choices)
+
+
+def _random_options(rng: random.Random, groups: int, thetas: int = 5) -> dict:
+    """Monotone random curves: recall and density grow with theta, as anchor's do."""
+    options = {}
+    for group in range(groups):
+        recalls, density, out = [rng.uniform(0.5, 0.9) for _ in range(3)], rng.uniform(0.05, 0.2), []
+        for t in range(thetas):
+            recalls = [min(1.0, r + rng.uniform(0, 0.1)) for r in recalls]
+            density = min(1.0, density + rng.uniform(0.01, 0.15))
+            out.append(ThetaOption(float(t), tuple(recalls), density))
+        options[(group // 2, group % 2)] = out
+    return options
+
+
+def _brute_force(options, target, floor):
+    keys = sorted(options)
+    best = None
+    for combo in itertools.product(*(options[key] for key in keys)):
+        if min(o.worst_head for o in combo) < floor or sum(o.recall for o in combo) / len(combo) < target:
+            continue
+        density = sum(o.density for o in combo) / len(combo)
+        best = density if best is None else min(best, density)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_allocation_meets_the_target_and_is_never_worse_than_one_theta(seed):
+    rng = random.Random(seed)
+    options = _random_options(rng, 4)
+    target, floor = rng.uniform(0.8, 0.97), rng.choice([0.0, 0.7])
+    result = allocate_thetas(options, 3, target, floor)
+    optimum = _brute_force(options, target, floor)
+    if optimum is None:
+        assert not result.reached or result.recall < target
+        return
+    assert result.reached and result.recall >= target - 1e-12 and result.worst_head >= floor
+    assert result.density >= optimum - 1e-12
+    uniform = [sum(o[t].density for o in options.values()) / 4 for t in range(5)
+               if all(o[t].worst_head >= floor for o in options.values())
+               and sum(o[t].recall for o in options.values()) / 4 >= target]
+    if uniform:
+        assert result.density <= min(uniform) + 1e-12
+    assert [(g.layer, g.heads) for g in result.groups] == [(key[0], range(3 * key[1], 3 * key[1] + 3))
+                                                          for key in sorted(options)]
+
+
+def test_an_unreachable_target_takes_the_largest_thetas_and_says_so():
+    options = {(0, 0): [ThetaOption(1.0, (0.5,), 0.1), ThetaOption(2.0, (0.8,), 0.3)]}
+    result = allocate_thetas(options, 1, 0.9)
+    assert not result.reached and result.groups[0].option.theta == 2.0
+
+
+def test_allocation_refuses_impossible_arguments():
+    with pytest.raises(ValueError, match="target_recall"):
+        allocate_thetas({(0, 0): [ThetaOption(1.0, (0.5,), 0.1)]}, 1, 1.5)
+    with pytest.raises(ValueError, match="at least one"):
+        allocate_thetas({(0, 0): []}, 1, 0.9)
+
+
+def test_written_policy_gives_each_group_its_theta(tmp_path):
+    base = load_policy({"min_length": 1024, "default": {"pattern": "anchor", "local": 256}})
+    options = {(0, 0): [ThetaOption(5.0, (0.99, 0.98), 0.1)], (0, 1): [ThetaOption(9.0, (0.95, 0.91), 0.3)],
+               (2, 0): [ThetaOption(6.0, (0.96, 0.97), 0.2)], (2, 1): [ThetaOption(6.0, (0.97, 0.96), 0.2)]}
+    path = tmp_path / "groups.yaml"
+    path.write_text(group_calibrated_policy(base, allocate_thetas(options, 2, 0.9), "header"))
+    policy = load_policy(path)
+    policy.check_model(num_layers=4, num_heads=4)
+    expected = {(0, 0): 5.0, (0, 1): 5.0, (0, 2): 9.0, (0, 3): 9.0, (2, 0): 6.0, (2, 3): 6.0, (1, 0): 9.0}
+    for (layer, head), theta in expected.items():  # layer 1 was not measured: the largest theta
+        choice = policy.choice_for(layer, head).as_dict()
+        assert choice["theta"] == theta and choice["local"] == 256
+    assert len(policy.overrides) == 3  # layer 2's groups share one override
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--thetas", "4", "5"], "--thetas is for --per-kv-group"),
+    (["--min-head-recall", "0.9"], "--min-head-recall is for --per-kv-group"),
+    (["--per-kv-group", "--kl-budget", "0.02"], "give one of them"),
+    (["--per-kv-group", "--min-head-recall", "1.5"], "must be in [0, 1]"),
+    (["--per-kv-group", "--thetas", "4", "nan"], "finite"),
+])
+def test_cli_refuses_per_kv_group_arguments_before_loading(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--out", str(tmp_path / "x.yaml"), *argv])
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_per_kv_group_writes_a_loadable_policy_from_the_packaged_model(tmp_path, capsys):
+    out = tmp_path / "groups.yaml"
+    assert main(["calibrate", "--tokens", "512", "--layers", "0", "1", "--per-kv-group", "--thetas", "4", "8",
+                 "--min-head-recall", "0.5", "--target-recall", "0.9", "--out", str(out)]) == 0
+    policy = load_policy(out)
+    assert {o.layers.ranges[0].start for o in policy.overrides} == {0, 1}
+    assert "mean recall" in capsys.readouterr().out
