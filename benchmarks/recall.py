@@ -9,6 +9,11 @@ writes JSON. Examples (the sweeps behind docs/benchmarks/recall.md)::
         --qk-cache /tmp/smollm2_qk_8k.pt --out docs/benchmarks/recall_smollm2_8k.json
     python benchmarks/recall.py --model /tmp/gemma-3-270m.gguf --tokens 32768 --layers 5 \
         --theta 6 7.7 8.5 --share-kv-heads true false --out docs/benchmarks/recall_gemma3_32k.json
+    python benchmarks/recall.py --policy calibrated.yaml --qk-cache /tmp/smollm2_qk_8k.pt \
+        --out docs/benchmarks/recall_smollm2_8k.json
+
+``--policy`` measures a policy file's own per-layer and per-head anchor settings (for example one
+written by ``sparse-prefill calibrate --per-kv-group``) instead of the grid.
 """
 
 from __future__ import annotations
@@ -25,10 +30,11 @@ from typing import Any
 import torch
 
 from sparse_prefill.evaluation.models import essay_token_ids, load_model
-from sparse_prefill.evaluation.recall import attention_recall, capture_qk, oracle_stripe_plan
+from sparse_prefill.evaluation.recall import attention_recall, capture_qk, head_recalls, oracle_stripe_plan
 from sparse_prefill.patterns.anchor import ANCHOR
 from sparse_prefill.patterns.anchor.reference import anchor_identify_reference
 from sparse_prefill.plan import StripePlan
+from sparse_prefill.policy import load_policy
 
 GRID_PARAMS = ("theta", "block", "group_blocks", "sink", "local", "share_kv_heads", "dense_tail")
 DEFAULTS = {name: ANCHOR.parameters[name].default for name in GRID_PARAMS}  # the shipped defaults
@@ -54,6 +60,8 @@ def _parse_args() -> argparse.Namespace:
                         help="also the stripes-with-windows oracle per layer at this recall (128-row blocks, 128 sink "
                              "keys; per query head and shared per KV group): the least density any identifier of "
                              "that granularity and list sharing needs")
+    parser.add_argument("--policy", type=Path, nargs="+", default=None,
+                        help="measure these policy files' anchor settings per layer and head instead of the grid")
     parser.add_argument("--out", type=Path, help="write the results as JSON (merged into an existing report)")
     return parser.parse_args()
 
@@ -91,9 +99,37 @@ def load_qk(model_path: str, tokens: int, layers: list[int], cache: Path | None
 
 def _head_recalls(q: torch.Tensor, k: torch.Tensor, plan: StripePlan, scale: float) -> list[float]:
     """Each query head's recall under ``plan`` (head h reads plan head h // (Hq / plan heads))."""
-    per_plan, per_kv = q.shape[1] // plan.plan_heads, q.shape[1] // k.shape[1]
-    return [attention_recall(q[:, h:h + 1], k[:, h // per_kv:h // per_kv + 1],
-                             plan.select_heads(h // per_plan, h // per_plan + 1), scale) for h in range(q.shape[1])]
+    return head_recalls(q, k, [plan], scale)[0].tolist()
+
+
+def _evaluate_policy(qk: dict[int, tuple[torch.Tensor, torch.Tensor]], path: Path) -> dict[str, Any]:
+    """Density, recall and each head's recall per layer under a policy file's anchor choices (their selection,
+    never the dense fallback): the KV groups of each choice are identified together, as attention calls them."""
+    policy = load_policy(path)
+    per_layer = {}
+    for layer, (q, k) in qk.items():
+        scale, per_kv = q.shape[-1] ** -0.5, q.shape[1] // k.shape[1]
+        recalls, selected = [0.0] * q.shape[1], 0.0
+        for assignment in policy.assign_heads(layer, q.shape[1]):
+            if assignment.choice.pattern != "anchor":
+                raise SystemExit(f"--policy {path}: layer {layer} uses {assignment.choice.pattern!r}; this script "
+                                 "measures anchor choices only")
+            heads = list(assignment.heads)
+            kv = sorted({h // per_kv for h in heads})
+            if heads != [h for g in kv for h in range(g * per_kv, (g + 1) * per_kv)]:
+                raise SystemExit(f"--policy {path}: layer {layer} splits a KV group between settings")
+            q_part, k_part = q[:, heads], k[:, kv]
+            plan = anchor_identify_reference(q_part, k_part, scale=scale,
+                                             **{**assignment.choice.as_dict(), "dense_above": 1.0})
+            for head, recall in zip(heads, _head_recalls(q_part, k_part, plan, scale)):
+                recalls[head] = recall
+            selected += plan.density() * len(kv)
+        per_layer[layer] = {"density": selected / k.shape[1], "recall": sum(recalls) / len(recalls),
+                            "head_recalls": recalls}
+    mean = {name: sum(r[name] for r in per_layer.values()) / len(per_layer) for name in ("density", "recall")}
+    worst = min((recall, layer, head) for layer, r in per_layer.items() for head, recall in enumerate(r["head_recalls"]))
+    return {"params": {"policy": path.name}, "layers": per_layer, "mean_density": mean["density"],
+            "mean_recall": mean["recall"], "worst_head": {"recall": worst[0], "layer": worst[1], "head": worst[2]}}
 
 
 def _evaluate(qk: dict[int, tuple[torch.Tensor, torch.Tensor]], params: dict[str, Any],
@@ -143,7 +179,12 @@ def main() -> None:
         print(f"stripe oracle at recall {args.oracle}: density per query head {oracles['mean_per_head_density']:.4f}, "
               f"shared per KV group {oracles['mean_shared_density']:.4f}", flush=True)
     results = []
-    for values in itertools.product(*grid):
+    for path in args.policy or []:
+        results.append(_evaluate_policy(qk, path))
+        worst = results[-1]["worst_head"]
+        print(f"{path.name} | recall {results[-1]['mean_recall']:.4f} density {results[-1]['mean_density']:.4f} | "
+              f"worst head {worst['recall']:.3f} (layer {worst['layer']}, head {worst['head']})", flush=True)
+    for values in itertools.product(*grid) if args.policy is None else []:
         start = time.perf_counter()
         results.append(_evaluate(qk, dict(zip(GRID_PARAMS, values)), args.per_head))
         worst = results[-1].get("worst_head")

@@ -217,3 +217,27 @@ def test_each_heads_recall_averages_to_the_layers_and_the_worst_is_reported(shar
 def test_recall_script_refuses_an_oracle_target_outside_0_1_before_loading(bad: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError, match=r"expected a recall in \(0, 1\]"):
         _benchmark_module()._recall_target(bad)
+
+
+def test_a_policys_per_group_thetas_are_measured_as_each_group_alone(tmp_path: Path) -> None:
+    """benchmarks/recall.py --policy: a layer whose KV groups take different thetas reports, per head, the
+    recall of its group's own selection, and the layer's density is the mean of its groups'."""
+    generator = torch.Generator().manual_seed(9)
+    q, k = torch.randn(1, 4, 256, 32, generator=generator), torch.randn(1, 2, 256, 32, generator=generator)
+    params = {"block": 32, "group_blocks": 1, "sink": 16, "local": 16, "share_kv_heads": True, "dense_tail": 0}
+    path = tmp_path / "groups.yaml"
+    path.write_text(json.dumps({"default": {"pattern": "anchor", **params, "theta": 1.0},
+                                "overrides": [{"layers": 3, "heads": "2-3", "pattern": "anchor", **params,
+                                               "theta": 6.0}]}))
+    result = _benchmark_module()._evaluate_policy({3: (q, k)}, path)["layers"][3]
+    scale = 32 ** -0.5
+    densities = []
+    for group, theta in ((0, 1.0), (1, 6.0)):
+        heads, kv = slice(2 * group, 2 * group + 2), slice(group, group + 1)
+        plan = anchor_identify_reference(q[:, heads], k[:, kv], scale=scale, theta=theta, **params)
+        densities.append(plan.density())
+        for head in range(2):
+            alone = attention_recall(q[:, 2 * group + head:2 * group + head + 1], k[:, kv], plan, scale)
+            assert result["head_recalls"][2 * group + head] == pytest.approx(alone, abs=1e-9)
+    assert result["density"] == pytest.approx(sum(densities) / 2)
+    assert densities[1] > densities[0]
