@@ -286,28 +286,32 @@ def _calibrate_per_kv_group(args: argparse.Namespace, base: Policy,
     """Measure each (layer, KV group) at each theta, allocate for the mean recall target, write the policy."""
     from tqdm import tqdm
 
-    from sparse_prefill.evaluation.group_thetas import (
+    from sparse_prefill.evaluation.kv_group_calibration import (
         DEFAULT_THETAS,
-        allocate_thetas,
+        allocate_settings,
         group_calibrated_policy,
         measure_group_options,
     )
 
     thetas = sorted(set(args.thetas or DEFAULT_THETAS))
-    options = measure_group_options(qk, base.default.as_dict(), thetas,
-                                    progress=lambda layers: tqdm(layers, desc="layers x thetas", unit="layer"))
+    params = base.default.as_dict()
+    locals_ = sorted(set(args.locals or [params["local"]]))
+    options = measure_group_options(qk, params, thetas, locals_,
+                                    progress=lambda layers: tqdm(layers, desc="layers x settings", unit="layer"))
     q, k = next(iter(qk.values()))
-    allocation = allocate_thetas(options, q.shape[1] // k.shape[1], args.target_recall, args.min_head_recall)
+    allocation = allocate_settings(options, q.shape[1] // k.shape[1], args.target_recall, args.min_head_recall)
     header = (f"Written by `sparse-prefill calibrate --per-kv-group` from {base.source}: {args.model}, {args.tokens} "
               f"essay tokens from token {args.text_offset},\nthe least mean density whose mean attention recall "
               f"over every query head is >= {args.target_recall}, every head >= {args.min_head_recall},\n"
-              f"thetas from {' '.join(f'{t:g}' for t in thetas)} per (layer, KV group).")
+              f"thetas from {' '.join(f'{t:g}' for t in thetas)} and local windows from "
+              f"{' '.join(map(str, locals_))} per (layer, KV group).")
     text = group_calibrated_policy(base, allocation, header)
     args.out.write_text(text)
     print(text, end="")
     if not allocation.reached:
         print(f"warning: mean recall {args.target_recall} with every head >= {args.min_head_recall} was not reached "
-              f"even at theta {thetas[-1]:g}; the groups short of it take their largest theta", file=sys.stderr)
+              f"by any setting; the groups short of it take the setting that keeps their worst head most",
+              file=sys.stderr)
     return 0
 
 
@@ -664,9 +668,10 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--target-recall", type=float, default=0.95,
                            help="softmax mass each layer must keep (without --kl-budget)")
     calibrate.add_argument("--per-kv-group", action="store_true",
-                           help="without --kl-budget: a theta per (layer, KV group), the least mean density whose "
-                                "mean recall over every query head reaches --target-recall (a layer's groups may "
-                                "differ; each group with its own theta runs as its own call)")
+                           help="without --kl-budget: a theta (and with --locals a local window) per (layer, KV "
+                                "group), the least mean density whose mean recall over every query head reaches "
+                                "--target-recall (a layer's groups may differ; each group with its own setting "
+                                "runs as its own call)")
     calibrate.add_argument("--min-head-recall", type=float, default=None,
                            help=f"with --per-kv-group: every query head keeps at least this much (default "
                                 f"{MIN_HEAD_RECALL}: the worst heads carry the answers' loss, "
@@ -674,6 +679,9 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--thetas", type=float, nargs="+", default=None,
                            help="with --per-kv-group: the thetas a group may take (default: "
                                 "4 5 6 7 7.7 8.5 9.5 11 13 16)")
+    calibrate.add_argument("--locals", type=int, nargs="+", default=None,
+                           help="with --per-kv-group: local windows (keys) a group may take with each theta "
+                                "(default: the policy's own); e.g. 128 512 1024")
     calibrate.add_argument("--kl-budget", type=float, nargs="+", default=None,
                            help="choose per layer by what the answers lose: mean KL(dense || policy) per scored "
                                 "position allowed, nats (e.g. 0.02); several budgets share one measurement and "
@@ -813,7 +821,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
 def _check_per_kv_group(args: argparse.Namespace) -> None:
     """The per-KV-group recall calibration's own arguments, and that nothing else takes them."""
     if not args.per_kv_group:
-        for flag, value in (("--min-head-recall", args.min_head_recall), ("--thetas", args.thetas)):
+        for flag, value in (("--min-head-recall", args.min_head_recall), ("--thetas", args.thetas),
+                            ("--locals", args.locals)):
             if value is not None:
                 raise UsageError(f"{flag} is for --per-kv-group calibration")
         return
@@ -826,6 +835,8 @@ def _check_per_kv_group(args: argparse.Namespace) -> None:
         raise UsageError(f"--min-head-recall must be in [0, 1], got {args.min_head_recall}")
     if args.thetas is not None and not all(math.isfinite(theta) for theta in args.thetas):
         raise UsageError(f"--thetas must be finite numbers (nats), got {' '.join(map(str, args.thetas))}")
+    if args.locals is not None and min(args.locals) < 0:
+        raise UsageError(f"--locals must be key counts >= 0, got {' '.join(map(str, args.locals))}")
 
 
 def _check_args(args: argparse.Namespace) -> None:

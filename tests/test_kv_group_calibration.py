@@ -1,4 +1,4 @@
-"""Theta per (layer, KV group) for a mean recall target: measured options, allocation, written policy."""
+"""Anchor's settings per (layer, KV group) for a mean recall target: measured options, allocation, written policy."""
 
 import itertools
 import random
@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from sparse_prefill.cli import main
-from sparse_prefill.evaluation.group_thetas import (
-    ThetaOption,
-    allocate_thetas,
+from sparse_prefill.evaluation.kv_group_calibration import (
+    GroupOption,
+    allocate_settings,
     group_calibrated_policy,
     measure_group_options,
 )
@@ -73,7 +73,7 @@ def test_a_selection_over_dense_above_is_measured_as_the_dense_call_that_replace
     for key in free:
         for loose, kept in zip(free[key], capped[key]):
             if loose.density > 0.5:
-                assert kept == ThetaOption(loose.theta, (1.0, 1.0), 1.0)
+                assert kept == GroupOption(loose.theta, 64, (1.0, 1.0), 1.0)
             else:
                 assert kept == loose
     assert any(o.density == 1.0 for choices in capped.values() for o in choices)
@@ -87,7 +87,7 @@ def _random_options(rng: random.Random, groups: int, thetas: int = 5) -> dict:
         for t in range(thetas):
             recalls = [min(1.0, r + rng.uniform(0, 0.1)) for r in recalls]
             density = min(1.0, density + rng.uniform(0.01, 0.15))
-            out.append(ThetaOption(float(t), tuple(recalls), density))
+            out.append(GroupOption(float(t), 64, tuple(recalls), density))
         options[(group // 2, group % 2)] = out
     return options
 
@@ -108,7 +108,7 @@ def test_allocation_meets_the_target_and_is_never_worse_than_one_theta(seed):
     rng = random.Random(seed)
     options = _random_options(rng, 4)
     target, floor = rng.uniform(0.8, 0.97), rng.choice([0.0, 0.7])
-    result = allocate_thetas(options, 3, target, floor)
+    result = allocate_settings(options, 3, target, floor)
     optimum = _brute_force(options, target, floor)
     if optimum is None:
         assert not result.reached or result.recall < target
@@ -125,31 +125,44 @@ def test_allocation_meets_the_target_and_is_never_worse_than_one_theta(seed):
 
 
 def test_an_unreachable_target_takes_the_largest_thetas_and_says_so():
-    options = {(0, 0): [ThetaOption(1.0, (0.5,), 0.1), ThetaOption(2.0, (0.8,), 0.3)]}
-    result = allocate_thetas(options, 1, 0.9)
+    options = {(0, 0): [GroupOption(1.0, 64, (0.5,), 0.1), GroupOption(2.0, 64, (0.8,), 0.3)]}
+    result = allocate_settings(options, 1, 0.9)
     assert not result.reached and result.groups[0].option.theta == 2.0
 
 
 def test_allocation_refuses_impossible_arguments():
     with pytest.raises(ValueError, match="target_recall"):
-        allocate_thetas({(0, 0): [ThetaOption(1.0, (0.5,), 0.1)]}, 1, 1.5)
+        allocate_settings({(0, 0): [GroupOption(1.0, 64, (0.5,), 0.1)]}, 1, 1.5)
     with pytest.raises(ValueError, match="at least one"):
-        allocate_thetas({(0, 0): []}, 1, 0.9)
+        allocate_settings({(0, 0): []}, 1, 0.9)
 
 
-def test_written_policy_gives_each_group_its_theta(tmp_path):
-    base = load_policy({"min_length": 1024, "default": {"pattern": "anchor", "local": 256}})
-    options = {(0, 0): [ThetaOption(5.0, (0.99, 0.98), 0.1)], (0, 1): [ThetaOption(9.0, (0.95, 0.91), 0.3)],
-               (2, 0): [ThetaOption(6.0, (0.96, 0.97), 0.2)], (2, 1): [ThetaOption(6.0, (0.97, 0.96), 0.2)]}
+def test_written_policy_gives_each_group_its_setting(tmp_path):
+    base = load_policy({"min_length": 1024, "default": {"pattern": "anchor", "local": 256, "sink": 32}})
+    options = {(0, 0): [GroupOption(5.0, 256, (0.99, 0.98), 0.1)], (0, 1): [GroupOption(9.0, 1024, (0.95, 0.91), 0.3)],
+               (2, 0): [GroupOption(6.0, 128, (0.96, 0.97), 0.2)], (2, 1): [GroupOption(6.0, 128, (0.97, 0.96), 0.2)]}
     path = tmp_path / "groups.yaml"
-    path.write_text(group_calibrated_policy(base, allocate_thetas(options, 2, 0.9), "header"))
+    path.write_text(group_calibrated_policy(base, allocate_settings(options, 2, 0.9), "header"))
     policy = load_policy(path)
     policy.check_model(num_layers=4, num_heads=4)
-    expected = {(0, 0): 5.0, (0, 1): 5.0, (0, 2): 9.0, (0, 3): 9.0, (2, 0): 6.0, (2, 3): 6.0, (1, 0): 9.0}
-    for (layer, head), theta in expected.items():  # layer 1 was not measured: the largest theta
+    expected = {(0, 0): (5.0, 256), (0, 1): (5.0, 256), (0, 2): (9.0, 1024), (0, 3): (9.0, 1024), (2, 0): (6.0, 128),
+                (2, 3): (6.0, 128), (1, 0): (9.0, 1024)}
+    for (layer, head), (theta, local) in expected.items():  # layer 1 was not measured: the largest of each
         choice = policy.choice_for(layer, head).as_dict()
-        assert choice["theta"] == theta and choice["local"] == 256
+        assert (choice["theta"], choice["local"], choice["sink"]) == (theta, local, 32)
     assert len(policy.overrides) == 3  # layer 2's groups share one override
+
+
+def test_local_windows_are_measured_with_every_theta():
+    q, k, _ = structured_qkv(512, 4, 2, 32, device="cpu", dtype=torch.float32, seed=6)
+    options = measure_group_options({1: (q, k)}, PARAMS, [3.0, 6.0], locals_=[192, 64])
+    for (_, group), choices in options.items():
+        assert [(o.local, o.theta) for o in choices] == [(64, 3.0), (64, 6.0), (192, 3.0), (192, 6.0)]
+        plan = _plan(q, k, 3.0, local=192).select_heads(group, group + 1)
+        assert choices[2].density == pytest.approx(plan.density())
+        heads = slice(2 * group, 2 * group + 2)
+        assert choices[2].recall == pytest.approx(attention_recall(q[:, heads], k[:, group:group + 1], plan,
+                                                                   q.shape[-1] ** -0.5))
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -158,6 +171,8 @@ def test_written_policy_gives_each_group_its_theta(tmp_path):
     (["--per-kv-group", "--kl-budget", "0.02"], "give one of them"),
     (["--per-kv-group", "--min-head-recall", "1.5"], "must be in [0, 1]"),
     (["--per-kv-group", "--thetas", "4", "nan"], "finite"),
+    (["--locals", "512"], "--locals is for --per-kv-group"),
+    (["--per-kv-group", "--locals", "128", "-1"], "key counts >= 0"),
 ])
 def test_cli_refuses_per_kv_group_arguments_before_loading(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit):

@@ -1,13 +1,14 @@
-"""Anchor's theta per (layer, KV group) for a mean recall target: spend density where it buys recall.
+"""Anchor's theta (and local window) per (layer, KV group) for a mean recall target: spend density where it
+buys recall.
 
 One theta per layer (:mod:`sparse_prefill.evaluation.calibrate`) makes every layer reach the target
 on its own, so a layer whose heads keep 0.99 at theta 5 and one that needs theta 9.5 for 0.95 are
 both held to the same line. What a user pays for is the mean: the least mean density at which the
-mean recall over every head reaches the target. Measured once per (layer, KV group) and theta (the
+mean recall over every head reaches the target. Measured once per (layer, KV group) and setting (the
 KV group is the unit of anchor's shared key lists), the choice is a multiple-choice knapsack;
-here it is solved by a Lagrangian sweep (each group takes the theta maximising recall - lambda *
+here it is solved by a Lagrangian sweep (each group takes the setting maximising recall - lambda *
 density) followed by a greedy pass that spends the slack left above the target, and the result is
-never denser than the best single theta on the same measurements. ``min_head_recall`` keeps every
+never denser than the best single setting on the same measurements. ``min_head_recall`` keeps every
 query head of a group at or above a floor (the worst head's recall), at some density.
 Measured on SmolLM2-135M: docs/benchmarks/recall.md.
 """
@@ -25,18 +26,20 @@ from sparse_prefill.evaluation.recall import head_recalls
 from sparse_prefill.patterns.anchor.reference import anchor_identify_reference
 from sparse_prefill.policy import Policy
 
-__all__ = ["DEFAULT_THETAS", "ThetaOption", "GroupTheta", "Allocation", "measure_group_options", "allocate_thetas",
-           "group_calibrated_policy"]
+__all__ = ["DEFAULT_THETAS", "GroupOption", "GroupChoice", "Allocation", "measure_group_options",
+           "allocate_settings", "group_calibrated_policy"]
 
 DEFAULT_THETAS = (4.0, 5.0, 6.0, 7.0, 7.7, 8.5, 9.5, 11.0, 13.0, 16.0)
 """Thetas each KV group may take by default: the range from the sparsest useful to nearly dense."""
 
 
 @dataclass(frozen=True)
-class ThetaOption:
-    """What one KV group keeps at one theta: each of its query heads' recall and the group's density."""
+class GroupOption:
+    """What one KV group keeps at one setting (theta, local window): each of its query heads' recall and the
+    group's density."""
 
     theta: float
+    local: int
     head_recalls: tuple[float, ...]
     density: float
 
@@ -50,19 +53,19 @@ class ThetaOption:
 
 
 @dataclass(frozen=True)
-class GroupTheta:
-    """The theta chosen for the query heads ``heads`` (global indices, one KV group) of ``layer``."""
+class GroupChoice:
+    """The setting chosen for the query heads ``heads`` (global indices, one KV group) of ``layer``."""
 
     layer: int
     heads: range
-    option: ThetaOption
+    option: GroupOption
 
 
 @dataclass(frozen=True)
 class Allocation:
     """Every group's choice with the means it gives; ``reached``: the mean recall target (and floor) is met."""
 
-    groups: list[GroupTheta]
+    groups: list[GroupChoice]
     reached: bool
 
     @property
@@ -83,30 +86,33 @@ def _mean(values: Sequence[float]) -> float:
 
 
 def measure_group_options(qk: Mapping[int, tuple[torch.Tensor, torch.Tensor]], params: dict[str, Any],
-                          thetas: Sequence[float], progress: Callable[[Iterable[Any]], Iterable[Any]] = iter,
-                          ) -> dict[tuple[int, int], list[ThetaOption]]:
-    """(layer, KV group) -> its :class:`ThetaOption` per theta (ascending), on captured fp32 q [B, Hq, N, D] and
-    k [B, Hkv, N, D]: what a group's own call runs, so a selection denser than ``params["dense_above"]`` is
-    measured as the dense attention that replaces it (recall 1, density 1)."""
-    thetas = sorted(thetas)
+                          thetas: Sequence[float], locals_: Sequence[int] | None = None,
+                          progress: Callable[[Iterable[Any]], Iterable[Any]] = iter,
+                          ) -> dict[tuple[int, int], list[GroupOption]]:
+    """(layer, KV group) -> its :class:`GroupOption` per (local window, theta), on captured fp32 q [B, Hq, N, D]
+    and k [B, Hkv, N, D] (``locals_`` None: ``params["local"]`` alone). Options are what a group's own call runs,
+    so a selection denser than ``params["dense_above"]`` counts as the dense call that replaces it (recall 1,
+    density 1)."""
+    settings = [(local, theta) for local in sorted(set(locals_ or [params["local"]])) for theta in sorted(set(thetas))]
     dense_above = params.get("dense_above", 1.0)
-    options: dict[tuple[int, int], list[ThetaOption]] = {}
+    options: dict[tuple[int, int], list[GroupOption]] = {}
     for layer in progress(sorted(qk)):
         q, k = qk[layer]
         scale = q.shape[-1] ** -0.5
-        plans = [anchor_identify_reference(q, k, scale=scale, **{**params, "theta": theta, "dense_above": 1.0})
-                 for theta in thetas]
-        recalls = head_recalls(q, k, plans, scale)  # [thetas, Hq]
+        plans = [anchor_identify_reference(q, k, scale=scale,
+                                           **{**params, "theta": theta, "local": local, "dense_above": 1.0})
+                 for local, theta in settings]
+        recalls = head_recalls(q, k, plans, scale)  # [settings, Hq]
         num_kv, per_kv = k.shape[1], q.shape[1] // k.shape[1]
         for group in range(num_kv):
             choices = []
-            for i, (theta, plan) in enumerate(zip(thetas, plans)):
+            for i, ((local, theta), plan) in enumerate(zip(settings, plans)):
                 density = _group_density(plan, group, num_kv)
                 if density > dense_above:
-                    choices.append(ThetaOption(theta, (1.0,) * per_kv, 1.0))
+                    choices.append(GroupOption(theta, local, (1.0,) * per_kv, 1.0))
                 else:
                     heads = recalls[i, group * per_kv:(group + 1) * per_kv]
-                    choices.append(ThetaOption(theta, tuple(float(r) for r in heads), density))
+                    choices.append(GroupOption(theta, local, tuple(float(r) for r in heads), density))
             options[(layer, group)] = choices
     return options
 
@@ -117,34 +123,35 @@ def _group_density(plan: Any, group: int, num_kv: int) -> float:
     return plan.select_heads(group * per_kv, (group + 1) * per_kv).density()
 
 
-def allocate_thetas(options: Mapping[tuple[int, int], Sequence[ThetaOption]], group_size: int, target_recall: float,
-                    min_head_recall: float = 0.0) -> Allocation:
+def allocate_settings(options: Mapping[tuple[int, int], Sequence[GroupOption]], group_size: int,
+                      target_recall: float, min_head_recall: float = 0.0) -> Allocation:
     """The least mean density whose mean recall over every group reaches ``target_recall`` with every head
-    at or above ``min_head_recall``. A group that cannot meet the floor takes its largest theta; when the
-    target cannot be met, every group takes its largest admissible theta and ``reached`` is False."""
+    at or above ``min_head_recall``. A group that cannot meet the floor takes its option with the best worst
+    head; when the target cannot be met, every group takes its admissible option of most recall and
+    ``reached`` is False."""
     if not 0 < target_recall <= 1 or not 0 <= min_head_recall <= 1:
         raise ValueError(f"target_recall must be in (0, 1] and min_head_recall in [0, 1], got {target_recall} "
                          f"and {min_head_recall}")
     if not options or any(not choices for choices in options.values()):
         raise ValueError("every group needs at least one measured option")
     keys = sorted(options)
-    admissible = {key: [o for o in options[key] if o.worst_head >= min_head_recall] or [options[key][-1]]
-                  for key in keys}
+    admissible = {key: [o for o in options[key] if o.worst_head >= min_head_recall]
+                  or [max(options[key], key=lambda o: (o.worst_head, o.recall, -o.density))] for key in keys}
     floor_met = all(any(o.worst_head >= min_head_recall for o in options[key]) for key in keys)
     best = {key: max(admissible[key], key=lambda o: (o.recall, -o.density)) for key in keys}
     if _mean([best[key].recall for key in keys]) < target_recall:
         return _allocation(best, group_size, reached=False)
     chosen = _spend_slack(_lagrangian(admissible, keys, target_recall) or best, admissible, target_recall)
-    uniform = _best_single_theta(admissible, keys, target_recall)
+    uniform = _best_single_setting(admissible, keys, target_recall)
     if uniform is not None and _mean([uniform[k].density for k in keys]) < _mean([chosen[k].density for k in keys]):
         chosen = uniform
     return _allocation(chosen, group_size, reached=floor_met)
 
 
-def _lagrangian(admissible: Mapping[tuple[int, int], list[ThetaOption]], keys: list[tuple[int, int]],
-                target: float) -> dict[tuple[int, int], ThetaOption] | None:
+def _lagrangian(admissible: Mapping[tuple[int, int], list[GroupOption]], keys: list[tuple[int, int]],
+                target: float) -> dict[tuple[int, int], GroupOption] | None:
     """The choices at the largest price of density (lambda) whose mean recall still reaches ``target``."""
-    def pick(price: float) -> dict[tuple[int, int], ThetaOption]:
+    def pick(price: float) -> dict[tuple[int, int], GroupOption]:
         return {key: max(admissible[key], key=lambda o: (o.recall - price * o.density, -o.density)) for key in keys}
 
     low, high = 0.0, 1.0
@@ -160,8 +167,8 @@ def _lagrangian(admissible: Mapping[tuple[int, int], list[ThetaOption]], keys: l
     return choice if _mean([o.recall for o in choice.values()]) >= target else None
 
 
-def _spend_slack(chosen: dict[tuple[int, int], ThetaOption], admissible: Mapping[tuple[int, int], list[ThetaOption]],
-                 target: float) -> dict[tuple[int, int], ThetaOption]:
+def _spend_slack(chosen: dict[tuple[int, int], GroupOption], admissible: Mapping[tuple[int, int], list[GroupOption]],
+                 target: float) -> dict[tuple[int, int], GroupOption]:
     """Greedily move groups to less dense options while the mean recall stays at or above ``target``."""
     chosen = dict(chosen)
     total_recall = sum(o.recall for o in chosen.values())
@@ -176,47 +183,52 @@ def _spend_slack(chosen: dict[tuple[int, int], ThetaOption], admissible: Mapping
         chosen[key] = option
 
 
-def _best_single_theta(admissible: Mapping[tuple[int, int], list[ThetaOption]], keys: list[tuple[int, int]],
-                       target: float) -> dict[tuple[int, int], ThetaOption] | None:
-    """The least dense choice giving every group the same theta that reaches ``target``, if any."""
-    shared = set.intersection(*({o.theta for o in admissible[key]} for key in keys))
-    for theta in sorted(shared):
-        choice = {key: next(o for o in admissible[key] if o.theta == theta) for key in keys}
+def _best_single_setting(admissible: Mapping[tuple[int, int], list[GroupOption]], keys: list[tuple[int, int]],
+                         target: float) -> dict[tuple[int, int], GroupOption] | None:
+    """The least dense choice giving every group the same (theta, local) that reaches ``target``, if any."""
+    shared = set.intersection(*({(o.theta, o.local) for o in admissible[key]} for key in keys))
+    best = None
+    for setting in shared:
+        choice = {key: next(o for o in admissible[key] if (o.theta, o.local) == setting) for key in keys}
         if _mean([o.recall for o in choice.values()]) >= target:
-            return choice
-    return None
+            if best is None or _mean([o.density for o in choice.values()]) < _mean([o.density for o in best.values()]):
+                best = choice
+    return best
 
 
-def _allocation(chosen: Mapping[tuple[int, int], ThetaOption], group_size: int, reached: bool) -> Allocation:
-    groups = [GroupTheta(layer, range(group * group_size, (group + 1) * group_size), option)
+def _allocation(chosen: Mapping[tuple[int, int], GroupOption], group_size: int, reached: bool) -> Allocation:
+    groups = [GroupChoice(layer, range(group * group_size, (group + 1) * group_size), option)
               for (layer, group), option in sorted(chosen.items())]
     return Allocation(groups, reached)
 
 
 def group_calibrated_policy(base: Policy, allocation: Allocation, header: str) -> str:
-    """YAML of ``base`` (an anchor default) with each (layer, KV group)'s theta as an override; the KV
-    groups of one layer that share a theta share an override. Layers not measured keep the largest theta."""
+    """YAML of ``base`` (an anchor default) with each (layer, KV group)'s theta and local window as an override;
+    the KV groups of one layer that share a setting share an override. Layers not measured keep the largest
+    theta and window chosen."""
     check_calibration_base(base)
     if not allocation.groups:
         raise ValueError("no calibrated groups")
     params = base.default.as_dict()
-    default = {"pattern": "anchor", **params, "theta": max(g.option.theta for g in allocation.groups)}
-    by_layer: dict[int, dict[float, list[range]]] = {}
+    default = {"pattern": "anchor", **params, "theta": max(g.option.theta for g in allocation.groups),
+               "local": max(g.option.local for g in allocation.groups)}
+    by_layer: dict[int, dict[tuple[float, int], list[range]]] = {}
     for group in allocation.groups:
-        by_layer.setdefault(group.layer, {}).setdefault(group.option.theta, []).append(group.heads)
+        setting = (group.option.theta, group.option.local)
+        by_layer.setdefault(group.layer, {}).setdefault(setting, []).append(group.heads)
     overrides = []
-    for layer, thetas in sorted(by_layer.items()):
-        for theta, ranges in thetas.items():
+    for layer, settings in sorted(by_layer.items()):
+        for (theta, local), ranges in settings.items():
             override: dict[str, Any] = {"layers": layer}
-            if len(thetas) > 1:
+            if len(settings) > 1:
                 override["heads"] = [f"{r.start}-{r.stop - 1}" if len(r) > 1 else r.start for r in ranges]
-            overrides.append({**override, "pattern": "anchor", **params, "theta": theta})
+            overrides.append({**override, "pattern": "anchor", **params, "theta": theta, "local": local})
     body = yaml.safe_dump({"min_length": base.min_length, "default": default, "overrides": overrides},
                           sort_keys=False, default_flow_style=None, width=120)
     comments = "".join(f"# {line}\n" for line in header.splitlines())
     summary = (f"#   mean recall {allocation.recall:.4f}, mean density {allocation.density:.4f}, worst head "
                f"{allocation.worst_head:.3f}{'' if allocation.reached else ' (target not reached)'}\n")
-    rows = "".join(f"#   layer {g.layer} heads {g.heads.start}-{g.heads.stop - 1}: theta {g.option.theta:g}, recall "
-                   f"{g.option.recall:.3f} (worst head {g.option.worst_head:.3f}), density {g.option.density:.3f}\n"
-                   for g in allocation.groups)
+    rows = "".join(f"#   layer {g.layer} heads {g.heads.start}-{g.heads.stop - 1}: theta {g.option.theta:g}, local "
+                   f"{g.option.local}, recall {g.option.recall:.3f} (worst head {g.option.worst_head:.3f}), density "
+                   f"{g.option.density:.3f}\n" for g in allocation.groups)
     return comments + summary + rows + body
