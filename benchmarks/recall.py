@@ -127,7 +127,8 @@ def _evaluate_policy(qk: dict[int, tuple[torch.Tensor, torch.Tensor]], path: Pat
         per_layer[layer] = {"density": selected / k.shape[1], "recall": sum(recalls) / len(recalls),
                             "head_recalls": recalls}
     mean = {name: sum(r[name] for r in per_layer.values()) / len(per_layer) for name in ("density", "recall")}
-    worst = min((recall, layer, head) for layer, r in per_layer.items() for head, recall in enumerate(r["head_recalls"]))
+    worst = min((recall, layer, head)
+                for layer, r in per_layer.items() for head, recall in enumerate(r["head_recalls"]))
     return {"params": {"policy": path.name}, "layers": per_layer, "mean_density": mean["density"],
             "mean_recall": mean["recall"], "worst_head": {"recall": worst[0], "layer": worst[1], "head": worst[2]}}
 

@@ -58,7 +58,8 @@ def test_measured_options_grow_with_theta_and_match_the_plans():
     for (_, group), choices in options.items():
         assert [o.theta for o in choices] == [2.0, 5.0, 8.0]
         for low, high in itertools.pairwise(choices):
-            assert high.density >= low.density and all(b >= a - 1e-12 for a, b in zip(low.head_recalls, high.head_recalls))
+            assert high.density >= low.density
+            assert all(b >= a - 1e-12 for a, b in zip(low.head_recalls, high.head_recalls))
         plan = _plan(q, k, 5.0).select_heads(group, group + 1)
         assert choices[1].density == pytest.approx(plan.density())
         heads = slice(3 * group, 3 * group + 3)

@@ -24,8 +24,8 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from sparse_prefill.plan import BlockPlan, DensePlan, StripePlan
 
-__all__ = ["capture_qk", "attention_recall", "head_recalls", "causal_probabilities", "oracle_row_density", "oracle_stripe_plan",
-           "plan_rows_mask", "sampled_attention_recall"]
+__all__ = ["capture_qk", "attention_recall", "head_recalls", "causal_probabilities", "oracle_row_density",
+           "oracle_stripe_plan", "plan_rows_mask", "sampled_attention_recall"]
 
 _CAPTURE_IMPL = "sparse_prefill_capture"
 
