@@ -10,16 +10,17 @@ keys, shared lists included), so a bisection finds it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 import yaml
 
 from sparse_prefill.evaluation.recall import attention_recall
 from sparse_prefill.patterns.anchor.reference import anchor_identify_reference
-from sparse_prefill.policy import Policy
+from sparse_prefill.policy import Policy, load_policy
 
-__all__ = ["LayerTheta", "smallest_theta", "calibrate_layers", "check_calibration_base", "calibrated_policy"]
+__all__ = ["LayerTheta", "smallest_theta", "calibrate_layers", "check_calibration_base", "calibrated_policy",
+           "policy_file_text"]
 
 
 @dataclass(frozen=True)
@@ -100,9 +101,15 @@ def calibrated_policy(base: Policy, layers: list[LayerTheta], header: str) -> st
     params = base.default.as_dict()
     default = {"pattern": "anchor", **params, "theta": max(result.theta for result in layers)}
     overrides = [{"layers": result.layer, "pattern": "anchor", **params, "theta": result.theta} for result in layers]
-    body = yaml.safe_dump({"min_length": base.min_length, "default": default, "overrides": overrides},
-                          sort_keys=False, default_flow_style=None, width=120)
-    comments = "".join(f"# {line}\n" for line in header.splitlines())
-    rows = "".join(f"#   layer {r.layer}: theta {r.theta:g}, recall {r.recall:.3f}, density {r.density:.3f}"
-                   f"{'' if r.reached else ' (target not reached at theta 16)'}\n" for r in layers)
-    return comments + rows + body
+    rows = [f"  layer {r.layer}: theta {r.theta:g}, recall {r.recall:.3f}, density {r.density:.3f}"
+            f"{'' if r.reached else ' (target not reached at theta 16)'}" for r in layers]
+    return policy_file_text({"min_length": base.min_length, "default": default, "overrides": overrides},
+                            [*header.splitlines(), *rows])
+
+
+def policy_file_text(policy: Mapping[str, Any], comments: Iterable[str]) -> str:
+    """A calibrated policy as YAML under ``comments`` (one ``# `` line each), after checking it loads as any
+    policy file would: calibration writes a file the user will load, so a mistake shows here, not there."""
+    load_policy(dict(policy))
+    body = yaml.safe_dump(dict(policy), sort_keys=False, default_flow_style=None, width=120)
+    return "".join(f"# {line}\n" for line in comments) + body

@@ -19,9 +19,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
-import yaml
 
-from sparse_prefill.evaluation.calibrate import check_calibration_base
+from sparse_prefill.evaluation.calibrate import check_calibration_base, policy_file_text
 from sparse_prefill.evaluation.recall import head_recalls
 from sparse_prefill.patterns.anchor.reference import anchor_identify_reference
 from sparse_prefill.policy import Policy
@@ -223,12 +222,10 @@ def group_calibrated_policy(base: Policy, allocation: Allocation, header: str) -
             if len(settings) > 1:
                 override["heads"] = [f"{r.start}-{r.stop - 1}" if len(r) > 1 else r.start for r in ranges]
             overrides.append({**override, "pattern": "anchor", **params, "theta": theta, "local": local})
-    body = yaml.safe_dump({"min_length": base.min_length, "default": default, "overrides": overrides},
-                          sort_keys=False, default_flow_style=None, width=120)
-    comments = "".join(f"# {line}\n" for line in header.splitlines())
-    summary = (f"#   mean recall {allocation.recall:.4f}, mean density {allocation.density:.4f}, worst head "
-               f"{allocation.worst_head:.3f}{'' if allocation.reached else ' (target not reached)'}\n")
-    rows = "".join(f"#   layer {g.layer} heads {g.heads.start}-{g.heads.stop - 1}: theta {g.option.theta:g}, local "
-                   f"{g.option.local}, recall {g.option.recall:.3f} (worst head {g.option.worst_head:.3f}), density "
-                   f"{g.option.density:.3f}\n" for g in allocation.groups)
-    return comments + summary + rows + body
+    summary = (f"  mean recall {allocation.recall:.4f}, mean density {allocation.density:.4f}, worst head "
+               f"{allocation.worst_head:.3f}{'' if allocation.reached else ' (target not reached)'}")
+    rows = [f"  layer {g.layer} heads {g.heads.start}-{g.heads.stop - 1}: theta {g.option.theta:g}, local "
+            f"{g.option.local}, recall {g.option.recall:.3f} (worst head {g.option.worst_head:.3f}), density "
+            f"{g.option.density:.3f}" for g in allocation.groups]
+    return policy_file_text({"min_length": base.min_length, "default": default, "overrides": overrides},
+                            [*header.splitlines(), summary, *rows])

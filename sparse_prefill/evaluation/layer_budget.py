@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
-import yaml
 
+from sparse_prefill.evaluation.calibrate import policy_file_text
 from sparse_prefill.evaluation.whole_model import kl_per_position, next_token_logprobs
 from sparse_prefill.integrations.huggingface import apply, remove
 from sparse_prefill.policy import PatternChoice, Policy, load_policy
@@ -258,8 +258,6 @@ def kl_calibrated_policy(base: Policy, result: KLCalibration, header: str) -> st
     """YAML of ``base`` with one override per calibrated layer, its chosen setting or dense, under a
     comment saying what was measured. Layers that were not calibrated keep ``base``'s default."""
     policy = _policy_dict(base, {layer: option.choice for layer, option in result.chosen.items()})
-    load_policy(policy)  # the file must load: validated like any policy
-    body = yaml.safe_dump(policy, sort_keys=False, default_flow_style=None, width=120)
     lines = list(header.splitlines())
     for check in result.checks:
         lines.append(f"check: solved for KL {check.budget:.4g}, predicted {check.predicted_kl:.4g}, "
@@ -270,4 +268,4 @@ def kl_calibrated_policy(base: Policy, result: KLCalibration, header: str) -> st
         lines.append(f"  layer {layer}: {option.label}, KL alone {option.kl:.4g}, density {option.density:.3f}")
     if result.skipped_layers:
         lines.append(f"  layers {result.skipped_layers}: made no sparse plan, keep the default")
-    return "".join(f"# {line}\n" for line in lines) + body
+    return policy_file_text(policy, lines)
