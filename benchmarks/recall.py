@@ -12,7 +12,7 @@ writes JSON. Examples (the sweeps behind docs/benchmarks/recall.md)::
     python benchmarks/recall.py --policy calibrated.yaml --qk-cache /tmp/smollm2_qk_8k.pt \
         --out docs/benchmarks/recall_smollm2_8k.json
 
-``--policy`` measures a policy file's own per-layer and per-head anchor settings (for example one
+``--policy`` measures a policy file's own per-layer and per-head settings (for example one
 written by ``sparse-prefill calibrate --per-kv-group``) instead of the grid.
 """
 
@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from sparse_prefill.evaluation.models import essay_token_ids, load_model
+from sparse_prefill.evaluation.layer_recall import policy_layer_plans
 from sparse_prefill.evaluation.recall import attention_recall, capture_qk, head_recalls, oracle_stripe_plan
 from sparse_prefill.patterns.anchor import ANCHOR
 from sparse_prefill.patterns.anchor.reference import anchor_identify_reference
@@ -61,7 +62,7 @@ def _parse_args() -> argparse.Namespace:
                              "keys; per query head and shared per KV group): the least density any identifier of "
                              "that granularity and list sharing needs")
     parser.add_argument("--policy", type=Path, nargs="+", default=None,
-                        help="measure these policy files' anchor settings per layer and head instead of the grid")
+                        help="measure these policy files' settings per layer and head instead of the grid")
     parser.add_argument("--out", type=Path, help="write the results as JSON (merged into an existing report)")
     return parser.parse_args()
 
@@ -103,29 +104,17 @@ def _head_recalls(q: torch.Tensor, k: torch.Tensor, plan: StripePlan, scale: flo
 
 
 def _evaluate_policy(qk: dict[int, tuple[torch.Tensor, torch.Tensor]], path: Path) -> dict[str, Any]:
-    """Density, recall and each head's recall per layer under a policy file's anchor choices (their selection,
-    never the dense fallback): the KV groups of each choice are identified together, as attention calls them."""
+    """Density, recall and each head's recall per layer under a policy file's own choices (their selection,
+    never the dense fallback), each head group identified as attention calls it."""
     policy = load_policy(path)
     per_layer = {}
     for layer, (q, k) in qk.items():
-        scale, per_kv = q.shape[-1] ** -0.5, q.shape[1] // k.shape[1]
-        recalls, selected = [0.0] * q.shape[1], 0.0
-        for assignment in policy.assign_heads(layer, q.shape[1]):
-            if assignment.choice.pattern != "anchor":
-                raise SystemExit(f"--policy {path}: layer {layer} uses {assignment.choice.pattern!r}; this script "
-                                 "measures anchor choices only")
-            heads = list(assignment.heads)
-            kv = sorted({h // per_kv for h in heads})
-            if heads != [h for g in kv for h in range(g * per_kv, (g + 1) * per_kv)]:
-                raise SystemExit(f"--policy {path}: layer {layer} splits a KV group between settings")
-            q_part, k_part = q[:, heads], k[:, kv]
-            plan = anchor_identify_reference(q_part, k_part, scale=scale,
-                                             **{**assignment.choice.as_dict(), "dense_above": 1.0})
-            for head, recall in zip(heads, _head_recalls(q_part, k_part, plan, scale)):
+        recalls, density = [0.0] * q.shape[1], 0.0
+        for q_heads, kv_heads, plan, ctx in policy_layer_plans(q, k, policy, layer, dense_fallback=False):
+            for head, recall in zip(q_heads, _head_recalls(q[:, q_heads], k[:, kv_heads], plan, ctx.scale)):
                 recalls[head] = recall
-            selected += plan.density() * len(kv)
-        per_layer[layer] = {"density": selected / k.shape[1], "recall": sum(recalls) / len(recalls),
-                            "head_recalls": recalls}
+            density += plan.density() * len(q_heads) / q.shape[1]
+        per_layer[layer] = {"density": density, "recall": sum(recalls) / len(recalls), "head_recalls": recalls}
     mean = {name: sum(r[name] for r in per_layer.values()) / len(per_layer) for name in ("density", "recall")}
     worst = min((recall, layer, head)
                 for layer, r in per_layer.items() for head, recall in enumerate(r["head_recalls"]))

@@ -11,16 +11,34 @@ model measured here (Gemma 3's query_pre_attn_scalar equals its head dim).
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from typing import Iterable, Iterator, Mapping
 
 import torch
 
 from sparse_prefill.evaluation.recall import attention_recall
 from sparse_prefill.integrations.head_groups import kv_aligned_chunks
 from sparse_prefill.interfaces import AttentionContext
+from sparse_prefill.plan import Plan
 from sparse_prefill.policy import Policy
 
-__all__ = ["policy_layer_recall"]
+__all__ = ["policy_layer_plans", "policy_layer_recall"]
+
+
+def policy_layer_plans(q: torch.Tensor, k: torch.Tensor, policy: Policy, layer: int, dense_fallback: bool = True,
+                       ) -> Iterator[tuple[list[int], list[int], Plan, AttentionContext]]:
+    """(query heads, KV heads, plan, context) of each call one layer's attention makes under ``policy``: the
+    identifier each head group is assigned, on the heads' q [B, Hq, N, D] and k [B, Hkv, N, D], split as the
+    Hugging Face integration splits them. ``dense_fallback`` False measures the selection itself."""
+    num_q, num_kv = q.shape[1], k.shape[1]
+    for assignment in policy.assign_heads(layer, num_q):
+        identifier = policy.identifier(assignment.choice)
+        for q_heads, kv_heads in kv_aligned_chunks(assignment.heads, num_q // num_kv):
+            q_part, k_part = q[:, q_heads], k[:, kv_heads]
+            ctx = AttentionContext.for_inputs(q_part, k_part, layer_idx=layer, head_offset=q_heads[0],
+                                              dense_fallback=dense_fallback)
+            with torch.inference_mode():
+                plan = identifier.identify(q_part, k_part, ctx)
+            yield q_heads, kv_heads, plan, ctx
 
 
 def policy_layer_recall(qk: Mapping[int, tuple[torch.Tensor, torch.Tensor]], policy: Policy,
@@ -34,17 +52,9 @@ def policy_layer_recall(qk: Mapping[int, tuple[torch.Tensor, torch.Tensor]], pol
         if layer not in qk:
             continue
         q, k = qk[layer]
-        num_q, num_kv, seq_len = q.shape[1], k.shape[1], q.shape[2]
-        if seq_len < policy.min_length:
+        if q.shape[2] < policy.min_length:
             continue
-        kept = 0.0
-        for assignment in policy.assign_heads(layer, num_q):
-            identifier = policy.identifier(assignment.choice)
-            for q_heads, kv_heads in kv_aligned_chunks(assignment.heads, num_q // num_kv):
-                q_part, k_part = q[:, q_heads], k[:, kv_heads]
-                ctx = AttentionContext.for_inputs(q_part, k_part, layer_idx=layer, head_offset=q_heads[0])
-                with torch.inference_mode():
-                    plan = identifier.identify(q_part, k_part, ctx)
-                kept += attention_recall(q_part, k_part, plan, ctx.scale) * len(q_heads)
-        recall[layer] = kept / num_q
+        kept = sum(attention_recall(q[:, q_heads], k[:, kv_heads], plan, ctx.scale) * len(q_heads)
+                   for q_heads, kv_heads, plan, ctx in policy_layer_plans(q, k, policy, layer))
+        recall[layer] = kept / q.shape[1]
     return recall
