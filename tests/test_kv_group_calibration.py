@@ -1,6 +1,7 @@
 """Anchor's settings per (layer, KV group) for a mean recall target: measured options, allocation, written policy."""
 
 import itertools
+import math
 import random
 
 import pytest
@@ -56,10 +57,10 @@ def test_measured_options_grow_with_theta_and_match_the_plans():
     options = measure_group_options({3: (q, k)}, PARAMS, [8.0, 2.0, 5.0])
     assert sorted(options) == [(3, 0), (3, 1)]
     for (_, group), choices in options.items():
-        assert [o.theta for o in choices] == [2.0, 5.0, 8.0]
+        assert [(o.theta, o.dense) for o in choices] == [(2.0, False), (5.0, False), (8.0, False), (math.inf, True)]
         for low, high in itertools.pairwise(choices):
             assert high.density >= low.density
-            assert all(b >= a - 1e-12 for a, b in zip(low.head_recalls, high.head_recalls))
+            assert all(b >= a - 1e-8 for a, b in zip(low.head_recalls, high.head_recalls))  # a full selection measures 1 to rounding
         plan = _plan(q, k, 5.0).select_heads(group, group + 1)
         assert choices[1].density == pytest.approx(plan.density())
         heads = slice(3 * group, 3 * group + 3)
@@ -74,7 +75,7 @@ def test_a_selection_over_dense_above_is_measured_as_the_dense_call_that_replace
     for key in free:
         for loose, kept in zip(free[key], capped[key]):
             if loose.density > 0.5:
-                assert kept == GroupOption(loose.theta, 64, (1.0, 1.0), 1.0)
+                assert kept == GroupOption(loose.theta, 64, (1.0, 1.0), 1.0, dense=True)
             else:
                 assert kept == loose
     assert any(o.density == 1.0 for choices in capped.values() for o in choices)
@@ -158,12 +159,42 @@ def test_local_windows_are_measured_with_every_theta():
     q, k, _ = structured_qkv(512, 4, 2, 32, device="cpu", dtype=torch.float32, seed=6)
     options = measure_group_options({1: (q, k)}, PARAMS, [3.0, 6.0], locals_=[192, 64])
     for (_, group), choices in options.items():
-        assert [(o.local, o.theta) for o in choices] == [(64, 3.0), (64, 6.0), (192, 3.0), (192, 6.0)]
+        sparse = [(o.local, o.theta) for o in choices if not o.dense]
+        assert sparse == [(64, 3.0), (64, 6.0), (192, 3.0), (192, 6.0)]
         plan = _plan(q, k, 3.0, local=192).select_heads(group, group + 1)
         assert choices[2].density == pytest.approx(plan.density())
         heads = slice(2 * group, 2 * group + 2)
         assert choices[2].recall == pytest.approx(attention_recall(q[:, heads], k[:, group:group + 1], plan,
                                                                    q.shape[-1] ** -0.5))
+
+
+def test_every_group_can_stay_dense_and_a_floor_no_theta_meets_is_met_dense(tmp_path):
+    q, k, _ = structured_qkv(384, 4, 2, 32, device="cpu", dtype=torch.float32, seed=3)
+    options = measure_group_options({0: (q, k), 1: (q, k)}, PARAMS, [2.0, 4.0])
+    for choices in options.values():
+        dense = [o for o in choices if o.dense]
+        assert len(dense) == 1 and dense[0].density == 1.0 and set(dense[0].head_recalls) == {1.0}
+    floor = max(o.worst_head for choices in options.values() for o in choices if not o.dense) + 1e-6
+    allocation = allocate_settings(options, 2, 0.5, min_head_recall=floor)
+    assert allocation.reached and all(g.option.dense for g in allocation.groups)
+    base = load_policy({"min_length": 0, "default": {"pattern": "anchor", "theta": 7.0}})
+    path = tmp_path / "dense.yaml"
+    path.write_text(group_calibrated_policy(base, allocation, "header"))
+    policy = load_policy(path)
+    assert all(policy.choice_for(layer, head).pattern == "dense" for layer in (0, 1) for head in range(4))
+    assert policy.default.as_dict()["theta"] == 7.0  # no sparse group chose a theta: the base's
+
+
+def test_a_group_whose_setting_ran_dense_is_written_dense_not_as_its_theta(tmp_path):
+    base = load_policy({"min_length": 0, "default": {"pattern": "anchor"}})
+    options = {(0, 0): [GroupOption(9.0, 128, (1.0, 1.0), 1.0, dense=True)],
+               (0, 1): [GroupOption(5.0, 128, (0.96, 0.95), 0.2)]}
+    path = tmp_path / "mixed.yaml"
+    text = group_calibrated_policy(base, allocate_settings(options, 2, 0.9), "header")
+    path.write_text(text)
+    policy = load_policy(path)
+    assert [policy.choice_for(0, head).pattern for head in range(4)] == ["dense"] * 2 + ["anchor"] * 2
+    assert policy.choice_for(0, 3).as_dict()["theta"] == 5.0 and "heads 0-1: dense" in text
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -10,11 +10,17 @@ here it is solved by a Lagrangian sweep (each group takes the setting maximising
 density) followed by a greedy pass that spends the slack left above the target, and the result is
 never denser than the best single setting on the same measurements. ``min_head_recall`` keeps every
 query head of a group at or above a floor (the worst head's recall), at some density.
+
+Dense is always one of a group's options, and a group that takes it is written as ``pattern: dense``, never
+as the theta whose selection happened to pass ``dense_above`` on the calibration text: on other text the
+same theta can select less, run sparse, and lose what the calibration never measured (on
+Qwen2.5-Coder-0.5B at 8k, layer 3 written that way cost KL 0.01 alone).
 Measured on SmolLM2-135M: docs/benchmarks/recall.md.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -35,12 +41,14 @@ DEFAULT_THETAS = (4.0, 5.0, 6.0, 7.0, 7.7, 8.5, 9.5, 11.0, 13.0, 16.0)
 @dataclass(frozen=True)
 class GroupOption:
     """What one KV group keeps at one setting (theta, local window): each of its query heads' recall and the
-    group's density."""
+    group's density. ``dense``: the group runs the model's own attention (recall 1, density 1), either chosen
+    as such or because this setting's selection passed ``dense_above``."""
 
     theta: float
     local: int
     head_recalls: tuple[float, ...]
     density: float
+    dense: bool = False
 
     @property
     def recall(self) -> float:
@@ -91,7 +99,8 @@ def measure_group_options(qk: Mapping[int, tuple[torch.Tensor, torch.Tensor]], p
     """(layer, KV group) -> its :class:`GroupOption` per (local window, theta), on captured fp32 q [B, Hq, N, D]
     and k [B, Hkv, N, D] (``locals_`` None: ``params["local"]`` alone). Options are what a group's own call runs,
     so a selection denser than ``params["dense_above"]`` counts as the dense call that replaces it (recall 1,
-    density 1)."""
+    density 1, ``dense``). Every group also gets an explicit dense option (theta +inf) unless a setting ran
+    dense already, so a floor no theta meets is met by staying dense."""
     settings = [(local, theta) for local in sorted(set(locals_ or [params["local"]])) for theta in sorted(set(thetas))]
     dense_above = params.get("dense_above", 1.0)
     options: dict[tuple[int, int], list[GroupOption]] = {}
@@ -108,10 +117,12 @@ def measure_group_options(qk: Mapping[int, tuple[torch.Tensor, torch.Tensor]], p
             for i, ((local, theta), plan) in enumerate(zip(settings, plans)):
                 density = _group_density(plan, group, num_kv)
                 if density > dense_above:
-                    choices.append(GroupOption(theta, local, (1.0,) * per_kv, 1.0))
+                    choices.append(GroupOption(theta, local, (1.0,) * per_kv, 1.0, dense=True))
                 else:
                     heads = recalls[i, group * per_kv:(group + 1) * per_kv]
                     choices.append(GroupOption(theta, local, tuple(float(r) for r in heads), density))
+            if not any(option.dense for option in choices):
+                choices.append(GroupOption(math.inf, params["local"], (1.0,) * per_kv, 1.0, dense=True))
             options[(layer, group)] = choices
     return options
 
@@ -202,30 +213,38 @@ def _allocation(chosen: Mapping[tuple[int, int], GroupOption], group_size: int, 
 
 
 def group_calibrated_policy(base: Policy, allocation: Allocation, header: str) -> str:
-    """YAML of ``base`` (an anchor default) with each (layer, KV group)'s theta and local window as an override;
-    the KV groups of one layer that share a setting share an override. Layers not measured keep the largest
-    theta and window chosen."""
+    """YAML of ``base`` (an anchor default) with each (layer, KV group)'s theta and local window as an override,
+    or ``pattern: dense`` for a group whose choice ran dense; the KV groups of one layer that share a setting
+    share an override. Layers not measured keep the largest theta and window chosen for a sparse group."""
     check_calibration_base(base)
     if not allocation.groups:
         raise ValueError("no calibrated groups")
     params = base.default.as_dict()
-    default = {"pattern": "anchor", **params, "theta": max(g.option.theta for g in allocation.groups),
-               "local": max(g.option.local for g in allocation.groups)}
-    by_layer: dict[int, dict[tuple[float, int], list[range]]] = {}
+    sparse = [g.option for g in allocation.groups if not g.option.dense]
+    default = {"pattern": "anchor", **params, "theta": max((o.theta for o in sparse), default=params["theta"]),
+               "local": max((o.local for o in sparse), default=params["local"])}
+    by_layer: dict[int, dict[tuple[float, int] | None, list[range]]] = {}
     for group in allocation.groups:
-        setting = (group.option.theta, group.option.local)
+        setting = None if group.option.dense else (group.option.theta, group.option.local)
         by_layer.setdefault(group.layer, {}).setdefault(setting, []).append(group.heads)
     overrides = []
     for layer, settings in sorted(by_layer.items()):
-        for (theta, local), ranges in settings.items():
+        for setting, ranges in settings.items():
             override: dict[str, Any] = {"layers": layer}
             if len(settings) > 1:
                 override["heads"] = [f"{r.start}-{r.stop - 1}" if len(r) > 1 else r.start for r in ranges]
-            overrides.append({**override, "pattern": "anchor", **params, "theta": theta, "local": local})
+            if setting is None:
+                overrides.append({**override, "pattern": "dense"})
+            else:
+                overrides.append({**override, "pattern": "anchor", **params, "theta": setting[0], "local": setting[1]})
     summary = (f"  mean recall {allocation.recall:.4f}, mean density {allocation.density:.4f}, worst head "
                f"{allocation.worst_head:.3f}{'' if allocation.reached else ' (target not reached)'}")
-    rows = [f"  layer {g.layer} heads {g.heads.start}-{g.heads.stop - 1}: theta {g.option.theta:g}, local "
-            f"{g.option.local}, recall {g.option.recall:.3f} (worst head {g.option.worst_head:.3f}), density "
-            f"{g.option.density:.3f}" for g in allocation.groups]
+    rows = [f"  layer {g.layer} heads {g.heads.start}-{g.heads.stop - 1}: {_setting_text(g.option)}, recall "
+            f"{g.option.recall:.3f} (worst head {g.option.worst_head:.3f}), density {g.option.density:.3f}"
+            for g in allocation.groups]
     return policy_file_text({"min_length": base.min_length, "default": default, "overrides": overrides},
                             [*header.splitlines(), summary, *rows])
+
+
+def _setting_text(option: GroupOption) -> str:
+    return "dense" if option.dense else f"theta {option.theta:g}, local {option.local}"
