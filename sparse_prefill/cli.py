@@ -13,7 +13,7 @@ import os
 import sys
 import textwrap
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -249,6 +249,17 @@ def _calibration_model_and_text(args: argparse.Namespace, base: Policy) -> tuple
     return load_weights(files, config, dtype=dtype, device=device), ids, num_layers, dtype
 
 
+def _print_layer_kl(results: Sequence[Any], shown: int = 5) -> None:
+    """The layers with the largest KL shares (``eval --layer-kl``), per measured policy and length."""
+    measured = [m for m in results if m.layer_kl]
+    if measured:
+        print(f"KL by layer, the policy on that layer alone (largest {shown}; all in results.json):")
+    for m in measured:
+        largest = sorted(m.layer_kl.items(), key=lambda item: -item[1])[:shown]
+        print(f"  {m.label} at {m.length}: " + ", ".join(f"layer {layer} {kl:.4f}" for layer, kl in largest)
+              + f" (sum {sum(m.layer_kl.values()):.4f}, whole policy {m.kl:.4f})")
+
+
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     if args.kl_budget is not None:
         return _cmd_calibrate_kl(args)
@@ -421,7 +432,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     try:
         settings = EvalSettings(lengths=tuple(args.lengths), score_last=args.score_last,
                                 needle_depths=tuple(args.needle_depths), needle_new_tokens=args.needle_new_tokens,
-                                repeats=args.repeats, recall=args.recall, ruler_tasks=tuple(args.ruler),
+                                repeats=args.repeats, recall=args.recall, layer_kl=args.layer_kl,
+                                ruler_tasks=tuple(args.ruler),
                                 ruler_samples=args.ruler_samples)
         sweep = parse_sweep(args.sweep or [])
     except ValueError as exc:
@@ -465,6 +477,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                        progress=lambda steps: tqdm(steps, desc="eval (length, policy)", unit="run"), on_result=save)
     print(summary_table(results))
     _print_summaries({f"{m.label} at {m.length}": m.summary for m in results if m.summary})
+    _print_layer_kl(results)
     print(f"results: {save(results)}")
     if not args.no_plots:
         from sparse_prefill.evaluation.plots import plot_needle_heatmap, plot_quality_vs_density, plot_quality_vs_time
@@ -730,6 +743,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--recall", action="store_true",
                             help="also measure each layer's attention recall (softmax mass its plans keep) on the "
                                  "dense model's q and k: one more forward per length, an exact softmax per layer")
+    evaluation.add_argument("--layer-kl", action="store_true",
+                            help="also measure each layer's share of a policy's KL: the policy on that layer alone, "
+                                 "every other layer dense (one more forward per layer); finds the layers that lose")
     evaluation.add_argument("--ruler", nargs="+", default=[], metavar="TASK",
                             help="RULER tasks to score at each length, e.g. niah_multikey_1 vt cwe (see docs/ruler.md; "
                                  "needs the ruler extra)")

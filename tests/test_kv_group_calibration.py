@@ -60,7 +60,8 @@ def test_measured_options_grow_with_theta_and_match_the_plans():
         assert [(o.theta, o.dense) for o in choices] == [(2.0, False), (5.0, False), (8.0, False), (math.inf, True)]
         for low, high in itertools.pairwise(choices):
             assert high.density >= low.density
-            assert all(b >= a - 1e-8 for a, b in zip(low.head_recalls, high.head_recalls))  # a full selection measures 1 to rounding
+            # A full selection measures 1 to rounding, sometimes a hair over.
+            assert all(b >= a - 1e-8 for a, b in zip(low.head_recalls, high.head_recalls))
         plan = _plan(q, k, 5.0).select_heads(group, group + 1)
         assert choices[1].density == pytest.approx(plan.density())
         heads = slice(3 * group, 3 * group + 3)

@@ -175,6 +175,40 @@ def test_recall_per_layer_is_what_the_policys_plans_keep_on_the_dense_q_and_k():
     assert "recall" in summary_table([streaming])
 
 
+def test_a_policy_on_one_layer_keeps_that_layers_choices_and_runs_the_rest_dense():
+    from sparse_prefill.evaluation.layer_share import policy_on_layer
+
+    policy = load_policy({"min_length": 64, "guard": {"max_error": 0.2, "rows": 8},
+                          "default": {"pattern": "streaming", "sink": 8, "local": 16, "group_rows": 16},
+                          "overrides": [{"layers": 1, "heads": [1, "3-4"], "pattern": "streaming", "local": 32},
+                                        {"layers": "0-1", "heads": [0], "pattern": "dense"}]})
+    for layer in (0, 1, 2):
+        alone = policy_on_layer(policy, layer, num_heads=6)
+        assert alone.min_length == 64 and alone.guard == policy.guard and f"layer {layer} alone" in alone.source
+        for other in (0, 1, 2, 3):
+            for head in range(6):
+                expected = policy.choice_for(layer, head) if other == layer else load_policy(
+                    {"default": {"pattern": "dense"}}).default
+                assert alone.choice_for(other, head) == expected
+
+
+def test_layer_kl_shares_find_the_layer_that_loses():
+    model = tiny_model()
+    text = torch.randint(1, 96, (1, 160), generator=torch.Generator().manual_seed(5))
+    only_second = {**STREAMING, "overrides": [{"layers": 0, "pattern": "dense"}]}
+    policies = {"streaming": load_policy(STREAMING), "layer 1": load_policy(only_second),
+                "every-key": load_policy(EVERY_KEY)}
+    settings = EvalSettings(lengths=(160,), score_last=32, needle_depths=(), repeats=0, layer_kl=True)
+    by = {m.label: m for m in evaluate(model, CharTokenizer(), lambda n: text[:, :n], policies, settings)}
+    assert by["dense"].layer_kl == {}
+    assert set(by["streaming"].layer_kl) == {"0", "1"} and all(v > 1e-6 for v in by["streaming"].layer_kl.values())
+    # Sparse on layer 1 only: its share is the whole policy's KL, the dense layer's is none.
+    assert by["layer 1"].layer_kl["1"] == pytest.approx(by["layer 1"].kl, rel=1e-4, abs=1e-6)
+    assert by["layer 1"].layer_kl.get("0", 0.0) < 1e-9
+    assert by["streaming"].layer_kl["1"] == pytest.approx(by["layer 1"].kl, rel=1e-4, abs=1e-6)
+    assert all(v < 1e-6 for v in by["every-key"].layer_kl.values())
+
+
 def test_plots_are_written(tmp_path):
     pytest.importorskip("matplotlib")
     from sparse_prefill.evaluation.plots import plot_needle_heatmap, plot_quality_vs_density, plot_quality_vs_time
@@ -217,11 +251,11 @@ def test_eval_command_writes_results_and_plots(tmp_path):
     out = tmp_path / "out"
     code = main(["eval", "--model", str(tmp_path / "model"), "--policy", str(policy), "--sweep", "local=16,32",
                  "--lengths", "96", "--score-last", "16", "--needle-depths", "0.5", "--needle-new-tokens", "2",
-                 "--repeats", "1", "--min-length", "0", "--device", "cpu", "--out", str(out)])
+                 "--repeats", "1", "--min-length", "0", "--device", "cpu", "--layer-kl", "--out", str(out)])
     assert code == 0
     report = json.loads((out / "results.json").read_text())
     assert [r["label"] for r in report["results"]] == ["dense", "streaming[local=16]", "streaming[local=32]"]
-    assert report["complete"] is True
+    assert report["complete"] is True and set(report["results"][1]["layer_kl"]) == {"0", "1"}
     assert report["versions"]["torch"] == torch.__version__ and report["settings"]["lengths"] == [96]
     assert (out / "quality_vs_density.png").stat().st_size > 1000 and (out / "needle.png").exists()
 

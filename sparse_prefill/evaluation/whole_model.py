@@ -65,6 +65,7 @@ class EvalSettings:
     needle_new_tokens: int = 12
     repeats: int = 3
     recall: bool = False  # per-layer attention recall of each policy's plans (one dense capture per length)
+    layer_kl: bool = False  # each layer's KL with the policy on it alone (one forward per layer that made a plan)
     ruler_tasks: tuple[str, ...] = ()
     ruler_samples: int = 5
 
@@ -103,6 +104,7 @@ class Measurement:
     layer_density: dict[str, float] = field(default_factory=dict)
     layer_recall: dict[str, float] = field(default_factory=dict)  # EvalSettings.recall: mass each layer's plans keep
     recall: float | None = None  # mean of layer_recall
+    layer_kl: dict[str, float] = field(default_factory=dict)  # EvalSettings.layer_kl: KL, the policy on one layer
     sparse_calls: int = 0
     fallbacks: dict[str, int] = field(default_factory=dict)
     prefill_ms: float | None = None
@@ -313,6 +315,8 @@ def evaluate(model: Any, tokenizer: Any, text_ids: Callable[[int], torch.Tensor]
                 qk.clear()  # one length's capture held at a time
                 qk.update(_capture_all_layers(model, ids))
             _add_recall(results[-1], qk, policy)
+        if settings.layer_kl and policy is not None and results[-1].layer_density:
+            _add_layer_kl(results[-1], model, ids, policy, settings.score_last, dense[length][0])
         if on_result is not None:
             on_result(results)
     return results
@@ -387,6 +391,16 @@ def _capture_all_layers(model: Any, ids: torch.Tensor) -> dict[int, tuple[torch.
     from sparse_prefill.evaluation.recall import capture_qk
 
     return capture_qk(model, ids.to(_device_of(model)), range(model.config.get_text_config().num_hidden_layers))
+
+
+def _add_layer_kl(measurement: Measurement, model: Any, ids: torch.Tensor, policy: Policy, score_last: int,
+                  reference: torch.Tensor) -> None:
+    """Each layer's share of the KL, for the layers that made plans in the measured run."""
+    from sparse_prefill.evaluation.layer_share import layer_kl_shares
+
+    layers = [int(layer) for layer in measurement.layer_density if layer.isdigit()]
+    shares = layer_kl_shares(model, ids, policy, layers, score_last, reference)
+    measurement.layer_kl = {str(layer): round(value, 6) for layer, value in shares.items()}
 
 
 def _add_recall(measurement: Measurement, qk: Mapping[int, tuple[torch.Tensor, torch.Tensor]],
