@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any, Mapping
 
-from sparse_prefill.policy import PolicyError, index_runs
+from sparse_prefill.policy import PolicyError, selector_items
 
 __all__ = ["MINFERENCE_TYPES", "MInferenceConfigError", "convert_minference"]
 
@@ -91,7 +91,7 @@ def _choice(entry: Any, where: str) -> dict[str, Any]:
 
 def _ranges(heads: list[int]) -> int | str | list[int | str]:
     """Sorted head indices in the policy's forms, runs as "a-b": [0, 1, 2, 5] -> ["0-2", 5]; one run alone."""
-    items: list[int | str] = [f"{a}-{b}" if b > a else a for a, b in index_runs(heads)]
+    items = selector_items(heads)
     return items[0] if len(items) == 1 else items
 
 

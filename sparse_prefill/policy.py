@@ -87,6 +87,12 @@ def index_runs(indices: Iterable[int]) -> list[tuple[int, int]]:
     return runs
 
 
+def selector_items(indices: Iterable[int]) -> list[int | str]:
+    """Indices as a policy file writes its layers and heads: runs as "a-b", single indices as ints:
+    [0, 1, 2, 5] -> ["0-2", 5]."""
+    return [f"{a}-{b}" if b > a else a for a, b in index_runs(indices)]
+
+
 @dataclass(frozen=True)
 class _Selector:
     """Layer or head indices as sorted, disjoint ranges, so that "0-20000000" stays two numbers."""

@@ -29,7 +29,7 @@ import torch
 from sparse_prefill.evaluation.calibrate import check_calibration_base, policy_file_text
 from sparse_prefill.evaluation.recall import head_recalls
 from sparse_prefill.patterns.anchor.reference import anchor_identify_reference
-from sparse_prefill.policy import Policy
+from sparse_prefill.policy import Policy, selector_items
 
 __all__ = ["DEFAULT_THETAS", "GroupOption", "GroupChoice", "Allocation", "measure_group_options",
            "allocate_settings", "group_calibrated_policy"]
@@ -232,7 +232,7 @@ def group_calibrated_policy(base: Policy, allocation: Allocation, header: str) -
         for setting, ranges in settings.items():
             override: dict[str, Any] = {"layers": layer}
             if len(settings) > 1:
-                override["heads"] = [f"{r.start}-{r.stop - 1}" if len(r) > 1 else r.start for r in ranges]
+                override["heads"] = selector_items(head for r in ranges for head in r)
             if setting is None:
                 overrides.append({**override, "pattern": "dense"})
             else:

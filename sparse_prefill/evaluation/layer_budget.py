@@ -31,8 +31,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 
 from sparse_prefill.evaluation.calibrate import policy_file_text
-from sparse_prefill.evaluation.whole_model import kl_per_position, next_token_logprobs
-from sparse_prefill.integrations.huggingface import apply, remove
+from sparse_prefill.evaluation.whole_model import kl_per_position, next_token_logprobs, policy_logprobs
 from sparse_prefill.policy import PatternChoice, Policy, load_policy
 
 __all__ = ["LayerOption", "BudgetCheck", "KLCalibration", "choose_within_budget", "layer_policy",
@@ -147,16 +146,6 @@ def layer_policy(base: Policy, settings: Mapping[int, PatternChoice | None], sou
     return Policy(default=policy.default, overrides=policy.overrides, min_length=policy.min_length, source=source)
 
 
-def _run(model: Any, ids: torch.Tensor, policy: Policy, score_last: int) -> tuple[torch.Tensor, dict[Any, float], int]:
-    """(log-probabilities at the scored positions, density per layer, sparse calls) under ``policy``."""
-    handle = apply(model, policy, collect_stats=True)
-    try:
-        logprobs = next_token_logprobs(model, ids, score_last)
-    finally:
-        remove(model)
-    return logprobs, handle.stats.layer_densities(), handle.stats.sparse_calls
-
-
 def measure_layer_options(model: Any, input_ids: torch.Tensor, base: Policy, options: Mapping[str, PatternChoice],
                           layers: Sequence[int], score_last: int, reference: torch.Tensor,
                           progress: Callable[[Iterable[Any]], Iterable[Any]] = iter,
@@ -173,7 +162,8 @@ def measure_layer_options(model: Any, input_ids: torch.Tensor, base: Policy, opt
     for layer, label in progress([(layer, label) for layer in layers for label in options]):
         choice = options[label]
         policy = layer_policy(base, {**everything_dense, layer: choice}, f"layer {layer} {label}")
-        logprobs, densities, _ = _run(model, input_ids, policy, score_last)
+        logprobs, stats = policy_logprobs(model, input_ids, policy, score_last)
+        densities = stats.layer_densities()
         if layer not in densities:
             continue
         kl = float(kl_per_position(reference, logprobs).mean())
@@ -225,7 +215,7 @@ def choose_and_check(model: Any, input_ids: torch.Tensor, base: Policy, measured
         predicted = sum(max(o.kl, 0.0) for o in chosen.values())
         mean_density = sum(o.density for o in chosen.values()) / len(chosen)
         policy = layer_policy(base, {layer: o.choice for layer, o in chosen.items()}, "checked choice")
-        logprobs, _, _ = _run(model, input_ids, policy, score_last)
+        logprobs, _ = policy_logprobs(model, input_ids, policy, score_last)
         actual = float(kl_per_position(reference, logprobs).mean())
         result.checks.append(BudgetCheck(solve_for, predicted, actual, mean_density))
         if actual <= budget:

@@ -15,9 +15,8 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from sparse_prefill.evaluation.layer_budget import DENSE
-from sparse_prefill.evaluation.whole_model import kl_per_position, next_token_logprobs
-from sparse_prefill.integrations.huggingface import apply, remove
-from sparse_prefill.policy import Policy, index_runs, load_policy
+from sparse_prefill.evaluation.whole_model import kl_per_position, policy_logprobs
+from sparse_prefill.policy import Policy, load_policy, selector_items
 
 __all__ = ["policy_on_layer", "layer_kl_shares"]
 
@@ -25,8 +24,8 @@ __all__ = ["policy_on_layer", "layer_kl_shares"]
 def policy_on_layer(policy: Policy, layer: int, num_heads: int) -> Policy:
     """``policy`` as it acts on ``layer`` (each query head's choice, its guard and min_length), every other
     layer dense. ``num_heads``: the model's query heads per layer."""
-    overrides = [{"layers": layer, "heads": [f"{a}-{b}" if b > a else a for a, b in index_runs(group.heads)],
-                  "pattern": group.choice.pattern, **group.choice.as_dict()}
+    overrides = [{"layers": layer, "heads": selector_items(group.heads), "pattern": group.choice.pattern,
+                  **group.choice.as_dict()}
                  for group in policy.assign_heads(layer, num_heads)]
     alone = load_policy({"min_length": policy.min_length, "default": {"pattern": DENSE}, "overrides": overrides})
     return dataclasses.replace(alone, guard=policy.guard, source=f"{policy.source}, layer {layer} alone")
@@ -36,14 +35,10 @@ def layer_kl_shares(model: Any, input_ids: torch.Tensor, policy: Policy, layers:
                     reference: torch.Tensor, progress: Callable[[Iterable[Any]], Iterable[Any]] = iter,
                     ) -> dict[int, float]:
     """Layer -> mean KL(dense || ``policy`` on that layer alone) at the last ``score_last`` positions;
-    ``reference``: the dense model's log-probabilities there (:func:`next_token_logprobs`)."""
+    ``reference``: the dense model's log-probabilities there."""
     num_heads = model.config.get_text_config().num_attention_heads
     shares = {}
     for layer in progress(layers):
-        apply(model, policy_on_layer(policy, layer, num_heads))
-        try:
-            logprobs = next_token_logprobs(model, input_ids, score_last)
-        finally:
-            remove(model)
+        logprobs, _ = policy_logprobs(model, input_ids, policy_on_layer(policy, layer, num_heads), score_last)
         shares[layer] = float(kl_per_position(reference, logprobs).mean())
     return shares

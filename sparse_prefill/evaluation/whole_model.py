@@ -49,6 +49,7 @@ __all__ = [
     "next_token_logprobs",
     "parse_sweep",
     "perplexity_of",
+    "policy_logprobs",
     "ruler_score",
     "sweep_policies",
 ]
@@ -129,6 +130,17 @@ def next_token_logprobs(model: Any, input_ids: torch.Tensor, score_last: int) ->
     with torch.inference_mode():
         logits = model(ids, use_cache=False, logits_to_keep=score_last + 1).logits[0, -score_last - 1: -1]
     return torch.log_softmax(logits.float(), dim=-1)
+
+
+def policy_logprobs(model: Any, input_ids: torch.Tensor, policy: Policy, score_last: int,
+                    ) -> tuple[torch.Tensor, PrefillStats]:
+    """(:func:`next_token_logprobs` with ``policy`` applied, what ran: densities per layer, fallbacks); the
+    model is restored after."""
+    handle = apply(model, policy, collect_stats=True)
+    try:
+        return next_token_logprobs(model, input_ids, score_last), handle.stats
+    finally:
+        remove(model)
 
 
 def perplexity_of(logprobs: torch.Tensor, targets: torch.Tensor) -> float:
@@ -328,19 +340,18 @@ def _measure(model: Any, tokenizer: Any, ids: torch.Tensor, label: str, policy: 
     length = ids.shape[1]
     targets = ids[0, -settings.score_last:]
 
-    def patched(collect_stats: bool = False) -> Any:
-        return apply(model, policy, collect_stats=collect_stats) if policy is not None else None
+    def patched() -> None:
+        if policy is not None:
+            apply(model, policy)
 
     def restore() -> None:
         if policy is not None:
             remove(model)
 
-    handle = patched(collect_stats=True)
-    try:
-        logprobs = next_token_logprobs(model, ids, settings.score_last)
-    finally:
-        restore()
-    stats = handle.stats if handle is not None else PrefillStats()
+    if policy is None:
+        logprobs, stats = next_token_logprobs(model, ids, settings.score_last), PrefillStats()
+    else:
+        logprobs, stats = policy_logprobs(model, ids, policy, settings.score_last)
     pattern, params = _describe_policy(label, policy)
     ppl = perplexity_of(logprobs, targets)
     if policy is None:
@@ -357,7 +368,7 @@ def _measure(model: Any, tokenizer: Any, ids: torch.Tensor, label: str, policy: 
         density=1.0 if policy is None else stats.mean_density(),
         layer_density={str(layer): round(d, 5) for layer, d in stats.layer_densities().items()},
         sparse_calls=stats.sparse_calls, fallbacks=dict(stats.fallbacks),
-        summary=stats.summary() if handle is not None else "",
+        summary=stats.summary() if policy is not None else "",
         guard=None if policy is None or policy.guard is None else dataclasses.asdict(policy.guard),
         dense_plans=dict(stats.dense_plans),
     )
