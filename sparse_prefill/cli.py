@@ -310,20 +310,32 @@ def _calibrate_per_kv_group(args: argparse.Namespace, base: Policy,
     options = measure_group_options(qk, params, thetas, locals_,
                                     progress=lambda layers: tqdm(layers, desc="layers x settings", unit="layer"))
     q, k = next(iter(qk.values()))
-    allocation = allocate_settings(options, q.shape[1] // k.shape[1], args.target_recall, args.min_head_recall)
-    header = (f"Written by `sparse-prefill calibrate --per-kv-group` from {base.source}: {args.model}, {args.tokens} "
-              f"essay tokens from token {args.text_offset},\nthe least mean density whose mean attention recall "
-              f"over every query head is >= {args.target_recall}, every head >= {args.min_head_recall},\n"
-              f"thetas from {' '.join(f'{t:g}' for t in thetas)} and local windows from "
-              f"{' '.join(map(str, locals_))} per (layer, KV group).")
-    text = group_calibrated_policy(base, allocation, header)
-    args.out.write_text(text)
-    print(text, end="")
-    if not allocation.reached:
-        print(f"warning: mean recall {args.target_recall} with every head >= {args.min_head_recall} was not reached "
-              f"by any setting; the groups short of it take the setting that keeps their worst head most",
-              file=sys.stderr)
+    floors = args.min_head_recall
+    for floor, path in zip(floors, _floor_paths(args.out, floors)):
+        allocation = allocate_settings(options, q.shape[1] // k.shape[1], args.target_recall, floor)
+        header = (f"Written by `sparse-prefill calibrate --per-kv-group` from {base.source}: {args.model}, "
+                  f"{args.tokens} essay tokens from token {args.text_offset},\nthe least mean density whose mean "
+                  f"attention recall over every query head is >= {args.target_recall}, every head >= {floor:g},\n"
+                  f"thetas from {' '.join(f'{t:g}' for t in thetas)} and local windows from "
+                  f"{' '.join(map(str, locals_))} per (layer, KV group).")
+        text = group_calibrated_policy(base, allocation, header)
+        path.write_text(text)
+        if len(floors) == 1:
+            print(text, end="")
+        print(f"{path}: every head >= {floor:g}: mean recall {allocation.recall:.4f}, worst head "
+              f"{allocation.worst_head:.4f}, mean density {allocation.density:.4f}")
+        if not allocation.reached:
+            print(f"warning: mean recall {args.target_recall} with every head >= {floor:g} was not reached "
+                  f"by any setting; the groups short of it take the setting that keeps their worst head most",
+                  file=sys.stderr)
     return 0
+
+
+def _floor_paths(out: Path, floors: list[float]) -> list[Path]:
+    """``out`` for one head floor; ``NAME-floor0.9.yaml`` beside it for each of several."""
+    if len(floors) == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}-floor{floor:g}{out.suffix}") for floor in floors]
 
 
 def _kl_options(args: argparse.Namespace, base: Policy) -> dict[str, PatternChoice]:
@@ -685,10 +697,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 "group), the least mean density whose mean recall over every query head reaches "
                                 "--target-recall (a layer's groups may differ; each group with its own setting "
                                 "runs as its own call)")
-    calibrate.add_argument("--min-head-recall", type=float, default=None,
+    calibrate.add_argument("--min-head-recall", type=float, nargs="+", default=None,
                            help=f"with --per-kv-group: every query head keeps at least this much (default "
                                 f"{MIN_HEAD_RECALL}: the worst heads carry the answers' loss, "
-                                f"docs/benchmarks/recall.md; 0 for the mean alone)")
+                                f"docs/benchmarks/recall.md; 0 for the mean alone); several floors share one "
+                                f"measurement and write OUT-floorF.yaml each")
     calibrate.add_argument("--thetas", type=float, nargs="+", default=None,
                            help="with --per-kv-group: the thetas a group may take (default: "
                                 "4 5 6 7 7.7 8.5 9.5 11 13 16)")
@@ -843,12 +856,14 @@ def _check_per_kv_group(args: argparse.Namespace) -> None:
                 raise UsageError(f"{flag} is for --per-kv-group calibration")
         return
     if args.min_head_recall is None:
-        args.min_head_recall = MIN_HEAD_RECALL
+        args.min_head_recall = [MIN_HEAD_RECALL]
     if args.kl_budget is not None:
         raise UsageError("--per-kv-group calibrates by attention recall; --kl-budget chooses per layer by KL: "
                          "give one of them")
-    if not 0 <= args.min_head_recall <= 1:
-        raise UsageError(f"--min-head-recall must be in [0, 1], got {args.min_head_recall}")
+    if not all(0 <= floor <= 1 for floor in args.min_head_recall):
+        raise UsageError(f"--min-head-recall must be in [0, 1], got {' '.join(map(str, args.min_head_recall))}")
+    if len(set(args.min_head_recall)) != len(args.min_head_recall):
+        raise UsageError(f"--min-head-recall lists a floor twice: {' '.join(map(str, args.min_head_recall))}")
     if args.thetas is not None and not all(math.isfinite(theta) for theta in args.thetas):
         raise UsageError(f"--thetas must be finite numbers (nats), got {' '.join(map(str, args.thetas))}")
     if args.locals is not None and min(args.locals) < 0:

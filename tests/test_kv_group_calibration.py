@@ -202,7 +202,8 @@ def test_a_group_whose_setting_ran_dense_is_written_dense_not_as_its_theta(tmp_p
     (["--thetas", "4", "5"], "--thetas is for --per-kv-group"),
     (["--min-head-recall", "0.9"], "--min-head-recall is for --per-kv-group"),
     (["--per-kv-group", "--kl-budget", "0.02"], "give one of them"),
-    (["--per-kv-group", "--min-head-recall", "1.5"], "must be in [0, 1]"),
+    (["--per-kv-group", "--min-head-recall", "0.8", "1.5"], "must be in [0, 1]"),
+    (["--per-kv-group", "--min-head-recall", "0.8", "0.8"], "lists a floor twice"),
     (["--per-kv-group", "--thetas", "4", "nan"], "finite"),
     (["--locals", "512"], "--locals is for --per-kv-group"),
     (["--per-kv-group", "--locals", "128", "-1"], "key counts >= 0"),
@@ -214,10 +215,22 @@ def test_cli_refuses_per_kv_group_arguments_before_loading(argv, message, tmp_pa
 
 
 @pytest.mark.slow
-def test_cli_per_kv_group_writes_a_loadable_policy_from_the_packaged_model(tmp_path, capsys):
+def test_cli_per_kv_group_writes_a_loadable_policy_per_floor_from_one_measurement(tmp_path, capsys):
     out = tmp_path / "groups.yaml"
     assert main(["calibrate", "--tokens", "512", "--layers", "0", "1", "--per-kv-group", "--thetas", "4", "8",
-                 "--min-head-recall", "0.5", "--target-recall", "0.9", "--out", str(out)]) == 0
-    policy = load_policy(out)
-    assert {o.layers.ranges[0].start for o in policy.overrides} == {0, 1}
-    assert "mean recall" in capsys.readouterr().out
+                 "--min-head-recall", "0.5", "0.95", "--target-recall", "0.9", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert not out.exists()
+    for floor in ("0.5", "0.95"):
+        path = tmp_path / f"groups-floor{floor}.yaml"
+        policy = load_policy(path)
+        assert {o.layers.ranges[0].start for o in policy.overrides} == {0, 1}
+        assert f"every head >= {floor}" in path.read_text() and f"{path}: every head >= {floor}" in printed
+
+
+def test_floor_paths_name_each_of_several_floors(tmp_path):
+    from sparse_prefill.cli import _floor_paths
+
+    out = tmp_path / "groups.yaml"
+    assert _floor_paths(out, [0.9]) == [out]
+    assert _floor_paths(out, [0.8, 0.9]) == [tmp_path / "groups-floor0.8.yaml", tmp_path / "groups-floor0.9.yaml"]
