@@ -66,7 +66,7 @@ def capture_qk(
     model: PreTrainedModel, input_ids: torch.Tensor, layers: Iterable[int], values: bool = False
 ) -> dict[int, tuple[torch.Tensor, ...]]:
     """Post-RoPE (q [B, Hq, N, D], k [B, Hkv, N, D]) of each requested layer, from one causal forward;
-    with ``values``, (q, k, v)."""
+    with ``values``, (q, k, v). ``input_ids`` move to the model's device."""
     wanted = frozenset(layers)
     num_layers = model.config.num_hidden_layers
     if not wanted or min(wanted) < 0 or max(wanted) >= num_layers:
@@ -77,7 +77,7 @@ def capture_qk(
     model.set_attn_implementation(_CAPTURE_IMPL)
     try:
         with torch.inference_mode():
-            model(input_ids=input_ids, use_cache=False)
+            model(input_ids=input_ids.to(model.get_input_embeddings().weight.device), use_cache=False)
     except _StopForward:
         pass
     finally:
