@@ -11,7 +11,8 @@
 # 2. `sparse-prefill eval` at LENGTHS (default 32752) on the first essay tokens (never calibrated on): dense,
 #    anchor.yaml (guarded), the base unguarded (theta 7.7), each calibrated policy, XAttention at threshold 0.9
 #    unguarded (the pattern that led at every density on Qwen2.5-Coder-0.5B at 32k), with per-layer recall.
-#    EXTRA="--layer-kl" (say) adds eval flags; LIMIT (seconds per step, default 280). An empty TOKENIZER_FOLDER
+#    CAL_FLAGS="--one-call-per-layer" adds calibrate flags, EXTRA="--layer-kl" (say) eval flags, BASELINES=0 judges
+#    the calibrated policies against dense alone; LIMIT (seconds per step, default 280). An empty TOKENIZER_FOLDER
 #    uses the model's own tokenizer; a CPU smoke test: MODEL smollm2, CAL_TOKENS=512 LENGTHS=512.
 set -uo pipefail
 model=$1 tokenizer=$2 out=$3
@@ -26,9 +27,10 @@ printf 'min_length: 0\ndefault:\n  pattern: anchor\n' > "$p/base.yaml"
 printf 'min_length: 0\ndefault:\n  pattern: xattention\n  threshold: 0.9\n' > "$p/xattention.yaml"
 timeout "$limit" python3 -m sparse_prefill.cli calibrate --model "$model" "${tok[@]}" \
     --policy "$p/base.yaml" --per-kv-group --min-head-recall "${floors[@]}" --target-recall "${TARGET:-0.95}" \
-    ${LOCALS:+--locals $LOCALS} --tokens "${CAL_TOKENS:-32752}" --text-offset 65536 --out "$p/groups.yaml" \
+    ${LOCALS:+--locals $LOCALS} ${CAL_FLAGS:-} --tokens "${CAL_TOKENS:-32752}" --text-offset 65536 --out "$p/groups.yaml" \
     2>&1 | tee "$out/calibrate.log"
-policies=(--policy anchor.yaml --policy "$p/base.yaml" --policy "$p/xattention.yaml")
+policies=()
+[[ ${BASELINES:-1} != 0 ]] && policies=(--policy anchor.yaml --policy "$p/base.yaml" --policy "$p/xattention.yaml")
 if [[ ${#floors[@]} -eq 1 ]]; then
     mv "$p/groups.yaml" "$p/groups-floor${floors[0]}.yaml"
 fi

@@ -302,6 +302,7 @@ def _calibrate_per_kv_group(args: argparse.Namespace, base: Policy,
         allocate_settings,
         group_calibrated_policy,
         measure_group_options,
+        one_setting_per_layer,
     )
 
     thetas = sorted(set(args.thetas or DEFAULT_THETAS))
@@ -310,14 +311,17 @@ def _calibrate_per_kv_group(args: argparse.Namespace, base: Policy,
     options = measure_group_options(qk, params, thetas, locals_,
                                     progress=lambda layers: tqdm(layers, desc="layers x settings", unit="layer"))
     q, k = next(iter(qk.values()))
+    group_size, unit = q.shape[1] // k.shape[1], "(layer, KV group)"
+    if args.one_call_per_layer:
+        options, group_size, unit = one_setting_per_layer(options), q.shape[1], "layer (one call each)"
     floors = args.min_head_recall
     for floor, path in zip(floors, _floor_paths(args.out, floors)):
-        allocation = allocate_settings(options, q.shape[1] // k.shape[1], args.target_recall, floor)
-        header = (f"Written by `sparse-prefill calibrate --per-kv-group` from {base.source}: {args.model}, "
+        allocation = allocate_settings(options, group_size, args.target_recall, floor)
+        header = (f"Written by `sparse-prefill calibrate --per-kv-group{' --one-call-per-layer' if args.one_call_per_layer else ''}` from {base.source}: {args.model}, "
                   f"{args.tokens} essay tokens from token {args.text_offset},\nthe least mean density whose mean "
                   f"attention recall over every query head is >= {args.target_recall}, every head >= {floor:g},\n"
                   f"thetas from {' '.join(f'{t:g}' for t in thetas)} and local windows from "
-                  f"{' '.join(map(str, locals_))} per (layer, KV group).")
+                  f"{' '.join(map(str, locals_))} per {unit}.")
         text = group_calibrated_policy(base, allocation, header)
         path.write_text(text)
         if len(floors) == 1:
@@ -697,6 +701,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 "group), the least mean density whose mean recall over every query head reaches "
                                 "--target-recall (a layer's groups may differ; each group with its own setting "
                                 "runs as its own call)")
+    calibrate.add_argument("--one-call-per-layer", action="store_true",
+                           help="with --per-kv-group: every KV group of a layer takes the same setting, so each "
+                                "layer runs as one attention call (groups with different settings run as a call "
+                                "each, which can cost more time than their density saves)")
     calibrate.add_argument("--min-head-recall", type=float, nargs="+", default=None,
                            help=f"with --per-kv-group: every query head keeps at least this much (default "
                                 f"{MIN_HEAD_RECALL}: the worst heads carry the answers' loss, "
@@ -851,7 +859,7 @@ def _check_per_kv_group(args: argparse.Namespace) -> None:
     """The per-KV-group recall calibration's own arguments, and that nothing else takes them."""
     if not args.per_kv_group:
         for flag, value in (("--min-head-recall", args.min_head_recall), ("--thetas", args.thetas),
-                            ("--locals", args.locals)):
+                            ("--locals", args.locals), ("--one-call-per-layer", args.one_call_per_layer or None)):
             if value is not None:
                 raise UsageError(f"{flag} is for --per-kv-group calibration")
         return

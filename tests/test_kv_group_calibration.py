@@ -13,6 +13,7 @@ from sparse_prefill.evaluation.kv_group_calibration import (
     allocate_settings,
     group_calibrated_policy,
     measure_group_options,
+    one_setting_per_layer,
 )
 from sparse_prefill.evaluation.recall import attention_recall, head_recalls
 from sparse_prefill.evaluation.synthetic import structured_qkv
@@ -156,6 +157,44 @@ def test_written_policy_gives_each_group_its_setting(tmp_path):
     assert len(policy.overrides) == 3  # layer 2's groups share one override
 
 
+def test_one_setting_per_layer_joins_groups_that_ran_alike_and_leaves_out_mixed_settings():
+    sparse = lambda theta, recalls, density: GroupOption(theta, 128, recalls, density)  # noqa: E731
+    dense = lambda theta: GroupOption(theta, 128, (1.0, 1.0), 1.0, dense=True)  # noqa: E731
+    options = {(0, 0): [sparse(4.0, (0.8, 0.9), 0.1), sparse(8.0, (0.9, 0.95), 0.3), dense(12.0)],
+               (0, 1): [sparse(4.0, (0.7, 0.6), 0.2), dense(8.0), dense(12.0)],
+               (1, 0): [sparse(4.0, (0.9, 0.9), 0.1), dense(math.inf)],
+               (1, 1): [sparse(4.0, (0.95, 0.85), 0.3), dense(math.inf)]}
+    merged = one_setting_per_layer(options)
+    assert sorted(merged) == [(0, 0), (1, 0)]
+    # theta 8 ran sparse in group 0 and dense in group 1: left out; theta 12 dense in both: the layer's dense
+    assert merged[(0, 0)] == [sparse(4.0, (0.8, 0.9, 0.7, 0.6), pytest.approx(0.15)),
+                              GroupOption(12.0, 128, (1.0,) * 4, 1.0, dense=True)]
+    assert merged[(1, 0)] == [sparse(4.0, (0.9, 0.9, 0.95, 0.85), pytest.approx(0.2)),
+                              GroupOption(math.inf, 128, (1.0,) * 4, 1.0, dense=True)]
+
+
+def test_one_setting_per_layer_writes_one_override_per_layer_on_measured_plans(tmp_path):
+    q, k, _ = structured_qkv(384, 4, 2, 32, device="cpu", dtype=torch.float32, seed=8)
+    q2, k2, _ = structured_qkv(384, 4, 2, 32, device="cpu", dtype=torch.float32, seed=9)
+    options = measure_group_options({0: (q, k), 1: (q2, k2)}, {**PARAMS, "dense_above": 0.6}, [2.0, 4.0, 8.0, 16.0])
+    merged = one_setting_per_layer(options)
+    for layer, (qq, kk) in ((0, (q, k)), (1, (q2, k2))):
+        for option in merged[(layer, 0)]:
+            per_group = [next(o for o in options[(layer, g)] if o.theta == option.theta) for g in (0, 1)]
+            if option.dense:
+                assert all(o.dense for o in per_group) or math.isinf(option.theta)
+            else:  # the same heads' recalls as the groups measured apart, density their mean
+                assert option.head_recalls == per_group[0].head_recalls + per_group[1].head_recalls
+                assert option.density == pytest.approx((per_group[0].density + per_group[1].density) / 2)
+    allocation = allocate_settings(merged, 4, 0.9, min_head_recall=0.8)
+    assert allocation.worst_head >= 0.8 and allocation.recall >= 0.9
+    base = load_policy({"min_length": 0, "default": {"pattern": "anchor", **PARAMS, "dense_above": 0.6}})
+    path = tmp_path / "layers.yaml"
+    path.write_text(group_calibrated_policy(base, allocation, "header"))
+    policy = load_policy(path)
+    assert len(policy.overrides) == 2 and all(o.heads is None for o in policy.overrides)
+
+
 def test_local_windows_are_measured_with_every_theta():
     q, k, _ = structured_qkv(512, 4, 2, 32, device="cpu", dtype=torch.float32, seed=6)
     options = measure_group_options({1: (q, k)}, PARAMS, [3.0, 6.0], locals_=[192, 64])
@@ -204,6 +243,7 @@ def test_a_group_whose_setting_ran_dense_is_written_dense_not_as_its_theta(tmp_p
     (["--per-kv-group", "--kl-budget", "0.02"], "give one of them"),
     (["--per-kv-group", "--min-head-recall", "0.8", "1.5"], "must be in [0, 1]"),
     (["--per-kv-group", "--min-head-recall", "0.8", "0.8"], "lists a floor twice"),
+    (["--one-call-per-layer"], "--one-call-per-layer is for --per-kv-group"),
     (["--per-kv-group", "--thetas", "4", "nan"], "finite"),
     (["--locals", "512"], "--locals is for --per-kv-group"),
     (["--per-kv-group", "--locals", "128", "-1"], "key counts >= 0"),

@@ -32,7 +32,7 @@ from sparse_prefill.patterns.anchor.reference import anchor_identify_reference
 from sparse_prefill.policy import Policy, selector_items
 
 __all__ = ["DEFAULT_THETAS", "GroupOption", "GroupChoice", "Allocation", "measure_group_options",
-           "allocate_settings", "group_calibrated_policy"]
+           "one_setting_per_layer", "allocate_settings", "group_calibrated_policy"]
 
 DEFAULT_THETAS = (4.0, 5.0, 6.0, 7.0, 7.7, 8.5, 9.5, 11.0, 13.0, 16.0)
 """Thetas each KV group may take by default: the range from the sparsest useful to nearly dense."""
@@ -131,6 +131,39 @@ def _group_density(plan: Any, group: int, num_kv: int) -> float:
     """Density of the plan heads KV group ``group`` reads (one, or its query heads' own lists)."""
     per_kv = plan.plan_heads // num_kv
     return plan.select_heads(group * per_kv, (group + 1) * per_kv).density()
+
+
+def one_setting_per_layer(options: Mapping[tuple[int, int], Sequence[GroupOption]]
+                          ) -> dict[tuple[int, int], list[GroupOption]]:
+    """Each layer's options when all its KV groups take the same setting, keyed (layer, 0): one attention call
+    per layer, where groups with different settings run as a call each (on Qwen2.5-Coder-0.5B at 32k on the
+    H200 that split cost about as much as the density saved, docs/benchmarks/whole_model.md).
+
+    A setting joins the layer's options when every group ran it sparse (its heads' recalls side by side, the
+    groups' mean density) or every group ran it dense. Where some groups passed ``dense_above`` and others
+    did not, the setting is left out: written as one theta, those groups would run sparse on text where they
+    select less, with a recall never measured. Dense is always an option."""
+    layers: dict[int, list[Sequence[GroupOption]]] = {}
+    for (layer, _group), choices in sorted(options.items()):
+        layers.setdefault(layer, []).append(choices)
+    merged: dict[tuple[int, int], list[GroupOption]] = {}
+    for layer, groups in layers.items():
+        settings = [(o.theta, o.local) for o in groups[0] if math.isfinite(o.theta)]
+        choices = []
+        for theta, local in settings:
+            ran = [next((o for o in group if (o.theta, o.local) == (theta, local)), None) for group in groups]
+            if any(o is None for o in ran):
+                raise ValueError(f"layer {layer}: its KV groups were measured at different settings")
+            if all(o.dense for o in ran):
+                choices.append(GroupOption(theta, local, tuple(r for o in ran for r in o.head_recalls), 1.0, True))
+            elif not any(o.dense for o in ran):
+                choices.append(GroupOption(theta, local, tuple(r for o in ran for r in o.head_recalls),
+                                           _mean([o.density for o in ran])))
+        if not any(o.dense for o in choices):
+            heads = sum(len(group[0].head_recalls) for group in groups)
+            choices.append(GroupOption(math.inf, groups[0][0].local, (1.0,) * heads, 1.0, dense=True))
+        merged[(layer, 0)] = choices
+    return merged
 
 
 def allocate_settings(options: Mapping[tuple[int, int], Sequence[GroupOption]], group_size: int,
