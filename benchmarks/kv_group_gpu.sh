@@ -7,7 +7,8 @@
 #
 # 1. `sparse-prefill calibrate --per-kv-group` on CAL_TOKENS (default 32752) essay tokens from token 65536: every
 #    (layer, KV group) at each theta (and LOCALS windows, default the policy's 128 keys), one measurement; one policy
-#    per head floor in FLOORS (default 0.8 0.9), mean recall TARGET (0.95).
+#    per head floor in FLOORS (default 0.8 0.9), mean recall TARGET (0.95); the measurement kept in OUT/record.json
+#    (`calibrate --per-kv-group --from-record` allocates other floors or targets from it without the model).
 # 2. `sparse-prefill eval` at LENGTHS (default 32752) on the first essay tokens (never calibrated on): dense,
 #    anchor.yaml (guarded), the base unguarded (theta 7.7), each calibrated policy, XAttention at threshold 0.9
 #    unguarded (the pattern that led at every density on Qwen2.5-Coder-0.5B at 32k), with per-layer recall.
@@ -28,6 +29,7 @@ printf 'min_length: 0\ndefault:\n  pattern: xattention\n  threshold: 0.9\n' > "$
 timeout "$limit" python3 -m sparse_prefill.cli calibrate --model "$model" "${tok[@]}" \
     --policy "$p/base.yaml" --per-kv-group --min-head-recall "${floors[@]}" --target-recall "${TARGET:-0.95}" \
     ${LOCALS:+--locals $LOCALS} ${CAL_FLAGS:-} --tokens "${CAL_TOKENS:-32752}" --text-offset 65536 --out "$p/groups.yaml" \
+    --record "$out/record.json" \
     2>&1 | tee "$out/calibrate.log"
 policies=()
 [[ ${BASELINES:-1} != 0 ]] && policies=(--policy anchor.yaml --policy "$p/base.yaml" --policy "$p/xattention.yaml")

@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import dataclasses
 import importlib.util
+import json
 import logging
 import math
 import os
@@ -273,6 +274,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         check_calibration_base(base)
     except ValueError as exc:
         raise UsageError(f"--policy {args.policy}: {exc}") from None
+    if args.from_record is not None:
+        return _calibrate_per_kv_group(args, base, None)
     model, ids, num_layers, dtype = _calibration_model_and_text(args, base)
     qk = capture_qk(model, ids, args.layers if args.layers else range(num_layers))
     qk = {layer: (q.float(), k.float()) for layer, (q, k) in qk.items()}  # scores and theta compared in fp32
@@ -293,8 +296,9 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def _calibrate_per_kv_group(args: argparse.Namespace, base: Policy,
-                            qk: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> int:
-    """Measure each (layer, KV group) at each theta, allocate for the mean recall target, write the policy."""
+                            qk: dict[int, tuple[torch.Tensor, torch.Tensor]] | None) -> int:
+    """Measure each (layer, KV group) at each theta (or read the measurement from ``--from-record``, ``qk``
+    None), allocate for the mean recall target, write the policy."""
     from tqdm import tqdm
 
     from sparse_prefill.evaluation.kv_group_calibration import (
@@ -303,22 +307,36 @@ def _calibrate_per_kv_group(args: argparse.Namespace, base: Policy,
         group_calibrated_policy,
         measure_group_options,
         one_setting_per_layer,
+        options_from_record,
+        options_record,
     )
 
-    thetas = sorted(set(args.thetas or DEFAULT_THETAS))
     params = base.default.as_dict()
-    locals_ = sorted(set(args.locals or [params["local"]]))
-    options = measure_group_options(qk, params, thetas, locals_,
-                                    progress=lambda layers: tqdm(layers, desc="layers x settings", unit="layer"))
-    q, k = next(iter(qk.values()))
-    group_size, unit = q.shape[1] // k.shape[1], "(layer, KV group)"
+    if qk is None:
+        about = _read_group_record(args.from_record, params)
+        options = options_from_record(about)
+    else:
+        q, k = next(iter(qk.values()))
+        about = {"model": str(args.model), "tokens": args.tokens, "text_offset": args.text_offset,
+                 "policy": str(base.source), "params": {k_: v for k_, v in params.items() if k_ not in ("theta", "local")},
+                 "thetas": sorted(set(args.thetas or DEFAULT_THETAS)),
+                 "locals": sorted(set(args.locals or [params["local"]])),
+                 "query_heads": q.shape[1], "kv_heads": k.shape[1]}
+        options = measure_group_options(qk, params, about["thetas"], about["locals"],
+                                        progress=lambda layers: tqdm(layers, desc="layers x settings", unit="layer"))
+        if args.record is not None:
+            args.record.write_text(json.dumps(options_record(options, about)) + "\n")
+            print(f"record: {args.record}")
+    thetas, locals_ = about["thetas"], about["locals"]
+    group_size, unit = about["query_heads"] // about["kv_heads"], "(layer, KV group)"
     if args.one_call_per_layer:
-        options, group_size, unit = one_setting_per_layer(options), q.shape[1], "layer (one call each)"
+        options, group_size, unit = one_setting_per_layer(options), about["query_heads"], "layer (one call each)"
     floors = args.min_head_recall
     for floor, path in zip(floors, _floor_paths(args.out, floors)):
         allocation = allocate_settings(options, group_size, args.target_recall, floor)
-        header = (f"Written by `sparse-prefill calibrate --per-kv-group{' --one-call-per-layer' if args.one_call_per_layer else ''}` from {base.source}: {args.model}, "
-                  f"{args.tokens} essay tokens from token {args.text_offset},\nthe least mean density whose mean "
+        flags = " --one-call-per-layer" if args.one_call_per_layer else ""
+        header = (f"Written by `sparse-prefill calibrate --per-kv-group{flags}` from {base.source}: {about['model']}, "
+                  f"{about['tokens']} essay tokens from token {about['text_offset']},\nthe least mean density whose mean "
                   f"attention recall over every query head is >= {args.target_recall}, every head >= {floor:g},\n"
                   f"thetas from {' '.join(f'{t:g}' for t in thetas)} and local windows from "
                   f"{' '.join(map(str, locals_))} per {unit}.")
@@ -333,6 +351,24 @@ def _calibrate_per_kv_group(args: argparse.Namespace, base: Policy,
                   f"by any setting; the groups short of it take the setting that keeps their worst head most",
                   file=sys.stderr)
     return 0
+
+
+def _read_group_record(path: Path, params: dict[str, Any]) -> dict[str, Any]:
+    """A ``--record`` of ``calibrate --per-kv-group``, checked against the policy it will be written into."""
+    try:
+        about = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--from-record {path}: cannot read it as JSON ({exc})") from None
+    missing = [key for key in ("params", "thetas", "locals", "query_heads", "kv_heads", "options")
+               if not isinstance(about, dict) or key not in about]
+    if missing:
+        raise UsageError(f"--from-record {path}: not a record of `calibrate --per-kv-group --record` (no "
+                         f"{', '.join(missing)})")
+    differ = {name: (value, params.get(name)) for name, value in about["params"].items() if params.get(name) != value}
+    if differ:
+        raise UsageError(f"--from-record {path}: measured with other anchor parameters than --policy's "
+                         + ", ".join(f"{name} {was} (policy: {now})" for name, (was, now) in differ.items()))
+    return about
 
 
 def _floor_paths(out: Path, floors: list[float]) -> list[Path]:
@@ -379,7 +415,6 @@ def _budget_paths(out: Path, budgets: list[float]) -> list[Path]:
 
 
 def _cmd_calibrate_kl(args: argparse.Namespace) -> int:
-    import json
 
     from tqdm import tqdm
 
@@ -519,7 +554,6 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert_minference(args: argparse.Namespace) -> int:
-    import json
 
     import yaml
 
@@ -721,7 +755,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 "position allowed, nats (e.g. 0.02); several budgets share one measurement and "
                                 "write OUT-klBUDGET.yaml each")
     calibrate.add_argument("--record", type=Path, default=None,
-                           help="with --kl-budget: also write every measured (layer, option) and check as JSON")
+                           help="with --kl-budget: also write every measured (layer, option) and check as JSON; "
+                                "with --per-kv-group: every measured (layer, KV group, setting), for --from-record")
+    calibrate.add_argument("--from-record", type=Path, default=None,
+                           help="with --per-kv-group: allocate from a --record of an earlier measurement instead of "
+                                "running the model (other targets, floors, --one-call-per-layer in seconds)")
     calibrate.add_argument("--options", action="append", default=None, metavar="[PATTERN.]PARAM=V1,V2,...",
                            help=f"with --kl-budget: the settings a layer may take, as eval's --sweep (repeatable: "
                                 f"their product); PATTERN.PARAM adds another pattern's settings, so each layer "
@@ -833,8 +871,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
             raise UsageError(f"--text-offset must be >= 0 tokens, got {args.text_offset}")
         if args.kl_budget is not None and not all(budget >= 0 for budget in args.kl_budget):
             raise UsageError(f"--kl-budget must be >= 0 nats, got {' '.join(map(str, args.kl_budget))}")
-        if args.kl_budget is None and args.record is not None:
-            raise UsageError("--record is for --kl-budget calibration")
+        if args.kl_budget is None and args.record is not None and not args.per_kv_group:
+            raise UsageError("--record is for --kl-budget or --per-kv-group calibration")
         if args.score_last is None:
             args.score_last = min(1024, args.tokens - 1)
         if args.kl_budget is not None and not 0 < args.score_last < args.tokens:
@@ -859,7 +897,8 @@ def _check_per_kv_group(args: argparse.Namespace) -> None:
     """The per-KV-group recall calibration's own arguments, and that nothing else takes them."""
     if not args.per_kv_group:
         for flag, value in (("--min-head-recall", args.min_head_recall), ("--thetas", args.thetas),
-                            ("--locals", args.locals), ("--one-call-per-layer", args.one_call_per_layer or None)):
+                            ("--locals", args.locals), ("--one-call-per-layer", args.one_call_per_layer or None),
+                            ("--from-record", args.from_record)):
             if value is not None:
                 raise UsageError(f"{flag} is for --per-kv-group calibration")
         return
@@ -872,6 +911,13 @@ def _check_per_kv_group(args: argparse.Namespace) -> None:
         raise UsageError(f"--min-head-recall must be in [0, 1], got {' '.join(map(str, args.min_head_recall))}")
     if len(set(args.min_head_recall)) != len(args.min_head_recall):
         raise UsageError(f"--min-head-recall lists a floor twice: {' '.join(map(str, args.min_head_recall))}")
+    if args.from_record is not None:
+        for flag, value in (("--thetas", args.thetas), ("--locals", args.locals), ("--record", args.record),
+                            ("--layers", args.layers)):
+            if value is not None:
+                raise UsageError(f"--from-record allocates from what was measured; {flag} sets what is measured")
+        if not args.from_record.is_file():
+            raise UsageError(f"--from-record {args.from_record}: no such file")
     if args.thetas is not None and not all(math.isfinite(theta) for theta in args.thetas):
         raise UsageError(f"--thetas must be finite numbers (nats), got {' '.join(map(str, args.thetas))}")
     if args.locals is not None and min(args.locals) < 0:

@@ -1,6 +1,7 @@
 """Anchor's settings per (layer, KV group) for a mean recall target: measured options, allocation, written policy."""
 
 import itertools
+import json
 import math
 import random
 
@@ -14,6 +15,8 @@ from sparse_prefill.evaluation.kv_group_calibration import (
     group_calibrated_policy,
     measure_group_options,
     one_setting_per_layer,
+    options_from_record,
+    options_record,
 )
 from sparse_prefill.evaluation.recall import attention_recall, head_recalls
 from sparse_prefill.evaluation.synthetic import structured_qkv
@@ -195,6 +198,51 @@ def test_one_setting_per_layer_writes_one_override_per_layer_on_measured_plans(t
     assert len(policy.overrides) == 2 and all(o.heads is None for o in policy.overrides)
 
 
+def test_a_record_gives_back_the_options_it_was_written_from():
+    q, k, _ = structured_qkv(384, 4, 2, 32, device="cpu", dtype=torch.float32, seed=3)
+    options = {**measure_group_options({0: (q, k)}, {**PARAMS, "dense_above": 0.5}, [2.0, 30.0]),
+               **measure_group_options({2: (q, k)}, PARAMS, [2.0])}
+    assert any(o.dense and math.isfinite(o.theta) for o in options[(0, 0)])  # ran dense at theta 30
+    assert any(math.isinf(o.theta) for o in options[(2, 0)])  # the explicit dense option
+    record = json.loads(json.dumps(options_record(options, {"note": "x"})))  # through JSON text, as on disk
+    assert record["note"] == "x" and options_from_record(record) == options
+
+
+def _write_record(tmp_path, params):
+    options = {(0, 0): [GroupOption(4.0, 128, (0.9, 0.8), 0.1), GroupOption(math.inf, 128, (1.0, 1.0), 1.0, True)],
+               (0, 1): [GroupOption(4.0, 128, (0.95, 0.9), 0.2), GroupOption(math.inf, 128, (1.0, 1.0), 1.0, True)]}
+    about = {"model": "m", "tokens": 64, "text_offset": 0, "policy": "p", "params": params, "thetas": [4.0],
+             "locals": [128], "query_heads": 4, "kv_heads": 2}
+    path = tmp_path / "record.json"
+    path.write_text(json.dumps(options_record(options, about)))
+    return path
+
+
+def test_cli_allocates_from_a_record_without_a_model(tmp_path, capsys):
+    base = tmp_path / "base.yaml"
+    base.write_text("min_length: 0\ndefault:\n  pattern: anchor\n")
+    params = {k: v for k, v in load_policy(base).default.as_dict().items() if k not in ("theta", "local")}
+    record = _write_record(tmp_path, params)
+    out = tmp_path / "groups.yaml"
+    assert main(["calibrate", "--policy", str(base), "--per-kv-group", "--from-record", str(record),
+                 "--min-head-recall", "0.85", "--target-recall", "0.9", "--out", str(out)]) == 0
+    policy = load_policy(out)  # group 0's worst head is under 0.85: dense; group 1 keeps theta 4
+    assert policy.choice_for(0, 0).pattern == "dense" and policy.choice_for(0, 3).as_dict()["theta"] == 4.0
+    assert main(["calibrate", "--policy", str(base), "--per-kv-group", "--from-record", str(record),
+                 "--one-call-per-layer", "--min-head-recall", "0.85", "--out", str(out)]) == 0
+    assert [o.heads for o in load_policy(out).overrides] == [None]
+    capsys.readouterr()
+    other = tmp_path / "other.yaml"
+    other.write_text("min_length: 0\ndefault:\n  pattern: anchor\n  sink: 64\n")
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--policy", str(other), "--per-kv-group", "--from-record", str(record), "--out", str(out)])
+    assert "sink 128 (policy: 64)" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text('{"options": []}')
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--per-kv-group", "--from-record", str(tmp_path / "bad.json"), "--out", str(out)])
+    assert "not a record" in capsys.readouterr().err
+
+
 def test_local_windows_are_measured_with_every_theta():
     q, k, _ = structured_qkv(512, 4, 2, 32, device="cpu", dtype=torch.float32, seed=6)
     options = measure_group_options({1: (q, k)}, PARAMS, [3.0, 6.0], locals_=[192, 64])
@@ -244,6 +292,9 @@ def test_a_group_whose_setting_ran_dense_is_written_dense_not_as_its_theta(tmp_p
     (["--per-kv-group", "--min-head-recall", "0.8", "1.5"], "must be in [0, 1]"),
     (["--per-kv-group", "--min-head-recall", "0.8", "0.8"], "lists a floor twice"),
     (["--one-call-per-layer"], "--one-call-per-layer is for --per-kv-group"),
+    (["--record", "r.json"], "--record is for --kl-budget or --per-kv-group"),
+    (["--per-kv-group", "--from-record", "r.json", "--thetas", "4"], "--thetas sets what is measured"),
+    (["--per-kv-group", "--from-record", "/nonexistent/r.json"], "no such file"),
     (["--per-kv-group", "--thetas", "4", "nan"], "finite"),
     (["--locals", "512"], "--locals is for --per-kv-group"),
     (["--per-kv-group", "--locals", "128", "-1"], "key counts >= 0"),

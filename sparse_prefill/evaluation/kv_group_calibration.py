@@ -32,7 +32,8 @@ from sparse_prefill.patterns.anchor.reference import anchor_identify_reference
 from sparse_prefill.policy import Policy, selector_items
 
 __all__ = ["DEFAULT_THETAS", "GroupOption", "GroupChoice", "Allocation", "measure_group_options",
-           "one_setting_per_layer", "allocate_settings", "group_calibrated_policy"]
+           "one_setting_per_layer", "allocate_settings", "group_calibrated_policy", "options_record",
+           "options_from_record"]
 
 DEFAULT_THETAS = (4.0, 5.0, 6.0, 7.0, 7.7, 8.5, 9.5, 11.0, 13.0, 16.0)
 """Thetas each KV group may take by default: the range from the sparsest useful to nearly dense."""
@@ -131,6 +132,26 @@ def _group_density(plan: Any, group: int, num_kv: int) -> float:
     """Density of the plan heads KV group ``group`` reads (one, or its query heads' own lists)."""
     per_kv = plan.plan_heads // num_kv
     return plan.select_heads(group * per_kv, (group + 1) * per_kv).density()
+
+
+def options_record(options: Mapping[tuple[int, int], Sequence[GroupOption]], about: Mapping[str, Any]) -> dict:
+    """A JSON-ready record of every measured option, with ``about`` (what was measured and how), so other targets,
+    floors and allocations can be chosen later without the model (``calibrate --from-record``)."""
+    return {**about, "options": [{"layer": layer, "group": group, "theta": o.theta if math.isfinite(o.theta) else None,
+                                  "local": o.local, "head_recalls": list(o.head_recalls), "density": o.density,
+                                  "dense": o.dense}
+                                 for (layer, group), choices in sorted(options.items()) for o in choices]}
+
+
+def options_from_record(record: Mapping[str, Any]) -> dict[tuple[int, int], list[GroupOption]]:
+    """The options :func:`options_record` wrote (theta null: the explicit dense option, +inf)."""
+    options: dict[tuple[int, int], list[GroupOption]] = {}
+    for row in record["options"]:
+        theta = math.inf if row["theta"] is None else float(row["theta"])
+        options.setdefault((int(row["layer"]), int(row["group"])), []).append(
+            GroupOption(theta, int(row["local"]), tuple(float(r) for r in row["head_recalls"]), float(row["density"]),
+                        bool(row["dense"])))
+    return options
 
 
 def one_setting_per_layer(options: Mapping[tuple[int, int], Sequence[GroupOption]]
