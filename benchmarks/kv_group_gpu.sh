@@ -28,8 +28,8 @@ printf 'min_length: 0\ndefault:\n  pattern: anchor\n' > "$p/base.yaml"
 printf 'min_length: 0\ndefault:\n  pattern: xattention\n  threshold: 0.9\n' > "$p/xattention.yaml"
 timeout "$limit" python3 -m sparse_prefill.cli calibrate --model "$model" "${tok[@]}" \
     --policy "$p/base.yaml" --per-kv-group --min-head-recall "${floors[@]}" --target-recall "${TARGET:-0.95}" \
-    ${LOCALS:+--locals $LOCALS} ${CAL_FLAGS:-} --tokens "${CAL_TOKENS:-32752}" --text-offset 65536 --out "$p/groups.yaml" \
-    --record "$out/record.json" \
+    ${LOCALS:+--locals $LOCALS} ${CAL_FLAGS:-} --tokens "${CAL_TOKENS:-32752}" --text-offset 65536 \
+    --out "$p/groups.yaml" --record "$out/record.json" \
     2>&1 | tee "$out/calibrate.log"
 policies=()
 [[ ${BASELINES:-1} != 0 ]] && policies=(--policy anchor.yaml --policy "$p/base.yaml" --policy "$p/xattention.yaml")

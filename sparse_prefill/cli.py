@@ -299,34 +299,13 @@ def _calibrate_per_kv_group(args: argparse.Namespace, base: Policy,
                             qk: dict[int, tuple[torch.Tensor, torch.Tensor]] | None) -> int:
     """Measure each (layer, KV group) at each theta (or read the measurement from ``--from-record``, ``qk``
     None), allocate for the mean recall target, write the policy."""
-    from tqdm import tqdm
-
     from sparse_prefill.evaluation.kv_group_calibration import (
-        DEFAULT_THETAS,
         allocate_settings,
         group_calibrated_policy,
-        measure_group_options,
         one_setting_per_layer,
-        options_from_record,
-        options_record,
     )
 
-    params = base.default.as_dict()
-    if qk is None:
-        about = _read_group_record(args.from_record, params)
-        options = options_from_record(about)
-    else:
-        q, k = next(iter(qk.values()))
-        about = {"model": str(args.model), "tokens": args.tokens, "text_offset": args.text_offset,
-                 "policy": str(base.source), "params": {k_: v for k_, v in params.items() if k_ not in ("theta", "local")},
-                 "thetas": sorted(set(args.thetas or DEFAULT_THETAS)),
-                 "locals": sorted(set(args.locals or [params["local"]])),
-                 "query_heads": q.shape[1], "kv_heads": k.shape[1]}
-        options = measure_group_options(qk, params, about["thetas"], about["locals"],
-                                        progress=lambda layers: tqdm(layers, desc="layers x settings", unit="layer"))
-        if args.record is not None:
-            args.record.write_text(json.dumps(options_record(options, about)) + "\n")
-            print(f"record: {args.record}")
+    about, options = _group_measurement(args, base, qk)
     thetas, locals_ = about["thetas"], about["locals"]
     group_size, unit = about["query_heads"] // about["kv_heads"], "(layer, KV group)"
     if args.one_call_per_layer:
@@ -335,9 +314,10 @@ def _calibrate_per_kv_group(args: argparse.Namespace, base: Policy,
     for floor, path in zip(floors, _floor_paths(args.out, floors)):
         allocation = allocate_settings(options, group_size, args.target_recall, floor)
         flags = " --one-call-per-layer" if args.one_call_per_layer else ""
-        header = (f"Written by `sparse-prefill calibrate --per-kv-group{flags}` from {base.source}: {about['model']}, "
-                  f"{about['tokens']} essay tokens from token {about['text_offset']},\nthe least mean density whose mean "
-                  f"attention recall over every query head is >= {args.target_recall}, every head >= {floor:g},\n"
+        header = (f"Written by `sparse-prefill calibrate --per-kv-group{flags}` from {base.source}: "
+                  f"{about['model']}, {about['tokens']} essay tokens from token {about['text_offset']},\nthe least "
+                  f"mean density whose mean attention recall over every query head is >= {args.target_recall}, "
+                  f"every head >= {floor:g},\n"
                   f"thetas from {' '.join(f'{t:g}' for t in thetas)} and local windows from "
                   f"{' '.join(map(str, locals_))} per {unit}.")
         text = group_calibrated_policy(base, allocation, header)
@@ -351,6 +331,38 @@ def _calibrate_per_kv_group(args: argparse.Namespace, base: Policy,
                   f"by any setting; the groups short of it take the setting that keeps their worst head most",
                   file=sys.stderr)
     return 0
+
+
+def _group_measurement(args: argparse.Namespace, base: Policy, qk: dict[int, tuple[torch.Tensor, torch.Tensor]] | None
+                       ) -> tuple[dict[str, Any], dict[tuple[int, int], list[Any]]]:
+    """(what was measured, every (layer, KV group)'s options): measured on ``qk`` (and kept in ``--record``), or
+    read from ``--from-record``."""
+    from tqdm import tqdm
+
+    from sparse_prefill.evaluation.kv_group_calibration import (
+        DEFAULT_THETAS,
+        measure_group_options,
+        options_from_record,
+        options_record,
+    )
+
+    params = base.default.as_dict()
+    if qk is None:
+        about = _read_group_record(args.from_record, params)
+        return about, options_from_record(about)
+    q, k = next(iter(qk.values()))
+    about = {"model": str(args.model), "tokens": args.tokens, "text_offset": args.text_offset,
+             "policy": str(base.source),
+             "params": {name: value for name, value in params.items() if name not in ("theta", "local")},
+             "thetas": sorted(set(args.thetas or DEFAULT_THETAS)),
+             "locals": sorted(set(args.locals or [params["local"]])),
+             "query_heads": q.shape[1], "kv_heads": k.shape[1]}
+    options = measure_group_options(qk, params, about["thetas"], about["locals"],
+                                    progress=lambda layers: tqdm(layers, desc="layers x settings", unit="layer"))
+    if args.record is not None:
+        args.record.write_text(json.dumps(options_record(options, about)) + "\n")
+        print(f"record: {args.record}")
+    return about, options
 
 
 def _read_group_record(path: Path, params: dict[str, Any]) -> dict[str, Any]:
