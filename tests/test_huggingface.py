@@ -453,6 +453,23 @@ def test_notices_are_silenced_through_the_package_logger(caplog):
     assert not _notices(caplog)
 
 
+def test_summary_says_when_head_groups_ran_as_calls_apart():
+    """A layer whose head groups take different settings identifies and launches once per group: a cost that a
+    user comparing prefill times needs to see, with or without collected densities."""
+    model = make_model()
+    split = {**STREAMING, "overrides": [{"heads": "0-1", "pattern": "streaming", "sink": 16, "local": 48,
+                                         "group_rows": 16}]}
+    handle = sparse_prefill.apply(model, split)
+    logits(model, torch.randint(0, 128, (1, 150)))
+    calls = handle.stats.sparse_calls
+    assert handle.stats.head_group_calls == 2 * calls
+    assert f"ran as {2 * calls} calls apart" in handle.summary()
+    sparse_prefill.remove(model)
+    handle = sparse_prefill.apply(model, STREAMING, collect_stats=True)
+    logits(model, torch.randint(0, 128, (1, 150)))
+    assert handle.stats.head_group_calls == 0 and "calls apart" not in handle.summary()
+
+
 def test_summary_without_collected_densities_says_how_to_collect_them():
     model = make_model()
     handle = sparse_prefill.apply(model, STREAMING)

@@ -210,6 +210,7 @@ def _sparse_prefill(handle: SparsePrefillHandle, layer: int | None, q: torch.Ten
         identifier = handle.policy.identifier(assignment.choice)
         on_plan = _plan_observer(handle, assignment.choice)
         for q_heads, kv_heads in kv_aligned_chunks(assignment.heads, hq // hkv):
+            handle.stats.head_group_calls += 1
             q_sub, k_sub, v_sub = q[:, q_heads], k[:, kv_heads], v[:, kv_heads]
             ctx = AttentionContext.for_inputs(q_sub, k_sub, scale, layer_idx=layer, head_offset=offset + q_heads[0])
             out[:, q_heads] = sparse_attention(q_sub, k_sub, v_sub, identifier, ctx, on_plan=on_plan,

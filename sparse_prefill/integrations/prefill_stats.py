@@ -30,13 +30,17 @@ class PrefillStats:
     by reason (decode steps and cached prefixes included: that is where they belong).
     ``dense_plans`` counts, by reason, the dense attention inside sparse calls: plans an identifier
     of a sparse pattern made dense (denser than its ``dense_above``) and padded sequences shorter
-    than ``min_length``; those calls count in ``sparse_calls`` too. ``dense_plan_layers`` holds, per
+    than ``min_length``; those calls count in ``sparse_calls`` too. ``head_group_calls`` counts the
+    calls made apart for the head groups of a per-head policy (a layer whose groups take different
+    settings identifies and launches once per group: the time that costs shows up nowhere else).
+    ``dense_plan_layers`` holds, per
     reason, the layers those dense plans came from (which layers a guard or ``dense_above`` kept dense
     is what a user needs to decide where to calibrate).
     """
 
     sparse_calls: int = 0
     dense_calls: int = 0
+    head_group_calls: int = 0
     densities: list[float] = field(default_factory=list)
     plan_heads: list[int] = field(default_factory=list)
     plan_layers: list[int | None] = field(default_factory=list)
@@ -73,7 +77,7 @@ class PrefillStats:
         self.fallbacks[reason] += 1
 
     def reset(self) -> None:
-        self.sparse_calls, self.dense_calls = 0, 0
+        self.sparse_calls, self.dense_calls, self.head_group_calls = 0, 0, 0
         self.densities, self.plan_heads, self.plan_layers = [], [], []
         self.fallbacks, self.dense_plans = collections.Counter(), collections.Counter()
         self.dense_plan_layers = {}
@@ -87,6 +91,9 @@ class PrefillStats:
                         else f"mean density {density:.3f}")
         parts = [f"{self.sparse_calls} attention call(s) ran sparse"
                  + (f", {density_text}" if self.sparse_calls else "")]
+        if self.head_group_calls:
+            parts.append(f"their head groups with different settings ran as {self.head_group_calls} calls apart "
+                         f"(each identified and launched on its own)")
         if self.dense_plans:
             parts.append(f"dense attention within them: {_by_reason(self.dense_plans, 'plan(s)', self.dense_plan_layers)}")
         if self.dense_calls:
