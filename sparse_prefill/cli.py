@@ -427,7 +427,6 @@ def _budget_paths(out: Path, budgets: list[float]) -> list[Path]:
 
 
 def _cmd_calibrate_kl(args: argparse.Namespace) -> int:
-
     from tqdm import tqdm
 
     from sparse_prefill.evaluation.layer_budget import (
@@ -566,7 +565,6 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert_minference(args: argparse.Namespace) -> int:
-
     import yaml
 
     from sparse_prefill.minference import MInferenceConfigError, convert_minference

@@ -158,12 +158,12 @@ def one_setting_per_layer(options: Mapping[tuple[int, int], Sequence[GroupOption
                           ) -> dict[tuple[int, int], list[GroupOption]]:
     """Each layer's options when all its KV groups take the same setting, keyed (layer, 0): one attention call
     per layer, where groups with different settings run as a call each (on Qwen2.5-Coder-0.5B at 32k on the
-    H200 that split cost about as much as the density saved, docs/benchmarks/whole_model.md).
+    H200 the split made a calibrated policy at density 0.34 slower than dense, docs/benchmarks/whole_model.md).
 
     A setting joins the layer's options when every group ran it sparse (its heads' recalls side by side, the
-    groups' mean density) or every group ran it dense. Where some groups passed ``dense_above`` and others
-    did not, the setting is left out: written as one theta, those groups would run sparse on text where they
-    select less, with a recall never measured. Dense is always an option."""
+    groups' mean density, which stays under ``dense_above`` as each did) or every group ran it dense. Where some
+    groups passed ``dense_above`` and others did not, the setting is left out: one call judges ``dense_above``
+    on its whole plan, so those groups could run sparse with a recall counted as 1. Dense is always an option."""
     layers: dict[int, list[Sequence[GroupOption]]] = {}
     for (layer, _group), choices in sorted(options.items()):
         layers.setdefault(layer, []).append(choices)
