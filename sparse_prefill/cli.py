@@ -383,11 +383,17 @@ def _read_group_record(path: Path, params: dict[str, Any]) -> dict[str, Any]:
     return about
 
 
+def _paths_per_value(out: Path, values: list[float], tag: str) -> list[Path]:
+    """``out`` for one value; ``NAME-{tag}{value}.yaml`` beside it for each of several (several budgets or
+    floors share one measurement, one policy file each)."""
+    if len(values) == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}-{tag}{value:g}{out.suffix}") for value in values]
+
+
 def _floor_paths(out: Path, floors: list[float]) -> list[Path]:
     """``out`` for one head floor; ``NAME-floor0.9.yaml`` beside it for each of several."""
-    if len(floors) == 1:
-        return [out]
-    return [out.with_name(f"{out.stem}-floor{floor:g}{out.suffix}") for floor in floors]
+    return _paths_per_value(out, floors, "floor")
 
 
 def _kl_options(args: argparse.Namespace, base: Policy) -> dict[str, PatternChoice]:
@@ -419,13 +425,6 @@ def _kl_options(args: argparse.Namespace, base: Policy) -> dict[str, PatternChoi
             for label, policy in swept.items()}
 
 
-def _budget_paths(out: Path, budgets: list[float]) -> list[Path]:
-    """``out`` for one budget; ``NAME-kl0.02.yaml`` beside it for each of several."""
-    if len(budgets) == 1:
-        return [out]
-    return [out.with_name(f"{out.stem}-kl{budget:g}{out.suffix}") for budget in budgets]
-
-
 def _cmd_calibrate_kl(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -452,7 +451,7 @@ def _cmd_calibrate_kl(args: argparse.Namespace) -> int:
     if not measured:
         raise UsageError(f"no layer among {layers} made a sparse plan at {args.tokens} tokens; nothing to calibrate")
     records = []
-    for budget, path in zip(args.kl_budget, _budget_paths(args.out, args.kl_budget)):
+    for budget, path in zip(args.kl_budget, _paths_per_value(args.out, args.kl_budget, "kl")):
         result = choose_and_check(model, ids, base, measured, budget, reference, args.score_last,
                                   skipped_layers=skipped)
         header = (f"Written by `sparse-prefill calibrate --kl-budget {budget:g}` from {base.source}: {args.model},\n"
