@@ -123,9 +123,14 @@ def measure_group_options(qk: Mapping[int, tuple[torch.Tensor, torch.Tensor]], p
                     heads = recalls[i, group * per_kv:(group + 1) * per_kv]
                     choices.append(GroupOption(theta, local, tuple(float(r) for r in heads), density))
             if not any(option.dense for option in choices):
-                choices.append(GroupOption(math.inf, params["local"], (1.0,) * per_kv, 1.0, dense=True))
+                choices.append(_stay_dense(params["local"], per_kv))
             options[(layer, group)] = choices
     return options
+
+
+def _stay_dense(local: int, heads: int) -> GroupOption:
+    """The explicit dense option (theta +inf): the model's own attention for ``heads`` query heads."""
+    return GroupOption(math.inf, local, (1.0,) * heads, 1.0, dense=True)
 
 
 def _group_density(plan: Any, group: int, num_kv: int) -> float:
@@ -182,7 +187,7 @@ def one_setting_per_layer(options: Mapping[tuple[int, int], Sequence[GroupOption
                                            _mean([o.density for o in ran])))
         if not any(o.dense for o in choices):
             heads = sum(len(group[0].head_recalls) for group in groups)
-            choices.append(GroupOption(math.inf, groups[0][0].local, (1.0,) * heads, 1.0, dense=True))
+            choices.append(_stay_dense(groups[0][0].local, heads))
         merged[(layer, 0)] = choices
     return merged
 
