@@ -742,12 +742,13 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--per-kv-group", action="store_true",
                            help="without --kl-budget: a theta (and with --locals a local window) per (layer, KV "
                                 "group), the least mean density whose mean recall over every query head reaches "
-                                "--target-recall (a layer's groups may differ; each group with its own setting "
-                                "runs as its own call)")
+                                "--target-recall (a layer's groups may differ: groups differing in theta alone share "
+                                "one call, a dense group beside sparse ones or another local window runs apart)")
     calibrate.add_argument("--one-call-per-layer", action="store_true",
                            help="with --per-kv-group: every KV group of a layer takes the same setting, so each "
-                                "layer runs as one attention call (groups with different settings run as a call "
-                                "each, which can cost more time than their density saves)")
+                                "layer runs as one attention call (a dense group beside sparse ones, or groups of "
+                                "different --locals, run as a call each, which can cost more time than their "
+                                "density saves)")
     calibrate.add_argument("--min-head-recall", type=float, nargs="+", default=None,
                            help=f"with --per-kv-group: every query head keeps at least this much (default "
                                 f"{MIN_HEAD_RECALL}: the worst heads carry the answers' loss, "

@@ -20,7 +20,8 @@ import yaml
 
 from sparse_prefill.plan import Plan
 
-__all__ = ["AttentionContext", "Identifier", "Executor", "Parameter", "PatternSpec", "PlanBudgetExceeded", "write_into"]
+__all__ = ["AttentionContext", "HeadValues", "Identifier", "Executor", "Parameter", "PatternSpec", "PlanBudgetExceeded",
+           "write_into"]
 
 
 @dataclass(frozen=True)
@@ -177,18 +178,56 @@ def write_into(result: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
+class HeadValues:
+    """One parameter's value per global query head: ``values[i]`` is head ``first + i``'s, None for a head
+    that runs another choice (see :meth:`sparse_prefill.policy.Policy.call_groups`).
+
+    Indexed by global head, not by position in a call, because the dispatcher may run a call's heads
+    in chunks (a plan budget, the guard, tensor parallelism): an identifier asks :meth:`for_heads`
+    with its ``ctx.head_offset`` and its q's head count.
+    """
+
+    first: int
+    values: tuple[Any, ...]
+
+    def for_heads(self, head_offset: int, count: int) -> tuple[Any, ...]:
+        """The values of global heads [head_offset, head_offset + count); raises if one is not covered."""
+        start = head_offset - self.first
+        chosen = self.values[max(start, 0):start + count]
+        if start < 0 or len(chosen) < count or any(value is None for value in chosen):
+            raise ValueError(f"{self} has no value for some of query heads {head_offset}-{head_offset + count - 1}")
+        return chosen
+
+    def __str__(self) -> str:
+        runs: list[tuple[Any, int, int]] = []
+        for head, value in enumerate(self.values, self.first):
+            if value is None:
+                continue
+            if runs and runs[-1][0] == value and runs[-1][2] == head - 1:
+                runs[-1] = (value, runs[-1][1], head)
+            else:
+                runs.append((value, head, head))
+        return "[" + ", ".join(f"{v} (heads {a}-{b})" if b > a else f"{v} (head {a})" for v, a, b in runs) + "]"
+
+
+@dataclass(frozen=True)
 class Parameter:
     """One parameter of a pattern, as a policy may set it.
 
     ``check`` returns an error message for a bad value (None when fine); the policy loader
     prefixes it with the file and key path. A check may carry ``allowed``, what it lets through
     in words (">= 0"), which :meth:`allowed` and ``sparse-prefill patterns NAME`` show.
+
+    ``per_head``: the identifier also takes :class:`HeadValues` here, a value per query head. Head
+    groups of one layer whose choices differ only in such parameters then run as one call (one
+    identification and one executor launch) instead of a call per group.
     """
 
     type: type | tuple[type, ...]
     default: Any
     help: str
     check: Callable[[Any], str | None] | None = None
+    per_head: bool = False
 
     def allowed(self) -> str:
         """The values this parameter takes, in words, for listings: its type and its check's ``allowed``."""
@@ -205,6 +244,8 @@ class Parameter:
         Raises ValueError saying what is allowed; the policy loader and :meth:`PatternSpec.build`
         both go through here, so a value is never accepted by one and refused by the other.
         """
+        if self.per_head and isinstance(value, HeadValues):
+            return HeadValues(value.first, tuple(None if v is None else self.coerce(v) for v in value.values))
         expected = self.type if isinstance(self.type, tuple) else (self.type,)
         if float in expected and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)

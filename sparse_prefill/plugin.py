@@ -13,6 +13,7 @@ from sparse_prefill.hookspecs import hookimpl
 from sparse_prefill.interfaces import (
     AttentionContext,
     Executor,
+    HeadValues,
     Identifier,
     Parameter,
     PatternSpec,
@@ -27,6 +28,7 @@ __all__ = [
     "BlockPlan",
     "DensePlan",
     "Executor",
+    "HeadValues",
     "Identifier",
     "Parameter",
     "PatternSpec",

@@ -35,7 +35,7 @@ from typing import Any, Iterable, Mapping, Union
 import yaml
 
 from sparse_prefill.guard import ErrorGuard, guard_setting_problem
-from sparse_prefill.interfaces import Identifier, PatternSpec
+from sparse_prefill.interfaces import HeadValues, Identifier, PatternSpec
 from sparse_prefill.registry import get_pattern, get_registry
 
 __all__ = ["Policy", "PolicyError", "PatternChoice", "HeadAssignment", "load_policy", "shipped_policies"]
@@ -73,6 +73,23 @@ class HeadAssignment:
 
     heads: tuple[int, ...]
     choice: PatternChoice
+
+
+def _merged(group: list[HeadAssignment], num_heads: int, head_offset: int) -> HeadAssignment:
+    """One assignment for head groups of one pattern: parameters they share stay values, the others become
+    :class:`HeadValues` over the call's heads (None where another group's choice runs)."""
+    per_head: list[dict[str, Any] | None] = [None] * num_heads
+    for assignment in group:
+        for head in assignment.heads:
+            per_head[head] = assignment.choice.as_dict()
+    params = []
+    for name, value in group[0].choice.params:
+        if all(a.choice.as_dict()[name] == value for a in group):
+            params.append((name, value))
+        else:
+            params.append((name, HeadValues(head_offset, tuple(None if p is None else p[name] for p in per_head))))
+    heads = tuple(sorted(head for assignment in group for head in assignment.heads))
+    return HeadAssignment(heads, PatternChoice(group[0].choice.pattern, tuple(params)))
 
 
 def index_runs(indices: Iterable[int]) -> list[tuple[int, int]]:
@@ -131,6 +148,8 @@ class Policy:
                                                           compare=False)
     _assignments: dict[tuple, list[HeadAssignment]] = field(init=False, default_factory=dict, repr=False,
                                                             compare=False)
+    _call_groups: dict[tuple, list[HeadAssignment]] = field(init=False, default_factory=dict, repr=False,
+                                                            compare=False)
 
     def choice_for(self, layer: int | None, head: int) -> PatternChoice:
         """The pattern choice of one (layer, global query head)."""
@@ -154,6 +173,27 @@ class Policy:
                 groups.setdefault(self.choice_for(layer, head_offset + local), []).append(local)
             self._assignments[key] = [HeadAssignment(tuple(heads), choice) for choice, heads in groups.items()]
         return self._assignments[key]
+
+    def call_groups(self, layer: int | None, num_heads: int, head_offset: int = 0) -> list[HeadAssignment]:
+        """The head groups of one call as attention runs them: :meth:`assign_heads`, with the groups of one
+        pattern whose choices differ only in its ``per_head`` parameters merged into one group, whose choice
+        holds those parameters as :class:`~sparse_prefill.interfaces.HeadValues`.
+
+        A per-KV-group calibration then runs each layer as one call (one identification, one launch)
+        instead of one per group. The selection is the same; ``dense_above``-like tests see the merged
+        call's plan, as they see any single-setting layer's.
+        """
+        key = (layer, num_heads, head_offset)
+        if key not in self._call_groups:
+            alike: dict[tuple, list[HeadAssignment]] = {}
+            for assignment in self.assign_heads(layer, num_heads, head_offset):
+                spec = get_pattern(assignment.choice.pattern)
+                fixed = tuple((name, value) for name, value in assignment.choice.params
+                              if not spec.parameters[name].per_head)
+                alike.setdefault((assignment.choice.pattern, fixed), []).append(assignment)
+            self._call_groups[key] = [group[0] if len(group) == 1 else _merged(group, num_heads, head_offset)
+                                      for group in alike.values()]
+        return self._call_groups[key]
 
     def identifier(self, choice: PatternChoice) -> Identifier:
         """The identifier for a choice, built once and reused."""

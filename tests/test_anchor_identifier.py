@@ -44,15 +44,19 @@ class Case:
     local: int
     share_kv_heads: bool
     dtype: torch.dtype = torch.float32
-    theta: float = 4.0
+    theta: float | tuple[float, ...] = 4.0  # a tuple: one per query head
 
     @property
     def id(self) -> str:
         sharing = "shared" if self.share_kv_heads else "perhead"
+        thetas = "-thetas" + "_".join(f"{t:g}" for t in self.theta) if isinstance(self.theta, tuple) else ""
         return (
             f"b{self.batch}-h{self.num_q}x{self.num_kv}-n{self.seq_len}-d{self.head_dim}-blk{self.block}"
-            f"x{self.group_blocks}-sink{self.sink}-local{self.local}-{sharing}-{str(self.dtype)[6:]}"
+            f"x{self.group_blocks}-sink{self.sink}-local{self.local}-{sharing}-{str(self.dtype)[6:]}{thetas}"
         )
+
+    def head_theta(self, head: int) -> float:
+        return self.theta[head] if isinstance(self.theta, tuple) else self.theta
 
     def params(self, **overrides: object) -> dict:
         params = dict(
@@ -72,6 +76,10 @@ CASES = [
     Case(1, 3, 3, 600, 128, 64, 1, 64, 64, False, torch.float16),
     Case(1, 3, 1, 600, 64, 48, 2, 100, 0, True),
     Case(1, 4, 2, 600, 64, 16, 1, 16, 16, False),  # 38 groups: several scan programs per KV head
+    # A theta per query head (head groups calibrated apart, run as one call): per KV group, and within one.
+    Case(1, 4, 2, 600, 64, 16, 1, 16, 16, True, theta=(2.0, 2.0, 6.0, 6.0)),
+    Case(1, 4, 2, 257, 64, 32, 2, 16, 32, False, theta=(1.0, 5.0, 3.0, -2.0)),
+    Case(1, 6, 2, 257, 128, 32, 1, 0, 40, True, torch.bfloat16, theta=(6.0, 6.0, 3.0, 3.0, 3.0, 3.0)),
 ]
 
 
@@ -116,7 +124,7 @@ def _rule_margins(q: torch.Tensor, k: torch.Tensor, case: Case, plan: StripePlan
                         continue
                     pooled_q = rows_q[pooled_rows].mean(dim=0)
                     pooled_anchor = anchors[pooled_rows].mean()
-                    pooled = scale * keys[sink_end:local_start] @ pooled_q + case.theta - pooled_anchor
+                    pooled = scale * keys[sink_end:local_start] @ pooled_q + case.head_theta(head) - pooled_anchor
                     margin = torch.maximum(margin, pooled)
                 segment = (b * plan.plan_heads + plan_head) * plan.num_groups + group
                 margins[segment] = torch.maximum(margins.get(segment, margin), margin)
@@ -209,6 +217,34 @@ def test_shared_plan_is_union_of_query_heads(name: str) -> None:
     per_head = IDENTIFIERS[name](q, k, **EDGE_CASE.params(share_kv_heads=False)).to_dense()
     gqa = EDGE_CASE.num_q // EDGE_CASE.num_kv
     assert torch.equal(shared, per_head.unflatten(1, (EDGE_CASE.num_kv, gqa)).any(dim=2))
+
+
+@pytest.mark.parametrize("share_kv_heads", [True, False], ids=["shared", "perhead"])
+@pytest.mark.parametrize("name", IDENTIFIERS)
+def test_a_theta_per_head_selects_what_calls_apart_select(name: str, share_kv_heads: bool) -> None:
+    """The promise that lets head groups with different thetas run as one call: each KV group's part of the
+    one-call plan is the plan of that group's own call with its own theta."""
+    case = Case(1, 6, 3, 300, 64, 32, 1, 16, 32, share_kv_heads)
+    thetas = (1.0, 1.0, 4.0, 4.0, 9.0, 9.0) if share_kv_heads else (1.0, 2.0, 4.0, 3.0, 9.0, 0.0)
+    q, k = _inputs(case, seed=3)
+    whole = IDENTIFIERS[name](q, k, **case.params(theta=thetas))
+    per_kv = 1 if share_kv_heads else 2
+    densities = []
+    for kv in range(case.num_kv):
+        heads = slice(2 * kv, 2 * kv + 2)
+        theta = thetas[heads] if not share_kv_heads else thetas[2 * kv]
+        alone = IDENTIFIERS[name](q[:, heads], k[:, kv:kv + 1], **case.params(theta=theta))
+        part = whole.select_heads(kv * per_kv, (kv + 1) * per_kv)
+        assert torch.equal(part.offsets, alone.offsets) and torch.equal(part.indices, alone.indices)
+        densities.append(alone.density())
+    assert densities[0] < densities[1] < densities[2], "larger thetas should keep more on these inputs"
+
+
+@pytest.mark.parametrize("name", IDENTIFIERS)
+def test_a_theta_list_of_the_wrong_length_is_refused(name: str) -> None:
+    q, k = _inputs(EDGE_CASE)
+    with pytest.raises(ValueError, match=r"one per query head \(3\), got 2"):
+        IDENTIFIERS[name](q, k, **EDGE_CASE.params(theta=(1.0, 2.0)))
 
 
 def test_kernel_reads_strided_inputs_in_place() -> None:

@@ -470,6 +470,41 @@ def test_summary_says_when_head_groups_ran_as_calls_apart():
     assert handle.stats.head_group_calls == 0 and "calls apart" not in handle.summary()
 
 
+def test_head_groups_differing_only_in_theta_run_as_one_call_with_the_same_answer(monkeypatch):
+    """Anchor takes theta per query head: KV groups calibrated to different thetas share one identification
+    and one launch, and the model's answer is the one their calls apart give."""
+    model = make_model()
+    with torch.no_grad():  # sharper attention than a random init's, so thetas 1 and 2 select differently
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(6)
+            layer.self_attn.k_proj.weight.mul_(6)
+    ids = torch.randint(0, 128, (1, 200))
+    anchor = {"pattern": "anchor", "block": 16, "sink": 16, "local": 16, "dense_tail": 0, "dense_above": 1.0}
+    policy = {"min_length": 0, "default": {**anchor, "theta": 1.0},
+              "overrides": [{"heads": "2-3", **anchor, "theta": 2.0}, {"layers": 1, "heads": 0, "pattern": "dense"}]}
+    layer0 = {}
+    for theta in (1.0, 2.0):  # each theta alone, for the densities the merged call must fall between
+        alone = {"min_length": 0, "default": {**anchor, "theta": theta}}
+        handle = sparse_prefill.apply(model, alone, collect_stats=True)
+        logits(model, ids)
+        layer0[theta] = handle.stats.layer_densities()[0]
+        sparse_prefill.remove(model)
+    handle = sparse_prefill.apply(model, policy, collect_stats=True)
+    together = logits(model, ids)
+    # Layer 0 merges its two KV groups into one call; layer 1 has a dense head, another pattern: apart.
+    assert handle.stats.head_group_calls == 3
+    assert [len(handle.policy.call_groups(layer, 4)) for layer in (0, 1)] == [1, 2]
+    merged = handle.stats.layer_densities()[0]
+    assert layer0[1.0] < merged < layer0[2.0] < 1.0, "the thetas should select differently on this input"
+    sparse_prefill.remove(model)
+    monkeypatch.setattr(type(handle.policy), "call_groups", type(handle.policy).assign_heads)
+    handle = sparse_prefill.apply(model, policy, collect_stats=True)
+    apart = logits(model, ids)
+    assert handle.stats.head_group_calls == 2 + 3
+    assert handle.stats.layer_densities()[0] == pytest.approx(merged)
+    torch.testing.assert_close(together, apart, atol=LOGIT_ATOL, rtol=0)
+
+
 def test_summary_without_collected_densities_says_how_to_collect_them():
     model = make_model()
     handle = sparse_prefill.apply(model, STREAMING)

@@ -4,6 +4,7 @@ import re
 import pytest
 
 from sparse_prefill.cli import main
+from sparse_prefill.interfaces import HeadValues
 from sparse_prefill.policy import PolicyError, load_policy, shipped_policies
 from sparse_prefill.registry import get_pattern
 
@@ -33,6 +34,44 @@ def test_assign_heads_groups_local_heads_with_global_offset():
     policy = load_policy({"default": {"pattern": "anchor"}, "overrides": [{"heads": [5, 6], "pattern": "dense"}]})
     groups = policy.assign_heads(layer=0, num_heads=4, head_offset=4)  # global heads 4..7
     assert [(g.heads, g.choice.pattern) for g in groups] == [((0, 3), "anchor"), ((1, 2), "dense")]
+
+
+def test_call_groups_merge_choices_that_differ_only_in_per_head_parameters():
+    """Anchor's theta may differ per head within one call; anything else (another pattern, another local
+    window) still splits the call. Values are indexed by global head, so a tensor-parallel rank's call
+    (head_offset) and its chunks find theirs."""
+    policy = load_policy({"default": {"pattern": "anchor", "theta": 5}, "overrides": [
+        {"heads": "6-7", "theta": 9, "pattern": "anchor"},
+        {"heads": 5, "pattern": "dense"},
+        {"heads": 4, "pattern": "anchor", "theta": 5, "local": 256},
+        {"layers": 1, "heads": "0-7", "pattern": "anchor", "theta": 6},
+    ]})
+    groups = policy.call_groups(layer=0, num_heads=4, head_offset=4)  # global heads 4..7
+    assert [(g.heads, g.choice.pattern) for g in groups] == [((0,), "anchor"), ((1,), "dense"), ((2, 3), "anchor")]
+    merged = policy.call_groups(layer=0, num_heads=8)
+    assert [g.heads for g in merged] == [(0, 1, 2, 3, 6, 7), (4,), (5,)]
+    theta = merged[0].choice.as_dict()["theta"]
+    assert isinstance(theta, HeadValues) and theta.for_heads(2, 2) == (5.0, 5.0) and theta.for_heads(6, 2) == (9.0, 9.0)
+    assert str(theta) == "[5.0 (heads 0-3), 9.0 (heads 6-7)]"
+    with pytest.raises(ValueError, match="no value for some of query heads 3-4"):
+        theta.for_heads(3, 2)  # head 4 runs another choice
+    assert {k: v for k, v in merged[0].choice.params if k != "theta"} == {
+        k: v for k, v in policy.choice_for(0, 0).params if k != "theta"}
+    assert policy.call_groups(layer=1, num_heads=8) == policy.assign_heads(layer=1, num_heads=8)  # one choice
+    streaming = load_policy({"default": {"pattern": "streaming"}, "overrides": [
+        {"heads": 0, "pattern": "streaming", "local": 256}]})
+    assert streaming.call_groups(0, 4) == streaming.assign_heads(0, 4)  # no per-head parameter: apart
+
+
+def test_a_merged_choice_builds_an_identifier_and_checks_each_head_value():
+    policy = load_policy({"default": {"pattern": "anchor", "theta": 5}, "overrides": [
+        {"heads": 1, "pattern": "anchor", "theta": 7}]})
+    (group,) = policy.call_groups(0, 2)
+    assert policy.identifier(group.choice) is policy.identifier(group.choice)  # built once
+    with pytest.raises(ValueError, match="parameter 'theta'.*nan"):
+        get_pattern("anchor").build(theta=HeadValues(0, (5.0, float("nan"))))
+    with pytest.raises(ValueError, match="parameter 'local'"):
+        get_pattern("anchor").build(local=HeadValues(0, (128, 256)))  # not a per-head parameter
 
 
 @pytest.mark.parametrize(

@@ -52,7 +52,9 @@ The patterns sparse-prefill registers itself (its `builtin` plugin), with every 
 policy may set. Values are checked by each parameter's type and check, the same way in a policy
 file and in `PatternSpec.build(**params)`. Installed plugins add their own: `sparse-prefill
 patterns` lists what your environment has and where each came from, and
-`sparse_prefill.get_pattern(name).parameters` holds the same facts as this page.
+`sparse_prefill.get_pattern(name).parameters` holds the same facts as this page. A parameter marked
+"per head" may differ between the head groups of one layer without splitting its attention call
+(`Parameter.per_head`; see [policies](../policies.md#heads-under-a-policy)).
 """
 
 
@@ -90,7 +92,8 @@ def patterns_page() -> str:
                      f"Defaults: {DEFAULTS_SOURCE.get(name, 'not documented yet.')}\n")
         if spec.parameters:
             rows = ["| parameter | type | default | meaning |", "|---|---|---|---|"]
-            rows += [f"| `{key}` | {_type_name(p.type)} | `{_yaml_value(p.default)}` | {_cell(p.help)} |"
+            rows += [f"| `{key}` | {_type_name(p.type)}{', per head' if p.per_head else ''} "
+                     f"| `{_yaml_value(p.default)}` | {_cell(p.help)} |"
                      for key, p in spec.parameters.items()]
             parts.append("\n" + "\n".join(rows) + "\n")
     return "".join(parts)

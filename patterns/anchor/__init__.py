@@ -13,7 +13,7 @@ import warnings
 
 import torch
 
-from sparse_prefill.interfaces import AttentionContext, Identifier, Parameter, PatternSpec
+from sparse_prefill.interfaces import AttentionContext, HeadValues, Identifier, Parameter, PatternSpec
 from sparse_prefill.kernels.runtime import triton_can_run
 from sparse_prefill.patterns._checks import allowing, at_least, density, finite, multiple_of
 from sparse_prefill.patterns.anchor.reference import anchor_identify_reference
@@ -47,13 +47,16 @@ class AnchorIdentifier(Identifier):
     ``ctx.plan_budget``; the reference (CPU, correctness) does not. Selection is not differentiated.
     """
 
-    def __init__(self, theta: float, block: int, group_blocks: int, sink: int, local: int, share_kv_heads: bool,
-                 dense_tail: int, dense_above: float) -> None:
+    def __init__(self, theta: float | HeadValues, block: int, group_blocks: int, sink: int, local: int,
+                 share_kv_heads: bool, dense_tail: int, dense_above: float) -> None:
         self.params = dict(theta=theta, block=block, group_blocks=group_blocks, sink=sink, local=local,
                            share_kv_heads=share_kv_heads, dense_tail=dense_tail, dense_above=dense_above)
 
     def identify(self, q: torch.Tensor, k: torch.Tensor, ctx: AttentionContext) -> StripePlan | DensePlan:
         params = self.params if ctx.dense_fallback else {**self.params, "dense_above": 1.0}
+        if isinstance(params["theta"], HeadValues):  # head groups calibrated apart, run as one call
+            thetas = params["theta"].for_heads(ctx.head_offset, q.shape[1])
+            params = {**params, "theta": thetas[0] if len(set(thetas)) == 1 else thetas}
         if triton_can_run(q.device):
             from sparse_prefill.patterns.anchor.kernel import anchor_identify, not_supported_reasons
 
@@ -82,7 +85,8 @@ ANCHOR = PatternSpec(
     name="anchor",
     description="AnchorAttention: pattern-based anchor + difference-aware stripe selection",
     parameters={
-        "theta": Parameter(float, 7.7, "keep key j if pooled score + theta >= pooled anchor (natural-log units)", finite),
+        "theta": Parameter(float, 7.7, "keep key j if pooled score + theta >= pooled anchor (natural-log units)",
+                           finite, per_head=True),
         "block": Parameter(int, 128, f"query rows pooled into one block (multiple of 16, at most {_MAX_BLOCK})",
                            _block_check),
         "group_blocks": Parameter(int, 1, "query blocks sharing one key list", at_least(1)),

@@ -24,12 +24,14 @@ shared lists, but 4 GiB at 1M. Beyond a tenth of q+k+v's bytes (``_KEEP_BITS_FRA
 shape past ~300k tokens with shared lists, ~80k per query head) no bits are kept (BITS=False) and
 kernel 3 scores every candidate again instead, so memory stays linear in N beside the plan.
 
-Sequence length, scale and theta are runtime arguments, so new lengths do not recompile.
+Sequence length, scale and theta are runtime arguments, so new lengths do not recompile. Theta is read per
+query head (a float32 vector), so head groups calibrated to different thetas run in one call.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Sequence
 
 import torch
 import triton
@@ -37,7 +39,7 @@ import triton.language as tl
 
 from sparse_prefill.interfaces import PlanBudgetExceeded
 from sparse_prefill.kernels.runtime import triton_can_run, triton_interpreted
-from sparse_prefill.patterns.anchor.reference import validate_anchor_inputs
+from sparse_prefill.patterns.anchor.reference import head_thetas, validate_anchor_inputs
 from sparse_prefill.plan import DensePlan, StripePlan
 
 __all__ = ["anchor_identify", "not_supported_reasons", "SUPPORTED_DTYPES", "HEAD_DIM_RANGE", "MAX_BLOCK", "MAX_SCAN_ROWS"]
@@ -103,7 +105,7 @@ def _segment_of(slot, chunk, off_kv, plan_heads_per_kv, groups_per_chunk, num_gr
 
 @triton.jit
 def _load_pooled_rows(
-    PooledQ, PooledAnchor, off_b, off_kv, chunk,
+    PooledQ, PooledAnchor, Theta, off_b, off_kv, chunk,
     stride_pb, stride_ph, stride_pm, stride_pd, stride_ab, stride_ah, stride_am,
     plan_heads_per_kv, groups_per_chunk, num_groups, heads_per_plan, group_blocks, num_blocks,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SEG_PAD: tl.constexpr, ROW_PAD: tl.constexpr,
@@ -111,6 +113,7 @@ def _load_pooled_rows(
     """The program's pooled rows stacked in M: row m is row m % ROW_PAD of segment slot m // ROW_PAD.
 
     Within a segment, row r is block r % group_blocks of the plan head's query head r // group_blocks.
+    Returns (pooled q, anchor, theta of the row's query head, valid).
     """
     offs_m = tl.arange(0, SEG_PAD * ROW_PAD)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
@@ -123,8 +126,9 @@ def _load_pooled_rows(
     pooled_q = tl.load(base_q[:, None] + offs_d[None, :] * stride_pd, mask=valid[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     base_a = PooledAnchor + off_b.to(tl.int64) * stride_ab + head.to(tl.int64) * stride_ah + blk.to(tl.int64) * stride_am
     anchor = tl.load(base_a, mask=valid, other=float("inf"))
+    theta = tl.load(Theta + head, mask=valid, other=0.0)
     # A block with no finite row (anchor +inf, see _anchor_pool_kernel) keeps nothing.
-    return pooled_q, anchor, valid & (anchor < float("inf"))
+    return pooled_q, anchor, theta, valid & (anchor < float("inf"))
 
 
 @triton.jit
@@ -145,12 +149,13 @@ def _program_segments(
 
 @triton.jit
 def _keep_tile(
-    q_hi, q_lo, anchor, row_valid, k_base, stride_kn, stride_kd, keys, key_lo, key_hi, sink_end, local_start,
-    keep_all, scale, theta, SPLIT: tl.constexpr, PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr,
+    q_hi, q_lo, anchor, theta, row_valid, k_base, stride_kn, stride_kd, keys, key_lo, key_hi, sink_end, local_start,
+    keep_all, scale, SPLIT: tl.constexpr, PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr, SEG_PAD: tl.constexpr, ROW_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """keep [SEG_PAD, BLOCK_N]: a segment keeps key j in [key_lo, key_hi) if any of its rows has
-    score + theta >= anchor, and every candidate when keep_all. Scores as in _split_pooled_q."""
+    score + theta >= anchor (theta per row: its query head's), and every candidate when keep_all. Scores as
+    in _split_pooled_q."""
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     k_ptrs = k_base + keys[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd
     k = tl.load(k_ptrs, mask=(keys[:, None] < key_hi) & (offs_d[None, :] < HEAD_DIM), other=0.0)
@@ -160,7 +165,7 @@ def _keep_tile(
         s = tl.dot(q_hi, tl.trans(k.to(tl.float32)), input_precision=PRECISION) * scale
     # "not below": a NaN score (a non-finite key) keeps the key, so its NaN reaches the rows that attend
     # it, as in dense attention (one unordered compare, no extra NaN test).
-    hit = ((~(s + theta < anchor[:, None])) & row_valid[:, None]).to(tl.int32)
+    hit = ((~(s + theta[:, None] < anchor[:, None])) & row_valid[:, None]).to(tl.int32)
     segment_hit = tl.max(tl.reshape(hit, (SEG_PAD, ROW_PAD, BLOCK_N)), 1)
     in_slice = (keys >= key_lo) & (keys < key_hi)
     candidate = (keys[None, :] >= sink_end[:, None]) & (keys[None, :] < local_start[:, None]) & in_slice[None, :]
@@ -275,12 +280,12 @@ def _anchor_pool_kernel(
                  prune_configs_by={"early_config_prune": _prune_score_tiles})
 @triton.jit
 def _stripe_scan_kernel(
-    PooledQ, PooledAnchor, K, Bits, Offsets, Out,
+    PooledQ, PooledAnchor, Theta, K, Bits, Offsets, Out,
     stride_pb, stride_ph, stride_pm, stride_pd,
     stride_ab, stride_ah, stride_am,
     stride_kb, stride_kh, stride_kn, stride_kd,
     num_kv_heads, num_plan_heads, plan_heads_per_kv, groups_per_chunk, num_groups,
-    heads_per_plan, group_blocks, num_blocks, group_rows, sink, local, tail_start, scale, theta,
+    heads_per_plan, group_blocks, num_blocks, group_rows, sink, local, tail_start, scale,
     slice_keys, num_slices, words_per_step,
     SPLIT: tl.constexpr, PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     SEG_PAD: tl.constexpr, ROW_PAD: tl.constexpr, BLOCK_N: tl.constexpr, WRITE: tl.constexpr, BITS: tl.constexpr,
@@ -308,8 +313,8 @@ def _stripe_scan_kernel(
     else:
         cursor = tl.zeros([SEG_PAD], dtype=tl.int64)
     if not (WRITE and BITS):  # this pass scores
-        pooled_q, anchor, row_valid = _load_pooled_rows(
-            PooledQ, PooledAnchor, off_b, off_kv, chunk,
+        pooled_q, anchor, theta, row_valid = _load_pooled_rows(
+            PooledQ, PooledAnchor, Theta, off_b, off_kv, chunk,
             stride_pb, stride_ph, stride_pm, stride_pd, stride_ab, stride_ah, stride_am,
             plan_heads_per_kv, groups_per_chunk, num_groups, heads_per_plan, group_blocks, num_blocks,
             HEAD_DIM, HEAD_DIM_PAD, SEG_PAD, ROW_PAD,
@@ -327,8 +332,8 @@ def _stripe_scan_kernel(
             in_slice = (keys >= key_lo) & (keys < key_hi)
             keep = _unpack_bits(tl.load(word_ptrs, mask=word_ok, other=0), SEG_PAD, BLOCK_N) * in_slice[None, :]
         else:
-            keep = _keep_tile(q_hi, q_lo, anchor, row_valid, k_base, stride_kn, stride_kd, keys, key_lo, key_hi,
-                              sink_end, local_start, keep_all, scale, theta,
+            keep = _keep_tile(q_hi, q_lo, anchor, theta, row_valid, k_base, stride_kn, stride_kd, keys, key_lo, key_hi,
+                              sink_end, local_start, keep_all, scale,
                               SPLIT, PRECISION, HEAD_DIM, HEAD_DIM_PAD, SEG_PAD, ROW_PAD, BLOCK_N).to(tl.int32)
         if BITS and not WRITE:
             # Slices start on multiples of slice_keys (>= BLOCK_N), so no other program writes these words.
@@ -464,7 +469,7 @@ def anchor_identify(
     k: torch.Tensor,
     *,
     scale: float,
-    theta: float,
+    theta: float | Sequence[float],
     block: int,
     group_blocks: int,
     sink: int,
@@ -502,7 +507,7 @@ def anchor_identify(
         *pooled_q.stride(), *pooled_anchor.stride(), *k.stride(),
         num_kv, plan.plan_heads, layout.plan_heads_per_kv, layout.groups_per_chunk, plan.num_groups,
         heads_per_plan, group_blocks, pooled_q.shape[2], plan.group_rows, sink, local, _tail_start(seq_len, dense_tail),
-        scale, theta, slice_keys, num_slices, words_per_step,
+        scale, slice_keys, num_slices, words_per_step,
     )
     segments = plan.offsets.numel() - 1
     counts = torch.zeros(segments * num_slices, dtype=torch.int32, device=q.device)  # (segment, slice) order
@@ -516,7 +521,9 @@ def anchor_identify(
         PRECISION=_FP32_DOT_PRECISION, HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
         SEG_PAD=layout.seg_pad, ROW_PAD=layout.row_pad, BITS=keep_bits,
     )
-    _stripe_scan_kernel[grid](pooled_q, pooled_anchor, k, bits, counts, counts, *scan_args, WRITE=False, **constexprs)
+    thetas = head_thetas(theta, num_q, q.device)
+    _stripe_scan_kernel[grid](pooled_q, pooled_anchor, thetas, k, bits, counts, counts, *scan_args, WRITE=False,
+                              **constexprs)
     grid_counts = counts.view(batch, plan.plan_heads, plan.num_groups, num_slices)
     per_head = grid_counts.sum(dim=(0, 2, 3), dtype=torch.int64)
     per_group = grid_counts.sum(dim=(0, 1, 3), dtype=torch.int64)
@@ -534,7 +541,7 @@ def anchor_identify(
     torch.cumsum(counts, dim=0, out=slice_offsets[1:])
     indices = torch.empty(total, dtype=torch.int32, device=q.device)
     if total:
-        _stripe_scan_kernel[grid](pooled_q, pooled_anchor, k, bits, slice_offsets, indices, *scan_args,
+        _stripe_scan_kernel[grid](pooled_q, pooled_anchor, thetas, k, bits, slice_offsets, indices, *scan_args,
                                   WRITE=True, **constexprs)
     offsets = slice_offsets[::num_slices].contiguous()  # a segment's first slice starts where it does
     # No plan.validate() here: it costs several times the index memory and a sync; the tests validate.

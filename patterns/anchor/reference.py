@@ -13,7 +13,8 @@ match. Per batch ``b``, query head ``h`` and query group ``g`` of ``block * grou
 3. Keep candidate ``j`` in ``[sink_end, local_start)`` for the whole group if, for any block of the
    group (and, with ``share_kv_heads``, any query head of the KV group),
    ``scale * pooled_q . k_j + theta >= pooled_anchor``, compared in fp32, or that score is NaN (a
-   non-finite key): its NaN then reaches the rows that attend it, as in dense attention.
+   non-finite key): its NaN then reaches the rows that attend it, as in dense attention. ``theta`` is
+   one number, or one per query head (each pooled row compares with its own head's).
 
 Selection is not differentiable: the plan is integers, and gradients (through a reference
 executor) flow only through attention over the selected keys, as with a fixed mask.
@@ -25,12 +26,13 @@ Memory is O(group work): scores never exceed [B, Hq, group_rows, window] and
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 
 from sparse_prefill.plan import DensePlan, StripePlan
 
-__all__ = ["anchor_identify_reference", "validate_anchor_inputs"]
+__all__ = ["anchor_identify_reference", "head_thetas", "validate_anchor_inputs"]
 
 
 def validate_anchor_inputs(
@@ -38,7 +40,7 @@ def validate_anchor_inputs(
     k: torch.Tensor,
     *,
     scale: float,
-    theta: float,
+    theta: float | Sequence[float],
     block: int,
     group_blocks: int,
     sink: int,
@@ -67,7 +69,10 @@ def validate_anchor_inputs(
                              ("dense_tail", dense_tail, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    for name, value in (("scale", scale), ("theta", theta)):
+    thetas = list(theta) if isinstance(theta, (list, tuple)) else [theta]
+    if isinstance(theta, (list, tuple)) and len(thetas) != num_q:
+        raise ValueError(f"theta must be one number or one per query head ({num_q}), got {len(thetas)} values")
+    for name, value in [("scale", scale)] + [("theta", t) for t in thetas]:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
             raise ValueError(f"{name} must be a real number, got {value!r}")
     if not isinstance(share_kv_heads, bool):
@@ -76,6 +81,13 @@ def validate_anchor_inputs(
         raise ValueError(f"dense_above must be a density in (0, 1], got {dense_above!r}")
     if not 0 < scale < math.inf:
         raise ValueError(f"scale must be positive and finite (usually 1/sqrt(head_dim)), got {scale}")
+
+
+def head_thetas(theta: float | Sequence[float], num_q: int, device: torch.device) -> torch.Tensor:
+    """theta of each query head, float32 [num_q] (validated by :func:`validate_anchor_inputs`)."""
+    if isinstance(theta, (list, tuple)):
+        return torch.tensor([float(t) for t in theta], dtype=torch.float32, device=device)
+    return torch.full((num_q,), float(theta), dtype=torch.float32, device=device)
 
 
 def _pool_blocks(rows: torch.Tensor, anchors: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,13 +123,14 @@ def _group_keep(
     geometry: tuple[int, int, int, int],
     *,
     scale: float,
-    theta: float,
+    theta: torch.Tensor,
     block: int,
     share_kv_heads: bool,
 ) -> torch.Tensor:
     """Which candidates [sink_end, local_start) one group keeps: bool [B, plan_heads, candidates].
 
-    q is fp32 [B, Hkv, Hq/Hkv, N, D] (a view, K is never expanded), k is fp32 [B, Hkv, N, D].
+    q is fp32 [B, Hkv, Hq/Hkv, N, D] (a view, K is never expanded), k is fp32 [B, Hkv, N, D], theta
+    fp32 [Hkv, Hq/Hkv] (each query head's).
     """
     row_start, row_end, sink_end, local_start = geometry
     queries = q[:, :, :, row_start:row_end]
@@ -125,7 +138,8 @@ def _group_keep(
     candidates = k[:, :, sink_end:local_start].unsqueeze(2)
     pooled_scores = scale * (pooled_q @ candidates.transpose(-1, -2))
     anchor = pooled_anchor.unsqueeze(-1)
-    keep = (((pooled_scores + theta >= anchor) | pooled_scores.isnan()) & (anchor < float("inf"))).any(dim=3)
+    kept = (pooled_scores + theta[:, :, None, None] >= anchor) | pooled_scores.isnan()
+    keep = (kept & (anchor < float("inf"))).any(dim=3)
     return keep.any(dim=2) if share_kv_heads else keep.flatten(1, 2)
 
 
@@ -134,7 +148,7 @@ def anchor_identify_reference(
     k: torch.Tensor,
     *,
     scale: float,
-    theta: float,
+    theta: float | Sequence[float],
     block: int,
     group_blocks: int,
     sink: int,
@@ -147,7 +161,8 @@ def anchor_identify_reference(
 
     Groups hold ``block * group_blocks`` query rows; plan heads are the KV heads when
     ``share_kv_heads`` (one key list per GQA group, the union over its query heads), else the
-    query heads. ``theta`` is in natural-log units: larger keeps more keys. Groups holding any of
+    query heads. ``theta`` is in natural-log units: larger keeps more keys; one per query head (a
+    sequence) lets head groups calibrated apart share one call. Groups holding any of
     the last ``dense_tail`` rows keep every candidate: those rows (the question at the end of a
     prompt) are where retrieval happens, and mean-pooling over a block would dilute them. A plan
     denser than ``dense_above`` becomes a :class:`DensePlan`: dense attention is then faster and exact.
@@ -162,10 +177,11 @@ def anchor_identify_reference(
     plan = StripePlan.empty(batch, plan_heads, seq_len, block * group_blocks, sink, local, q.device)
     qf = q.float().unflatten(1, (num_kv, num_q // num_kv))
     kf = k.float()
+    thetas = head_thetas(theta, num_q, q.device).view(num_kv, num_q // num_kv)
     segments, positions = [], []
     for group in range(plan.num_groups):
         geometry = plan.group_bounds(group)
-        keep = _group_keep(qf, kf, geometry, scale=scale, theta=theta, block=block, share_kv_heads=share_kv_heads)
+        keep = _group_keep(qf, kf, geometry, scale=scale, theta=thetas, block=block, share_kv_heads=share_kv_heads)
         if geometry[1] > seq_len - dense_tail:
             keep = torch.ones_like(keep)
         b, h, candidate = keep.nonzero(as_tuple=True)

@@ -2,10 +2,10 @@
 
 `sparse-prefill eval --recall` reports, beside each layer's density, how much softmax mass its
 plans keep. Each layer's post-RoPE q and k come from one dense forward (:func:`capture_qk`); the
-identifier the policy assigns to each head group makes its plan from them, as the Hugging Face
-integration would, and :func:`attention_recall` measures it. Under the policy a layer's inputs
-also carry the earlier sparse layers' changes; that second-order difference is left out, so every
-policy is judged on the same q and k. The softmax scale is 1/sqrt(head dim), the scale of every
+identifier the policy assigns to each head group (:meth:`Policy.call_groups`, as attention runs them) makes
+its plan from them, as the Hugging Face integration would, and :func:`attention_recall` measures it. Under
+the policy a layer's inputs also carry the earlier sparse layers' changes; that second-order difference is
+left out, so every policy is judged on the same q and k. The softmax scale is 1/sqrt(head dim), the scale of every
 model measured here (Gemma 3's query_pre_attn_scalar equals its head dim).
 """
 
@@ -30,7 +30,7 @@ def policy_layer_plans(q: torch.Tensor, k: torch.Tensor, policy: Policy, layer: 
     identifier each head group is assigned, on the heads' q [B, Hq, N, D] and k [B, Hkv, N, D], split as the
     Hugging Face integration splits them. ``dense_fallback`` False measures the selection itself."""
     num_q, num_kv = q.shape[1], k.shape[1]
-    for assignment in policy.assign_heads(layer, num_q):
+    for assignment in policy.call_groups(layer, num_q):
         identifier = policy.identifier(assignment.choice)
         for q_heads, kv_heads in kv_aligned_chunks(assignment.heads, num_q // num_kv):
             q_part, k_part = q[:, q_heads], k[:, kv_heads]

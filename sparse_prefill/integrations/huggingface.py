@@ -199,7 +199,7 @@ def _sparse_prefill(handle: SparsePrefillHandle, layer: int | None, q: torch.Ten
                     v: torch.Tensor, scale: float) -> torch.Tensor:
     """Sparse attention of one unpadded batch, head groups dispatched by the policy."""
     hq, hkv, offset = q.shape[1], k.shape[1], handle.head_offset
-    assignments = handle.policy.assign_heads(layer, hq, offset)
+    assignments = handle.policy.call_groups(layer, hq, offset)
     if len(assignments) == 1:
         ctx = AttentionContext.for_inputs(q, k, scale, layer_idx=layer, head_offset=offset)
         identifier = handle.policy.identifier(assignments[0].choice)

@@ -32,7 +32,8 @@ class PrefillStats:
     of a sparse pattern made dense (denser than its ``dense_above``) and padded sequences shorter
     than ``min_length``; those calls count in ``sparse_calls`` too. ``head_group_calls`` counts the
     calls made apart for the head groups of a per-head policy (a layer whose groups take different
-    settings identifies and launches once per group: the time that costs shows up nowhere else).
+    patterns, or settings the pattern cannot take per head, identifies and launches once per group: the
+    time that costs shows up nowhere else; groups differing only in per-head parameters run as one call).
     ``dense_plan_layers`` holds, per
     reason, the layers those dense plans came from (which layers a guard or ``dense_above`` kept dense
     is what a user needs to decide where to calibrate).
