@@ -13,8 +13,12 @@
 #    anchor.yaml (guarded), the base unguarded (theta 7.7), each calibrated policy, XAttention at threshold 0.9
 #    unguarded (the pattern that led at every density on Qwen2.5-Coder-0.5B at 32k), with per-layer recall.
 #    CAL_FLAGS="--one-call-per-layer" adds calibrate flags, EXTRA="--layer-kl" (say) eval flags, BASELINES=0 judges
-#    the calibrated policies against dense alone; LIMIT (seconds per step, default 280). An empty TOKENIZER_FOLDER
-#    uses the model's own tokenizer; a CPU smoke test: MODEL smollm2, CAL_TOKENS=512 LENGTHS=512.
+#    the calibrated policies against dense alone; LIMIT (seconds per step, default 280). ONE_CALL=1 also judges,
+#    beside each floor's per-group policy, the one setting per layer chosen from the same record
+#    (`--from-record --one-call-per-layer`, OUT/policies/layers-floorF.yaml): which one is faster is the question
+#    (a per-group policy splits a layer into calls only where a dense group sits beside sparse ones). An empty
+#    TOKENIZER_FOLDER uses the model's own tokenizer; a CPU smoke test: MODEL smollm2,
+#    CAL_TOKENS=512 LENGTHS=512 SCORE_LAST=256.
 set -uo pipefail
 model=$1 tokenizer=$2 out=$3
 floors=(${FLOORS:-0.8 0.9})
@@ -39,6 +43,15 @@ fi
 for floor in "${floors[@]}"; do
     policies+=(--policy "$p/groups-floor$floor.yaml")
 done
+if [[ ${ONE_CALL:-0} != 0 ]]; then
+    python3 -m sparse_prefill.cli calibrate --policy "$p/base.yaml" --per-kv-group --from-record "$out/record.json" \
+        --one-call-per-layer --min-head-recall "${floors[@]}" --target-recall "${TARGET:-0.95}" --out "$p/layers.yaml" \
+        2>&1 | tee -a "$out/calibrate.log"
+    [[ ${#floors[@]} -eq 1 ]] && mv "$p/layers.yaml" "$p/layers-floor${floors[0]}.yaml"
+    for floor in "${floors[@]}"; do
+        policies+=(--policy "$p/layers-floor$floor.yaml")
+    done
+fi
 for length in "${lengths[@]}"; do
     mkdir -p "$out/$length"
     timeout "$limit" python3 -m sparse_prefill.cli eval --model "$model" "${tok[@]}" --no-plots \
