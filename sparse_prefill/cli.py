@@ -300,19 +300,20 @@ def _calibrate_per_kv_group(args: argparse.Namespace, base: Policy,
     """Measure each (layer, KV group) at each theta (or read the measurement from ``--from-record``, ``qk``
     None), allocate for the mean recall target, write the policy."""
     from sparse_prefill.evaluation.kv_group_calibration import (
+        allocate_one_call_per_layer,
         allocate_settings,
         group_calibrated_policy,
-        one_setting_per_layer,
     )
 
     about, options = _group_measurement(args, base, qk)
     thetas, locals_ = about["thetas"], about["locals"]
     group_size, unit = about["query_heads"] // about["kv_heads"], "(layer, KV group)"
+    allocate = allocate_settings
     if args.one_call_per_layer:
-        options, group_size, unit = one_setting_per_layer(options), about["query_heads"], "layer (one call each)"
+        allocate, unit = allocate_one_call_per_layer, "(layer, KV group), each layer's groups all dense or all sparse"
     floors = args.min_head_recall
     for floor, path in zip(floors, _floor_paths(args.out, floors)):
-        allocation = allocate_settings(options, group_size, args.target_recall, floor)
+        allocation = allocate(options, group_size, args.target_recall, floor)
         flags = " --one-call-per-layer" if args.one_call_per_layer else ""
         header = (f"Written by `sparse-prefill calibrate --per-kv-group{flags}` from {base.source}: "
                   f"{about['model']}, {about['tokens']} essay tokens from token {about['text_offset']},\nthe least "
@@ -745,10 +746,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 "--target-recall (a layer's groups may differ: groups differing in theta alone share "
                                 "one call, a dense group beside sparse ones or another local window runs apart)")
     calibrate.add_argument("--one-call-per-layer", action="store_true",
-                           help="with --per-kv-group: every KV group of a layer takes the same setting, so each "
-                                "layer runs as one attention call (a dense group beside sparse ones, or groups of "
-                                "different --locals, run as a call each, which can cost more time than their "
-                                "density saves)")
+                           help="with --per-kv-group: each layer runs as one attention call, its KV groups all "
+                                "dense or all sparse with one local window (thetas may differ: one call takes a "
+                                "theta per head); a dense group beside sparse ones, or groups of different "
+                                "--locals, would run as a call each, which can cost more time than their density "
+                                "saves")
     calibrate.add_argument("--min-head-recall", type=float, nargs="+", default=None,
                            help=f"with --per-kv-group: every query head keeps at least this much (default "
                                 f"{MIN_HEAD_RECALL}: the worst heads carry the answers' loss, "

@@ -11,6 +11,7 @@ import torch
 from sparse_prefill.cli import main
 from sparse_prefill.evaluation.kv_group_calibration import (
     GroupOption,
+    allocate_one_call_per_layer,
     allocate_settings,
     group_calibrated_policy,
     measure_group_options,
@@ -158,6 +159,59 @@ def test_written_policy_gives_each_group_its_setting(tmp_path):
         choice = policy.choice_for(layer, head).as_dict()
         assert (choice["theta"], choice["local"], choice["sink"]) == (theta, local, 32)
     assert len(policy.overrides) == 3  # layer 2's groups share one override
+
+
+def _one_call_options(rng: random.Random) -> dict:
+    """3 layers x 2 KV groups of 3 heads; per group 3 thetas at each of two windows (rising curves, the densest
+    sometimes past dense_above) and the explicit dense option."""
+    options = {}
+    for key in itertools.product(range(3), range(2)):
+        out = []
+        for local in (64, 256):
+            recalls, density = [rng.uniform(0.5, 0.9) for _ in range(3)], rng.uniform(0.05, 0.2)
+            for theta in (4.0, 8.0, 12.0):
+                recalls = [min(1.0, r + rng.uniform(0, 0.12)) for r in recalls]
+                density = min(1.0, density + rng.uniform(0.01, 0.2))
+                past = density > 0.45 and rng.random() < 0.5  # its plan passed dense_above: the dense call
+                out.append(GroupOption(theta, local, (1.0,) * 3, 1.0, dense=True) if past
+                           else GroupOption(theta, local, tuple(recalls), density))
+        out.append(GroupOption(math.inf, 64, (1.0,) * 3, 1.0, dense=True))
+        options[key] = out
+    return options
+
+
+def _one_call(combo) -> bool:
+    """Whether each layer's chosen options run as one call: all dense, or all sparse at one window."""
+    modes: dict[int, set] = {}
+    for (layer, _group), option in combo:
+        modes.setdefault(layer, set()).add(None if option.dense else option.local)
+    return all(len(seen) == 1 for seen in modes.values())
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_one_call_per_layer_never_mixes_a_layer_and_is_never_denser_than_one_setting(seed, tmp_path):
+    rng = random.Random(seed)
+    options = _one_call_options(rng)
+    target, floor = rng.uniform(0.8, 0.97), rng.choice([0.0, 0.7])
+    result = allocate_one_call_per_layer(options, 3, target, floor)
+    assert _one_call([((g.layer, g.heads.start // 3), g.option) for g in result.groups])
+    keys = sorted(options)
+    feasible = [sum(o.density for o in combo) / 6 for combo in itertools.product(*(options[k] for k in keys))
+                if _one_call(zip(keys, combo)) and min(o.worst_head for o in combo) >= floor
+                and sum(o.recall for o in combo) / 6 >= target]
+    one_setting = allocate_settings(one_setting_per_layer(options), 6, target, floor)
+    if not feasible:
+        assert not result.reached or result.recall < target
+        return
+    assert result.reached and result.recall >= target - 1e-12 and result.worst_head >= floor
+    assert result.density >= min(feasible) - 1e-12
+    if one_setting.reached and one_setting.recall >= target:
+        assert result.density <= one_setting.density + 1e-12
+    base = load_policy({"min_length": 0, "default": {"pattern": "anchor", **PARAMS}})
+    path = tmp_path / "one_call.yaml"
+    path.write_text(group_calibrated_policy(base, result, "header"))
+    policy = load_policy(path)
+    assert all(len(policy.call_groups(layer, 6)) == 1 for layer in range(3))
 
 
 def test_one_setting_per_layer_joins_groups_that_ran_alike_and_leaves_out_mixed_settings():

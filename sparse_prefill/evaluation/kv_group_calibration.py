@@ -20,6 +20,7 @@ Measured on SmolLM2-135M: docs/benchmarks/recall.md.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -32,7 +33,8 @@ from sparse_prefill.patterns.anchor.reference import anchor_identify_reference
 from sparse_prefill.policy import Policy, selector_items
 
 __all__ = ["DEFAULT_THETAS", "GroupOption", "GroupChoice", "Allocation", "measure_group_options",
-           "one_setting_per_layer", "allocate_settings", "group_calibrated_policy", "options_record",
+           "one_setting_per_layer", "allocate_settings", "allocate_one_call_per_layer", "group_calibrated_policy",
+           "options_record",
            "options_from_record"]
 
 DEFAULT_THETAS = (4.0, 5.0, 6.0, 7.0, 7.7, 8.5, 9.5, 11.0, 13.0, 16.0)
@@ -215,6 +217,84 @@ def allocate_settings(options: Mapping[tuple[int, int], Sequence[GroupOption]], 
     if uniform is not None and _mean([uniform[k].density for k in keys]) < _mean([chosen[k].density for k in keys]):
         chosen = uniform
     return _allocation(chosen, group_size, reached=floor_met)
+
+
+def allocate_one_call_per_layer(options: Mapping[tuple[int, int], Sequence[GroupOption]], group_size: int,
+                                target_recall: float, min_head_recall: float = 0.0) -> Allocation:
+    """:func:`allocate_settings` with each layer kept to one attention call: its KV groups all dense, or all
+    sparse with one local window, each group at its own theta (one call takes a theta per head). A dense group
+    beside sparse ones is what splits a layer into calls.
+
+    Layer by layer, where the free allocation mixes, the layer is fixed to the mode (dense, or sparse at one
+    window whose every group meets the floor) whose allocation of the rest is least dense, and the rest is
+    allocated again: greedy, so it is also compared with :func:`one_setting_per_layer` (one setting for all of
+    a layer's groups), and the less dense of the two that reach the target is returned."""
+    modes: dict[tuple[int, int], Sequence[GroupOption]] = dict(options)
+    while True:
+        allocation = allocate_settings(modes, group_size, target_recall, min_head_recall)
+        mixed = _mixed_layers(allocation)
+        if not mixed:
+            break
+        layer = mixed[0]
+        tries = [_restrict(modes, layer, mode) for mode in _layer_modes(modes, layer, min_head_recall)]
+        modes = min(tries, key=lambda tried: _allocation_cost(
+            allocate_settings(tried, group_size, target_recall, min_head_recall), target_recall))
+    per_layer = allocate_settings(one_setting_per_layer(options), group_size * _groups_per_layer(options),
+                                  target_recall, min_head_recall)
+    if _allocation_cost(per_layer, target_recall) < _allocation_cost(allocation, target_recall):
+        return _split_layers(per_layer, group_size)
+    return allocation
+
+
+def _mode(option: GroupOption) -> int | None:
+    """What a group's option asks of its layer's one call: None for dense, else its local window."""
+    return None if option.dense else option.local
+
+
+def _mixed_layers(allocation: Allocation) -> list[int]:
+    modes: dict[int, set[int | None]] = {}
+    for group in allocation.groups:
+        modes.setdefault(group.layer, set()).add(_mode(group.option))
+    return [layer for layer, seen in sorted(modes.items()) if len(seen) > 1]
+
+
+def _layer_modes(options: Mapping[tuple[int, int], Sequence[GroupOption]], layer: int,
+                 floor: float) -> list[int | None]:
+    """Dense, and each local window at which every group of ``layer`` has a sparse option meeting ``floor``."""
+    groups = [choices for (at, _group), choices in options.items() if at == layer]
+    windows = set.intersection(*({o.local for o in choices if not o.dense and o.worst_head >= floor}
+                                 for choices in groups))
+    return [None, *sorted(windows)]
+
+
+def _restrict(options: Mapping[tuple[int, int], Sequence[GroupOption]], layer: int,
+              mode: int | None) -> dict[tuple[int, int], Sequence[GroupOption]]:
+    restricted = dict(options)
+    for key, choices in options.items():
+        if key[0] == layer:
+            restricted[key] = [o for o in choices if _mode(o) == mode]
+    return restricted
+
+
+def _allocation_cost(allocation: Allocation, target: float) -> tuple[bool, float, float]:
+    """Order allocations: those reaching the target (and floor) first, then by density, then by recall."""
+    return (not (allocation.reached and allocation.recall >= target), allocation.density, -allocation.recall)
+
+
+def _groups_per_layer(options: Mapping[tuple[int, int], Sequence[GroupOption]]) -> int:
+    return max(group for _layer, group in options) + 1
+
+
+def _split_layers(allocation: Allocation, group_size: int) -> Allocation:
+    """A per-layer allocation (:func:`one_setting_per_layer`'s keys) as one choice per KV group."""
+    groups = []
+    for choice in allocation.groups:
+        option = choice.option
+        for start in range(choice.heads.start, choice.heads.stop, group_size):
+            heads = range(start, start + group_size)
+            recalls = option.head_recalls[start - choice.heads.start:start - choice.heads.start + group_size]
+            groups.append(GroupChoice(choice.layer, heads, dataclasses.replace(option, head_recalls=recalls)))
+    return Allocation(groups, allocation.reached)
 
 
 def _lagrangian(admissible: Mapping[tuple[int, int], list[GroupOption]], keys: list[tuple[int, int]],
