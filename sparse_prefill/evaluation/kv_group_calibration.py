@@ -34,8 +34,7 @@ from sparse_prefill.policy import Policy, selector_items
 
 __all__ = ["DEFAULT_THETAS", "GroupOption", "GroupChoice", "Allocation", "measure_group_options",
            "one_setting_per_layer", "allocate_settings", "allocate_one_call_per_layer", "group_calibrated_policy",
-           "options_record",
-           "options_from_record"]
+           "options_record", "options_from_record"]
 
 DEFAULT_THETAS = (4.0, 5.0, 6.0, 7.0, 7.7, 8.5, 9.5, 11.0, 13.0, 16.0)
 """Thetas each KV group may take by default: the range from the sparsest useful to nearly dense."""
