@@ -25,6 +25,7 @@ Memory is O(group work): scores never exceed [B, Hq, group_rows, window] and
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -84,10 +85,18 @@ def validate_anchor_inputs(
 
 
 def head_thetas(theta: float | Sequence[float], num_q: int, device: torch.device) -> torch.Tensor:
-    """theta of each query head, float32 [num_q] (validated by :func:`validate_anchor_inputs`)."""
-    if isinstance(theta, (list, tuple)):
-        return torch.tensor([float(t) for t in theta], dtype=torch.float32, device=device)
-    return torch.full((num_q,), float(theta), dtype=torch.float32, device=device)
+    """theta of each query head, float32 [num_q] (validated by :func:`validate_anchor_inputs`); read-only.
+
+    Built once per (thetas, device): a list copied to a GPU on every call would make PyTorch wait for the
+    stream (a blocking host-to-device copy) inside each layer.
+    """
+    thetas = tuple(float(t) for t in theta) if isinstance(theta, (list, tuple)) else (float(theta),) * num_q
+    return _theta_tensor(thetas, torch.device(device))
+
+
+@functools.lru_cache(maxsize=256)
+def _theta_tensor(thetas: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(thetas, dtype=torch.float32, device=device)
 
 
 def _pool_blocks(rows: torch.Tensor, anchors: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
