@@ -55,8 +55,7 @@ class AnchorIdentifier(Identifier):
     def identify(self, q: torch.Tensor, k: torch.Tensor, ctx: AttentionContext) -> StripePlan | DensePlan:
         params = self.params if ctx.dense_fallback else {**self.params, "dense_above": 1.0}
         if isinstance(params["theta"], HeadValues):  # head groups calibrated apart, run as one call
-            thetas = params["theta"].for_heads(ctx.head_offset, q.shape[1])
-            params = {**params, "theta": thetas[0] if len(set(thetas)) == 1 else thetas}
+            params = {**params, "theta": params["theta"].for_heads(ctx.head_offset, q.shape[1])}
         if triton_can_run(q.device):
             from sparse_prefill.patterns.anchor.kernel import anchor_identify, not_supported_reasons
 
