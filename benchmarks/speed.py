@@ -70,7 +70,8 @@ def check_kernels(params: dict) -> list[dict]:
     """Triton identifier and executor vs their references on small fresh inputs."""
     checks = []
     for n, hq, hkv, d, dtype in [(1000, 8, 2, 128, torch.bfloat16), (777, 4, 4, 64, torch.float16),
-                                 (2048, 6, 2, 96, torch.bfloat16), (600, 4, 1, 256, torch.bfloat16)]:
+                                 (2048, 6, 2, 96, torch.bfloat16), (600, 4, 1, 256, torch.bfloat16),
+                                 (100, 4, 2, 64, torch.bfloat16)]:  # one row group: a prompt under one block
         torch.manual_seed(n)
         q, k, v = (torch.randn(2, h, n, d, device="cuda", dtype=dtype) for h in (hq, hkv, hkv))
         scale = d ** -0.5

@@ -193,7 +193,9 @@ def _bit_rows(segment, words_per_step, num_groups):
     lie back to back, so it takes words_per_step x G(G-1)/2 words in all: half the square, causal."""
     plan_head = segment // num_groups  # segment = (batch x plan heads + plan head) x G + group
     group = segment % num_groups
-    head_words = words_per_step * num_groups.to(tl.int64) * (num_groups - 1) // 2
+    # tl.cast, not .to(): Triton passes an int argument equal to 1 as a plain constant (one group: a prompt no
+    # longer than group_rows), which has no .to().
+    head_words = words_per_step * tl.cast(num_groups, tl.int64) * (num_groups - 1) // 2
     return plan_head * head_words + words_per_step * group * (group - 1) // 2, words_per_step * group
 
 
