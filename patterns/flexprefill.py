@@ -18,8 +18,8 @@ Expressed as a :class:`~sparse_prefill.plan.BlockPlan` (one list of key blocks p
 query block), what FlexPrefill's block kernel computes. Listing every key of the kept blocks as a
 StripePlan, as this pattern first did, made the lists 128 times larger: at Qwen2.5-Coder-0.5B's 32k shape
 26-88 MB against a plan budget of 15 MB, so a layer was identified whole, refused, and identified again
-per chunk of heads (that prefill took 2.2-2.6x dense's time then, docs/benchmarks/whole_model.md; the
-BlockPlan's time there is not measured yet).
+per chunk of heads (that prefill took 2.2-2.6x dense's time then; as BlockPlans 1.13x on an H100,
+docs/benchmarks/whole_model.md).
 
 Decided here: diagonal blocks are offset ranges ``[s * block, (s + 1) * block)`` (the published
 code pools diagonals from the far end, which shifts them when the length is not a multiple of the
