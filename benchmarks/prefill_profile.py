@@ -1,0 +1,101 @@
+"""Where a whole-model prefill's time goes: dense and each policy, CUDA time by kernel family, and the GPU's idle gap.
+
+    python benchmarks/prefill_profile.py --model MODEL.gguf --tokenizer TOKENIZER --length 32752 \
+        --policy layers-floor0.7.yaml --policy anchor.yaml --out profile.json
+
+For each policy (dense first): the prefill's median time (``prefill_ms``, as ``sparse-prefill eval`` times it),
+then one prefill under torch.profiler, its CUDA kernel time summed by family (SDPA, the anchor identifier's pool
+and scan kernels, the stripe and block executors, matrix multiplies, the rest) and the largest kernels. Wall time
+minus the kernels' sum is time the GPU waited: on the host (Python, launches, a host sync that sizes a plan) or
+between kernels. Which of these a sparse policy adds is what to make cheaper when its prefill does not fall with
+its density (docs/benchmarks/whole_model.md, Qwen2.5-Coder-0.5B at 32k). On a CPU (``--device cpu``, a
+smoke test) only wall times are meaningful.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import sparse_prefill
+from sparse_prefill.evaluation.models import essay_token_ids, load_tokenizer_and_config, load_weights, locate_model
+from sparse_prefill.evaluation.whole_model import prefill_ms
+from sparse_prefill.policy import load_policy
+
+# First match wins; names as CUDA reports kernels (cuDNN / flash SDPA, cuBLAS, our Triton kernels by function name).
+FAMILIES = [("flash", "sdpa"), ("fmha", "sdpa"), ("cudnn", "sdpa"), ("_anchor_pool", "anchor identify"),
+            ("_stripe_scan", "anchor identify"), ("_stripe_fwd", "stripe executor"), ("_block_fwd", "block executor"),
+            ("_block_mass", "block identify"), ("gemm", "matmul"), ("nvjet", "matmul"), ("cutlass", "matmul"),
+            ("sm90_xmma", "matmul")]
+
+
+def family(kernel: str) -> str:
+    name = kernel.lower()
+    return next((fam for key, fam in FAMILIES if key in name), "other")
+
+
+def profile_prefill(model, ids: torch.Tensor, repeats: int, device: torch.device) -> dict:
+    median = prefill_ms(model, ids, repeats)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.inference_mode(), profile(activities=activities) as prof:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        model(ids, use_cache=False, logits_to_keep=1)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        wall = (time.perf_counter() - start) * 1e3
+    families, kernels = collections.Counter(), collections.Counter()
+    for event in prof.key_averages():
+        if event.device_type.name == "CUDA" and event.device_time_total:
+            families[family(event.key)] += event.device_time_total / 1e3
+            kernels[event.key[:100]] += event.device_time_total / 1e3
+    busy = sum(families.values())
+    return {"prefill_ms": median, "profiled_wall_ms": wall, "kernels_ms": busy, "gpu_idle_ms": wall - busy,
+            "families_ms": dict(families.most_common()), "top_kernels_ms": dict(kernels.most_common(12))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="a .gguf file, a Hugging Face folder, or smollm2")
+    parser.add_argument("--tokenizer", default=None, help="a tokenizer folder (default: the model's own)")
+    parser.add_argument("--length", type=int, default=32752)
+    parser.add_argument("--policy", action="append", default=[], help="a policy file or shipped name; repeatable")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    policies = {name: load_policy(name) for name in args.policy}  # bad files fail here, before the model loads
+    device = torch.device(args.device)
+    files = locate_model(args.model, args.tokenizer)
+    tokenizer, config = load_tokenizer_and_config(files)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = load_weights(files, config, dtype, args.device, "sdpa")
+    ids = essay_token_ids(tokenizer, args.length).to(device)
+    rows = {}
+    for label, policy in {"dense": None, **policies}.items():
+        handle = sparse_prefill.apply(model, policy) if policy is not None else None
+        try:
+            rows[label] = profile_prefill(model, ids, args.repeats, device)
+        finally:
+            if handle is not None:
+                sparse_prefill.remove(model)
+        row = rows[label]
+        print(f"{label}: prefill {row['prefill_ms']:.1f} ms; profiled {row['profiled_wall_ms']:.1f} ms, kernels "
+              f"{row['kernels_ms']:.1f} ms, GPU idle {row['gpu_idle_ms']:.1f} ms")
+        for name, ms in row["families_ms"].items():
+            print(f"    {name:16s} {ms:8.2f} ms")
+    record = {"model": args.model, "length": args.length, "device": str(device),
+              "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+              "versions": {"torch": torch.__version__}, "results": rows}
+    with open(args.out, "w") as f:
+        json.dump(record, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
