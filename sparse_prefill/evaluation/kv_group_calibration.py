@@ -229,15 +229,11 @@ def allocate_one_call_per_layer(options: Mapping[tuple[int, int], Sequence[Group
     allocated again: greedy, so it is also compared with :func:`one_setting_per_layer` (one setting for all of
     a layer's groups), and the less dense of the two that reach the target is returned."""
     modes: dict[tuple[int, int], Sequence[GroupOption]] = dict(options)
-    while True:
-        allocation = allocate_settings(modes, group_size, target_recall, min_head_recall)
-        mixed = _mixed_layers(allocation)
-        if not mixed:
-            break
-        layer = mixed[0]
-        tries = [_restrict(modes, layer, mode) for mode in _layer_modes(modes, layer, min_head_recall)]
-        modes = min(tries, key=lambda tried: _allocation_cost(
-            allocate_settings(tried, group_size, target_recall, min_head_recall), target_recall))
+    allocation = allocate_settings(modes, group_size, target_recall, min_head_recall)
+    while mixed := _mixed_layers(allocation):
+        tries = [_restrict(modes, mixed[0], mode) for mode in _layer_modes(modes, mixed[0], min_head_recall)]
+        modes, allocation = min(((tried, allocate_settings(tried, group_size, target_recall, min_head_recall))
+                                 for tried in tries), key=lambda pair: _allocation_cost(pair[1], target_recall))
     per_layer = allocate_settings(one_setting_per_layer(options), group_size * _groups_per_layer(options),
                                   target_recall, min_head_recall)
     if _allocation_cost(per_layer, target_recall) < _allocation_cost(allocation, target_recall):
