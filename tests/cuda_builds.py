@@ -18,6 +18,7 @@ import importlib
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 POINTER_TYPES = {"torch.bfloat16": "*bf16", "torch.float16": "*fp16", "torch.float32": "*fp32",
@@ -49,8 +50,9 @@ def capture(path: str) -> None:
     from sparse_prefill.kernels.sampled_rows import sampled_rows_attention
     from sparse_prefill.kernels.stripe_attention import stripe_attention
     from sparse_prefill.patterns.anchor.kernel import anchor_identify
+    from plan_factories import random_block_plan  # tests/ is this script's folder, so on its path
+    from sparse_prefill.patterns._blocks import block_means
     from sparse_prefill.patterns.block_mass import antidiagonal_block_mass, pooled_block_scores
-    from sparse_prefill.plan import BlockPlan
 
     launches: list[dict] = []
     run = interpreter.InterpretedFunction.run
@@ -71,18 +73,11 @@ def capture(path: str) -> None:
                 plan = anchor_identify(q, k, scale=0.125, theta=4.0, block=32, group_blocks=2, sink=8, local=16,
                                        share_kv_heads=share)
                 stripe_attention(q, k, v, plan, 0.125)
-            blocks = -(-seq_len // 32)
-            segments = batch * num_q * blocks
-            counts = torch.tensor([i % blocks + 1 for i in range(segments)])  # every block up to the diagonal
-            offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
-            indices = torch.cat([torch.arange(c) for c in counts.tolist()]).int()
-            block_attention(q, k, v, BlockPlan(batch, num_q, seq_len, 32, offsets, indices), 0.125)
+            block_attention(q, k, v, random_block_plan(batch, num_q, seq_len, 32, fraction=1.0), 0.125)
             antidiagonal_block_mass(q, k, 0.125, 32, 8)
-            pooled = torch.stack([k[:, :, i:i + 32].mean(2) for i in range(0, seq_len, 32)], dim=2).to(dtype)
-            pooled_block_scores(q, pooled, 0.125, 32)
+            pooled_block_scores(q, block_means(k, 32).to(dtype), 0.125, 32)
             sampled_rows_attention(q, k, v, torch.tensor([0, seq_len - 1]), 0.125)
-    with open(path, "w") as f:
-        json.dump(launches, f)
+    Path(path).write_text(json.dumps(launches))
 
 
 def _kernel(module: str, name: str):
@@ -133,7 +128,7 @@ def build(path: str) -> int:
     backend.load_dialects(context)
     codegen, modules = backend.get_codegen_implementation(options), backend.get_module_map()
     failures, built, seen = [], 0, set()
-    for launch in json.load(open(path)):
+    for launch in json.loads(Path(path).read_text()):
         fn = _kernel(launch["module"], launch["name"])
         ints = [name for name, arg in zip(fn.arg_names, launch["args"]) if arg[0] == "int"]
         for one in [None, *ints]:
