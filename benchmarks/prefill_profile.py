@@ -70,6 +70,10 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
+    if args.length < 2 or args.repeats < 1:
+        parser.error(f"--length must be >= 2 tokens and --repeats >= 1, got {args.length} and {args.repeats}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device here; allowed: cpu")
     policies = {name: load_policy(name) for name in args.policy}  # bad files fail here, before the model loads
     device = torch.device(args.device)
     files = locate_model(args.model, args.tokenizer)
