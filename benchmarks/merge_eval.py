@@ -57,7 +57,7 @@ def main() -> None:
         seen = {m.length for m in results if m.label == BASELINE_LABEL}
         measured = [m for m in measured if m.label != BASELINE_LABEL or m.length not in seen]
         env = env or {key: report[key] for key in ("device", "versions", "dtype")}
-        runs.append({"folder": folder.name, "complete": report.get("complete", False),
+        runs.append({"folder": folder.name, "device": report["device"], "complete": report.get("complete", False),
                      "settings": report["settings"], "policies": report["policies"]})
         results += measured
     record = {"model": args.model, "commit": args.commit, **env, "runs": runs}
