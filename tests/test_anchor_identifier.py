@@ -136,8 +136,23 @@ def _selected(plan: StripePlan, segment: int) -> set[int]:
     return set(plan.indices[plan.offsets[segment] : plan.offsets[segment + 1]].tolist())
 
 
-def _assert_same_plan(actual: StripePlan, expected: StripePlan, margins: dict[int, torch.Tensor]) -> None:
-    """Identical plans, except keys at near-ties of the rule (|margin| < TIE), which must stay rare."""
+def _kernel_tie(q: torch.Tensor, k: torch.Tensor, case: Case) -> tuple[float, int]:
+    """(margin, 1/rate): where the kernel may disagree with the reference, and at most how often.
+
+    On a GPU the kernel multiplies fp32 inputs in tf32 (patterns/anchor/kernel.py _FP32_DOT_PRECISION):
+    each operand keeps 10 mantissa bits, so a score is off by at most 2^-10 * scale * sum_d |q_d k_d|,
+    and a margin (pooled score against pooled anchor) by twice that. Everywhere else: fp32 rounding.
+    """
+    if DEVICE != "cuda" or case.dtype != torch.float32:
+        return TIE, 1000
+    keys = k.abs().repeat_interleave(case.num_q // case.num_kv, dim=1).transpose(-1, -2)
+    worst = float((q.abs() @ keys).max()) * case.head_dim**-0.5
+    return TIE + 2 * 2**-10 * worst, 100
+
+
+def _assert_same_plan(actual: StripePlan, expected: StripePlan, margins: dict[int, torch.Tensor],
+                      tie: tuple[float, int] = (TIE, 1000)) -> None:
+    """Identical plans, except keys at near-ties of the rule (|margin| < tie[0]), at most one in tie[1]."""
     assert (actual.batch, actual.plan_heads, actual.seq_len, actual.group_rows) == (
         expected.batch, expected.plan_heads, expected.seq_len, expected.group_rows,
     )
@@ -147,8 +162,9 @@ def _assert_same_plan(actual: StripePlan, expected: StripePlan, margins: dict[in
     for segment, margin in margins.items():
         sink_end = expected.group_bounds(segment % expected.num_groups)[2]
         differing += [float(margin[key - sink_end]) for key in _selected(actual, segment) ^ _selected(expected, segment)]
-    assert all(abs(m) < TIE for m in differing), f"plans differ away from threshold ties, margins {differing[:10]}"
-    assert len(differing) <= max(1, expected.indices.numel() // 1000), f"{len(differing)} near-tie differences"
+    margin, rate = tie
+    assert all(abs(m) < margin for m in differing), f"plans differ away from threshold ties, margins {differing[:10]}"
+    assert len(differing) <= max(1, expected.indices.numel() // rate), f"{len(differing)} near-tie differences"
 
 
 def _selection_rule(q: torch.Tensor, k: torch.Tensor, case: Case, plan: StripePlan) -> StripePlan:
@@ -185,7 +201,7 @@ def test_kernel_matches_reference(case: Case, keep_bits: bool, monkeypatch: pyte
     actual.validate()
     assert actual.plan_heads == (case.num_kv if case.share_kv_heads else case.num_q)
     assert actual.offsets.dtype == torch.int64 and actual.indices.dtype == torch.int32
-    _assert_same_plan(actual, expected, _rule_margins(q, k, case, expected))
+    _assert_same_plan(actual, expected, _rule_margins(q, k, case, expected), _kernel_tie(q, k, case))
     if case.seq_len > case.block * case.group_blocks + case.local:
         assert 0 < actual.indices.numel(), "theta should select some candidates on these inputs"
 
