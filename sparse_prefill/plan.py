@@ -17,6 +17,7 @@ int64 offsets keep the layout valid beyond 2^31 selected entries.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, fields, replace
 from typing import Union
 
@@ -186,10 +187,7 @@ class StripePlan:
 
     def group_geometry(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
         """Per-group int64 tensors (row_start, row_end, sink_end, local_start), each [num_groups]."""
-        row_start = torch.arange(self.num_groups, dtype=torch.int64, device=device) * self.group_rows
-        row_end = torch.clamp(row_start + self.group_rows, max=self.seq_len)
-        local_start = torch.clamp(row_start - self.local, min=0)
-        return row_start, row_end, torch.clamp(local_start, max=self.sink), local_start
+        return _group_geometry(self.seq_len, self.group_rows, self.sink, self.local, device)
 
     def rows_mask(self, rows: torch.Tensor) -> torch.Tensor:
         """Boolean [batch, plan_heads, len(rows), seq_len]: the keys each row in ``rows`` (int64, on the plan's
@@ -219,14 +217,17 @@ class StripePlan:
     def density_with(self, selected_per_group: torch.Tensor) -> float:
         """What :meth:`density` would be with ``selected_per_group[g]`` keys selected in group g, summed
         over batch and plan heads: an identifier can decide on it before writing any key list."""
-        row_start, row_end, sink_end, local_start = self.group_geometry()
-        rows = row_end - row_start
-        # Row r attends its window keys [0, sink_end) and [local_start, r].
-        window = rows * sink_end + rows * (row_start - local_start) + rows * (rows + 1) // 2
-        stripes = selected_per_group.cpu().to(torch.int64) * rows
-        n = self.seq_len
-        total = self.batch * self.plan_heads * float(window.sum()) + float(stripes.sum())
-        return total / (self.batch * self.plan_heads * n * (n + 1) / 2)
+        selected = selected_per_group.cpu().to(torch.int64)
+        return self.density_of_counts(int(selected.sum()), int(selected[-1]))
+
+    def density_of_counts(self, selected: int, selected_in_last_group: int) -> float:
+        """:meth:`density_with` from two sums (all groups', and the last, possibly shorter, group's) in plain
+        integers: what an identifier reads in its one host sync, with no tensor work after it."""
+        last_rows = self.seq_len - (self.num_groups - 1) * self.group_rows
+        stripes = self.group_rows * (selected - selected_in_last_group) + last_rows * selected_in_last_group
+        heads, n = self.batch * self.plan_heads, self.seq_len
+        window = _window_entries(self.seq_len, self.group_rows, self.sink, self.local)
+        return (heads * window + stripes) / (heads * n * (n + 1) / 2)
 
     def validate(self) -> None:
         for name in ("batch", "plan_heads", "seq_len", "group_rows"):
@@ -274,6 +275,23 @@ class StripePlan:
             f"group_rows={self.group_rows}, sink={self.sink}, local={self.local}, "
             f"selected={self.indices.numel()}, density={self.density():.4f}, device={self.device})"
         )
+
+
+def _group_geometry(seq_len: int, group_rows: int, sink: int, local: int, device: torch.device | str = "cpu"
+                    ) -> tuple[torch.Tensor, ...]:
+    row_start = torch.arange(-(-seq_len // group_rows), dtype=torch.int64, device=device) * group_rows
+    row_end = torch.clamp(row_start + group_rows, max=seq_len)
+    local_start = torch.clamp(row_start - local, min=0)
+    return row_start, row_end, torch.clamp(local_start, max=sink), local_start
+
+
+@functools.lru_cache(maxsize=64)
+def _window_entries(seq_len: int, group_rows: int, sink: int, local: int) -> int:
+    """Score entries one plan head's windows cover (row r: keys [0, sink_end) and [local_start, r]).
+    Cached: every layer of a prefill asks for the same geometry."""
+    row_start, row_end, sink_end, local_start = _group_geometry(seq_len, group_rows, sink, local)
+    rows = row_end - row_start
+    return int((rows * sink_end + rows * (row_start - local_start) + rows * (rows + 1) // 2).sum())
 
 
 @dataclass(frozen=True)

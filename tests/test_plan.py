@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from plan_factories import random_block_plan
+from plan_factories import random_block_plan, random_stripe_plan
 from sparse_prefill.plan import BlockPlan, DensePlan, StripePlan
 
 
@@ -29,6 +29,16 @@ def test_stripe_density_matches_dense_mask():
     plan.validate()
     expected = plan.to_dense().sum().item() / (13 * 14 / 2)
     assert plan.density() == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("seq_len, group_rows, sink, local", [(37, 8, 3, 5), (64, 16, 0, 0), (50, 7, 20, 40), (5, 8, 2, 2)])
+def test_stripe_density_of_counts_matches_dense_mask_on_random_plans(seq_len, group_rows, sink, local):
+    """The two-sum density an identifier decides on after its sync, against the mask, batch and heads > 1."""
+    plan = random_stripe_plan(2, 3, seq_len, group_rows, sink, local, fraction=0.4, seed=seq_len)
+    per_group = plan.counts().sum(dim=(0, 1))
+    expected = plan.to_dense().sum().item() / (2 * 3 * seq_len * (seq_len + 1) / 2)
+    assert plan.density_of_counts(int(per_group.sum()), int(per_group[-1])) == pytest.approx(expected)
+    assert plan.density_with(per_group) == pytest.approx(expected)
 
 
 @pytest.mark.parametrize(

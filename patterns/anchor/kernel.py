@@ -528,23 +528,23 @@ def anchor_identify(
                               **constexprs)
     grid_counts = counts.view(batch, plan.plan_heads, plan.num_groups, num_slices)
     per_head = grid_counts.sum(dim=(0, 2, 3), dtype=torch.int64)
-    per_group = grid_counts.sum(dim=(0, 1, 3), dtype=torch.int64)
-    totals = torch.cat([per_head, per_group]).cpu()  # the one host sync
-    selected = totals[:plan.plan_heads].tolist()
+    in_last_group = grid_counts[:, :, -1].sum(dtype=torch.int64).view(1)
+    # Queued before the sync, so the GPU has them while the host decides; wasted only on a dense plan.
+    slice_offsets = torch.zeros(segments * num_slices + 1, dtype=torch.int64, device=q.device)
+    torch.cumsum(counts, dim=0, out=slice_offsets[1:])
+    offsets = slice_offsets[::num_slices].contiguous()  # a segment's first slice starts where it does
+    *selected, last = torch.cat([per_head, in_last_group]).tolist()  # the one host sync
     total = sum(selected)
-    if plan.density_with(totals[plan.plan_heads:]) > dense_above:
+    if plan.density_of_counts(total, last) > dense_above:
         return DensePlan(batch, num_q, seq_len)
     fixed_bytes = 8 * (segments + 1) + (4 * bits_words if keep_bits else 0)  # alive with the indices
     if max_plan_bytes is not None and 4 * total + fixed_bytes > max_plan_bytes:
         # int32 indices per plan head plus an equal share of the offsets and keep bits
         plan_head_bytes = [4 * n + fixed_bytes // len(selected) for n in selected]
         raise PlanBudgetExceeded.for_plan_heads(plan_head_bytes, num_kv, max_plan_bytes, heads_per_plan == 1)
-    slice_offsets = torch.zeros(segments * num_slices + 1, dtype=torch.int64, device=q.device)
-    torch.cumsum(counts, dim=0, out=slice_offsets[1:])
     indices = torch.empty(total, dtype=torch.int32, device=q.device)
     if total:
         _stripe_scan_kernel[grid](pooled_q, pooled_anchor, thetas, k, bits, slice_offsets, indices, *scan_args,
                                   WRITE=True, **constexprs)
-    offsets = slice_offsets[::num_slices].contiguous()  # a segment's first slice starts where it does
     # No plan.validate() here: it costs several times the index memory and a sync; the tests validate.
     return dataclasses.replace(plan, offsets=offsets, indices=indices)
