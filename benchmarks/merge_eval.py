@@ -3,7 +3,7 @@
     python benchmarks/merge_eval.py --model gemma-3-270m --commit 3a45c88 \
         --out docs/benchmarks/eval_gemma3_270m_h200 RUN/gemma/16384 RUN/gemma/24576 ...
 
-Writes OUT.json (the runs of every folder, each folder's settings beside its results; a folder whose
+Writes OUT.json (the runs of every folder, each folder's settings and device beside its results; a folder whose
 eval was cut off by its time limit says so with ``complete: false``), OUT_quality.png (KL and
 perplexity vs mean density, one curve per policy and length), OUT_time.png (the same against prefill
 time, where the runs timed it) and OUT_needle.png (where they ran the needle). Each folder
