@@ -31,7 +31,8 @@ def test_stripe_density_matches_dense_mask():
     assert plan.density() == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("seq_len, group_rows, sink, local", [(37, 8, 3, 5), (64, 16, 0, 0), (50, 7, 20, 40), (5, 8, 2, 2)])
+@pytest.mark.parametrize("seq_len, group_rows, sink, local",
+                         [(37, 8, 3, 5), (64, 16, 0, 0), (50, 7, 20, 40), (5, 8, 2, 2)])
 def test_stripe_density_of_counts_matches_dense_mask_on_random_plans(seq_len, group_rows, sink, local):
     """The two-sum density an identifier decides on after its sync, against the mask, batch and heads > 1."""
     plan = random_stripe_plan(2, 3, seq_len, group_rows, sink, local, fraction=0.4, seed=seq_len)
