@@ -235,7 +235,7 @@ def test_sliding_window_layers_keep_their_own_attention(caplog):
     assert handle.stats.sparse_calls == 1 and handle.stats.dense_calls == 1  # the sliding layer: SDPA
     # The window is the reason (not the mask it brings), told as the model's design, not as a problem.
     assert list(handle.stats.fallbacks) == ["sliding window shorter than the input"]
-    assert [r.levelno for r in caplog.records if r.name.startswith("sparse_prefill")] == [logging.INFO]
+    assert [r.levelno for r in _notices(caplog)] == [logging.INFO]  # DEBUG: dense.yaml's own dense plans
 
 
 # Attention shapes of the published configs, cut to 2 layers with a small MLP and vocabulary.
@@ -418,6 +418,18 @@ def test_each_reason_to_stay_dense_is_told_once_and_counted(reason, caplog):
     assert [r for r in counted if words in r] and sum(counted.values()) == 4  # 2 layers x 2 forwards
     assert words in handle.summary() and handle.policy.source in handle.summary()
     assert handle.policy.source in told[0].getMessage()
+
+
+def test_layers_the_policy_makes_dense_are_counted_and_named_without_a_notice(caplog):
+    """`pattern: dense` in a policy is what the user asked for: no notice, but the summary names its layers."""
+    model = make_model()
+    handle = sparse_prefill.apply(model, {"min_length": 0, "default": STREAMING["default"],
+                                          "overrides": [{"layers": 1, "pattern": "dense"}]})
+    caplog.set_level(logging.DEBUG, logger="sparse_prefill")
+    _run_twice(model, torch.randint(0, 128, (1, 150)))
+    assert not _notices(caplog)
+    assert handle.stats.dense_plans == {"from the policy's dense pattern": 2}
+    assert "2 plan(s) from the policy's dense pattern (layers 1)" in handle.summary()
 
 
 def test_reasons_are_told_once_per_handle_not_once_per_process(caplog):

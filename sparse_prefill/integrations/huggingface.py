@@ -43,6 +43,7 @@ from sparse_prefill.integrations.masks import DeferredMask, _make_mask_function
 from sparse_prefill.integrations.prefill_stats import (
     _DECODE,
     _MIN_LENGTH,
+    _POLICY_DENSE,
     _WINDOW,
     PrefillStats,
     _notice_level,
@@ -219,13 +220,17 @@ def _sparse_prefill(handle: SparsePrefillHandle, layer: int | None, q: torch.Ten
 
 
 def _plan_observer(handle: SparsePrefillHandle, choice: PatternChoice) -> Callable[[Plan, AttentionContext], None]:
-    """What sees each plan: a sparse pattern's dense plan is told (a type check, no host sync); densities
-    are recorded only when collecting statistics (each costs a host sync)."""
+    """What sees each plan: a dense plan is told with its reason, the policy's own dense pattern included, so
+    the summary names every layer that ran dense (a type check, no host sync); densities are recorded only
+    when collecting statistics (each costs a host sync)."""
     def observe(plan: Plan, ctx: AttentionContext) -> None:
-        if isinstance(plan, DensePlan) and choice.pattern != "dense":
+        if isinstance(plan, DensePlan):
             limit = choice.as_dict().get("dense_above")
-            reason = plan.reason or (f"made dense by the {choice.pattern} pattern" if limit is None
-                                     else f"denser than the {choice.pattern} pattern's dense_above {limit}")
+            if choice.pattern == "dense":
+                reason = _POLICY_DENSE
+            else:
+                reason = plan.reason or (f"made dense by the {choice.pattern} pattern" if limit is None
+                                         else f"denser than the {choice.pattern} pattern's dense_above {limit}")
             handle._ran_dense(reason, fallback=False, layer=ctx.layer_idx)
         if handle.collect_stats:
             handle.stats.record(plan, ctx)

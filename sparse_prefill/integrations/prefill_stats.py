@@ -17,6 +17,7 @@ __all__ = ["PrefillStats"]
 _DECODE = "decode, chunked prefill or cached prefix (query shorter than keys)"
 _MIN_LENGTH = "shorter than the policy's min_length"
 _WINDOW = "sliding window shorter than the input"
+_POLICY_DENSE = "from the policy's dense pattern"
 
 
 @dataclass
@@ -118,10 +119,10 @@ def _layer_list(layers: set[int]) -> str:
 
 
 def _notice_level(reason: str, fallback: bool) -> int:
-    """DEBUG where dense is by design, INFO where the policy chose it (a dense plan always is: the pattern chose
-    it), WARNING where the sparse path could not honour what the model or the caller asked for (the caller may
-    want to change something)."""
-    if reason == _DECODE:
+    """DEBUG where dense is by design (decode; the policy's dense pattern), INFO where the policy chose it (a
+    dense plan always is: the pattern chose it), WARNING where the sparse path could not honour what the model
+    or the caller asked for (the caller may want to change something)."""
+    if reason in (_DECODE, _POLICY_DENSE):
         return logging.DEBUG
     if not fallback or reason.startswith((_MIN_LENGTH, _WINDOW)):
         return logging.INFO
