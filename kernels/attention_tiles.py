@@ -307,18 +307,14 @@ def last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
 def launch(
     kernel: triton.runtime.Autotuner, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan_heads: int,
     units: int, unit_rows: int, offsets: torch.Tensor, indices: torch.Tensor, scale: float, return_lse: bool,
-    out: torch.Tensor | None, unit_args: tuple = (), verdict: torch.Tensor | None = None, **constexprs: object,
+    out: torch.Tensor | None, unit_args: tuple = (), **constexprs: object,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run an attention kernel over ``units`` query units (groups or blocks) of ``unit_rows`` rows.
 
     The kernels share their leading arguments (tensors, strides, head layout, ``units``,
     ``tiles_per_unit``), then take ``unit_args``, the score scale and the constexprs; this sizes
-    the tile and the grid, allocates or checks ``out`` and the lse, and launches. With ``verdict``
-    (int32, one element) every program first reads it and returns at once when it is 0.
+    the tile and the grid, allocates or checks ``out`` and the lse, and launches.
     """
-    if verdict is not None and (verdict.dtype != torch.int32 or verdict.numel() != 1 or verdict.device != q.device):
-        raise ValueError(f"verdict must be one int32 element on {q.device}, got {verdict.dtype} of "
-                         f"{verdict.numel()} elements on {verdict.device}")
     q, k, v = (last_dim_contiguous(x) for x in (q, k, v))
     batch, num_q, seq_len, head_dim = q.shape
     heads_per_plan = num_q // plan_heads
@@ -338,7 +334,6 @@ def launch(
     # The kernels read the CSR through raw pointers: a strided view (a plugin's plan) must be made dense.
     kernel[(programs,)](
         q, k, v, out, out if lse is None else lse, offsets.contiguous(), indices.contiguous(),
-        offsets if verdict is None else verdict,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -346,7 +341,6 @@ def launch(
         seq_len, triton.next_power_of_2(seq_len), num_q, plan_heads, heads_per_plan, num_q // k.shape[1], head_chunks,
         units, tiles_per_unit, *unit_args, scale * LOG2E,
         HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), HEAD_TILE=head_tile, ROWS=rows,
-        RETURN_LSE=return_lse, DOT_PRECISION=dot_precision, UPCAST=upcast, CHECK_VERDICT=verdict is not None,
-        **constexprs,
+        RETURN_LSE=return_lse, DOT_PRECISION=dot_precision, UPCAST=upcast, **constexprs,
     )
     return out, lse
