@@ -225,10 +225,10 @@ def _plan_observer(handle: SparsePrefillHandle, choice: PatternChoice) -> Callab
     when collecting statistics (each costs a host sync)."""
     def observe(plan: Plan, ctx: AttentionContext) -> None:
         if isinstance(plan, DensePlan):
-            limit = choice.as_dict().get("dense_above")
             if choice.pattern == "dense":
                 reason = _POLICY_DENSE
             else:
+                limit = choice.as_dict().get("dense_above")
                 reason = plan.reason or (f"made dense by the {choice.pattern} pattern" if limit is None
                                          else f"denser than the {choice.pattern} pattern's dense_above {limit}")
             handle._ran_dense(reason, fallback=False, layer=ctx.layer_idx)
