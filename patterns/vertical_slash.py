@@ -176,7 +176,7 @@ class VerticalSlashIdentifier(Identifier):
         summary = torch.cat([counts.view(batch, plan_heads, groups).sum(dim=(0, 1)), run_keys, column_keys]).tolist()
         per_group, run_keys_host = summary[:groups], summary[groups:groups + rows]
         column_keys_host = summary[groups + rows:]
-        if ctx.dense_fallback and plan.density_with(torch.tensor(per_group)) > self.dense_above:
+        if ctx.dense_fallback and plan.density_of_counts(sum(per_group), per_group[-1]) > self.dense_above:
             return DensePlan(batch, num_q, seq_len)
         per_row = [r + c for r, c in zip(run_keys_host, column_keys_host)]
         head_bytes = [4 * sum(per_row[h::plan_heads]) + 8 * batch * groups for h in range(plan_heads)]
