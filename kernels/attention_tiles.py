@@ -24,7 +24,7 @@ __all__ = [
     "HEAD_DIMS", "DTYPES", "INTERPRET", "LOG2E", "MAX_GRID_X",
     "load_rows", "mma", "softmax_update", "key_tile", "contiguous_window", "causal_window",
     "program_tile", "program_heads", "load_queries", "initial_state", "store_result",
-    "validate_kernel_inputs", "check_csr", "validate_out", "tile_shape", "dot_settings", "last_dim_contiguous",
+    "validate_kernel_inputs", "check_csr", "validate_out", "tile_slots", "dot_settings", "last_dim_contiguous",
     "fitting_configs", "launch",
 ]
 
@@ -130,50 +130,64 @@ def causal_window(
     )
 
 @triton.jit
-def program_tile(units, tiles_per_unit, unit_rows, seq_len, ROWS: tl.constexpr):
-    """(unit, unit_start, r0, row_hi, pid_bh): the query rows [r0, row_hi) of this program's tile.
+def program_tile(units, tiles_per_unit, unit_rows, seq_len, HEADS: tl.constexpr, TILE_M: tl.constexpr):
+    """(unit, unit_start, first_slot, slot_end, r0, row_hi, pid_bh): this program's tile of query rows.
 
-    A unit is a query group (stripe) or block (block plan) of ``unit_rows`` rows, cut in
-    ``tiles_per_unit`` tiles of ``ROWS``. One grid axis (CUDA allows 2^31 - 1 programs there,
-    65535 on the second axis, which 16-row tiles pass at 2^20 tokens): program p runs head tile
-    ``pid_bh = p % head_programs`` of query tile p // head_programs counted from the end, the
-    order a (heads, tiles) grid launches in. Last units first, every head of one before the next:
-    they attend the most keys, and a long program launched last would run alone at the end.
-    ``r0 >= row_hi`` for a tile past a short last unit: the caller returns.
+    A unit is a query group (stripe) or block (block plan) of ``unit_rows`` rows. Its rows and the
+    ``HEADS`` query heads sharing its key list form ``rows x HEADS`` slots, row-major (slot s: row
+    s // HEADS, head s % HEADS), cut in ``tiles_per_unit`` tiles of ``TILE_M`` slots; this tile
+    holds slots [first_slot, slot_end), rows [r0, row_hi). Any head count fills the tile: 7 heads x
+    128 rows are 7 whole tiles of 128, where a power-of-two head tile would pad 7 heads to 8.
+
+    One grid axis (CUDA allows 2^31 - 1 programs there, 65535 on the second): program p runs plan
+    head ``pid_bh = p % head_programs`` of tile p // head_programs counted from the end, the order a
+    (heads, tiles) grid launches in. Last units first, every head of one before the next: they attend
+    the most keys, and a long program launched last would run alone at the end. ``r0 >= row_hi``
+    for a tile past a short last unit: the caller returns.
     """
     tiles = units * tiles_per_unit
     head_programs = tl.num_programs(0) // tiles
     tile = tiles - 1 - tl.program_id(0) // head_programs
     unit = tile // tiles_per_unit
     unit_start = unit * unit_rows
-    r0 = unit_start + (tile % tiles_per_unit) * ROWS
-    row_hi = tl.minimum(tl.minimum(unit_start + unit_rows, seq_len), r0 + ROWS)
-    return unit, unit_start, r0, row_hi, tl.program_id(0) % head_programs
+    unit_slots = tl.minimum(unit_rows, seq_len - unit_start) * HEADS
+    first_slot = (tile % tiles_per_unit) * TILE_M
+    slot_end = tl.minimum(first_slot + TILE_M, unit_slots)
+    r0 = unit_start + first_slot // HEADS
+    row_hi = unit_start + (slot_end + HEADS - 1) // HEADS
+    return unit, unit_start, first_slot, slot_end, r0, row_hi, tl.program_id(0) % head_programs
 
 
 @triton.jit
 def program_heads(
-    pid_bh, r0, row_hi, head_chunks, plan_heads, heads_per_plan, q_per_kv, HEAD_TILE: tl.constexpr,
-    ROWS: tl.constexpr,
+    pid_bh, unit_start, first_slot, slot_end, plan_heads, q_per_kv, HEADS: tl.constexpr, TILE_M: tl.constexpr,
 ):
-    """(b, hp, kv_head, q_head, row_pos, row_ok): HEAD_TILE consecutive query heads of plan head hp,
-    all reading one KV head, stacked along M (tile row m: head m // ROWS, row r0 + m % ROWS)."""
-    chunk = pid_bh % head_chunks
-    hp = (pid_bh // head_chunks) % plan_heads
-    b = (pid_bh // head_chunks // plan_heads).to(tl.int64)
-    first_head = hp * heads_per_plan + chunk * HEAD_TILE
+    """(b, hp, kv_head, q_head, row_pos, row_ok) of each stacked row: the query heads of plan head hp,
+    all reading one KV head, and the rows of the tile's slots (see program_tile).
+
+    Where the tile holds whole rows (TILE_M a multiple of HEADS: any power-of-two head count), its
+    slots are stacked head by head, each head's rows consecutive along M, the order the kernels had
+    before tiles held any head count (Llama's 4 heads x 32 rows); otherwise slot by slot. Both orders
+    cover the same slots.
+    """
+    hp = pid_bh % plan_heads
+    b = (pid_bh // plan_heads).to(tl.int64)
+    first_head = hp * HEADS
     kv_head = (first_head // q_per_kv).to(tl.int64)
-    offs_m = tl.arange(0, HEAD_TILE * ROWS)
-    head_in_tile = offs_m // ROWS
-    row_pos = r0 + offs_m % ROWS
-    row_ok = (row_pos < row_hi) & (chunk * HEAD_TILE + head_in_tile < heads_per_plan)
-    q_head = (first_head + head_in_tile).to(tl.int64)
+    offs_m = tl.arange(0, TILE_M)
+    if TILE_M % HEADS == 0:
+        slots = first_slot + (offs_m % (TILE_M // HEADS)) * HEADS + offs_m // (TILE_M // HEADS)
+    else:
+        slots = first_slot + offs_m
+    row_pos = unit_start + slots // HEADS
+    row_ok = slots < slot_end
+    q_head = (first_head + slots % HEADS).to(tl.int64)
     return b, hp, kv_head, q_head, row_pos, row_ok
 
 
 @triton.jit
 def load_queries(Q, b, q_head, row_pos, row_ok, stride_qb, stride_qh, stride_qn, offs_d, d_ok):
-    """The stacked q tile [HEAD_TILE * ROWS, BLOCK_D]; rows not ``row_ok`` and padded dims read 0."""
+    """The stacked q tile [TILE_M, BLOCK_D]; rows not ``row_ok`` and padded dims read 0."""
     rows64 = row_pos.to(tl.int64)[:, None]
     q_ptrs = Q + b * stride_qb + q_head[:, None] * stride_qh + rows64 * stride_qn + offs_d[None, :]
     return tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
@@ -261,20 +275,25 @@ def validate_out(out: torch.Tensor, q: torch.Tensor) -> None:
         raise ValueError(f"out must not overlap itself, got strides {out.stride()} for shape {tuple(out.shape)}")
 
 
-def tile_shape(heads_per_plan: int, group_rows: int, head_dim: int) -> tuple[int, int]:
-    """(HEAD_TILE, ROWS): query heads stacked per program, rows per head, at most one MMA tile in all."""
-    max_rows = _MAX_TILE_ROWS if head_dim <= 128 else _MAX_TILE_ROWS_D256
-    head_tile = min(triton.next_power_of_2(heads_per_plan), max_rows // _MIN_ROWS)
-    # Rows that divide group_rows avoid half-empty tiles at group ends (group_rows & -group_rows:
-    # its largest power-of-two divisor); other group sizes still work through masking.
-    rows = max(_MIN_ROWS, min(max_rows // head_tile, group_rows & -group_rows))
-    return head_tile, rows
+def tile_slots(heads_per_plan: int, unit_rows: int, head_dim: int) -> int:
+    """TILE_M: (row, head) slots stacked per program (see program_tile), a power of two.
+
+    The largest, up to one MMA tile of 128 rows (64 at head dim 256), whose whole tiles pad a unit's
+    ``heads_per_plan x unit_rows`` slots by at most an eighth (7 heads x 128 rows: 7 tiles of 128;
+    96 rows of one head: 3 of 32), else the smallest: a larger tile reads each K/V tile for more rows,
+    a padded one computes rows nobody reads.
+    """
+    slots = heads_per_plan * unit_rows
+    size = _MAX_TILE_ROWS if head_dim <= 128 else _MAX_TILE_ROWS_D256
+    while size > _MIN_ROWS and 8 * (triton.cdiv(slots, size) * size - slots) > slots:
+        size //= 2
+    return size
 
 
 def fitting_configs(configs: list[triton.Config], args: dict) -> list[triton.Config]:
     """The configs whose K/V buffers fit shared memory beside the q tile and whose warps all have MMA rows, for
-    a launch's arguments ``args`` (HEAD_TILE, ROWS, BLOCK_D, Q); the first config when none does."""
-    block_m = args["HEAD_TILE"] * args["ROWS"]
+    a launch's arguments ``args`` (TILE_M, BLOCK_D, Q); the first config when none does."""
+    block_m = args["TILE_M"]
     row_bytes = args["BLOCK_D"] * args["Q"].element_size()
 
     def fits_and_pays(config: triton.Config) -> bool:
@@ -318,16 +337,15 @@ def launch(
     q, k, v = (last_dim_contiguous(x) for x in (q, k, v))
     batch, num_q, seq_len, head_dim = q.shape
     heads_per_plan = num_q // plan_heads
-    head_tile, rows = tile_shape(heads_per_plan, unit_rows, head_dim)
-    head_chunks = triton.cdiv(heads_per_plan, head_tile)
-    tiles_per_unit = triton.cdiv(unit_rows, rows)
+    tile_m = tile_slots(heads_per_plan, unit_rows, head_dim)
+    tiles_per_unit = triton.cdiv(unit_rows * heads_per_plan, tile_m)
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     else:
         validate_out(out, q)
     lse = torch.empty(batch, num_q, seq_len, dtype=torch.float32, device=q.device) if return_lse else None
     dot_precision, upcast = dot_settings(q.dtype)
-    programs = batch * plan_heads * head_chunks * units * tiles_per_unit
+    programs = batch * plan_heads * units * tiles_per_unit
     if programs > MAX_GRID_X:
         raise ValueError(f"{programs} programs (batch x heads x query tiles) pass CUDA's grid limit {MAX_GRID_X}; "
                          "split the batch")
@@ -338,9 +356,9 @@ def launch(
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        seq_len, triton.next_power_of_2(seq_len), num_q, plan_heads, heads_per_plan, num_q // k.shape[1], head_chunks,
+        seq_len, triton.next_power_of_2(seq_len), num_q, plan_heads, num_q // k.shape[1],
         units, tiles_per_unit, *unit_args, scale * LOG2E,
-        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), HEAD_TILE=head_tile, ROWS=rows,
+        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), HEADS=heads_per_plan, TILE_M=tile_m,
         RETURN_LSE=return_lse, DOT_PRECISION=dot_precision, UPCAST=upcast, **constexprs,
     )
     return out, lse

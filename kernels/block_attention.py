@@ -1,10 +1,10 @@
 """Block attention in Triton: each query block attends its selected key blocks, one online softmax.
 
 Executes a :class:`~sparse_prefill.plan.BlockPlan`. The program layout is the stripe kernel's
-(:mod:`sparse_prefill.kernels.attention_tiles`): a program owns ``ROWS`` consecutive rows of one
-query block for ``HEAD_TILE`` query heads that share the block list, stacked along M, so with a
-plan per KV head each K/V tile is loaded once for every head of the GQA group. K and V are read in
-place, never expanded.
+(:mod:`sparse_prefill.kernels.attention_tiles`): a program owns ``TILE_M`` (row, head) slots of one
+query block, consecutive rows each with every query head that shares the block list, stacked along
+M, so with a plan per KV head each K/V tile is loaded once for every head of the GQA group. K and V
+are read in place, never expanded.
 
 Why not the stripe kernel on an expanded plan: a selected key block is ``block_size`` consecutive
 keys, so every K/V tile is a plain contiguous load whose address needs only the block number (one
@@ -124,7 +124,7 @@ def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> 
     configs=_configs(),
     # BLOCK_SIZE decides which key tiles divide a block; length_bucket (a key only) tunes each power
     # of two of the length once, as the stripe kernel does.
-    key=["HEAD_DIM", "HEAD_TILE", "ROWS", "BLOCK_SIZE", "length_bucket"],
+    key=["HEAD_DIM", "TILE_M", "HEADS", "BLOCK_SIZE", "length_bucket"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )
 @triton.jit
@@ -134,18 +134,19 @@ def _block_fwd(
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
-    seq_len, length_bucket, num_q_heads, plan_heads, heads_per_plan, q_per_kv, head_chunks,
+    seq_len, length_bucket, num_q_heads, plan_heads, q_per_kv,
     num_blocks, tiles_per_block, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_TILE: tl.constexpr, ROWS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEADS: tl.constexpr, TILE_M: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, RETURN_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     # Which rows (last query blocks first: they may attend the most) and which heads: see program_tile.
-    block, diag_start, r0, row_hi, pid_bh = program_tile(num_blocks, tiles_per_block, BLOCK_SIZE, seq_len, ROWS)
+    block, diag_start, first_slot, slot_end, r0, row_hi, pid_bh = program_tile(
+        num_blocks, tiles_per_block, BLOCK_SIZE, seq_len, HEADS, TILE_M)
     if r0 >= row_hi:  # a last block shorter than its row tiles
         return
     b, hp, kv_head, q_head, row_pos, row_ok = program_heads(
-        pid_bh, r0, row_hi, head_chunks, plan_heads, heads_per_plan, q_per_kv, HEAD_TILE, ROWS,
+        pid_bh, diag_start, first_slot, slot_end, plan_heads, q_per_kv, HEADS, TILE_M,
     )
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -162,7 +163,7 @@ def _block_fwd(
     has_diagonal = last_block == block
     off_diagonal_end = seg_end - has_diagonal.to(tl.int64)
 
-    acc, m_i, l_i = initial_state(HEAD_TILE * ROWS, BLOCK_D)
+    acc, m_i, l_i = initial_state(TILE_M, BLOCK_D)
     acc, m_i, l_i = _selected_blocks(
         acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, Indices, seg_start, off_diagonal_end, offs_n, offs_d,
         d_ok, qk_scale, BLOCK_SIZE, BLOCK_N, DOT_PRECISION, UPCAST,

@@ -1,11 +1,12 @@
 """Stripe attention in Triton: dense windows plus gathered discrete keys, one online softmax.
 
-Executes a :class:`~sparse_prefill.plan.StripePlan`. A program owns ``ROWS`` consecutive query
-rows of one query group for ``HEAD_TILE`` query heads that share a key list, stacked along M:
-tile row ``m`` is query head ``m // ROWS``, sequence row ``r0 + m % ROWS``. With a plan per KV
-head (``plan_heads == Hkv``) the heads of a GQA group share the list, so each K/V tile, contiguous
-or gathered, is loaded once and multiplies all of them (Llama 32q/8kv: 4 heads x 32 rows = 128).
-With a plan per query head, ``HEAD_TILE`` is 1. K and V are read in place, never expanded.
+Executes a :class:`~sparse_prefill.plan.StripePlan`. A program owns ``TILE_M`` (row, head) slots
+of one query group, stacked along M: consecutive rows, each with every query head that shares the
+group's key list (``attention_tiles.program_tile``). With a plan per KV head (``plan_heads == Hkv``)
+the heads of a GQA group share the list, so each K/V tile, contiguous or gathered, is loaded once
+and multiplies all of them (Llama 32q/8kv: 4 heads x 32 rows = 128; Qwen2.5 14q/2kv: 7 heads x
+about 18 rows, no padding). With a plan per query head a tile is 128 rows of one head. K and V
+are read in place, never expanded.
 
 Per program, in order: the initial window ``[0, sink_end)`` (contiguous), the group's selected
 keys (gathered by index, ``BLOCK_N`` per tile), the local window ``[local_start, row]``
@@ -114,7 +115,7 @@ def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> 
     # 8 warps at 128k on the H200), so each power of two of the length is tuned once. A new bucket
     # re-times the compiled binaries; it compiles only where an integer argument is in a
     # divisible-by-16 class not seen before (benchmarks/compile_check.py).
-    key=["HEAD_DIM", "HEAD_TILE", "ROWS", "length_bucket"],
+    key=["HEAD_DIM", "TILE_M", "HEADS", "length_bucket"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )
 @triton.jit
@@ -124,17 +125,18 @@ def _stripe_fwd(
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
-    seq_len, length_bucket, num_q_heads, plan_heads, heads_per_plan, q_per_kv, head_chunks,
+    seq_len, length_bucket, num_q_heads, plan_heads, q_per_kv,
     num_groups, tiles_per_group, group_rows, sink, local, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_TILE: tl.constexpr, ROWS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEADS: tl.constexpr, TILE_M: tl.constexpr,
     BLOCK_N: tl.constexpr, RETURN_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     # Which rows (last groups first: the dense tail keeps all keys) and which heads: see program_tile.
-    group, group_start, r0, row_hi, pid_bh = program_tile(num_groups, tiles_per_group, group_rows, seq_len, ROWS)
+    group, group_start, first_slot, slot_end, r0, row_hi, pid_bh = program_tile(
+        num_groups, tiles_per_group, group_rows, seq_len, HEADS, TILE_M)
     if r0 >= row_hi:  # a last group shorter than its tiles
         return
     b, hp, kv_head, q_head, row_pos, row_ok = program_heads(
-        pid_bh, r0, row_hi, head_chunks, plan_heads, heads_per_plan, q_per_kv, HEAD_TILE, ROWS,
+        pid_bh, group_start, first_slot, slot_end, plan_heads, q_per_kv, HEADS, TILE_M,
     )
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -150,7 +152,7 @@ def _stripe_fwd(
     seg_start = tl.load(Offsets + segment)
     seg_end = tl.load(Offsets + segment + 1)
 
-    acc, m_i, l_i = initial_state(HEAD_TILE * ROWS, BLOCK_D)
+    acc, m_i, l_i = initial_state(TILE_M, BLOCK_D)
     acc, m_i, l_i = contiguous_window(
         acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, 0, sink_end, row_pos, offs_n, offs_d, d_ok,
         qk_scale, BLOCK_N, False, True, DOT_PRECISION, UPCAST,

@@ -72,6 +72,8 @@ CASES = [
     Case(1, 4, 2, 150, 96, 64, shared=False, dtype=torch.bfloat16),  # padded head dim
     Case(1, 2, 1, 100, 256, 32, shared=True, dtype=torch.float16),  # head dim 256, block 32
     Case(1, 2, 1, 200, 64, 96, shared=True),  # block 96: 32-key tiles
+    Case(1, 5, 1, 150, 64, 64, shared=True, dtype=torch.bfloat16),  # GQA 5: 5 tiles of 64 slots per block
+    Case(1, 6, 2, 140, 128, 32, shared=True),  # GQA 3, block 32: tiles end mid-row
 ]
 
 

@@ -128,8 +128,10 @@ KERNEL_CASES = [
     Case(1, 8, 2, 333, 64, 64, 0, 64, shared=True),  # GQA 4, two KV heads, no sink
     Case(1, 4, 2, 200, 64, 16, 0, 0, shared=True, dtype=torch.bfloat16),  # no windows but the own group
     Case(1, 2, 1, 100, 256, 32, 16, 16, shared=True, dtype=torch.float16),  # head dim 256
-    Case(1, 6, 2, 120, 64, 32, 3, 17, shared=True, dtype=torch.float16),  # GQA 3: padded head tile
-    Case(1, 16, 1, 60, 64, 32, 4, 8, shared=True),  # GQA 16: two head chunks per plan head
+    Case(1, 6, 2, 120, 64, 32, 3, 17, shared=True, dtype=torch.float16),  # GQA 3: 96 slots, tiles of 32
+    Case(1, 7, 1, 300, 64, 128, 8, 40, shared=True, dtype=torch.bfloat16),  # GQA 7: 7 whole tiles per group
+    Case(1, 12, 2, 200, 64, 48, 0, 30, shared=True),  # GQA 6: tiles end mid-row, a partial last tile
+    Case(1, 16, 1, 60, 64, 32, 4, 8, shared=True),  # GQA 16: 8 rows x 16 heads per tile
     Case(1, 2, 1, 100, 64, 24, 5, 30, shared=True),  # group_rows not a multiple of the row tile
     Case(1, 2, 2, 90, 64, 16, 10, 1000, shared=False, dtype=torch.float16),  # local window covers all
 ]
