@@ -2,12 +2,15 @@
 
     python benchmarks/executor_ab.py --kernel base=/tmp/old_stripe_attention.py --out ab.json
     python benchmarks/executor_ab.py --pin r128=32/8/2/128 --out ab.json
+    python benchmarks/executor_ab.py --shapes 32/8/128,14/2/64 --kernel base=... --out ab.json
 
 Each ``--kernel label=path`` is a copy of ``kernels/stripe_attention.py`` (an older commit's, or
 an experiment's); each ``--pin label=BLOCK_N/warps/stages[/maxnreg]`` is the installed kernel held
 to that one autotuning configuration (no tuning), for trying configurations before adding them to
 the tuning space. The installed kernel runs as ``current``. Every file is loaded as its own
-module, so each autotunes on its own. For each length the default anchor plan is identified once and every
+module, so each autotunes on its own (a copy whose shared tile code differs too imports its own copy of
+``attention_tiles.py``). ``--shapes`` takes query heads / KV heads / head dim per shape (default
+Llama-3.1-8B's 32/8/128). For each shape and length the default anchor plan is identified once and every
 kernel executes it: time (the median of ``--rounds`` timings, the kernels interleaved in each
 round), TFLOP/s per computed score over dense SDPA's, the error vs dense, the largest difference
 from ``current``'s output (the same plan must give the same answer), and the seconds of each
@@ -37,7 +40,7 @@ from sparse_prefill.plan import StripePlan
 from sparse_prefill.policy import load_policy
 
 
-def _load_kernel(text: str) -> tuple[str, ModuleType]:
+def load_kernel(text: str) -> tuple[str, ModuleType]:
     label, _, path = text.partition("=")
     if not label or not Path(path).is_file():
         raise argparse.ArgumentTypeError(f"--kernel takes label=path to a stripe_attention.py copy, got {text!r}")
@@ -45,7 +48,11 @@ def _load_kernel(text: str) -> tuple[str, ModuleType]:
         raise argparse.ArgumentTypeError("--kernel label 'current' is taken by the installed kernel; choose another")
     spec = importlib.util.spec_from_file_location(f"stripe_attention_{label}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except ImportError as error:  # argparse reports this one as a usage error, not a traceback
+        raise argparse.ArgumentTypeError(f"--kernel {label}: {path} does not import ({error}); a copy that imports "
+                                         "its own tile module needs that module's folder on PYTHONPATH") from error
     return label, module
 
 
@@ -55,11 +62,24 @@ def _pin_config(text: str) -> tuple[str, ModuleType]:
     if not label or len(fields) not in (3, 4) or not all(field.isdigit() for field in fields):
         raise argparse.ArgumentTypeError(f"--pin takes label=BLOCK_N/warps/stages[/maxnreg], got {text!r}")
     block_n, warps, stages, *maxnreg = (int(field) for field in fields)
-    label, module = _load_kernel(f"{label}={installed.__file__}")
+    label, module = load_kernel(f"{label}={installed.__file__}")
     config = triton.Config({"BLOCK_N": block_n}, num_warps=warps, num_stages=stages,
                            maxnreg=maxnreg[0] if maxnreg else None)
     module._stripe_fwd.configs = [config]  # one configuration: the autotuner runs it without timing
     return label, module
+
+
+def _shapes(text: str) -> list[tuple[int, int, int]]:
+    shapes = []
+    for item in text.split(","):
+        fields = item.split("/")
+        if len(fields) != 3 or not all(field.isdigit() and int(field) > 0 for field in fields):
+            raise argparse.ArgumentTypeError(f"--shapes takes HQ/HKV/D[,HQ/HKV/D...], got {item!r}")
+        hq, hkv, d = (int(field) for field in fields)
+        if hq % hkv:
+            raise argparse.ArgumentTypeError(f"--shapes: query heads {hq} must be a multiple of KV heads {hkv}")
+        shapes.append((hq, hkv, d))
+    return shapes
 
 
 def _rounds(text: str) -> int:
@@ -70,9 +90,10 @@ def _rounds(text: str) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kernel", action="append", default=[], type=_load_kernel, metavar="LABEL=PATH")
+    parser.add_argument("--kernel", action="append", default=[], type=load_kernel, metavar="LABEL=PATH")
     parser.add_argument("--pin", action="append", default=[], type=_pin_config, metavar="LABEL=BLOCK_N/WARPS/STAGES[/MAXNREG]")
     parser.add_argument("--lengths", default="32768,131072")
+    parser.add_argument("--shapes", type=_shapes, default=[(32, 8, 128)], metavar="HQ/HKV/D[,...]")
     parser.add_argument("--synthetic", action="append", default=["strength=0.8", "heavy_fraction=0.055"])
     parser.add_argument("--rounds", type=_rounds, default=1, help="timings per kernel, interleaved; the median is kept")
     parser.add_argument("--out", required=True)
@@ -85,10 +106,9 @@ def main() -> None:
     synthetic = speed.assignments(args.synthetic)
     strength = synthetic.pop("strength")
     params = speed.anchor_params(load_policy("anchor.yaml"), {"dense_above": 1.0})  # always a stripe plan
-    hq, hkv, d = 32, 8, 128
     result = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                   commit=args.commit, strength=strength, synthetic=synthetic, params=params, rows=[])
-    for n in (int(x) for x in args.lengths.split(",")):
+    for (hq, hkv, d), n in ((shape, int(x)) for shape in args.shapes for x in args.lengths.split(",")):
         q, k, v = structured_qkv(n, hq, hkv, d, device="cuda", strength=strength, **synthetic)
         scale = d ** -0.5
         plan = ANCHOR.build(**params).identify(q, k, AttentionContext.for_inputs(q, k, scale))
@@ -110,7 +130,7 @@ def main() -> None:
         for label, module in kernels:
             out = outputs[label]
             t_execute = statistics.median(times[label])
-            row = dict(kernel=label, seq_len=n, density=density, dense_ms=t_dense, execute_ms=t_execute,
+            row = dict(kernel=label, shape=f"{hq}/{hkv}/{d}", seq_len=n, density=density, dense_ms=t_dense, execute_ms=t_execute,
                        execute_ms_rounds=times[label], first_call_s=first_call_s[label],
                        # speed.py's ratio of FLOP rates; the FLOPs per score cancel.
                        executor_efficiency_vs_sdpa=density * t_dense / t_execute,

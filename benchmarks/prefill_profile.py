@@ -10,6 +10,10 @@ minus the kernels' sum is time the GPU waited: on the host (Python, launches, a 
 between kernels. Which of these a sparse policy adds is what to make cheaper when its prefill does not fall with
 its density (docs/benchmarks/whole_model.md, Qwen2.5-Coder-0.5B at 32k). On a CPU (``--device cpu``, a
 smoke test) only wall times are meaningful.
+
+A stripe-kernel change judged on the whole model: each ``--kernel LABEL=PATH`` (a ``kernels/stripe_attention.py``
+copy, as ``executor_ab.py`` takes it) runs in place of the installed kernel for ``--rounds`` more medians of each
+policy, interleaved with the installed one (``kernel_ab_ms``), in the same process, model and input.
 """
 
 from __future__ import annotations
@@ -23,8 +27,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import sparse_prefill
+from executor_ab import load_kernel
 from sparse_prefill.evaluation.models import essay_token_ids, load_tokenizer_and_config, load_weights, locate_model
 from sparse_prefill.evaluation.whole_model import prefill_ms
+from sparse_prefill.kernels import executors
 from sparse_prefill.policy import load_policy
 
 # First match wins; names as CUDA reports kernels (cuDNN / flash SDPA, cuBLAS, our Triton kernels by function name).
@@ -60,6 +66,21 @@ def profile_prefill(model, ids: torch.Tensor, repeats: int, device: torch.device
             "families_ms": dict(families.most_common()), "top_kernels_ms": dict(kernels.most_common(12))}
 
 
+def time_kernels(model, ids: torch.Tensor, repeats: int, rounds: int, kernels: list) -> dict[str, list[float]]:
+    """Prefill medians per stripe kernel (the installed one as ``current``), the kernels interleaved in each round
+    so that a slow spell of the GPU hits all of them alike."""
+    variants = [("current", executors.stripe_attention)] + [(label, module.stripe_attention) for label, module in kernels]
+    times: dict[str, list[float]] = {label: [] for label, _ in variants}
+    try:
+        for _ in range(rounds):
+            for label, kernel in variants:
+                executors.stripe_attention = kernel
+                times[label].append(prefill_ms(model, ids, repeats))
+    finally:
+        executors.stripe_attention = variants[0][1]
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="a .gguf file, a Hugging Face folder, or smollm2")
@@ -68,10 +89,14 @@ def main() -> None:
     parser.add_argument("--policy", action="append", default=[], help="a policy file or shipped name; repeatable")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--kernel", action="append", default=[], type=load_kernel, metavar="LABEL=PATH",
+                        help="a stripe_attention.py copy timed against the installed kernel; repeatable")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved medians per kernel with --kernel")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    if args.length < 2 or args.repeats < 1:
-        parser.error(f"--length must be >= 2 tokens and --repeats >= 1, got {args.length} and {args.repeats}")
+    if args.length < 2 or args.repeats < 1 or args.rounds < 1:
+        parser.error(f"--length must be >= 2 tokens, --repeats and --rounds >= 1, got {args.length}, {args.repeats} "
+                     f"and {args.rounds}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: no CUDA device here; allowed: cpu")
     policies = {name: load_policy(name) for name in args.policy}  # bad files fail here, before the model loads
@@ -86,6 +111,8 @@ def main() -> None:
         handle = sparse_prefill.apply(model, policy) if policy is not None else None
         try:
             rows[label] = profile_prefill(model, ids, args.repeats, device)
+            if args.kernel and policy is not None:
+                rows[label]["kernel_ab_ms"] = time_kernels(model, ids, args.repeats, args.rounds, args.kernel)
         finally:
             if handle is not None:
                 sparse_prefill.remove(model)
@@ -94,6 +121,8 @@ def main() -> None:
               f"{row['kernels_ms']:.1f} ms, GPU idle {row['gpu_idle_ms']:.1f} ms")
         for name, ms in row["families_ms"].items():
             print(f"    {name:16s} {ms:8.2f} ms")
+        for name, times in row.get("kernel_ab_ms", {}).items():
+            print(f"    kernel {name}: " + ", ".join(f"{ms:.1f}" for ms in times) + " ms")
     record = {"model": args.model, "length": args.length, "device": str(device),
               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
               "versions": {"torch": torch.__version__}, "results": rows}
