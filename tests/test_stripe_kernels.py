@@ -27,6 +27,7 @@ from sparse_prefill.kernels.reference import (
     dense_attention_reference,
     stripe_attention_reference,
 )
+from sparse_prefill.kernels.attention_tiles import tile_slots
 from sparse_prefill.kernels.stripe_attention import STRIPE_HEAD_DIMS, stripe_attention
 from sparse_prefill.plan import StripePlan
 
@@ -326,6 +327,20 @@ def test_references_validate_plan_heads(executor) -> None:
 
 def test_kernel_cases_cover_declared_head_dims() -> None:
     assert set(STRIPE_HEAD_DIMS) <= {case.head_dim for case in KERNEL_CASES}
+
+
+@pytest.mark.parametrize("head_dim", [64, 256])
+def test_tiles_are_mma_sized_and_pad_a_unit_by_at_most_an_eighth(head_dim: int) -> None:
+    largest = 128 if head_dim <= 128 else 64
+    for heads in range(1, 17):
+        for unit_rows in (16, 24, 32, 48, 64, 96, 128, 256):
+            size = tile_slots(heads, unit_rows, head_dim)
+            slots = heads * unit_rows
+            padding = -slots % size
+            assert size & (size - 1) == 0 and 16 <= size <= largest, (heads, unit_rows, size)
+            # The largest tile that pads at most an eighth; 16 (tl.dot's least) where none does.
+            assert 8 * padding <= slots or size == 16, (heads, unit_rows, size)
+            assert size == largest or 8 * (-slots % (2 * size)) > slots, (heads, unit_rows, size)
 
 
 # ---------------------------------------------------------------------------------------------
