@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import functools
 import importlib.util
 import json
 import logging
@@ -312,14 +311,10 @@ def _calibrate_per_kv_group(args: argparse.Namespace, base: Policy,
     allocate = allocate_settings
     if args.one_call_per_layer:
         allocate, unit = allocate_one_call_per_layer, "(layer, KV group), each layer's groups all dense or all sparse"
-    if args.dense_apart:
-        allocate = functools.partial(allocate_one_call_per_layer, dense_apart=True)
-        unit = "(layer, KV group), each layer one sparse call, its dense groups a call apart"
     floors = args.min_head_recall
     for floor, path in zip(floors, _floor_paths(args.out, floors)):
         allocation = allocate(options, group_size, args.target_recall, floor)
-        flags = "".join(flag for flag, given in ((" --one-call-per-layer", args.one_call_per_layer),
-                                                 (" --dense-apart", args.dense_apart)) if given)
+        flags = " --one-call-per-layer" if args.one_call_per_layer else ""
         header = (f"Written by `sparse-prefill calibrate --per-kv-group{flags}` from {base.source}: "
                   f"{about['model']}, {about['tokens']} essay tokens from token {about['text_offset']},\nthe least "
                   f"mean density whose mean attention recall over every query head is >= {args.target_recall}, "
@@ -756,10 +751,6 @@ def build_parser() -> argparse.ArgumentParser:
                                 "theta per head); a dense group beside sparse ones, or groups of different "
                                 "--locals, would run as a call each, which can cost more time than their density "
                                 "saves")
-    calibrate.add_argument("--dense-apart", action="store_true",
-                           help="with --one-call-per-layer: a layer's KV groups that stay dense (to meet "
-                                "--min-head-recall) may run as a dense call beside the layer's one sparse call, "
-                                "instead of making the whole layer dense; never denser than without")
     calibrate.add_argument("--min-head-recall", type=float, nargs="+", default=None,
                            help=f"with --per-kv-group: every query head keeps at least this much (default "
                                 f"{MIN_HEAD_RECALL}: the worst heads carry the answers' loss, "
@@ -919,14 +910,10 @@ def _check_per_kv_group(args: argparse.Namespace) -> None:
     if not args.per_kv_group:
         for flag, value in (("--min-head-recall", args.min_head_recall), ("--thetas", args.thetas),
                             ("--locals", args.locals), ("--one-call-per-layer", args.one_call_per_layer or None),
-                            ("--dense-apart", args.dense_apart or None),
                             ("--from-record", args.from_record)):
             if value is not None:
                 raise UsageError(f"{flag} is for --per-kv-group calibration")
         return
-    if args.dense_apart and not args.one_call_per_layer:
-        raise UsageError("--dense-apart relaxes --one-call-per-layer (dense groups beside one sparse call); without "
-                         "it every layer's groups are free already: add --one-call-per-layer or drop --dense-apart")
     if args.min_head_recall is None:
         args.min_head_recall = [MIN_HEAD_RECALL]
     if args.kl_budget is not None:

@@ -188,58 +188,30 @@ def _one_call(combo) -> bool:
     return all(len(seen) == 1 for seen in modes.values())
 
 
-def _one_sparse_call(combo) -> bool:
-    """Whether each layer's chosen sparse options share one window (its dense groups may run apart)."""
-    windows: dict[int, set] = {}
-    for (layer, _group), option in combo:
-        if not option.dense:
-            windows.setdefault(layer, set()).add(option.local)
-    return all(len(seen) == 1 for seen in windows.values())
-
-
-@pytest.mark.parametrize("dense_apart", [False, True])
 @pytest.mark.parametrize("seed", range(8))
-def test_one_call_per_layer_keeps_its_calls_and_is_never_denser_than_the_simpler_allocation(seed, dense_apart,
-                                                                                              tmp_path):
-    """One call per layer (with ``dense_apart``: one sparse call beside dense groups) against a brute force over
-    every allowed combination, and never denser than one setting per layer (with ``dense_apart``: one call)."""
+def test_one_call_per_layer_never_mixes_a_layer_and_is_never_denser_than_one_setting(seed, tmp_path):
     rng = random.Random(seed)
     options = _one_call_options(rng)
     target, floor = rng.uniform(0.8, 0.97), rng.choice([0.0, 0.7])
-    allowed = _one_sparse_call if dense_apart else _one_call
-    result = allocate_one_call_per_layer(options, 3, target, floor, dense_apart=dense_apart)
-    assert allowed([((g.layer, g.heads.start // 3), g.option) for g in result.groups])
+    result = allocate_one_call_per_layer(options, 3, target, floor)
+    assert _one_call([((g.layer, g.heads.start // 3), g.option) for g in result.groups])
     keys = sorted(options)
     feasible = [sum(o.density for o in combo) / 6 for combo in itertools.product(*(options[k] for k in keys))
-                if allowed(zip(keys, combo)) and min(o.worst_head for o in combo) >= floor
+                if _one_call(zip(keys, combo)) and min(o.worst_head for o in combo) >= floor
                 and sum(o.recall for o in combo) / 6 >= target]
-    simpler = (allocate_one_call_per_layer(options, 3, target, floor) if dense_apart
-               else allocate_settings(one_setting_per_layer(options), 6, target, floor))
+    one_setting = allocate_settings(one_setting_per_layer(options), 6, target, floor)
     if not feasible:
         assert not result.reached or result.recall < target
         return
     assert result.reached and result.recall >= target - 1e-12 and result.worst_head >= floor
     assert result.density >= min(feasible) - 1e-12
-    if simpler.reached and simpler.recall >= target:
-        assert result.density <= simpler.density + 1e-12
+    if one_setting.reached and one_setting.recall >= target:
+        assert result.density <= one_setting.density + 1e-12
     base = load_policy({"min_length": 0, "default": {"pattern": "anchor", **PARAMS}})
     path = tmp_path / "one_call.yaml"
     path.write_text(group_calibrated_policy(base, result, "header"))
     policy = load_policy(path)
-    for layer in range(3):
-        calls = policy.call_groups(layer, 6)
-        assert sum(call.choice.pattern == "anchor" for call in calls) <= 1 and len(calls) <= (2 if dense_apart else 1)
-
-
-def test_dense_apart_runs_a_group_the_floor_keeps_dense_beside_a_sparse_one():
-    """The case it is for: one group of a layer meets the floor only dense, the other cheaply sparse."""
-    sparse = lambda recalls, density: GroupOption(6.0, 128, recalls, density)  # noqa: E731
-    dense = GroupOption(math.inf, 128, (1.0, 1.0), 1.0, dense=True)
-    options = {(0, 0): [sparse((0.6, 0.95), 0.1), dense], (0, 1): [sparse((0.9, 0.95), 0.1), dense]}
-    one_call = allocate_one_call_per_layer(options, 2, 0.9, 0.7)
-    apart = allocate_one_call_per_layer(options, 2, 0.9, 0.7, dense_apart=True)
-    assert [g.option.dense for g in one_call.groups] == [True, True] and one_call.density == 1.0
-    assert [g.option.dense for g in apart.groups] == [True, False] and apart.density == pytest.approx(0.55)
+    assert all(len(policy.call_groups(layer, 6)) == 1 for layer in range(3))
 
 
 def test_one_setting_per_layer_joins_groups_that_ran_alike_and_leaves_out_mixed_settings():
@@ -313,11 +285,6 @@ def test_cli_allocates_from_a_record_without_a_model(tmp_path, capsys):
     assert main(["calibrate", "--policy", str(base), "--per-kv-group", "--from-record", str(record),
                  "--one-call-per-layer", "--min-head-recall", "0.85", "--out", str(out)]) == 0
     assert [o.heads for o in load_policy(out).overrides] == [None]
-    assert main(["calibrate", "--policy", str(base), "--per-kv-group", "--from-record", str(record),
-                 "--one-call-per-layer", "--dense-apart", "--min-head-recall", "0.85", "--out", str(out)]) == 0
-    policy = load_policy(out)  # group 0 dense beside group 1's sparse call, as without --one-call-per-layer
-    assert policy.choice_for(0, 0).pattern == "dense" and policy.choice_for(0, 3).pattern == "anchor"
-    assert "--dense-apart" in out.read_text().splitlines()[0]
     capsys.readouterr()
     other = tmp_path / "other.yaml"
     other.write_text("min_length: 0\ndefault:\n  pattern: anchor\n  sink: 64\n")
@@ -379,8 +346,6 @@ def test_a_group_whose_setting_ran_dense_is_written_dense_not_as_its_theta(tmp_p
     (["--per-kv-group", "--min-head-recall", "0.8", "1.5"], "must be in [0, 1]"),
     (["--per-kv-group", "--min-head-recall", "0.8", "0.8"], "lists a floor twice"),
     (["--one-call-per-layer"], "--one-call-per-layer is for --per-kv-group"),
-    (["--dense-apart"], "--dense-apart is for --per-kv-group"),
-    (["--per-kv-group", "--dense-apart"], "add --one-call-per-layer or drop --dense-apart"),
     (["--record", "r.json"], "--record is for --kl-budget or --per-kv-group"),
     (["--per-kv-group", "--from-record", "r.json", "--thetas", "4"], "--thetas sets what is measured"),
     (["--per-kv-group", "--from-record", "/nonexistent/r.json"], "no such file"),

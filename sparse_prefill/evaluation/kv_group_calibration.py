@@ -219,8 +219,7 @@ def allocate_settings(options: Mapping[tuple[int, int], Sequence[GroupOption]], 
 
 
 def allocate_one_call_per_layer(options: Mapping[tuple[int, int], Sequence[GroupOption]], group_size: int,
-                                target_recall: float, min_head_recall: float = 0.0,
-                                dense_apart: bool = False) -> Allocation:
+                                target_recall: float, min_head_recall: float = 0.0) -> Allocation:
     """:func:`allocate_settings` with each layer kept to one attention call: its KV groups all dense, or all
     sparse with one local window, each group at its own theta (one call takes a theta per head). A dense group
     beside sparse ones is what splits a layer into calls.
@@ -228,27 +227,18 @@ def allocate_one_call_per_layer(options: Mapping[tuple[int, int], Sequence[Group
     Layer by layer, where the free allocation mixes, the layer is fixed to the mode (dense, or sparse at one
     window whose every group meets the floor) whose allocation of the rest is least dense, and the rest is
     allocated again: greedy, so it is also compared with :func:`one_setting_per_layer` (one setting for all of
-    a layer's groups), and the less dense of the two that reach the target is returned.
-
-    ``dense_apart``: a layer keeps one sparse call, and its dense groups may run beside it as a dense call
-    (SDPA, one per run of consecutive groups). A group that must stay dense to meet the floor then costs its
-    own share of the layer instead of making the whole layer dense; the result is never denser than without.
-    """
+    a layer's groups), and the less dense of the two that reach the target is returned."""
     modes: dict[tuple[int, int], Sequence[GroupOption]] = dict(options)
     allocation = allocate_settings(modes, group_size, target_recall, min_head_recall)
-    while mixed := _mixed_layers(allocation, dense_apart):
-        tries = [_restrict(modes, mixed[0], mode, dense_apart)
-                 for mode in _layer_modes(modes, mixed[0], min_head_recall, dense_apart)]
+    while mixed := _mixed_layers(allocation):
+        tries = [_restrict(modes, mixed[0], mode) for mode in _layer_modes(modes, mixed[0], min_head_recall)]
         modes, allocation = min(((tried, allocate_settings(tried, group_size, target_recall, min_head_recall))
                                  for tried in tries), key=lambda pair: _allocation_cost(pair[1], target_recall))
-    candidates = [allocation]
-    if dense_apart:
-        candidates.append(allocate_one_call_per_layer(options, group_size, target_recall, min_head_recall))
-    else:
-        per_layer = allocate_settings(one_setting_per_layer(options), group_size * _groups_per_layer(options),
-                                      target_recall, min_head_recall)
-        candidates.append(_split_layers(per_layer, group_size))
-    return min(candidates, key=lambda candidate: _allocation_cost(candidate, target_recall))
+    per_layer = allocate_settings(one_setting_per_layer(options), group_size * _groups_per_layer(options),
+                                  target_recall, min_head_recall)
+    if _allocation_cost(per_layer, target_recall) < _allocation_cost(allocation, target_recall):
+        return _split_layers(per_layer, group_size)
+    return allocation
 
 
 def _mode(option: GroupOption) -> int | None:
@@ -256,31 +246,28 @@ def _mode(option: GroupOption) -> int | None:
     return None if option.dense else option.local
 
 
-def _mixed_layers(allocation: Allocation, dense_apart: bool = False) -> list[int]:
-    """Layers whose groups ask for more than one call (with ``dense_apart``: more than one sparse call)."""
+def _mixed_layers(allocation: Allocation) -> list[int]:
     modes: dict[int, set[int | None]] = {}
     for group in allocation.groups:
-        if not (dense_apart and group.option.dense):
-            modes.setdefault(group.layer, set()).add(_mode(group.option))
+        modes.setdefault(group.layer, set()).add(_mode(group.option))
     return [layer for layer, seen in sorted(modes.items()) if len(seen) > 1]
 
 
 def _layer_modes(options: Mapping[tuple[int, int], Sequence[GroupOption]], layer: int,
-                 floor: float, dense_apart: bool = False) -> list[int | None]:
-    """Dense, and each local window at which every group of ``layer`` has a sparse option meeting ``floor``
-    (with ``dense_apart``: at which any group has one; the others may stay dense beside it)."""
+                 floor: float) -> list[int | None]:
+    """Dense, and each local window at which every group of ``layer`` has a sparse option meeting ``floor``."""
     groups = [choices for (at, _group), choices in options.items() if at == layer]
-    windows = [{o.local for o in choices if not o.dense and o.worst_head >= floor} for choices in groups]
-    return [None, *sorted(set.union(*windows) if dense_apart else set.intersection(*windows))]
+    windows = set.intersection(*({o.local for o in choices if not o.dense and o.worst_head >= floor}
+                                 for choices in groups))
+    return [None, *sorted(windows)]
 
 
 def _restrict(options: Mapping[tuple[int, int], Sequence[GroupOption]], layer: int,
-              mode: int | None, keep_dense: bool = False) -> dict[tuple[int, int], Sequence[GroupOption]]:
-    """``options`` with ``layer``'s groups held to ``mode`` (and to their dense options where ``keep_dense``)."""
+              mode: int | None) -> dict[tuple[int, int], Sequence[GroupOption]]:
     restricted = dict(options)
     for key, choices in options.items():
         if key[0] == layer:
-            restricted[key] = [o for o in choices if _mode(o) == mode or (keep_dense and o.dense)]
+            restricted[key] = [o for o in choices if _mode(o) == mode]
     return restricted
 
 
