@@ -78,6 +78,9 @@ def _shapes(text: str) -> list[tuple[int, int, int]]:
         hq, hkv, d = (int(field) for field in fields)
         if hq % hkv:
             raise argparse.ArgumentTypeError(f"--shapes: query heads {hq} must be a multiple of KV heads {hkv}")
+        if d not in installed.STRIPE_HEAD_DIMS:
+            raise argparse.ArgumentTypeError(f"--shapes: head dim {d} is not one the kernel takes "
+                                             f"{installed.STRIPE_HEAD_DIMS}")
         shapes.append((hq, hkv, d))
     return shapes
 
