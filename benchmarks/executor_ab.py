@@ -133,8 +133,8 @@ def main() -> None:
         for label, module in kernels:
             out = outputs[label]
             t_execute = statistics.median(times[label])
-            row = dict(kernel=label, shape=f"{hq}/{hkv}/{d}", seq_len=n, density=density, dense_ms=t_dense, execute_ms=t_execute,
-                       execute_ms_rounds=times[label], first_call_s=first_call_s[label],
+            row = dict(kernel=label, shape=f"{hq}/{hkv}/{d}", seq_len=n, density=density, dense_ms=t_dense,
+                       execute_ms=t_execute, execute_ms_rounds=times[label], first_call_s=first_call_s[label],
                        # speed.py's ratio of FLOP rates; the FLOPs per score cancel.
                        executor_efficiency_vs_sdpa=density * t_dense / t_execute,
                        rel_err_vs_dense=speed.relative_error(out, dense_out),

@@ -69,7 +69,8 @@ def profile_prefill(model, ids: torch.Tensor, repeats: int, device: torch.device
 def time_kernels(model, ids: torch.Tensor, repeats: int, rounds: int, kernels: list) -> dict[str, list[float]]:
     """Prefill medians per stripe kernel (the installed one as ``current``), the kernels interleaved in each round
     so that a slow spell of the GPU hits all of them alike."""
-    variants = [("current", executors.stripe_attention)] + [(label, module.stripe_attention) for label, module in kernels]
+    variants = [("current", executors.stripe_attention)]
+    variants += [(label, module.stripe_attention) for label, module in kernels]
     times: dict[str, list[float]] = {label: [] for label, _ in variants}
     try:
         for _ in range(rounds):
