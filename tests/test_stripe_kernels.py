@@ -22,12 +22,12 @@ import sparse_prefill.kernels.stripe_attention as stripe_module
 from kernel_checks import DEVICE, REFERENCE_TOLERANCE, TOLERANCES, needs_kernel, random_qkv
 from kernel_checks import assert_close as _assert_close
 from plan_factories import full_stripe_plan, masked_attention, random_block_plan, random_stripe_plan
+from sparse_prefill.kernels.attention_tiles import tile_slots
 from sparse_prefill.kernels.reference import (
     block_attention_reference,
     dense_attention_reference,
     stripe_attention_reference,
 )
-from sparse_prefill.kernels.attention_tiles import tile_slots
 from sparse_prefill.kernels.stripe_attention import STRIPE_HEAD_DIMS, stripe_attention
 from sparse_prefill.plan import StripePlan
 
