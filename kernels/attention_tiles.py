@@ -163,22 +163,13 @@ def program_heads(
     pid_bh, unit_start, first_slot, slot_end, plan_heads, q_per_kv, HEADS: tl.constexpr, TILE_M: tl.constexpr,
 ):
     """(b, hp, kv_head, q_head, row_pos, row_ok) of each stacked row: the query heads of plan head hp,
-    all reading one KV head, and the rows of the tile's slots (see program_tile).
-
-    Where the tile holds whole rows (TILE_M a multiple of HEADS: any power-of-two head count), its
-    slots are stacked head by head, each head's rows consecutive along M, the order the kernels had
-    before tiles held any head count (Llama's 4 heads x 32 rows); otherwise slot by slot. Both orders
-    cover the same slots.
+    all reading one KV head, and the rows of the tile's slots (see program_tile), slot by slot along M.
     """
     hp = pid_bh % plan_heads
     b = (pid_bh // plan_heads).to(tl.int64)
     first_head = hp * HEADS
     kv_head = (first_head // q_per_kv).to(tl.int64)
-    offs_m = tl.arange(0, TILE_M)
-    if TILE_M % HEADS == 0:
-        slots = first_slot + (offs_m % (TILE_M // HEADS)) * HEADS + offs_m // (TILE_M // HEADS)
-    else:
-        slots = first_slot + offs_m
+    slots = first_slot + tl.arange(0, TILE_M)
     row_pos = unit_start + slots // HEADS
     row_ok = slots < slot_end
     q_head = (first_head + slots % HEADS).to(tl.int64)

@@ -65,7 +65,7 @@ def capture(path: str) -> None:
     interpreter.InterpretedFunction.run = recording_run
     gen = torch.Generator().manual_seed(0)
     # (batch, q heads, kv heads, tokens): one of everything, then several; 40 tokens is one anchor row group of 64
-    # (1, 6, 2): 3 heads per KV head, the attention tiles' row-major slot order (powers of two stack head by head)
+    # (1, 6, 2): 3 heads per KV head, a count that does not divide a power-of-two tile (slots cut across rows)
     for batch, num_q, num_kv, seq_len, dtypes in [(1, 1, 1, 40, (torch.bfloat16, torch.float32)),
                                                   (2, 4, 2, 200, (torch.bfloat16,)), (1, 6, 2, 96, (torch.bfloat16,))]:
         for dtype in dtypes:  # bf16 and fp32 take different constexpr paths (split dots, precision)
