@@ -13,11 +13,12 @@ def sparse_prefill_patterns() -> list[PatternSpec]:
     from sparse_prefill.patterns.dense import DENSE
     from sparse_prefill.patterns.flashprefill import FLASHPREFILL
     from sparse_prefill.patterns.flexprefill import FLEXPREFILL
+    from sparse_prefill.patterns.oracle import ORACLE
     from sparse_prefill.patterns.streaming import STREAMING
     from sparse_prefill.patterns.vertical_slash import VERTICAL_SLASH
     from sparse_prefill.patterns.xattention import XATTENTION
 
-    return [DENSE, STREAMING, ANCHOR, VERTICAL_SLASH, FLEXPREFILL, XATTENTION, FLASHPREFILL, BLOCK_TOPK]
+    return [DENSE, STREAMING, ANCHOR, VERTICAL_SLASH, FLEXPREFILL, XATTENTION, FLASHPREFILL, BLOCK_TOPK, ORACLE]
 
 
 @hookimpl

@@ -40,6 +40,9 @@ DEFAULTS_SOURCE = {
                     "from the authors' code; `dense_above` as for `anchor`. See [the peer patterns](../peers.md).",
     "block-topk": "MInference's block_sparse kernel: 100 blocks of 64 whatever the config's sizes say; "
                   "`dense_above` as for `anchor`. See [the peer patterns](../peers.md).",
+    "oracle": "the recall targets and 128-row stripes with a 128-key sink of the stripe oracle in "
+              "[recall vs density](../benchmarks/recall.md); `share_kv_heads` as anchor's. A yardstick for "
+              "evaluation: it reads the exact attention, so it is slower than dense.",
 }
 
 _HEADER = """\

@@ -236,14 +236,13 @@ def oracle_stripe_plan(
     are always kept (a :class:`StripePlan` with ``local=0``); the other key columns are added in order of
     their softmax mass summed over the block's rows (and the group's heads) until the block's mean recall
     reaches ``recall``. ``plan.density()`` is then the best any identifier of this granularity and list
-    sharing can do.
+    sharing can do. Computed on the device ``q`` is on, one block at a time; the plan is on it too.
     """
     _check_target(recall)
     batch, num_q, seq_len, _ = q.shape
     plan_heads = k.shape[1] if share_kv_heads else num_q
-    q, k = q.cpu(), k.cpu()
-    layout = StripePlan.empty(batch, plan_heads, seq_len, block, sink, 0, torch.device("cpu"))
-    selected = [torch.zeros(0, dtype=torch.int32)] * (batch * plan_heads * layout.num_groups)
+    layout = StripePlan.empty(batch, plan_heads, seq_len, block, sink, 0, q.device)
+    selected = [torch.zeros(0, dtype=torch.int32, device=q.device)] * (batch * plan_heads * layout.num_groups)
     for b in range(batch):
         for group in range(layout.num_groups):
             row_start, row_end, sink_end, _ = layout.group_bounds(group)
@@ -259,6 +258,6 @@ def oracle_stripe_plan(
             for head in range(plan_heads):
                 keys = columns.indices[head, : int(counts[head])].sort().values + sink_end
                 selected[(b * plan_heads + head) * layout.num_groups + group] = keys.to(torch.int32)
-    plan = layout.filled(torch.tensor([len(keys) for keys in selected]), torch.cat(selected))
+    plan = layout.filled(torch.tensor([len(keys) for keys in selected], device=q.device), torch.cat(selected))
     plan.validate()
     return plan

@@ -1,0 +1,48 @@
+"""`oracle`: the best stripe selection there is, from the exact attention it replaces (evaluation only).
+
+For each 128-row query block (and KV group, or query head) it keeps the sink, the block's own diagonal and
+then the key columns of most exact softmax mass until the block keeps ``recall`` of its mass
+(:func:`~sparse_prefill.evaluation.recall.oracle_stripe_plan`). Run through a whole model it answers what no
+per-layer recall can: how much a model's answers change when every layer keeps the most mass any
+identifier of this granularity could keep at that density, the bound a real pattern is judged against.
+
+It reads the exact softmax (one block of rows at a time, so memory stays O(rows x keys)), so it costs more
+than dense attention and buys no speed: a yardstick, never a policy to ship.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sparse_prefill.interfaces import AttentionContext, Identifier, Parameter, PatternSpec
+from sparse_prefill.patterns._checks import allowing, at_least, multiple_of
+from sparse_prefill.plan import StripePlan
+
+
+@allowing("a recall in (0, 1]")
+def _recall(value: float) -> str | None:
+    return None if 0 < value <= 1 else "must be a recall in (0, 1]"
+
+
+class OracleIdentifier(Identifier):
+    def __init__(self, recall: float, block: int, sink: int, share_kv_heads: bool) -> None:
+        self.recall, self.block, self.sink, self.share_kv_heads = recall, block, sink, share_kv_heads
+
+    def identify(self, q: torch.Tensor, k: torch.Tensor, ctx: AttentionContext) -> StripePlan:
+        from sparse_prefill.evaluation.recall import oracle_stripe_plan  # evaluation code, loaded when used
+
+        return oracle_stripe_plan(q, k, ctx.scale, self.recall, block=self.block, sink=self.sink,
+                                  share_kv_heads=self.share_kv_heads)
+
+
+ORACLE = PatternSpec(
+    name="oracle",
+    description="evaluation only: the sparsest stripes keeping `recall` of every block's exact mass (slower than dense)",
+    parameters={
+        "recall": Parameter(float, 0.95, "softmax mass every query block keeps", _recall),
+        "block": Parameter(int, 128, "query rows sharing one key list", multiple_of(16)),
+        "sink": Parameter(int, 128, "initial keys every query attends", at_least(0)),
+        "share_kv_heads": Parameter(bool, True, "one list per KV group (anchor's sharing); false: one per query head"),
+    },
+    make_identifier=OracleIdentifier,
+)
