@@ -7,7 +7,9 @@ per-layer recall can: how much a model's answers change when every layer keeps t
 identifier of this granularity could keep at that density, the bound a real pattern is judged against.
 
 It reads the exact softmax (one block of rows at a time, so memory stays O(rows x keys)), so it costs more
-than dense attention and buys no speed: a yardstick, never a policy to ship.
+than dense attention and buys no speed: a yardstick, never a policy to ship. Its lists are known only once
+built, so it checks ``ctx.plan_budget`` after building them (the dispatcher then splits the heads): one
+over-budget plan is held for a moment, not kept.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from sparse_prefill.interfaces import AttentionContext, Identifier, Parameter, PatternSpec
+from sparse_prefill.patterns._budget import check_plan_budget
 from sparse_prefill.patterns._checks import allowing, at_least, multiple_of
 from sparse_prefill.plan import StripePlan
 
@@ -31,8 +34,10 @@ class OracleIdentifier(Identifier):
     def identify(self, q: torch.Tensor, k: torch.Tensor, ctx: AttentionContext) -> StripePlan:
         from sparse_prefill.evaluation.recall import oracle_stripe_plan  # evaluation code, loaded when used
 
-        return oracle_stripe_plan(q, k, ctx.scale, self.recall, block=self.block, sink=self.sink,
+        plan = oracle_stripe_plan(q, k, ctx.scale, self.recall, block=self.block, sink=self.sink,
                                   share_kv_heads=self.share_kv_heads)
+        check_plan_budget(plan.counts(), k.shape[1], ctx, per_query_head=not self.share_kv_heads)
+        return plan
 
 
 ORACLE = PatternSpec(

@@ -5,7 +5,7 @@ import torch
 
 from sparse_prefill import get_pattern, load_policy, sparse_attention
 from sparse_prefill.evaluation.recall import attention_recall, causal_probabilities
-from sparse_prefill.plugin import AttentionContext
+from sparse_prefill.plugin import AttentionContext, PlanBudgetExceeded
 from tests.plan_factories import masked_attention
 
 
@@ -55,3 +55,18 @@ def test_a_higher_target_keeps_more_and_recall_one_is_dense_attention() -> None:
 def test_a_recall_outside_zero_to_one_is_refused_naming_the_parameter(recall: float) -> None:
     with pytest.raises(ValueError, match="recall"):
         load_policy({"min_length": 0, "default": {"pattern": "oracle", "recall": recall}})
+
+
+@pytest.mark.parametrize("share_kv_heads", [True, False])
+def test_a_plan_over_the_budget_is_split_by_heads_and_gives_the_same_output(share_kv_heads: bool) -> None:
+    q, k, v = _inputs(3)
+    identifier = get_pattern("oracle").build(recall=0.9, block=32, sink=8, share_kv_heads=share_kv_heads)
+    whole_ctx = AttentionContext.for_inputs(q, k, dense_fallback=False)
+    whole = identifier.identify(q, k, whole_ctx)
+    budget = int(whole.counts().sum()) * 4 // 2 + 8 * whole.counts().numel()  # about half of the lists
+    tight = AttentionContext.for_inputs(q, k, dense_fallback=False, plan_budget=budget)
+    with pytest.raises(PlanBudgetExceeded):
+        identifier.identify(q, k, tight)
+    expected, _ = sparse_attention(q, k, v, identifier, whole_ctx)
+    out, _ = sparse_attention(q, k, v, identifier, tight)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
