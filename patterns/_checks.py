@@ -35,3 +35,8 @@ def finite(value: Any) -> str | None:
 @allowing("a density in (0, 1]")
 def density(value: Any) -> str | None:
     return None if 0 < value <= 1 else "must be a density in (0, 1] (1: never fall back to dense)"
+
+
+@allowing("in (0, 1]")
+def fraction(value: Any) -> str | None:
+    return None if 0 < value <= 1 else "must be in (0, 1]"

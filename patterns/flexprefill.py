@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from sparse_prefill.interfaces import AttentionContext, Identifier, Parameter, PatternSpec
 from sparse_prefill.patterns._blocks import block_means, block_plan, causal_blocks
-from sparse_prefill.patterns._checks import allowing, at_least, density, multiple_of
+from sparse_prefill.patterns._checks import allowing, at_least, density, fraction, multiple_of
 from sparse_prefill.patterns._lines import all_line_scores
 from sparse_prefill.patterns.flexprefill_reference import covering_count, flexprefill_block_mask_reference
 from sparse_prefill.plan import BlockPlan, DensePlan
@@ -48,11 +48,6 @@ from sparse_prefill.validation import validate_attention_inputs
 
 __all__ = ["FLEXPREFILL", "FlexPrefillIdentifier", "covering_count", "flexprefill_block_mask_reference",
            "flexprefill_block_masks"]
-
-
-@allowing("in (0, 1]")
-def _fraction(value: float) -> str | None:
-    return None if 0 < value <= 1 else "must be in (0, 1]"
 
 
 @allowing("in [0, 1]")
@@ -138,7 +133,7 @@ FLEXPREFILL = PatternSpec(
     name="flexprefill",
     description="FlexPrefill: per-head vertical-slash or query-aware key blocks covering gamma (baseline)",
     parameters={
-        "gamma": Parameter(float, 0.9, "attention mass the selected lines or blocks must cover", _fraction),
+        "gamma": Parameter(float, 0.9, "attention mass the selected lines or blocks must cover", fraction),
         "tau": Parameter(float, 0.1, "a head is query-aware when its pooled estimate is this close (sqrt JS)",
                          _closed_unit),
         "block": Parameter(int, 128, "rows of a query block and keys of a key block (multiple of 16)", multiple_of(16)),

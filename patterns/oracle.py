@@ -18,13 +18,8 @@ import torch
 
 from sparse_prefill.interfaces import AttentionContext, Identifier, Parameter, PatternSpec
 from sparse_prefill.patterns._budget import check_plan_budget
-from sparse_prefill.patterns._checks import allowing, at_least, multiple_of
+from sparse_prefill.patterns._checks import at_least, fraction, multiple_of
 from sparse_prefill.plan import StripePlan
-
-
-@allowing("a recall in (0, 1]")
-def _recall(value: float) -> str | None:
-    return None if 0 < value <= 1 else "must be a recall in (0, 1]"
 
 
 class OracleIdentifier(Identifier):
@@ -44,7 +39,7 @@ ORACLE = PatternSpec(
     name="oracle",
     description="evaluation only: the sparsest stripes keeping `recall` of every block's exact mass (slower than dense)",
     parameters={
-        "recall": Parameter(float, 0.95, "softmax mass every query block keeps", _recall),
+        "recall": Parameter(float, 0.95, "softmax mass every query block keeps", fraction),
         "block": Parameter(int, 128, "query rows sharing one key list", multiple_of(16)),
         "sink": Parameter(int, 128, "initial keys every query attends", at_least(0)),
         "share_kv_heads": Parameter(bool, True, "one list per KV group (anchor's sharing); false: one per query head"),

@@ -255,8 +255,8 @@ def oracle_stripe_plan(
             missing = recall * heads_rows - window_mass
             counts = (columns.values.cumsum(dim=-1) < missing[:, None]).sum(dim=-1) + 1
             counts = torch.where(missing > 0, counts.clamp(max=row_start - sink_end), 0)
-            for head in range(plan_heads):
-                keys = columns.indices[head, : int(counts[head])].sort().values + sink_end
+            for head, count in enumerate(counts.tolist()):  # one host sync per block, not per head
+                keys = columns.indices[head, :count].sort().values + sink_end
                 selected[(b * plan_heads + head) * layout.num_groups + group] = keys.to(torch.int32)
     plan = layout.filled(torch.tensor([len(keys) for keys in selected], device=q.device), torch.cat(selected))
     plan.validate()
