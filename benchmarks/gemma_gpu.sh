@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Gemma-3-270M's three full-attention layers (5, 11, 17) calibrated two ways and judged on the whole model against
-# every pattern and the `oracle` bound: the GPU run that docs/benchmarks/whole_model.md ("The best stripes on the
-# whole model") names as next. Not run on a GPU yet (no machine came); on the CPU its steps chain at 1024 tokens:
+# every pattern and the `oracle` bound. Run on an H100 at 75aac1a: docs/benchmarks/whole_model.md, "Calibrated at
+# 32k beside the bound, on the GPU" (a first call's KL step, compiling the kernels, needs more than 140 s):
 #
 #     bash benchmarks/gemma_gpu.sh MODEL.gguf TOKENIZER_FOLDER OUT calibrate
 #     bash benchmarks/gemma_gpu.sh MODEL.gguf TOKENIZER_FOLDER OUT eval 32752 16384 24576
