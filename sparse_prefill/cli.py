@@ -238,16 +238,24 @@ def _cmd_perplexity(args: argparse.Namespace) -> int:
     return 0
 
 
-def _calibration_model_and_text(args: argparse.Namespace, base: Policy) -> tuple[Any, torch.Tensor, int, torch.dtype]:
-    """(model, essay token ids, its layer count, dtype) for calibrate: arguments checked before the weights load."""
+def _calibration_model_and_text(args: argparse.Namespace, base: Policy
+                                ) -> tuple[Any, list[torch.Tensor], int, torch.dtype]:
+    """(model, essay token ids from each --text-offset, its layer count, dtype) for calibrate: arguments
+    checked before the weights load."""
     from sparse_prefill.evaluation.models import load_weights
 
     files, tokenizer, config = _tokenizer_and_config(args.model, [base], args.tokenizer)
     num_layers = config.get_text_config().num_hidden_layers
     _check_layers(args.layers, num_layers)
-    ids = _essay_ids(tokenizer, config, "--tokens", args.tokens, args.text_offset)
+    texts = [_essay_ids(tokenizer, config, "--tokens", args.tokens, offset) for offset in args.text_offset]
     device, dtype = _device_and_dtype(args)
-    return load_weights(files, config, dtype=dtype, device=device), ids, num_layers, dtype
+    return load_weights(files, config, dtype=dtype, device=device), texts, num_layers, dtype
+
+
+def _text_offsets(args: argparse.Namespace) -> str:
+    """Where the calibration text starts, for a written policy's header."""
+    offsets = args.text_offset
+    return f"from token {offsets[0]}" if len(offsets) == 1 else f"from tokens {', '.join(map(str, offsets))}"
 
 
 def _print_layer_kl(results: Sequence[Any], shown: int = 5) -> None:
@@ -276,7 +284,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         raise UsageError(f"--policy {args.policy}: {exc}") from None
     if args.from_record is not None:
         return _calibrate_per_kv_group(args, base, None)
-    model, ids, num_layers, dtype = _calibration_model_and_text(args, base)
+    model, (ids,), num_layers, dtype = _calibration_model_and_text(args, base)  # one text: checked
     qk = capture_qk(model, ids, args.layers if args.layers else range(num_layers))
     qk = {layer: (q.float(), k.float()) for layer, (q, k) in qk.items()}  # scores and theta compared in fp32
     if args.per_kv_group:
@@ -284,7 +292,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     results = calibrate_layers(qk, base.default.as_dict(), args.target_recall,
                                progress=lambda layers: tqdm(layers, desc="layers", unit="layer"))
     header = (f"Written by `sparse-prefill calibrate` from {base.source}: {args.model}, {args.tokens} essay tokens "
-              f"from token {args.text_offset},\n"
+              f"{_text_offsets(args)},\n"
               f"the smallest theta per layer keeping attention recall >= {args.target_recall}.")
     text = calibrated_policy(base, results, header)
     args.out.write_text(text)
@@ -352,7 +360,7 @@ def _group_measurement(args: argparse.Namespace, base: Policy, qk: dict[int, tup
         about = _read_group_record(args.from_record, params)
         return about, options_from_record(about)
     q, k = next(iter(qk.values()))
-    about = {"model": str(args.model), "tokens": args.tokens, "text_offset": args.text_offset,
+    about = {"model": str(args.model), "tokens": args.tokens, "text_offset": args.text_offset[0],
              "policy": str(base.source),
              "params": {name: value for name, value in params.items() if name not in ("theta", "local")},
              "thetas": sorted(set(args.thetas or DEFAULT_THETAS)),
@@ -434,6 +442,7 @@ def _cmd_calibrate_kl(args: argparse.Namespace) -> int:
         choose_and_check,
         kl_calibrated_policy,
         measure_layer_options,
+        worst_over_texts,
     )
     from sparse_prefill.evaluation.whole_model import next_token_logprobs
 
@@ -443,22 +452,25 @@ def _cmd_calibrate_kl(args: argparse.Namespace) -> int:
         raise UsageError(f"--tokens {args.tokens}: below the policy's min_length {base.min_length}, every layer "
                          "would stay dense; give at least that many tokens, or (for a model of shorter context) a "
                          "--policy whose min_length is at most --tokens")
-    model, ids, num_layers, dtype = _calibration_model_and_text(args, base)
+    model, texts, num_layers, dtype = _calibration_model_and_text(args, base)
     layers = args.layers if args.layers else list(range(num_layers))
-    reference = next_token_logprobs(model, ids, args.score_last)
-    measured, skipped = measure_layer_options(
-        model, ids, base, options, layers, args.score_last, reference,
-        progress=lambda runs: tqdm(runs, desc="each (layer, option) alone", unit="run"))
+    references = [next_token_logprobs(model, ids, args.score_last) for ids in texts]
+    measured, skipped = worst_over_texts([
+        measure_layer_options(model, ids, base, options, layers, args.score_last, reference,
+                              progress=lambda runs: tqdm(runs, desc=f"text {n + 1} of {len(texts)}: each (layer, "
+                                                                    "option) alone", unit="run"))
+        for n, (ids, reference) in enumerate(zip(texts, references))])
     if not measured:
         raise UsageError(f"no layer among {layers} made a sparse plan at {args.tokens} tokens; nothing to calibrate")
     records = []
     for budget, path in zip(args.kl_budget, _paths_per_value(args.out, args.kl_budget, "kl")):
-        result = choose_and_check(model, ids, base, measured, budget, reference, args.score_last,
+        result = choose_and_check(model, texts, base, measured, budget, references, args.score_last,
                                   skipped_layers=skipped)
         header = (f"Written by `sparse-prefill calibrate --kl-budget {budget:g}` from {base.source}: {args.model},\n"
-                  f"{args.tokens} essay tokens from token {args.text_offset}, {dtype}, last {args.score_last} "
+                  f"{args.tokens} essay tokens {_text_offsets(args)}, {dtype}, last {args.score_last} "
                   f"positions scored. Each layer\nran each option alone (the rest dense); the least mean density "
-                  f"whose KL(dense || policy) stays\nwithin the budget was chosen and checked on the whole model.")
+                  f"whose KL(dense || policy) stays\nwithin the budget was chosen and checked on the whole model"
+                  + (" (KL: the worst text's)." if len(texts) > 1 else "."))
         text = kl_calibrated_policy(base, result, header)
         path.write_text(text)
         print(text, end="")
@@ -468,7 +480,8 @@ def _cmd_calibrate_kl(args: argparse.Namespace) -> int:
         records.append({"out": str(path), **calibration_record(result)})
     if args.record is not None:
         args.record.write_text(json.dumps({"model": args.model, "policy": base.source, "tokens": args.tokens,
-                                           "text_offset": args.text_offset, "score_last": args.score_last,
+                                           "text_offset": args.text_offset[0], "text_offsets": args.text_offset,
+                                           "score_last": args.score_last,
                                            "dtype": str(dtype), "options": sorted(options),
                                            "budgets": records}, indent=1))
         print(f"record: {args.record}")
@@ -779,9 +792,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 f"charged); default for anchor: {' '.join(KL_OPTIONS)}")
     calibrate.add_argument("--score-last", type=int, default=None,
                            help="with --kl-budget: positions scored, the last ones (default: min(1024, tokens - 1))")
-    calibrate.add_argument("--text-offset", type=int, default=CALIBRATION_TEXT_OFFSET,
+    calibrate.add_argument("--text-offset", type=int, nargs="+", default=[CALIBRATION_TEXT_OFFSET],
                            help="essay tokens skipped: eval and perplexity read from token 0, so calibration "
-                                "reads text they do not score")
+                                "reads text they do not score; with --kl-budget, several offsets calibrate on "
+                                "several texts, each option costing its worst KL over them")
     calibrate.add_argument("--tokenizer", default=None,
                            help="a folder holding a saved tokenizer, used instead of the model's own")
     calibrate.add_argument("--out", type=Path, required=True, help="where to write the calibrated policy YAML")
@@ -879,8 +893,11 @@ def _check_numbers(args: argparse.Namespace) -> None:
             raise UsageError(f"--target-recall must be in (0, 1], got {args.target_recall}")
         if args.tokens < 2:
             raise UsageError(f"--tokens must be at least 2, got {args.tokens}")
-        if args.text_offset < 0:
-            raise UsageError(f"--text-offset must be >= 0 tokens, got {args.text_offset}")
+        if min(args.text_offset) < 0:
+            raise UsageError(f"--text-offset must be >= 0 tokens, got {' '.join(map(str, args.text_offset))}")
+        if len(args.text_offset) > 1 and args.kl_budget is None:
+            raise UsageError("several --text-offset values are for --kl-budget calibration (recall is measured on "
+                             "one text)")
         if args.kl_budget is not None and not all(budget >= 0 for budget in args.kl_budget):
             raise UsageError(f"--kl-budget must be >= 0 nats, got {' '.join(map(str, args.kl_budget))}")
         if args.kl_budget is None and args.record is not None and not args.per_kv_group:

@@ -3,6 +3,7 @@
 import itertools
 import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from sparse_prefill.evaluation.layer_budget import (
     choose_within_budget,
     kl_calibrated_policy,
     layer_policy,
+    worst_over_texts,
 )
 from sparse_prefill.evaluation.whole_model import kl_per_position, next_token_logprobs
 from sparse_prefill.integrations.huggingface import apply, remove
@@ -125,6 +127,43 @@ def test_a_budget_nothing_meets_leaves_every_layer_dense():
     assert [o.choice.pattern for o in written.overrides] == [DENSE, DENSE]
 
 
+def test_several_texts_cost_each_option_its_worst_kl_and_check_on_every_text():
+    model = tiny_model()
+    texts = [torch.randint(1, 96, (1, 160), generator=torch.Generator().manual_seed(seed)) for seed in (3, 4)]
+    base = load_policy(STREAMING)
+    options = {f"local={n}": load_policy({**STREAMING, "default": {**STREAMING["default"], "local": n}}).default
+               for n in (16, 48)}
+    alone = [calibrate_kl_budget(model, ids, base, options, budget=1e9, layers=[0, 1], score_last=32)
+             for ids in texts]
+    both = calibrate_kl_budget(model, texts, base, options, budget=1e9, layers=[0, 1], score_last=32)
+    for n, option in enumerate(both.measured):
+        each = [result.measured[n] for result in alone]
+        assert all((o.layer, o.label) == (option.layer, option.label) for o in each)
+        assert option.kl == max(o.kl for o in each)
+        assert option.density == pytest.approx(sum(o.density for o in each) / 2)
+    check = both.checks[0]
+    assert check.text_kls == pytest.approx((alone[0].checks[0].measured_kl, alone[1].checks[0].measured_kl))
+    assert check.measured_kl == max(check.text_kls)
+    # A budget between the two texts' KLs of that choice: what is written holds it on both texts.
+    budget = sum(check.text_kls) / 2
+    strict = calibrate_kl_budget(model, texts, base, options, budget=budget, layers=[0, 1], score_last=32)
+    assert len(strict.checks[-1].text_kls) == 2
+    assert not strict.within_budget or max(strict.checks[-1].text_kls) <= budget
+
+
+def test_worst_over_texts_skips_a_layer_any_text_skipped():
+    choice = load_policy(STREAMING).default
+    first = [LayerOption(0, DENSE, None, 0.0, 1.0), LayerOption(0, "a", choice, 0.1, 0.2),
+             LayerOption(1, DENSE, None, 0.0, 1.0), LayerOption(1, "a", choice, 0.3, 0.4)]
+    second = [LayerOption(0, DENSE, None, 0.0, 1.0), LayerOption(0, "a", choice, 0.2, 0.4)]
+    merged, skipped = worst_over_texts([(first, []), (second, [1])])
+    assert skipped == [1]
+    assert [(o.layer, o.label, o.kl) for o in merged] == [(0, DENSE, 0.0), (0, "a", 0.2)]
+    assert merged[1].density == pytest.approx(0.3)
+    with pytest.raises(ValueError, match="no texts"):
+        worst_over_texts([])
+
+
 def load_policy_text(text: str):
     import yaml
 
@@ -132,10 +171,10 @@ def load_policy_text(text: str):
     return load_policy(yaml.safe_load(text))
 
 
-def test_calibrate_command_with_kl_budgets(tmp_path):
+def calibrate_tiny_model(tmp_path: Path, *argv: str) -> tuple[Path, dict]:
+    """`sparse-prefill calibrate` on a tiny saved model from a streaming base, 128 tokens, 16 scored: the
+    policy file written (with one budget) and the record."""
     import json
-
-    import yaml
 
     from sparse_prefill.cli import main
 
@@ -143,40 +182,42 @@ def test_calibrate_command_with_kl_budgets(tmp_path):
     policy = tmp_path / "streaming.yaml"
     policy.write_text("default:\n  pattern: streaming\n  sink: 8\n  local: 16\n  group_rows: 16\n")
     out, record = tmp_path / "calibrated.yaml", tmp_path / "record.json"
-    code = main(["calibrate", "--model", str(tmp_path / "model"), "--policy", str(policy), "--kl-budget", "100", "0",
-                 "--options", "local=16,32", "--tokens", "128", "--score-last", "16", "--device", "cpu",
-                 "--out", str(out), "--record", str(record)])
+    code = main(["calibrate", "--model", str(tmp_path / "model"), "--policy", str(policy), *argv, "--tokens", "128",
+                 "--score-last", "16", "--device", "cpu", "--out", str(out), "--record", str(record)])
     assert code == 0
+    return out, json.loads(record.read_text())
+
+
+def test_calibrate_command_with_kl_budgets(tmp_path):
+    import yaml
+
+    _, saved = calibrate_tiny_model(tmp_path, "--kl-budget", "100", "0", "--options", "local=16,32")
     generous = load_policy(yaml.safe_load((tmp_path / "calibrated-kl100.yaml").read_text()))
     assert [(0 in o.layers, 1 in o.layers, o.choice.as_dict()["local"]) for o in generous.overrides] == [
         (True, False, 16), (False, True, 16)]
     none = load_policy(yaml.safe_load((tmp_path / "calibrated-kl0.yaml").read_text()))
     assert [o.choice.pattern for o in none.overrides] == [DENSE, DENSE]
-    saved = json.loads(record.read_text())
     assert [b["budget"] for b in saved["budgets"]] == [100, 0]
     assert len(saved["budgets"][0]["measured"]) == 2 * 3  # dense and two options on each layer
     assert saved["budgets"][0]["checks"][0]["measured_kl"] > 0
 
 
-def test_calibration_options_may_name_other_patterns_and_each_layer_chooses_among_them(tmp_path):
-    import json
+def test_calibrate_command_on_several_texts(tmp_path):
+    out, saved = calibrate_tiny_model(tmp_path, "--kl-budget", "100", "--options", "local=16,32",
+                                      "--text-offset", "0", "300")
+    assert "from tokens 0, 300" in out.read_text() and "the worst of 2 texts" in out.read_text()
+    assert saved["text_offsets"] == [0, 300]
+    assert len(saved["budgets"][0]["checks"][0]["text_kls"]) == 2
 
+
+def test_calibration_options_may_name_other_patterns_and_each_layer_chooses_among_them(tmp_path):
     import yaml
 
-    from sparse_prefill.cli import main
-
-    save_tiny_model_with_char_tokenizer(tmp_path / "model")
-    policy = tmp_path / "streaming.yaml"
-    policy.write_text("default:\n  pattern: streaming\n  sink: 8\n  local: 16\n  group_rows: 16\n")
-    out, record = tmp_path / "calibrated.yaml", tmp_path / "record.json"
-    code = main(["calibrate", "--model", str(tmp_path / "model"), "--policy", str(policy), "--kl-budget", "100",
-                 "--options", "local=32", "--options", "anchor.theta=-0.2,0.5", "--options", "anchor.block=16",
-                 "--options", "anchor.sink=8", "--options", "anchor.local=16", "--options", "anchor.dense_above=1",
-                 "--options", "anchor.dense_tail=0",
-                 "--tokens", "128", "--score-last", "16", "--device", "cpu", "--out", str(out),
-                 "--record", str(record)])
-    assert code == 0
-    measured = json.loads(record.read_text())["budgets"][0]["measured"]
+    out, saved = calibrate_tiny_model(
+        tmp_path, "--kl-budget", "100", "--options", "local=32", "--options", "anchor.theta=-0.2,0.5",
+        "--options", "anchor.block=16", "--options", "anchor.sink=8", "--options", "anchor.local=16",
+        "--options", "anchor.dense_above=1", "--options", "anchor.dense_tail=0")
+    measured = saved["budgets"][0]["measured"]
     labels = {m["label"] for m in measured}
     assert labels == {"dense", "local=32", "anchor[theta=-0.2,block=16,sink=8,local=16,dense_above=1.0,dense_tail=0]",
                       "anchor[theta=0.5,block=16,sink=8,local=16,dense_above=1.0,dense_tail=0]"}
@@ -199,6 +240,8 @@ def test_calibration_options_may_name_other_patterns_and_each_layer_chooses_amon
     (["--kl-budget", "0.1", "--options", "gamma=0.9"], "gamma"),
     (["--kl-budget", "0.1", "--options", "nosuch.gamma=0.9"], "unknown pattern 'nosuch'"),
     (["--text-offset", "-5"], "--text-offset"),
+    (["--text-offset", "0", "-5", "--kl-budget", "0.1"], "--text-offset must be >= 0"),
+    (["--text-offset", "0", "4096"], "several --text-offset values are for --kl-budget"),
     (["--record", "r.json"], "--record is for"),
 ])
 def test_calibrate_refuses_bad_kl_arguments_before_loading(tmp_path, capsys, argv, message):
