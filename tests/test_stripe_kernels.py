@@ -250,9 +250,10 @@ def test_full_plan_equals_dense_causal(case: Case) -> None:
 _VALID = Case(1, 4, 2, 32, 64, 16, 2, 4, shared=True)
 
 
-def _valid_call() -> dict:
-    q, k, v = random_qkv(_VALID, seed=0, device="cpu")
-    return {"q": q, "k": k, "v": v, "plan": _plan(_VALID, seed=0, device="cpu"), "scale": 0.125}
+def _valid_call(device: str | None = DEVICE) -> dict:
+    """A call the kernel takes, on ``device`` (DEVICE: where the kernel runs; None: the CPU)."""
+    q, k, v = random_qkv(_VALID, seed=0, device=device)
+    return {"q": q, "k": k, "v": v, "plan": _plan(_VALID, seed=0, device=device), "scale": 0.125}
 
 
 def _replace_plan(**changes):
@@ -272,7 +273,7 @@ ERROR_CASES = [
         _set("plan", lambda c: random_block_plan(1, 2, 32, 16)), TypeError, "StripePlan, got BlockPlan", id="plan-kind"
     ),
     pytest.param(_set("q", lambda c: c["q"][0]), ValueError, "must be 4-D", id="q-3d"),
-    pytest.param(_set("k", lambda c: c["k"].numpy()), TypeError, "k must be a torch.Tensor", id="k-numpy"),
+    pytest.param(_set("k", lambda c: c["k"].cpu().numpy()), TypeError, "k must be a torch.Tensor", id="k-numpy"),
     pytest.param(_set("v", lambda c: c["v"][:, :1]), ValueError, "k and v must have one shape", id="kv-shapes"),
     pytest.param(_set("q", lambda c: c["q"][:, :3]), ValueError, "Hq=3 and Hkv=2", id="gqa-ratio"),
     pytest.param(_set("q", lambda c: c["q"][:, :, :31]), ValueError, "share non-empty batch, seq_len", id="q-len"),
@@ -281,20 +282,25 @@ ERROR_CASES = [
         lambda c: c.update({x: c[x].double() for x in "qkv"}), TypeError, "supports dtypes", id="dtype-float64"
     ),
     pytest.param(lambda c: c.update({x: c[x][..., :32] for x in "qkv"}), ValueError, "head dims", id="head-dim-32"),
-    pytest.param(_set("scale", lambda c: float("nan")), ValueError, "scale must be a positive finite", id="scale-nan"),
-    pytest.param(_set("scale", lambda c: -1.0), ValueError, "got -1.0", id="scale-negative"),
-    pytest.param(_replace_plan(batch=2), ValueError, "batch=2, seq_len=32 but q has batch=1", id="plan-batch"),
-    pytest.param(_replace_plan(seq_len=40), ValueError, "seq_len=40", id="plan-seq-len"),
-    pytest.param(_replace_plan(plan_heads=1), ValueError, "query heads (4) or the KV heads (2)", id="plan-heads"),
+    # Checked after the device: only where the kernel runs (DEVICE).
+    pytest.param(_set("scale", lambda c: float("nan")), ValueError, "scale must be a positive finite", id="scale-nan",
+                 marks=needs_kernel),
+    pytest.param(_set("scale", lambda c: -1.0), ValueError, "got -1.0", id="scale-negative", marks=needs_kernel),
+    pytest.param(_replace_plan(batch=2), ValueError, "batch=2, seq_len=32 but q has batch=1", id="plan-batch",
+                 marks=needs_kernel),
+    pytest.param(_replace_plan(seq_len=40), ValueError, "seq_len=40", id="plan-seq-len", marks=needs_kernel),
+    pytest.param(_replace_plan(plan_heads=1), ValueError, "query heads (4) or the KV heads (2)", id="plan-heads",
+                 marks=needs_kernel),
     pytest.param(
         _replace_plan(offsets=torch.zeros(5, dtype=torch.int64, device="meta")),
         ValueError,
         "build the plan on q's device",
         id="plan-device",
+        marks=needs_kernel,
     ),
     pytest.param(
         lambda c: _replace_plan(offsets=c["plan"].offsets.int())(c), ValueError, "int64 offsets of length 5",
-        id="plan-csr-dtype",
+        id="plan-csr-dtype", marks=needs_kernel,
     ),
 ]
 
@@ -310,12 +316,12 @@ def test_kernel_validation_errors(mutate, error: type[Exception], message: str) 
 def test_kernel_refuses_cpu_without_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # triton_can_run reads it at call time
     with pytest.raises(ValueError, match="set TRITON_INTERPRET=1"):
-        stripe_attention(**_valid_call())
+        stripe_attention(**_valid_call("cpu"))
 
 
 @pytest.mark.parametrize("executor", [stripe_attention_reference, block_attention_reference], ids=lambda f: f.__name__)
 def test_references_validate_plan_heads(executor) -> None:
-    call = _valid_call()
+    call = _valid_call("cpu")
     plan = call.pop("plan")
     if executor is block_attention_reference:
         plan = random_block_plan(1, 3, 32, 16)
