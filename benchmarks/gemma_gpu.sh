@@ -11,7 +11,8 @@
 # no guard (anchor.yaml's min_length 32000 would leave 16k and 24k dense):
 #   - by KL: each layer alone runs anchor theta 4-16 x local window 128 / 1024 / 4096 and XAttention threshold
 #     0.8 / 0.9 / 0.95 (the rest dense); per-layer settings within BUDGETS (default 0.004 0.008 0.016 nats), each
-#     checked whole. The target is KL <= 0.008 on other text, and held-out KL has moved up to 3x the budget.
+#     checked whole. The target is KL <= 0.008 on other text, and held-out KL has moved up to 3x the budget;
+#     KL_TEXTS="65536 98304" calibrates on two texts, each option at its worst KL (default: the first alone).
 #   - by recall: a theta and local window per layer (Gemma has one KV group) keeping mean recall 0.95 with every
 #     query head at 0.8 or 0.9, and 0.98 with heads at 0.9 (`--from-record`, no second measurement); RECALL=0
 #     skips it.
@@ -40,15 +41,17 @@ case $step in
 calibrate)
     unguarded base anchor
     common=(--model "$model" --tokenizer "$tokenizer" --policy "$p/base.yaml" --layers 5 11 17
-            --tokens "${CAL_TOKENS:-32752}" --text-offset 65536)
-    timeout "${CAL_LIMIT:-200}" "${cli[@]}" calibrate "${common[@]}" --kl-budget "${budgets[@]}" \
+            --tokens "${CAL_TOKENS:-32752}")
+    kl_texts=(${KL_TEXTS:-65536})
+    timeout "${CAL_LIMIT:-200}" "${cli[@]}" calibrate "${common[@]}" --text-offset "${kl_texts[@]}" \
+        --kl-budget "${budgets[@]}" \
         --options theta=4,5,6,7.7,9.5,11,13,16 --options local=128,1024,4096 \
         --options xattention.threshold=0.8,0.9,0.95 --score-last "${SCORE_LAST:-1024}" \
         --out "$p/kl.yaml" --record "$out/kl_record.json" 2>&1 | tee "$out/calibrate_kl.log"
     [[ ${RECALL:-1} == 0 ]] && exit 0  # RECALL=0: the KL calibration alone
-    timeout "${CAL_LIMIT:-200}" "${cli[@]}" calibrate "${common[@]}" --per-kv-group --locals 128 1024 \
-        --min-head-recall 0.8 0.9 --target-recall 0.95 --out "$p/recall95.yaml" --record "$out/recall_record.json" \
-        2>&1 | tee "$out/calibrate_recall.log"
+    timeout "${CAL_LIMIT:-200}" "${cli[@]}" calibrate "${common[@]}" --text-offset 65536 --per-kv-group \
+        --locals 128 1024 --min-head-recall 0.8 0.9 --target-recall 0.95 --out "$p/recall95.yaml" \
+        --record "$out/recall_record.json" 2>&1 | tee "$out/calibrate_recall.log"
     "${cli[@]}" calibrate --policy "$p/base.yaml" --per-kv-group --from-record "$out/recall_record.json" \
         --min-head-recall 0.9 --target-recall 0.98 --out "$p/recall98-floor0.9.yaml" \
         2>&1 | tee -a "$out/calibrate_recall.log"
