@@ -441,10 +441,8 @@ def _cmd_calibrate_kl(args: argparse.Namespace) -> int:
         calibration_record,
         choose_and_check,
         kl_calibrated_policy,
-        measure_layer_options,
-        worst_over_texts,
+        measure_on_texts,
     )
-    from sparse_prefill.evaluation.whole_model import next_token_logprobs
 
     base = load_policy(args.policy)
     options = _kl_options(args, base)
@@ -454,12 +452,9 @@ def _cmd_calibrate_kl(args: argparse.Namespace) -> int:
                          "--policy whose min_length is at most --tokens")
     model, texts, num_layers, dtype = _calibration_model_and_text(args, base)
     layers = args.layers if args.layers else list(range(num_layers))
-    references = [next_token_logprobs(model, ids, args.score_last) for ids in texts]
-    measured, skipped = worst_over_texts([
-        measure_layer_options(model, ids, base, options, layers, args.score_last, reference,
-                              progress=lambda runs: tqdm(runs, desc=f"text {n + 1} of {len(texts)}: each (layer, "
-                                                                    "option) alone", unit="run"))
-        for n, (ids, reference) in enumerate(zip(texts, references))])
+    measured, skipped, references = measure_on_texts(
+        model, texts, base, options, layers, args.score_last,
+        progress=lambda runs: tqdm(runs, desc="each (layer, option) alone, per text", unit="run"))
     if not measured:
         raise UsageError(f"no layer among {layers} made a sparse plan at {args.tokens} tokens; nothing to calibrate")
     records = []

@@ -39,7 +39,7 @@ from sparse_prefill.evaluation.whole_model import kl_per_position, next_token_lo
 from sparse_prefill.policy import PatternChoice, Policy, load_policy
 
 __all__ = ["LayerOption", "BudgetCheck", "KLCalibration", "choose_within_budget", "layer_policy",
-           "measure_layer_options", "worst_over_texts", "calibrate_kl_budget", "choose_and_check",
+           "measure_layer_options", "worst_over_texts", "measure_on_texts", "calibrate_kl_budget", "choose_and_check",
            "calibration_record", "kl_calibrated_policy", "DENSE"]
 
 DENSE = "dense"  # the label of a layer left on the model's own attention
@@ -202,20 +202,36 @@ def worst_over_texts(per_text: Sequence[tuple[Sequence[LayerOption], Sequence[in
     return merged, skipped
 
 
-def calibrate_kl_budget(model: Any, input_ids: torch.Tensor | Sequence[torch.Tensor], base: Policy,
-                        options: Mapping[str, PatternChoice], budget: float, layers: Sequence[int],
-                        score_last: int = 1024, checks: int = 3,
-                        progress: Callable[[Iterable[Any]], Iterable[Any]] = iter) -> KLCalibration:
-    """Measure every option on every layer of each text (:func:`measure_layer_options`, joined by
-    :func:`worst_over_texts`), then :func:`choose_and_check` on every text."""
-    if not options:
-        raise ValueError("no options to choose from")
-    _check_budget(budget)
-    texts = [input_ids] if isinstance(input_ids, torch.Tensor) else list(input_ids)
+def _as_list(texts: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """One tensor (one text) or a sequence of them, as a list."""
+    return [texts] if isinstance(texts, torch.Tensor) else list(texts)
+
+
+def measure_on_texts(model: Any, input_ids: torch.Tensor | Sequence[torch.Tensor], base: Policy,
+                     options: Mapping[str, PatternChoice], layers: Sequence[int], score_last: int,
+                     progress: Callable[[Iterable[Any]], Iterable[Any]] = iter,
+                     ) -> tuple[list[LayerOption], list[int], list[torch.Tensor]]:
+    """(:func:`measure_layer_options` of each text joined by :func:`worst_over_texts`, the layers skipped,
+    each text's dense log-probabilities at the scored positions: the references the checks need)."""
+    texts = _as_list(input_ids)
     references = [next_token_logprobs(model, ids, score_last) for ids in texts]  # the unpatched model
     measured, skipped = worst_over_texts([
         measure_layer_options(model, ids, base, options, layers, score_last, reference, progress)
         for ids, reference in zip(texts, references)])
+    return measured, skipped, references
+
+
+def calibrate_kl_budget(model: Any, input_ids: torch.Tensor | Sequence[torch.Tensor], base: Policy,
+                        options: Mapping[str, PatternChoice], budget: float, layers: Sequence[int],
+                        score_last: int = 1024, checks: int = 3,
+                        progress: Callable[[Iterable[Any]], Iterable[Any]] = iter) -> KLCalibration:
+    """Measure every option on every layer of each text (:func:`measure_on_texts`), then
+    :func:`choose_and_check` on every text."""
+    if not options:
+        raise ValueError("no options to choose from")
+    _check_budget(budget)
+    texts = _as_list(input_ids)
+    measured, skipped, references = measure_on_texts(model, texts, base, options, layers, score_last, progress)
     if not measured:
         raise ValueError(f"no layer among {list(layers)} made a sparse plan at {texts[0].shape[1]} tokens "
                          f"(min_length {base.min_length}); nothing to calibrate")
@@ -237,8 +253,7 @@ def choose_and_check(model: Any, input_ids: torch.Tensor | Sequence[torch.Tensor
     _check_budget(budget)
     if checks < 1:
         raise ValueError(f"checks must be >= 1, got {checks}")
-    texts = [input_ids] if isinstance(input_ids, torch.Tensor) else list(input_ids)
-    references = [reference] if isinstance(reference, torch.Tensor) else list(reference)
+    texts, references = _as_list(input_ids), _as_list(reference)
     if len(texts) != len(references) or not texts:
         raise ValueError(f"one reference per text: got {len(texts)} texts and {len(references)} references")
     result = KLCalibration(budget, list(measured), {}, skipped_layers=list(skipped_layers))
