@@ -821,8 +821,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--needle-new-tokens", type=int, default=12, help="tokens generated for each needle")
     evaluation.add_argument("--repeats", type=int, default=3, help="timed prefills per run (0: no timing)")
     evaluation.add_argument("--recall", action="store_true",
-                            help="also measure each layer's attention recall (softmax mass its plans keep) on the "
-                                 "dense model's q and k: one more forward per length, an exact softmax per layer")
+                            help="also measure each layer's attention recall (softmax mass its plans keep; mean and "
+                                 "worst query head) on the dense model's q and k: one more forward per length, an "
+                                 "exact softmax per layer")
     evaluation.add_argument("--layer-kl", action="store_true",
                             help="also measure each layer's share of a policy's KL: the policy on that layer alone, "
                                  "every other layer dense (one more forward per layer); finds the layers that lose")

@@ -157,7 +157,7 @@ def test_a_guarded_policy_says_so_in_its_result():
 
 
 def test_recall_per_layer_is_what_the_policys_plans_keep_on_the_dense_q_and_k():
-    from sparse_prefill.evaluation.recall import attention_recall, capture_qk
+    from sparse_prefill.evaluation.recall import attention_recall, capture_qk, head_recalls
 
     model = tiny_model()
     text = torch.randint(1, 96, (1, 160), generator=torch.Generator().manual_seed(3))
@@ -172,7 +172,14 @@ def test_recall_per_layer_is_what_the_policys_plans_keep_on_the_dense_q_and_k():
         q, k, AttentionContext.for_inputs(q, k))
     assert streaming.layer_recall["1"] == pytest.approx(attention_recall(q, k, plan, 16**-0.5), abs=1e-5)
     assert 0 < streaming.recall < 1
-    assert "recall" in summary_table([streaming])
+    # the worst head: the lowest of the per-head recalls, which average to the layer's recall
+    heads = head_recalls(q, k, [plan], 16**-0.5)[0]
+    assert streaming.layer_worst_head["1"] == pytest.approx(float(heads.min()), abs=1e-5)
+    assert set(streaming.layer_worst_head) == set(streaming.layer_recall)
+    assert streaming.worst_head == min(streaming.layer_worst_head.values())
+    assert all(streaming.layer_worst_head[layer] <= streaming.layer_recall[layer] + 1e-9 for layer in ("0", "1"))
+    assert by["every-key"].worst_head == pytest.approx(1.0) and by["dense"].worst_head is None
+    assert "recall" in summary_table([streaming]) and "worst" in summary_table([streaming])
 
 
 def test_a_policy_on_one_layer_keeps_that_layers_choices_and_runs_the_rest_dense():

@@ -1,9 +1,11 @@
 """Per-layer attention recall of a policy's plans, on the dense model's own q and k.
 
 `sparse-prefill eval --recall` reports, beside each layer's density, how much softmax mass its
-plans keep. Each layer's post-RoPE q and k come from one dense forward (:func:`capture_qk`); the
-identifier the policy assigns to each head group (:meth:`Policy.call_groups`, as attention runs them) makes
-its plan from them, as the Hugging Face integration would, and :func:`attention_recall` measures it. Under
+plans keep, on average and for its worst query head (on real attention, patterns of equal mean recall differ
+most in their worst heads: docs/benchmarks/patterns.md). Each layer's post-RoPE q and k come from one dense
+forward (:func:`capture_qk`); the identifier the policy assigns to each head group (:meth:`Policy.call_groups`,
+as attention runs them) makes its plan from them, as the Hugging Face integration would, and
+:func:`head_recalls` measures it per query head. Under
 the policy a layer's inputs also carry the earlier sparse layers' changes; that second-order difference is
 left out, so every policy is judged on the same q and k. The softmax scale is 1/sqrt(head dim), the scale of every
 model measured here (Gemma 3's query_pre_attn_scalar equals its head dim).
@@ -15,13 +17,13 @@ from typing import Iterable, Iterator, Mapping
 
 import torch
 
-from sparse_prefill.evaluation.recall import attention_recall
+from sparse_prefill.evaluation.recall import head_recalls
 from sparse_prefill.integrations.head_groups import kv_aligned_chunks
 from sparse_prefill.interfaces import AttentionContext
 from sparse_prefill.plan import Plan
 from sparse_prefill.policy import Policy
 
-__all__ = ["policy_layer_plans", "policy_layer_recall"]
+__all__ = ["policy_layer_head_recalls", "policy_layer_plans", "policy_layer_recall"]
 
 
 def policy_layer_plans(q: torch.Tensor, k: torch.Tensor, policy: Policy, layer: int, dense_fallback: bool = True,
@@ -41,20 +43,29 @@ def policy_layer_plans(q: torch.Tensor, k: torch.Tensor, policy: Policy, layer: 
             yield q_heads, kv_heads, plan, ctx
 
 
-def policy_layer_recall(qk: Mapping[int, tuple[torch.Tensor, torch.Tensor]], policy: Policy,
-                        layers: Iterable[int]) -> dict[int, float]:
-    """Recall per layer (query heads weighted equally) of the plans ``policy`` makes from ``qk[layer]``.
+def policy_layer_head_recalls(qk: Mapping[int, tuple[torch.Tensor, torch.Tensor]], policy: Policy,
+                              layers: Iterable[int]) -> dict[int, list[float]]:
+    """Each query head's recall per layer under the plans ``policy`` makes from ``qk[layer]``.
 
     Layers shorter than the policy's ``min_length`` run dense and are left out, like layers not in ``qk``.
     """
-    recall = {}
+    recalls = {}
     for layer in layers:
         if layer not in qk:
             continue
         q, k = qk[layer]
         if q.shape[2] < policy.min_length:
             continue
-        kept = sum(attention_recall(q[:, q_heads], k[:, kv_heads], plan, ctx.scale) * len(q_heads)
-                   for q_heads, kv_heads, plan, ctx in policy_layer_plans(q, k, policy, layer))
-        recall[layer] = kept / q.shape[1]
-    return recall
+        heads = [0.0] * q.shape[1]
+        for q_heads, kv_heads, plan, ctx in policy_layer_plans(q, k, policy, layer):
+            kept = head_recalls(q[:, q_heads], k[:, kv_heads], [plan], ctx.scale)[0].tolist()
+            for head, recall in zip(q_heads, kept):
+                heads[head] = recall
+        recalls[layer] = heads
+    return recalls
+
+
+def policy_layer_recall(qk: Mapping[int, tuple[torch.Tensor, torch.Tensor]], policy: Policy,
+                        layers: Iterable[int]) -> dict[int, float]:
+    """Recall per layer (query heads weighted equally): the mean of :func:`policy_layer_head_recalls`."""
+    return {layer: sum(heads) / len(heads) for layer, heads in policy_layer_head_recalls(qk, policy, layers).items()}

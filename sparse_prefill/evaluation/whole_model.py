@@ -105,6 +105,8 @@ class Measurement:
     layer_density: dict[str, float] = field(default_factory=dict)
     layer_recall: dict[str, float] = field(default_factory=dict)  # EvalSettings.recall: mass each layer's plans keep
     recall: float | None = None  # mean of layer_recall
+    layer_worst_head: dict[str, float] = field(default_factory=dict)  # EvalSettings.recall: each layer's lowest head
+    worst_head: float | None = None  # lowest of layer_worst_head
     layer_kl: dict[str, float] = field(default_factory=dict)  # EvalSettings.layer_kl: KL, the policy on one layer
     sparse_calls: int = 0
     fallbacks: dict[str, int] = field(default_factory=dict)
@@ -417,18 +419,21 @@ def _add_layer_kl(measurement: Measurement, model: Any, ids: torch.Tensor, polic
 def _add_recall(measurement: Measurement, qk: Mapping[int, tuple[torch.Tensor, torch.Tensor]],
                 policy: Policy) -> None:
     """Recall of the layers that made plans in the measured run (sliding-window layers, left to the model, did not)."""
-    from sparse_prefill.evaluation.layer_recall import policy_layer_recall
+    from sparse_prefill.evaluation.layer_recall import policy_layer_head_recalls
 
     layers = [int(layer) for layer in measurement.layer_density if layer.isdigit()]
-    recall = policy_layer_recall(qk, policy, layers)
-    measurement.layer_recall = {str(layer): round(value, 5) for layer, value in recall.items()}
-    measurement.recall = sum(recall.values()) / len(recall) if recall else None
+    heads = policy_layer_head_recalls(qk, policy, layers)
+    measurement.layer_recall = {str(layer): round(sum(r) / len(r), 5) for layer, r in heads.items()}
+    measurement.layer_worst_head = {str(layer): round(min(r), 5) for layer, r in heads.items()}
+    recall = [sum(r) / len(r) for r in heads.values()]
+    measurement.recall = sum(recall) / len(recall) if recall else None
+    measurement.worst_head = min(measurement.layer_worst_head.values()) if heads else None
 
 
 def summary_table(results: Sequence[Measurement]) -> str:
     """A plain-text table, one row per label and length."""
-    header = (f"{'label':34} {'length':>7} {'density':>8} {'recall':>7} {'ppl':>9} {'ppl vs dense':>12} {'KL':>8} "
-              f"{'top1':>6} {'prefill':>9} {'needle':>7} {'ruler':>6}")
+    header = (f"{'label':34} {'length':>7} {'density':>8} {'recall':>7} {'worst':>6} {'ppl':>9} {'ppl vs dense':>12} "
+              f"{'KL':>8} {'top1':>6} {'prefill':>9} {'needle':>7} {'ruler':>6}")
     lines = [header]
     for m in results:
         density = "-" if m.density is None else f"{m.density:.3f}"
@@ -437,8 +442,9 @@ def summary_table(results: Sequence[Measurement]) -> str:
             prefill = f"{m.prefill_ms:.0f}ms"
         needle = f"{sum(m.needle.values())}/{len(m.needle)}" if m.needle else "-"
         recall = "-" if m.recall is None else f"{m.recall:.3f}"
+        worst = "-" if m.worst_head is None else f"{m.worst_head:.3f}"  # the lowest query head's recall
         ruler = f"{statistics.mean(m.ruler.values()):.2f}" if m.ruler else "-"  # mean over tasks
-        lines.append(f"{m.label[:34]:34} {m.length:>7} {density:>8} {recall:>7} {m.perplexity:>9.3f} "
+        lines.append(f"{m.label[:34]:34} {m.length:>7} {density:>8} {recall:>7} {worst:>6} {m.perplexity:>9.3f} "
                      f"{m.perplexity_change * 100:>+11.2f}% {m.kl:>8.4f} {m.top1_agreement:>6.3f} {prefill:>9} "
                      f"{needle:>7} {ruler:>6}")
     return "\n".join(lines)
