@@ -1,4 +1,4 @@
-"""Attention recall vs density of registered stripe patterns on the same real Q/K, side by side.
+"""Attention recall vs density of registered patterns on the same real Q/K, side by side.
 
     python benchmarks/compare_patterns.py --qk-cache /tmp/smollm2_qk_8k.pt \
         --pattern "anchor theta=5,6,7.7,10" \
@@ -10,7 +10,9 @@ values, every combination is measured; unnamed ones keep their defaults). Every 
 with the dense fallback off, so the selection itself is measured. Q/K are captured as in
 ``recall.py`` (post-RoPE, every head of each ``--layers`` layer; ``--qk-cache`` keeps them).
 Patterns compared at equal density answer "which keeps more of the softmax mass for the same
-work"; recall is :func:`sparse_prefill.evaluation.recall.attention_recall`.
+work"; recall is :func:`sparse_prefill.evaluation.recall.attention_recall`, and each result also
+keeps every query head's recall and the worst of them (a model loses its answers in its worst
+heads, not in the mean). Stripe and block plans are measured alike.
 """
 
 from __future__ import annotations
@@ -29,9 +31,9 @@ import yaml
 from tqdm import tqdm
 
 from recall import load_qk, mergeable_results
-from sparse_prefill.evaluation.recall import attention_recall
+from sparse_prefill.evaluation.recall import head_recalls
 from sparse_prefill.interfaces import AttentionContext
-from sparse_prefill.plan import StripePlan
+from sparse_prefill.plan import BlockPlan, StripePlan
 from sparse_prefill.registry import get_pattern
 
 
@@ -50,38 +52,48 @@ def _pattern_grid(text: str) -> tuple[str, list[dict[str, Any]]]:
 
 
 def _evaluate(name: str, params: dict[str, Any], qk: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Any]:
+    """Density, mean recall and each query head's recall per layer, and their means (worst: the lowest head)."""
     identifier = get_pattern(name).build(**params)
     per_layer = {}
     for layer, (q, k) in qk.items():
         ctx = AttentionContext.for_inputs(q, k, dense_fallback=False)
         plan = identifier.identify(q, k, ctx)
-        if not isinstance(plan, StripePlan):
-            raise TypeError(f"{name} made a {type(plan).__name__}; this comparison measures stripe plans")
-        per_layer[layer] = {"density": plan.density(), "recall": attention_recall(q, k, plan, ctx.scale)}
+        if not isinstance(plan, (StripePlan, BlockPlan)):
+            raise TypeError(f"{name} made a {type(plan).__name__}; this comparison measures stripe and block plans")
+        heads = head_recalls(q, k, [plan], ctx.scale)[0].tolist()
+        per_layer[layer] = {"density": plan.density(), "recall": sum(heads) / len(heads), "head_recalls": heads}
     mean = {key: sum(r[key] for r in per_layer.values()) / len(per_layer) for key in ("density", "recall")}
+    worst = min(min(r["head_recalls"]) for r in per_layer.values())
     return {"pattern": name, "params": params, "layers": per_layer, "mean_density": mean["density"],
-            "mean_recall": mean["recall"]}
+            "mean_recall": mean["recall"], "worst_head_recall": worst}
 
 
 def _plot(results: list[dict[str, Any]], title: str, path: Path) -> None:
+    """Mean recall vs density per pattern; beside it the worst head's, for results that hold it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for name in dict.fromkeys(r["pattern"] for r in results):
-        points = sorted((r["mean_density"], r["mean_recall"]) for r in results if r["pattern"] == name)
-        # Every setting as a dot; the line joins the best ones (no setting of lower density recalls more).
-        frontier = [p for i, p in enumerate(points) if all(p[1] > q[1] for q in points[:i])]
-        line = ax.plot(*zip(*frontier), "-", label=name)[0]
-        ax.plot(*zip(*points), "o", color=line.get_color(), markersize=3, alpha=0.6)
-    ax.set_xlabel("density (fraction of causal scores computed)")
-    ax.set_ylabel("attention recall (softmax mass kept)")
-    ax.axhline(0.95, color="grey", linewidth=0.6)
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    panels = [("mean_recall", "attention recall (softmax mass kept)")]
+    if any("worst_head_recall" in r for r in results):
+        panels.append(("worst_head_recall", "worst query head's recall"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels):
+        for name in dict.fromkeys(r["pattern"] for r in results):
+            points = sorted((r["mean_density"], r[key]) for r in results if r["pattern"] == name and key in r)
+            if not points:
+                continue
+            # Every setting as a dot; the line joins the best ones (no setting of lower density recalls more).
+            frontier = [p for i, p in enumerate(points) if all(p[1] > q[1] for q in points[:i])]
+            line = ax.plot(*zip(*frontier), "-", label=name)[0]
+            ax.plot(*zip(*points), "o", color=line.get_color(), markersize=3, alpha=0.6)
+        ax.set_xlabel("density (fraction of causal scores computed)")
+        ax.set_ylabel(label)
+        ax.axhline(0.95 if key == "mean_recall" else 0.9, color="grey", linewidth=0.6)
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -103,8 +115,9 @@ def main() -> None:
     for name, params in tqdm(runs, desc="patterns"):
         start = time.perf_counter()
         results.append(_evaluate(name, params, qk))
-        tqdm.write(f"{name} {params}: recall {results[-1]['mean_recall']:.4f} density "
-                   f"{results[-1]['mean_density']:.4f} ({time.perf_counter() - start:.1f}s)")
+        tqdm.write(f"{name} {params}: recall {results[-1]['mean_recall']:.4f} (worst head "
+                   f"{results[-1]['worst_head_recall']:.4f}) density {results[-1]['mean_density']:.4f} "
+                   f"({time.perf_counter() - start:.1f}s)")
     model = args.model if args.model == "smollm2" else Path(args.model).name  # no machine-specific paths
     title = f"{model}, {args.tokens} tokens, layers {args.layers}"
     if args.out is not None:
