@@ -20,8 +20,9 @@
 # LIMIT seconds (default 240): dense, anchor.yaml (guarded), anchor unguarded at theta 6 / 7.7 / 10 / 12, the
 # calibrated policies, XAttention 0.8 / 0.9 / 0.95, FlexPrefill, FlashPrefill and streaming at their defaults,
 # and the `oracle` pattern at recall 0.9 / 0.95 (the best 128-row stripes: the bound), with per-layer recall and
-# the needle at 5 depths. The longest length is 32752: the needle prompt and its 12
-# generated tokens must fit the model's 32768 positions.
+# the needle at 5 depths. ONLY="kl-kl*" judges only the OUT/policies files matching that glob, with no sweep (the
+# two-text run of whole_model.md, "The KL calibration on two texts, on the GPU"). The longest length is 32752: the
+# needle prompt and its 12 generated tokens must fit the model's 32768 positions.
 set -uo pipefail
 model=$1 tokenizer=$2 out=$3 step=$4
 shift 4
@@ -72,10 +73,16 @@ eval)
     for file in "$p"/recall95-floor*.yaml "$p"/recall98-floor*.yaml; do [[ -e $file ]] && policies+=(--policy "$file"); done
     policies+=(--policy "$p/anchor-theta6.yaml" --policy "$p/anchor-theta10.yaml" --policy "$p/anchor-theta12.yaml"
                --policy "$p/flashprefill.yaml" --policy "$p/flexprefill.yaml" --policy streaming.yaml)
+    sweep=(--sweep xattention.threshold=0.8,0.9,0.95)
+    if [[ -n ${ONLY:-} ]]; then
+        policies=() sweep=()
+        for file in "$p"/$ONLY.yaml; do [[ -e $file ]] && policies+=(--policy "$file"); done
+        ((${#policies[@]})) || { echo "ONLY=$ONLY matches no policy in $p" >&2; exit 2; }
+    fi
     for length in "$@"; do
         mkdir -p "$out/$length"
         timeout "${LIMIT:-240}" "${cli[@]}" eval --model "$model" --tokenizer "$tokenizer" --no-plots \
-            "${policies[@]}" --sweep xattention.threshold=0.8,0.9,0.95 --lengths "$length" \
+            "${policies[@]}" "${sweep[@]}" --lengths "$length" \
             --score-last "${SCORE_LAST:-1024}" --recall --needle-depths 0.1 0.3 0.5 0.7 0.9 --repeats 2 \
             --out "$out/$length" 2>&1 | tee "$out/$length/log.txt"
     done
