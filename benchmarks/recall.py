@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from sparse_prefill.evaluation.models import essay_token_ids, load_model
-from sparse_prefill.evaluation.layer_recall import policy_layer_plans
+from sparse_prefill.evaluation.layer_recall import layer_head_recalls
 from sparse_prefill.evaluation.recall import attention_recall, capture_qk, head_recalls, oracle_stripe_plan
 from sparse_prefill.patterns.anchor import ANCHOR
 from sparse_prefill.patterns.anchor.reference import anchor_identify_reference
@@ -109,11 +109,7 @@ def _evaluate_policy(qk: dict[int, tuple[torch.Tensor, torch.Tensor]], path: Pat
     policy = load_policy(path)
     per_layer = {}
     for layer, (q, k) in qk.items():
-        recalls, density = [0.0] * q.shape[1], 0.0
-        for q_heads, kv_heads, plan, ctx in policy_layer_plans(q, k, policy, layer, dense_fallback=False):
-            for head, recall in zip(q_heads, _head_recalls(q[:, q_heads], k[:, kv_heads], plan, ctx.scale)):
-                recalls[head] = recall
-            density += plan.density() * len(q_heads) / q.shape[1]
+        recalls, density = layer_head_recalls(q, k, policy, layer, dense_fallback=False)
         per_layer[layer] = {"density": density, "recall": sum(recalls) / len(recalls), "head_recalls": recalls}
     mean = {name: sum(r[name] for r in per_layer.values()) / len(per_layer) for name in ("density", "recall")}
     worst = min((recall, layer, head)

@@ -23,7 +23,7 @@ from sparse_prefill.interfaces import AttentionContext
 from sparse_prefill.plan import Plan
 from sparse_prefill.policy import Policy
 
-__all__ = ["policy_layer_head_recalls", "policy_layer_plans", "policy_layer_recall"]
+__all__ = ["layer_head_recalls", "policy_layer_head_recalls", "policy_layer_plans", "policy_layer_recall"]
 
 
 def policy_layer_plans(q: torch.Tensor, k: torch.Tensor, policy: Policy, layer: int, dense_fallback: bool = True,
@@ -43,6 +43,19 @@ def policy_layer_plans(q: torch.Tensor, k: torch.Tensor, policy: Policy, layer: 
             yield q_heads, kv_heads, plan, ctx
 
 
+def layer_head_recalls(q: torch.Tensor, k: torch.Tensor, policy: Policy, layer: int, dense_fallback: bool = True,
+                       ) -> tuple[list[float], float]:
+    """(each query head's recall, the plans' density with heads weighted equally) of one layer's calls under
+    ``policy`` (:func:`policy_layer_plans`); ``dense_fallback`` False measures the selection itself."""
+    heads, density = [0.0] * q.shape[1], 0.0
+    for q_heads, kv_heads, plan, ctx in policy_layer_plans(q, k, policy, layer, dense_fallback):
+        kept = head_recalls(q[:, q_heads], k[:, kv_heads], [plan], ctx.scale)[0].tolist()
+        for head, recall in zip(q_heads, kept):
+            heads[head] = recall
+        density += plan.density() * len(q_heads) / q.shape[1]
+    return heads, density
+
+
 def policy_layer_head_recalls(qk: Mapping[int, tuple[torch.Tensor, torch.Tensor]], policy: Policy,
                               layers: Iterable[int]) -> dict[int, list[float]]:
     """Each query head's recall per layer under the plans ``policy`` makes from ``qk[layer]``.
@@ -56,12 +69,7 @@ def policy_layer_head_recalls(qk: Mapping[int, tuple[torch.Tensor, torch.Tensor]
         q, k = qk[layer]
         if q.shape[2] < policy.min_length:
             continue
-        heads = [0.0] * q.shape[1]
-        for q_heads, kv_heads, plan, ctx in policy_layer_plans(q, k, policy, layer):
-            kept = head_recalls(q[:, q_heads], k[:, kv_heads], [plan], ctx.scale)[0].tolist()
-            for head, recall in zip(q_heads, kept):
-                heads[head] = recall
-        recalls[layer] = heads
+        recalls[layer] = layer_head_recalls(q, k, policy, layer)[0]
     return recalls
 
 
