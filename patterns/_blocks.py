@@ -46,8 +46,9 @@ def finite_softmax(logits: torch.Tensor) -> torch.Tensor:
 
 def nonfinite_key_blocks(k: torch.Tensor, block: int) -> torch.Tensor:
     """[..., nb] bool: key blocks of k [..., N, D] holding a NaN or infinite entry. They are always
-    kept, so that their NaN reaches the rows that attend them, as in dense attention."""
-    bad = ~torch.isfinite(k).all(dim=-1)
+    kept, so that their NaN reaches the rows that attend them, as in dense attention. Read through each
+    row's largest magnitude (NaN and inf survive it), not an elementwise mask the size of k."""
+    bad = ~torch.isfinite(torch.linalg.vector_norm(k, ord=float("inf"), dim=-1))
     return F.pad(bad, (0, -bad.shape[-1] % block)).view(*bad.shape[:-1], -1, block).any(dim=-1)
 
 
@@ -97,8 +98,13 @@ def block_plan(mask: torch.Tensor, seq_len: int, block: int, num_kv_heads: int, 
 
 
 def block_means(x: torch.Tensor, block: int) -> torch.Tensor:
-    """[..., nb, D] float32: means of consecutive ``block`` rows of x [..., N, D], over the rows that exist."""
+    """[..., nb, D] float32: means of consecutive ``block`` rows of x [..., N, D], over the rows that exist.
+    Summed in float32 from x's own dtype: no float32 copy of x (for q at 128k, 32 heads: 2 GiB written and
+    read again)."""
     seq_len = x.shape[-2]
-    sums = pad_rows(x, block).unflatten(-2, (-1, block)).sum(dim=-2)
+    whole = seq_len // block * block
+    sums = x[..., :whole, :].unflatten(-2, (-1, block)).sum(dim=-2, dtype=torch.float32)
+    if whole < seq_len:  # a shorter last block
+        sums = torch.cat([sums, x[..., whole:, :].sum(dim=-2, keepdim=True, dtype=torch.float32)], dim=-2)
     counts = torch.clamp(seq_len - torch.arange(sums.shape[-2], device=x.device) * block, max=block)
     return sums / counts[:, None]

@@ -4,10 +4,13 @@
 Both patterns score a query block against key blocks through a matrix of logits, softmax it, and sum the
 probabilities per key block. In PyTorch that matrix is built in chunks and passed over six or seven times
 (mask, finiteness, softmax, padding, sums), in float32: on an H200 at 128k the identification took 4.1x
-(xattention, 1.03 s) and 2.4x (flashprefill, 130 ms) the time of executing its own plan; this kernel takes
-79 ms and 8.4 ms (docs/benchmarks/patterns.md).
-Here one program holds a tile of rows; a first pass over the key columns keeps each row's running maximum
-and sum (the online softmax), a second recomputes the logits and adds each probability to its block.
+(xattention, 1.03 s) and 2.4x (flashprefill, 130 ms) the time of executing its own plan; this kernel took them
+to 79 ms and 8.4 ms, and its one pass for flashprefill to 5.4 ms on an H100 (docs/benchmarks/patterns.md).
+Here one program holds a tile of rows. Antidiagonal: a first pass over the key columns keeps each row's running
+maximum and sum (the online softmax), a second recomputes the logits and adds each probability to its block.
+Pooled: the rows of a program share one softmax, so one pass suffices: each column tile's masses are summed
+against the running maximum of the tiles so far and stored with it, and the launcher rescales the tiles to the
+final maximum and sum (the second pass's recomputed logits were about half the kernel's work).
 Products are taken in the inputs' dtype and accumulated in float32, as attention kernels do.
 
 * **Antidiagonal** (xattention): row = a ``stride``-row query tile, column = a ``stride``-row key tile, logit
@@ -86,10 +89,34 @@ def _logits(
 
 
 @triton.jit
+def _pooled_one_pass(
+    q_base, k_base, stride_qn, stride_kn, row, row_ok, col_end, seq_len, key_rows, block, offs_d, d_ok, qk_scale,
+    out_row, Tops, top_base, Stats, stat_base,
+    ROWS: tl.constexpr, BLOCK_C: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """One query block's pooled scores, unnormalised: column tile t's masses against the running maximum after
+    tile t (stored at Tops[top_base + t]); the final maximum and sum at Stats[stat_base], [stat_base + 1]."""
+    top = tl.max(tl.full([ROWS], -1.0e30, dtype=tl.float32), 0)  # finite: an all -inf tile gives p = 0, no NaN
+    total = tl.sum(tl.zeros([ROWS], dtype=tl.float32), 0)
+    for c0 in range(0, col_end, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        s = _logits(q_base, k_base, stride_qn, stride_kn, row, row_ok, cols, seq_len, key_rows, block, offs_d,
+                    d_ok, qk_scale, ROWS, BLOCK_C, 1, True, DOT_PRECISION, UPCAST)
+        new_top = tl.maximum(top, tl.max(tl.max(s, 1), 0))
+        mass = tl.sum(tl.math.exp2(s - new_top), 0)  # [BLOCK_C]: each pooled key block's share, summed over rows
+        total = total * tl.math.exp2(top - new_top) + tl.sum(mass, 0)
+        top = new_top
+        tl.store(out_row + cols, mass, mask=cols < key_rows)
+        tl.store(Tops + top_base + c0 // BLOCK_C, top)
+    tl.store(Stats + stat_base, top)
+    tl.store(Stats + stat_base + 1, total)
+
+
+@triton.jit
 def _block_mass_kernel(
-    Q, K, Out,
+    Q, K, Out, Tops, Stats,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-    seq_len, key_rows, num_q_heads, q_per_kv, num_blocks, block, qk_scale,
+    seq_len, key_rows, num_q_heads, q_per_kv, num_blocks, out_cols, col_tiles, block, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, ROWS_PER_QB: tl.constexpr,
     BLOCK_C: tl.constexpr, COLS_PER_KB: tl.constexpr, STRIDE: tl.constexpr, POOLED: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -103,12 +130,14 @@ def _block_mass_kernel(
     row = tile * ROWS + tl.arange(0, ROWS)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    if POOLED:
-        row_ok = row < seq_len
-        col_end = tile + 1  # the program is one query block: pooled key blocks up to its own
-    else:
-        row_ok = row * STRIDE < seq_len  # a tile row of padding only adds nothing
-        col_end = tile * ROWS + ROWS  # key tiles up to the program's last tile row
+    if POOLED:  # the program is one query block: pooled key blocks up to its own
+        block_row = bh * num_blocks + tile
+        _pooled_one_pass(q_base, k_base, stride_qn, stride_kn, row, row < seq_len, tile + 1, seq_len, key_rows,
+                         block, offs_d, d_ok, qk_scale, Out + block_row * out_cols, Tops, block_row * col_tiles,
+                         Stats, block_row * 2, ROWS, BLOCK_C, DOT_PRECISION, UPCAST)
+        return
+    row_ok = row * STRIDE < seq_len  # a tile row of padding only adds nothing
+    col_end = tile * ROWS + ROWS  # key tiles up to the program's last tile row
     m_i = tl.full([ROWS], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([ROWS], dtype=tl.float32)
     for c0 in range(0, col_end, BLOCK_C):
@@ -117,16 +146,11 @@ def _block_mass_kernel(
         m_new = tl.maximum(m_i, tl.max(s, 1))
         l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(tl.math.exp2(s - m_new[:, None]), 1)
         m_i = m_new
-    if POOLED:  # one softmax over the whole query block: every row shares its maximum and sum
-        top = tl.max(m_i, 0)
-        total = tl.sum(l_i * tl.math.exp2(m_i - top), 0)
-        m_i = tl.zeros([ROWS], dtype=tl.float32) + top
-        l_i = tl.zeros([ROWS], dtype=tl.float32) + total
     inv_l = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)
     QB: tl.constexpr = ROWS // ROWS_PER_QB
     KB: tl.constexpr = BLOCK_C // COLS_PER_KB
     query_blocks = tile * QB + tl.arange(0, QB)
-    out_base = Out + bh * num_blocks * num_blocks + query_blocks.to(tl.int64)[:, None] * num_blocks
+    out_base = Out + bh * num_blocks * out_cols + query_blocks.to(tl.int64)[:, None] * out_cols
     for c0 in range(0, col_end, BLOCK_C):
         s = _logits(q_base, k_base, stride_qn, stride_kn, row, row_ok, c0 + tl.arange(0, BLOCK_C), seq_len,
                     key_rows, block, offs_d, d_ok, qk_scale, ROWS, BLOCK_C, STRIDE, POOLED, DOT_PRECISION, UPCAST)
@@ -146,16 +170,29 @@ def _launch(q: torch.Tensor, keys: torch.Tensor, num_blocks: int, block: int, ro
     batch, num_q, seq_len, head_dim = q.shape
     rows = rows_per_qb if pooled else max(_MIN_ROWS, rows_per_qb)
     cols = max(_MIN_COLS, cols_per_kb)
-    out = torch.zeros(batch, num_q, num_blocks, num_blocks, dtype=torch.float32, device=q.device)
+    col_tiles = triton.cdiv(num_blocks, cols) if pooled else 1
+    # Pooled: rows padded to whole column tiles, so each tile can be rescaled as one slice; an unvisited tile's
+    # maximum stays -inf and its factor 0 (its masses are 0 too).
+    out = torch.zeros(batch, num_q, num_blocks, col_tiles * cols if pooled else num_blocks, dtype=torch.float32,
+                      device=q.device)
+    tops = torch.full((batch, num_q, num_blocks, col_tiles), float("-inf"), device=q.device)
+    stats = torch.zeros(batch, num_q, num_blocks, 2, device=q.device)
     dot_precision, upcast = dot_settings(q.dtype)
     _block_mass_kernel[(triton.cdiv(total_rows, rows), batch * num_q)](
-        q, keys, out, q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
-        seq_len, key_rows, num_q, num_q // keys.shape[1], num_blocks, block, qk_scale * LOG2E,
+        q, keys, out, tops, stats, q.stride(0), q.stride(1), q.stride(2),
+        keys.stride(0), keys.stride(1), keys.stride(2),
+        seq_len, key_rows, num_q, num_q // keys.shape[1], num_blocks, out.shape[-1], col_tiles, block,
+        qk_scale * LOG2E,
         HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), ROWS=rows, ROWS_PER_QB=rows_per_qb,
         BLOCK_C=cols, COLS_PER_KB=cols_per_kb, STRIDE=stride, POOLED=pooled, DOT_PRECISION=dot_precision,
         UPCAST=upcast, num_warps=4 if rows <= 64 else 8, num_stages=2,
     )
-    return out
+    if not pooled:
+        return out
+    top, total = stats.unbind(-1)
+    factor = torch.where(total[..., None] > 0, torch.exp2(tops - top[..., None]) / total[..., None], 0.0)
+    out.view(batch, num_q, num_blocks, col_tiles, cols).mul_(factor[..., None])
+    return out[..., :num_blocks]
 
 
 def antidiagonal_block_mass(q: torch.Tensor, k: torch.Tensor, scale: float, block: int, stride: int) -> torch.Tensor:

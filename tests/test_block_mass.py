@@ -91,6 +91,22 @@ def test_pooled_scores_equal_flashprefills(case: Case) -> None:
 
 
 @needs_kernel
+def test_pooled_scores_rescale_across_column_tiles() -> None:
+    # 150 pooled blocks: three column tiles of 64, keys growing along the sequence so that the running maximum
+    # rises from tile to tile and the earlier tiles' masses must be rescaled to the final one.
+    generator = torch.Generator().manual_seed(11)
+    seq_len, block = 150 * 16 - 5, 16
+    q = torch.randn(1, 2, seq_len, 32, generator=generator)
+    growth = torch.linspace(0.2, 4.0, seq_len)[:, None]
+    k = torch.randn(1, 1, seq_len, 32, generator=generator) * growth + growth * 0.5
+    q, k = q.to(DEVICE or "cpu"), k.to(DEVICE or "cpu")
+    scores = pooled_block_scores(q, _blocks.block_means(k, block), 0.2, block)
+    expected = flashprefill_block_scores(q, k, 0.2, block)
+    _close(scores, expected, 2e-5, "pooled block scores over three column tiles")
+    assert (scores[..., 70:, 64:].amax(dim=-1) > scores[..., 70:, :64].amax(dim=-1)).float().mean() > 0.5
+
+
+@needs_kernel
 @pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")  # the interpreter's NaN
 def test_non_finite_rows_and_keys_count_as_no_mass_as_in_pytorch() -> None:
     case = CASES[0]

@@ -14,6 +14,7 @@ from plan_factories import masked_attention
 from sparse_prefill.dispatch import sparse_attention
 from sparse_prefill.interfaces import AttentionContext, PatternSpec, PlanBudgetExceeded
 from sparse_prefill.kernels.reference import dense_attention_reference
+from sparse_prefill.patterns import _blocks
 from sparse_prefill.patterns.block_topk import BLOCK_TOPK, block_topk_mask_reference, block_topk_masks
 from sparse_prefill.patterns.flashprefill import (
     FLASHPREFILL,
@@ -228,3 +229,19 @@ def test_scoring_in_the_smallest_row_chunks_changes_nothing(name: str, monkeypat
     whole = case.vectorised(q, k, 32 ** -0.5, **params)
     monkeypatch.setattr("sparse_prefill.patterns._blocks.CHUNK_ELEMENTS", 1)  # one query block per chunk
     assert torch.equal(case.vectorised(q, k, 32 ** -0.5, **params), whole)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_means_and_nonfinite_blocks_read_the_input_in_place(dtype: torch.dtype) -> None:
+    # A Hugging Face layout ([B, N, H, D] seen as [B, H, N, D]) and a partial last block: each block's mean of
+    # the float32 rows, and exactly the blocks holding a NaN or an infinity.
+    generator = torch.Generator().manual_seed(5)
+    x = (torch.randn(2, 70, 3, 8, generator=generator) * 3).to(dtype).transpose(1, 2)
+    x[1, 2, 65, 4] = float("nan")
+    x[0, 1, 3, 0] = float("-inf")
+    expected = torch.stack([x[..., start:start + 16, :].float().mean(dim=-2) for start in range(0, 70, 16)], dim=-2)
+    means = _blocks.block_means(x, 16)
+    assert means.dtype == torch.float32 and means.shape == (2, 3, 5, 8)
+    assert torch.allclose(means, expected, equal_nan=True, atol=1e-6)
+    bad = _blocks.nonfinite_key_blocks(x, 16)
+    assert bad.nonzero().tolist() == [[0, 1, 0], [1, 2, 4]]
