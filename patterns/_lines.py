@@ -8,6 +8,7 @@ identifiers run the same arithmetic (their selections are then equal bit for bit
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from sparse_prefill.patterns import _blocks
 
@@ -28,19 +29,24 @@ def line_scores(q_last: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, 
     """(vertical [..., N], slash [..., N]): the last queries' attention (softmax in float32) summed per
     key column and per diagonal ``offset = row - key``.
 
-    q_last [..., L, D] are the queries at ``positions`` [L] (the last rows); k [..., N, D] broadcasts
-    against q_last's leading dims (one KV head read by several query heads).
+    q_last [..., L, D] are the last L queries, at ``positions`` [L] (N - L to N - 1); k [..., N, D]
+    broadcasts against q_last's leading dims (one KV head read by several query heads).
     """
-    seq_len = k.shape[-2]
-    keys = torch.arange(seq_len, device=k.device)
+    seq_len, rows = k.shape[-2], q_last.shape[-2]
+    first = seq_len - rows  # keys before the first query precede every row: only the last L keys are masked
     scores = (q_last.float() @ k.float().transpose(-1, -2)) * scale
-    scores.masked_fill_(keys > positions[:, None], float("-inf"))
+    scores[..., first:].masked_fill_(torch.arange(first, seq_len, device=k.device) > positions[:, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    # Row r's key on diagonal `offset` is r - offset; offsets past the row have no key (mass 0).
-    on_diagonal = positions[:, None] - keys[None, :]
-    slash = probs.gather(-1, on_diagonal.clamp_min(0).expand(probs.shape))
-    slash.masked_fill_(on_diagonal < 0, 0.0)
-    return probs.sum(dim=-2), slash.sum(dim=-2)
+    # Row r's key on diagonal `offset` is positions[r] - offset = first + r - offset: with the keys reversed,
+    # column (L - 1 - r) + offset of row r. Zero-padded by L columns and read with a row stride one shorter
+    # than the padded row's, each row starts L - 1 - r further in; offsets past the row read the padding.
+    reversed_padded = F.pad(probs.flip(-1), (0, rows))
+    batch_shape = reversed_padded.shape[:-2]
+    per_row = reversed_padded.flatten(0, -3) if batch_shape else reversed_padded[None]
+    width = seq_len + rows
+    slash = per_row.as_strided((per_row.shape[0], rows, seq_len), (rows * width, width - 1, 1),
+                               storage_offset=rows - 1).sum(dim=-2)
+    return probs.sum(dim=-2), slash.view(*batch_shape, seq_len)
 
 
 def all_line_scores(q: torch.Tensor, k: torch.Tensor, scale: float, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
