@@ -175,8 +175,9 @@ def _launch(q: torch.Tensor, keys: torch.Tensor, num_blocks: int, block: int, ro
     # maximum stays -inf and its factor 0 (its masses are 0 too).
     out = torch.zeros(batch, num_q, num_blocks, col_tiles * cols if pooled else num_blocks, dtype=torch.float32,
                       device=q.device)
-    tops = torch.full((batch, num_q, num_blocks, col_tiles), float("-inf"), device=q.device)
-    stats = torch.zeros(batch, num_q, num_blocks, 2, device=q.device)
+    # Each tile's running maximum, and each query block's final maximum and sum (the antidiagonal path reads neither).
+    tops = torch.full((batch, num_q, num_blocks, col_tiles), float("-inf"), device=q.device) if pooled else out
+    stats = torch.zeros(batch, num_q, num_blocks, 2, device=q.device) if pooled else out
     dot_precision, upcast = dot_settings(q.dtype)
     _block_mass_kernel[(triton.cdiv(total_rows, rows), batch * num_q)](
         q, keys, out, tops, stats, q.stride(0), q.stride(1), q.stride(2),
