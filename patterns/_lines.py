@@ -37,6 +37,7 @@ def line_scores(q_last: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, 
     scores = (q_last.float() @ k.float().transpose(-1, -2)) * scale
     scores[..., first:].masked_fill_(torch.arange(first, seq_len, device=k.device) > positions[:, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
+    del scores  # the chunk's [..., L, N] buffers: at most three alive at once (probs, reversed, padded)
     # Row r's key on diagonal `offset` is positions[r] - offset = first + r - offset: with the keys reversed,
     # column (L - 1 - r) + offset of row r. Zero-padded by L columns and read with a row stride one shorter
     # than the padded row's, each row starts L - 1 - r further in; offsets past the row read the padding.
