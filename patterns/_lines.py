@@ -24,23 +24,23 @@ def largest(values: torch.Tensor, count: int) -> torch.Tensor:
     return values.sort(dim=-1, descending=True, stable=True).indices[..., :count]
 
 
-def line_scores(q_last: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, scale: float,
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def line_scores(q_last: torch.Tensor, k: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(vertical [..., N], slash [..., N]): the last queries' attention (softmax in float32) summed per
     key column and per diagonal ``offset = row - key``.
 
-    q_last [..., L, D] are the last L queries, at ``positions`` [L] (N - L to N - 1); k [..., N, D]
-    broadcasts against q_last's leading dims (one KV head read by several query heads).
+    q_last [..., L, D] are the last L queries (positions N - L to N - 1); k [..., N, D] broadcasts
+    against q_last's leading dims (one KV head read by several query heads).
     """
     seq_len, rows = k.shape[-2], q_last.shape[-2]
     first = seq_len - rows  # keys before the first query precede every row: only the last L keys are masked
     scores = (q_last.float() @ k.float().transpose(-1, -2)) * scale
-    scores[..., first:].masked_fill_(torch.arange(first, seq_len, device=k.device) > positions[:, None], float("-inf"))
+    later = torch.ones(rows, rows, dtype=torch.bool, device=k.device).triu(1)  # key first + j after query first + r
+    scores[..., first:].masked_fill_(later, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     del scores  # the chunk's [..., L, N] buffers: at most three alive at once (probs, reversed, padded)
-    # Row r's key on diagonal `offset` is positions[r] - offset = first + r - offset: with the keys reversed,
-    # column (L - 1 - r) + offset of row r. Zero-padded by L columns and read with a row stride one shorter
-    # than the padded row's, each row starts L - 1 - r further in; offsets past the row read the padding.
+    # Row r's key on diagonal `offset` is first + r - offset: with the keys reversed, column (L - 1 - r) + offset
+    # of row r. Zero-padded by L columns and read with a row stride one shorter than the padded row's, each row
+    # starts L - 1 - r further in; offsets past the row read the padding.
     reversed_padded = F.pad(probs.flip(-1), (0, rows))
     batch_shape = reversed_padded.shape[:-2]
     per_row = reversed_padded.flatten(0, -3) if batch_shape else reversed_padded[None]
@@ -57,14 +57,13 @@ def all_line_scores(q: torch.Tensor, k: torch.Tensor, scale: float, rows: int) -
     batch, num_q, seq_len, _ = q.shape
     num_kv = k.shape[1]
     group = num_q // num_kv
-    positions = torch.arange(seq_len - rows, seq_len, device=q.device)
     vertical = torch.empty(batch, num_q, seq_len, dtype=torch.float32, device=q.device)
     slash = torch.empty_like(vertical)
     step = max(1, _blocks.CHUNK_ELEMENTS // (batch * group * rows * seq_len))
     for start in range(0, num_kv, step):
         end = min(start + step, num_kv)
         q_last = q[:, start * group:end * group, seq_len - rows:].unflatten(1, (end - start, group))
-        chunk_vertical, chunk_slash = line_scores(q_last, k[:, start:end, None], positions, scale)
+        chunk_vertical, chunk_slash = line_scores(q_last, k[:, start:end, None], scale)
         vertical[:, start * group:end * group] = chunk_vertical.flatten(1, 2)
         slash[:, start * group:end * group] = chunk_slash.flatten(1, 2)
     return vertical, slash

@@ -45,8 +45,7 @@ def flexprefill_block_mask_reference(q: torch.Tensor, k: torch.Tensor, scale: fl
     seq_len = q.shape[0]
     num_blocks = -(-seq_len // block)
     rows = min(block, seq_len)
-    positions = torch.arange(seq_len - rows, seq_len, device=q.device)
-    vertical, slash = line_scores(q[-rows:], k, positions, scale)
+    vertical, slash = line_scores(q[-rows:], k, scale)
     vertical, slash = vertical / rows, slash / rows  # each sums to 1
     min_blocks = -(-min_budget // block)
     vertical_blocks = min(max(covering_count(vertical, gamma) // block + 1, min_blocks), num_blocks)

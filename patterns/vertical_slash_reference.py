@@ -91,9 +91,8 @@ def _head_lines(q: torch.Tensor, k: torch.Tensor, plan_head: int, group: int, sc
     """One plan head's selection; q [Hq, N, D] and k [Hkv, N, D] of one sequence."""
     seq_len = q.shape[1]
     rows = min(last_q, seq_len)
-    positions = torch.arange(seq_len - rows, seq_len, device=q.device)
     query_heads = range(plan_head * group, (plan_head + 1) * group) if share_kv_heads else [plan_head]
-    scores = [line_scores(q[h, -rows:], k[h // group], positions, scale) for h in query_heads]
+    scores = [line_scores(q[h, -rows:], k[h // group], scale) for h in query_heads]
     # Summed over the group's query heads in head order, as the vectorised identifier sums them.
     head_vertical = torch.stack([s[0] for s in scores]).sum(dim=0)
     head_slash = torch.stack([s[1] for s in scores]).sum(dim=0)

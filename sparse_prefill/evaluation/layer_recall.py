@@ -23,7 +23,7 @@ from sparse_prefill.interfaces import AttentionContext
 from sparse_prefill.plan import Plan
 from sparse_prefill.policy import Policy
 
-__all__ = ["layer_head_recalls", "policy_layer_head_recalls", "policy_layer_plans", "policy_layer_recall"]
+__all__ = ["layer_head_recalls", "policy_layer_head_recalls", "policy_layer_plans"]
 
 
 def policy_layer_plans(q: torch.Tensor, k: torch.Tensor, policy: Policy, layer: int, dense_fallback: bool = True,
@@ -72,8 +72,3 @@ def policy_layer_head_recalls(qk: Mapping[int, tuple[torch.Tensor, torch.Tensor]
         recalls[layer] = layer_head_recalls(q, k, policy, layer)[0]
     return recalls
 
-
-def policy_layer_recall(qk: Mapping[int, tuple[torch.Tensor, torch.Tensor]], policy: Policy,
-                        layers: Iterable[int]) -> dict[int, float]:
-    """Recall per layer (query heads weighted equally): the mean of :func:`policy_layer_head_recalls`."""
-    return {layer: sum(heads) / len(heads) for layer, heads in policy_layer_head_recalls(qk, policy, layers).items()}
