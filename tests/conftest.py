@@ -17,7 +17,10 @@ def _narrow_tuning() -> None:
     """Keep the autotuned kernels' 4-warp configurations with the fewest stages (compiled runs only)."""
     from sparse_prefill.kernels.runtime import triton_interpreted
 
-    if triton_interpreted() or os.environ.get("SPARSE_PREFILL_TEST_TUNING", "") == "full":
+    tuning = os.environ.get("SPARSE_PREFILL_TEST_TUNING", "")
+    if tuning not in ("", "full"):
+        raise ValueError(f"SPARSE_PREFILL_TEST_TUNING must be unset, empty or 'full', got {tuning!r}")
+    if triton_interpreted() or tuning == "full":
         return
     from sparse_prefill.kernels import block_attention, stripe_attention
     from sparse_prefill.patterns.anchor import kernel as anchor_kernel
