@@ -452,20 +452,28 @@ def _cmd_calibrate_kl(args: argparse.Namespace) -> int:
                          "--policy whose min_length is at most --tokens")
     model, texts, num_layers, dtype = _calibration_model_and_text(args, base)
     layers = args.layers if args.layers else list(range(num_layers))
-    measured, skipped, references = measure_on_texts(
-        model, texts, base, options, layers, args.score_last,
-        progress=lambda runs: tqdm(runs, desc="each (layer, option) alone, per text", unit="run"))
+    group_record: list[dict[str, Any]] = []
+    if args.per_kv_group:
+        measured, skipped, references, group_record = _measure_kv_groups(args, model, texts, base, options, layers)
+    else:
+        measured, skipped, references = measure_on_texts(
+            model, texts, base, options, layers, args.score_last,
+            progress=lambda runs: tqdm(runs, desc="each (layer, option) alone, per text", unit="run"))
     if not measured:
         raise UsageError(f"no layer among {layers} made a sparse plan at {args.tokens} tokens; nothing to calibrate")
+    unit = "KV group" if args.per_kv_group else "layer"
     records = []
     for budget, path in zip(args.kl_budget, _paths_per_value(args.out, args.kl_budget, "kl")):
         result = choose_and_check(model, texts, base, measured, budget, references, args.score_last,
                                   skipped_layers=skipped)
-        header = (f"Written by `sparse-prefill calibrate --kl-budget {budget:g}` from {base.source}: {args.model},\n"
-                  f"{args.tokens} essay tokens {_text_offsets(args)}, {dtype}, last {args.score_last} "
-                  f"positions scored. Each layer\nran each option alone (the rest dense); the least mean density "
+        flags = " --per-kv-group" if args.per_kv_group else ""
+        header = (f"Written by `sparse-prefill calibrate --kl-budget {budget:g}{flags}` from {base.source}: "
+                  f"{args.model},\n{args.tokens} essay tokens {_text_offsets(args)}, {dtype}, last {args.score_last} "
+                  f"positions scored. Each {unit}\nran each option alone (the rest dense); the least mean density "
                   f"whose KL(dense || policy) stays\nwithin the budget was chosen and checked on the whole model"
-                  + (" (KL: the worst text's)." if len(texts) > 1 else "."))
+                  + (" (KL: the worst text's)." if len(texts) > 1 else ".")
+                  + ("\nA layer's KV groups are all dense or all sparse in one call (their thetas may differ)."
+                     if args.per_kv_group else ""))
         text = kl_calibrated_policy(base, result, header)
         path.write_text(text)
         print(text, end="")
@@ -478,9 +486,30 @@ def _cmd_calibrate_kl(args: argparse.Namespace) -> int:
                                            "text_offset": args.text_offset[0], "text_offsets": args.text_offset,
                                            "score_last": args.score_last,
                                            "dtype": str(dtype), "options": sorted(options),
+                                           "per_kv_group": args.per_kv_group, "group_measured": group_record,
                                            "budgets": records}, indent=1))
         print(f"record: {args.record}")
     return 0
+
+
+def _measure_kv_groups(args: argparse.Namespace, model: Any, texts: list[torch.Tensor], base: Policy,
+                       options: dict[str, PatternChoice], layers: list[int]
+                       ) -> tuple[list[Any], list[int], list[torch.Tensor], list[dict[str, Any]]]:
+    """``calibrate --kl-budget --per-kv-group``'s measurement: (each layer's combinations of its KV groups'
+    options, the layers skipped, the dense references, every (layer, KV group, option) for the record)."""
+    from tqdm import tqdm
+
+    from sparse_prefill.evaluation.group_budget import kv_group_heads, layer_combinations, measure_groups_on_texts
+
+    config = model.config.get_text_config()
+    num_heads = config.num_attention_heads
+    groups = kv_group_heads(num_heads, getattr(config, "num_key_value_heads", None) or num_heads)
+    measured, skipped, references = measure_groups_on_texts(
+        model, texts, base, options, layers, groups, args.score_last,
+        progress=lambda runs: tqdm(runs, desc="each (layer, KV group, option) alone, per text", unit="run"))
+    record = [{"layer": o.layer, "heads": [o.heads.start, o.heads.stop - 1], "label": o.label, "kl": o.kl,
+               "density": o.density} for o in measured]
+    return layer_combinations(measured), skipped, references, record
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -752,7 +781,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help="without --kl-budget: a theta (and with --locals a local window) per (layer, KV "
                                 "group), the least mean density whose mean recall over every query head reaches "
                                 "--target-recall (a layer's groups may differ: groups differing in theta alone share "
-                                "one call, a dense group beside sparse ones or another local window runs apart)")
+                                "one call, a dense group beside sparse ones or another local window runs apart); "
+                                "with --kl-budget: each KV group runs each --options setting alone and a layer's "
+                                "groups are all dense or all sparse in one call, their per-head settings (theta) "
+                                "free")
     calibrate.add_argument("--one-call-per-layer", action="store_true",
                            help="with --per-kv-group: each layer runs as one attention call, its KV groups all "
                                 "dense or all sparse with one local window (thetas may differ: one call takes a "
@@ -920,18 +952,18 @@ def _check_numbers(args: argparse.Namespace) -> None:
 
 def _check_per_kv_group(args: argparse.Namespace) -> None:
     """The per-KV-group recall calibration's own arguments, and that nothing else takes them."""
-    if not args.per_kv_group:
-        for flag, value in (("--min-head-recall", args.min_head_recall), ("--thetas", args.thetas),
-                            ("--locals", args.locals), ("--one-call-per-layer", args.one_call_per_layer or None),
-                            ("--from-record", args.from_record)):
+    recall_flags = (("--min-head-recall", args.min_head_recall), ("--thetas", args.thetas),
+                    ("--locals", args.locals), ("--one-call-per-layer", args.one_call_per_layer or None),
+                    ("--from-record", args.from_record))
+    if not args.per_kv_group or args.kl_budget is not None:
+        for flag, value in recall_flags:
             if value is not None:
-                raise UsageError(f"{flag} is for --per-kv-group calibration")
+                raise UsageError(f"{flag} is for --per-kv-group calibration by recall" + (
+                    "; with --kl-budget the settings are --options, and each layer is one call"
+                    if args.kl_budget is not None else ""))
         return
     if args.min_head_recall is None:
         args.min_head_recall = [MIN_HEAD_RECALL]
-    if args.kl_budget is not None:
-        raise UsageError("--per-kv-group calibrates by attention recall; --kl-budget chooses per layer by KL: "
-                         "give one of them")
     if not all(0 <= floor <= 1 for floor in args.min_head_recall):
         raise UsageError(f"--min-head-recall must be in [0, 1], got {' '.join(map(str, args.min_head_recall))}")
     if len(set(args.min_head_recall)) != len(args.min_head_recall):

@@ -342,7 +342,8 @@ def test_a_group_whose_setting_ran_dense_is_written_dense_not_as_its_theta(tmp_p
 @pytest.mark.parametrize("argv, message", [
     (["--thetas", "4", "5"], "--thetas is for --per-kv-group"),
     (["--min-head-recall", "0.9"], "--min-head-recall is for --per-kv-group"),
-    (["--per-kv-group", "--kl-budget", "0.02"], "give one of them"),
+    (["--per-kv-group", "--kl-budget", "0.02", "--thetas", "4"], "with --kl-budget the settings are --options"),
+    (["--per-kv-group", "--kl-budget", "0.02", "--one-call-per-layer"], "--one-call-per-layer is for"),
     (["--per-kv-group", "--min-head-recall", "0.8", "1.5"], "must be in [0, 1]"),
     (["--per-kv-group", "--min-head-recall", "0.8", "0.8"], "lists a floor twice"),
     (["--one-call-per-layer"], "--one-call-per-layer is for --per-kv-group"),

@@ -30,19 +30,24 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar, Union
 
 import torch
 
 from sparse_prefill.evaluation.calibrate import policy_file_text
 from sparse_prefill.evaluation.whole_model import kl_per_position, next_token_logprobs, policy_logprobs
-from sparse_prefill.policy import PatternChoice, Policy, load_policy
+from sparse_prefill.policy import PatternChoice, Policy, load_policy, selector_items
 
 __all__ = ["LayerOption", "BudgetCheck", "KLCalibration", "choose_within_budget", "layer_policy",
            "measure_layer_options", "worst_over_texts", "measure_on_texts", "calibrate_kl_budget", "choose_and_check",
-           "calibration_record", "kl_calibrated_policy", "DENSE"]
+           "calibration_record", "kl_calibrated_policy", "lower_chain", "saving_rate", "DENSE"]
 
 DENSE = "dense"  # the label of a layer left on the model's own attention
+
+HeadSettings = tuple[tuple[range, PatternChoice], ...]
+"""Settings for parts of one layer's query heads (each a KV group): the heads of a range take its choice."""
+LayerSetting = Union[PatternChoice, HeadSettings, None]
+"""What one layer runs: one choice for every head, a choice per range of heads, or None (dense)."""
 
 
 @dataclass(frozen=True)
@@ -51,9 +56,23 @@ class LayerOption:
 
     layer: int
     label: str  # "dense" or the swept parameters, e.g. "theta=6,local=128"
-    choice: PatternChoice | None  # None: dense
+    choice: PatternChoice | None  # None: dense (or per-head settings in ``groups``)
     kl: float  # mean KL(dense || this) per scored position, nats
     density: float  # this layer's attention density (1.0: dense, or a plan that passed dense_above)
+    groups: HeadSettings = ()  # a choice per KV group instead of ``choice`` (:mod:`.group_budget`)
+
+    @property
+    def dense(self) -> bool:
+        return self.choice is None and not self.groups
+
+    @property
+    def setting(self) -> LayerSetting:
+        return self.groups or self.choice
+
+    @property
+    def key(self) -> tuple[int, str]:
+        """What identifies this option across texts (:func:`worst_over_texts`)."""
+        return self.layer, self.label
 
 
 @dataclass(frozen=True)
@@ -86,22 +105,28 @@ def _dense(layer: int) -> LayerOption:
 def _hull(options: Sequence[LayerOption]) -> list[LayerOption]:
     """Dense, then the settings on the lower convex hull of (KL, density): each step saves less density
     per unit of KL than the one before, so a greedy taking the best step first never needs to undo one."""
-    layer = options[0].layer
-    candidates = sorted((o for o in options if o.choice is not None and o.density < 1.0),
-                        key=lambda o: (max(o.kl, 0.0), o.density))
-    frontier: list[LayerOption] = []
-    for option in candidates:  # keep only settings cheaper than every one with less KL
-        if option.density < min((o.density for o in frontier), default=1.0):
-            frontier.append(option)
-    hull = [_dense(layer)]
+    return lower_chain([o for o in options if not o.dense and o.density < 1.0], start=_dense(options[0].layer))
+
+
+Costed = TypeVar("Costed")  # anything with a kl and a density: LayerOption, group_budget.GroupKL
+
+
+def lower_chain(options: Sequence[Costed], start: Costed | None = None) -> list[Costed]:
+    """``start`` (if given; else the least-KL option), then the options on the lower convex hull of (KL,
+    density) toward less density, each step saving less density per nat of KL than the one before."""
+    frontier: list[Any] = [] if start is None else [start]
+    for option in sorted(options, key=lambda o: (max(o.kl, 0.0), o.density)):  # type: ignore[attr-defined]
+        if not frontier or option.density < frontier[-1].density:  # type: ignore[attr-defined]
+            frontier.append(option)  # cheaper than every option with less KL
+    chain: list[Any] = []
     for option in frontier:
-        while len(hull) >= 2 and _saving_rate(hull[-2], hull[-1]) <= _saving_rate(hull[-2], option):
-            hull.pop()
-        hull.append(option)
-    return hull
+        while len(chain) >= 2 and saving_rate(chain[-2], chain[-1]) <= saving_rate(chain[-2], option):
+            chain.pop()
+        chain.append(option)
+    return chain
 
 
-def _saving_rate(start: LayerOption, end: LayerOption) -> float:
+def saving_rate(start: Any, end: Any) -> float:
     """Density saved per nat of KL from ``start`` to ``end`` (infinite when the KL does not grow)."""
     added = max(end.kl, 0.0) - max(start.kl, 0.0)
     saved = start.density - end.density
@@ -120,7 +145,7 @@ def choose_within_budget(measured: Sequence[LayerOption], budget: float) -> dict
     steps = []
     for layer, options in by_layer.items():
         hull = _hull(options)
-        steps += [(_saving_rate(a, b), layer, position, b) for position, (a, b) in enumerate(zip(hull, hull[1:]))]
+        steps += [(saving_rate(a, b), layer, position, b) for position, (a, b) in enumerate(zip(hull, hull[1:]))]
     steps.sort(key=lambda step: (-step[0], step[1], step[2]))
     spent, blocked = 0.0, set()
     for _, layer, _, option in steps:
@@ -134,19 +159,34 @@ def choose_within_budget(measured: Sequence[LayerOption], budget: float) -> dict
     return chosen
 
 
-def _policy_dict(base: Policy, settings: Mapping[int, PatternChoice | None]) -> dict[str, Any]:
-    """``base``'s min_length and default, one override per listed layer (None: dense). Overrides repeat
-    every parameter: an override's missing parameters take the pattern's defaults, not the default's."""
+def _choice_entry(choice: PatternChoice | None) -> dict[str, Any]:
+    return {"pattern": DENSE} if choice is None else {"pattern": choice.pattern, **choice.as_dict()}
+
+
+def _policy_dict(base: Policy, settings: Mapping[int, LayerSetting]) -> dict[str, Any]:
+    """``base``'s min_length and default, one override per listed layer (None: dense), or per distinct choice
+    of a layer's head ranges (which list every head of the layer). Overrides repeat every parameter: an override's missing parameters take the
+    pattern's defaults, not the default's."""
     overrides: list[dict[str, Any]] = []
-    for layer, choice in sorted(settings.items()):
-        overrides.append({"layers": layer, "pattern": DENSE} if choice is None
-                         else {"layers": layer, "pattern": choice.pattern, **choice.as_dict()})
+    for layer, setting in sorted(settings.items()):
+        if not isinstance(setting, tuple):
+            overrides.append({"layers": layer, **_choice_entry(setting)})
+            continue
+        heads_of: dict[PatternChoice | None, list[int]] = {}
+        for heads, choice in setting:
+            heads_of.setdefault(choice, []).extend(heads)
+        if len(heads_of) == 1:  # one choice for every head of the layer
+            overrides.append({"layers": layer, **_choice_entry(next(iter(heads_of)))})
+            continue
+        overrides += [{"layers": layer, "heads": selector_items(sorted(heads)), **_choice_entry(choice)}
+                      for choice, heads in heads_of.items()]
     return {"min_length": base.min_length, "default": {"pattern": base.default.pattern, **base.default.as_dict()},
             "overrides": overrides}
 
 
-def layer_policy(base: Policy, settings: Mapping[int, PatternChoice | None], source: str) -> Policy:
-    """``base`` with each listed layer overridden by its setting (None: dense), validated."""
+def layer_policy(base: Policy, settings: Mapping[int, LayerSetting], source: str) -> Policy:
+    """``base`` with each listed layer overridden by its setting (None: dense; a tuple: a choice per head
+    range, each head listed once), validated."""
     policy = load_policy(_policy_dict(base, settings))
     return Policy(default=policy.default, overrides=policy.overrides, min_length=policy.min_length, source=source)
 
@@ -181,24 +221,26 @@ def measure_layer_options(model: Any, input_ids: torch.Tensor, base: Policy, opt
     return measured, skipped
 
 
-def worst_over_texts(per_text: Sequence[tuple[Sequence[LayerOption], Sequence[int]]]
-                     ) -> tuple[list[LayerOption], list[int]]:
+Measured = TypeVar("Measured")  # LayerOption or group_budget.GroupKL: a layer, a key, a KL and a density
+
+
+def worst_over_texts(per_text: Sequence[tuple[Sequence[Measured], Sequence[int]]]) -> tuple[list[Measured], list[int]]:
     """:func:`measure_layer_options` of several texts as one: each (layer, option) with its largest KL (the
     budget then holds on every text measured) and its mean density (the compute expected). A layer that
     made no sparse plan on some text is skipped."""
     if not per_text:
         raise ValueError("no texts measured")
     skipped = sorted({layer for _, skipped_here in per_text for layer in skipped_here})
-    by_key: dict[tuple[int, str], list[LayerOption]] = {}
+    by_key: dict[Any, list[Any]] = {}
     for measured, _ in per_text:
         for option in measured:
-            by_key.setdefault((option.layer, option.label), []).append(option)
+            by_key.setdefault(option.key, []).append(option)  # type: ignore[attr-defined]
     merged = []
-    for (layer, label), options in by_key.items():  # insertion order: the first text's order
-        if layer in skipped or len(options) < len(per_text):
+    for options in by_key.values():  # insertion order: the first text's order
+        if options[0].layer in skipped or len(options) < len(per_text):
             continue
-        merged.append(LayerOption(layer, label, options[0].choice, max(o.kl for o in options),
-                                  sum(o.density for o in options) / len(options)))
+        merged.append(dataclasses.replace(options[0], kl=max(o.kl for o in options),
+                                          density=sum(o.density for o in options) / len(options)))
     return merged, skipped
 
 
@@ -260,13 +302,13 @@ def choose_and_check(model: Any, input_ids: torch.Tensor | Sequence[torch.Tensor
     solve_for = budget
     for _ in range(checks):
         chosen = choose_within_budget(measured, solve_for)
-        if all(o.choice is None for o in chosen.values()):
+        if all(o.dense for o in chosen.values()):
             result.chosen = chosen
             result.checks.append(BudgetCheck(solve_for, 0.0, 0.0, 1.0))
             return result
         predicted = sum(max(o.kl, 0.0) for o in chosen.values())
         mean_density = sum(o.density for o in chosen.values()) / len(chosen)
-        policy = layer_policy(base, {layer: o.choice for layer, o in chosen.items()}, "checked choice")
+        policy = layer_policy(base, {layer: o.setting for layer, o in chosen.items()}, "checked choice")
         text_kls = tuple(float(kl_per_position(dense, policy_logprobs(model, ids, policy, score_last)[0]).mean())
                          for ids, dense in zip(texts, references))
         actual = max(text_kls)
@@ -287,9 +329,15 @@ def _check_budget(budget: float) -> None:
 
 def calibration_record(result: KLCalibration) -> dict[str, Any]:
     """``result`` as JSON-ready data: every measured option, the checks and the choice."""
+    def params(choice: PatternChoice | None) -> dict[str, Any] | None:
+        return None if choice is None else {"pattern": choice.pattern, **choice.as_dict()}
+
     def option(o: LayerOption) -> dict[str, Any]:
-        return {"layer": o.layer, "label": o.label, "kl": o.kl, "density": o.density,
-                "params": None if o.choice is None else {"pattern": o.choice.pattern, **o.choice.as_dict()}}
+        entry = {"layer": o.layer, "label": o.label, "kl": o.kl, "density": o.density, "params": params(o.choice)}
+        if o.groups:
+            entry["groups"] = [{"heads": [heads.start, heads.stop - 1], "params": params(choice)}
+                               for heads, choice in o.groups]
+        return entry
 
     return {"budget": result.budget, "within_budget": result.within_budget,
             "checks": [dataclasses.asdict(check) for check in result.checks],
@@ -300,7 +348,7 @@ def calibration_record(result: KLCalibration) -> dict[str, Any]:
 def kl_calibrated_policy(base: Policy, result: KLCalibration, header: str) -> str:
     """YAML of ``base`` with one override per calibrated layer, its chosen setting or dense, under a
     comment saying what was measured. Layers that were not calibrated keep ``base``'s default."""
-    policy = _policy_dict(base, {layer: option.choice for layer, option in result.chosen.items()})
+    policy = _policy_dict(base, {layer: option.setting for layer, option in result.chosen.items()})
     lines = list(header.splitlines())
     for check in result.checks:
         worst = f" (the worst of {len(check.text_kls)} texts)" if len(check.text_kls) > 1 else ""
