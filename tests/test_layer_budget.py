@@ -116,6 +116,27 @@ def test_calibration_measures_what_direct_runs_give_and_its_policy_checks_out():
     assert float(kl_per_position(dense, logprobs).mean()) == pytest.approx(result.checks[0].measured_kl, rel=1e-5)
 
 
+def test_a_check_missed_by_a_hair_solves_for_less_than_the_failed_choice(monkeypatch):
+    """Three layers at KL 0.003 each fit a budget of 0.0092; the whole model measures 3% above the sum. Scaling
+    the budget by 0.0092 / 0.00927 alone would choose the same three layers at every check."""
+    import sparse_prefill.evaluation.layer_budget as layer_budget
+
+    choice = load_policy(STREAMING).default
+    measured = [o for layer in range(3) for o in (LayerOption(layer, DENSE, None, 0.0, 1.0),
+                                                  LayerOption(layer, "local=16", choice, 0.003, 0.5))]
+
+    def whole_model_kl(dense, policy):  # the summed single-layer KLs, 3% more
+        sparse = [layer for layer in range(3) if policy.choice_for(layer, 0).pattern != DENSE]
+        return torch.tensor([1.03 * 0.003 * len(sparse)])
+
+    monkeypatch.setattr(layer_budget, "policy_logprobs", lambda model, ids, policy, score_last: (policy, None))
+    monkeypatch.setattr(layer_budget, "kl_per_position", whole_model_kl)
+    result = layer_budget.choose_and_check(None, torch.zeros(1, 8), load_policy(STREAMING), measured, 0.0092,
+                                           torch.zeros(1), 4)
+    assert [check.predicted_kl for check in result.checks] == pytest.approx([0.009, 0.006])
+    assert result.within_budget and sum(not o.dense for o in result.chosen.values()) == 2
+
+
 def test_a_budget_nothing_meets_leaves_every_layer_dense():
     model = tiny_model()
     ids = torch.randint(1, 96, (1, 160), generator=torch.Generator().manual_seed(2))
