@@ -48,7 +48,8 @@ def test_combinations_hold_every_price_optimum_of_all_one_call_products(seed):
     assert combined[0].label == DENSE and combined[0].dense
     for option in combined[1:]:  # one call: the same window, a choice for every group; costs add up
         assert len(option.groups) == groups and len({c.as_dict()["local"] for _, c in option.groups}) == 1
-        picks = [next(m for m in measured if m.heads == heads and m.choice == choice) for heads, choice in option.groups]
+        picks = [next(m for m in measured if m.heads == heads and m.choice == choice)
+                 for heads, choice in option.groups]
         assert option.kl == pytest.approx(sum(p.kl for p in picks))
         assert option.density == pytest.approx(sum(p.density for p in picks) / groups)
     products = []

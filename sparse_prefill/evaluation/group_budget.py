@@ -6,10 +6,11 @@ density (docs/benchmarks/whole_model.md, "Per KV group instead of per layer"). H
 each option alone (the rest of the model dense); its KL and density are the unit's costs.
 
 A dense group beside sparse ones, or groups with different local windows, make a layer two attention
-calls, which cost more time than their density saved on Qwen2.5-Coder-0.5B at 32k (1.06x dense against
-0.82-0.86x as one call, same page). So a layer's groups are all dense or all sparse in one *call mode*:
-the same pattern and the same values of its parameters that cannot differ per head, so that the groups'
-choices, differing only in ``per_head`` parameters (anchor's theta), run as one call.
+calls, which cost more time than their density saved on Qwen2.5-Coder-0.5B at 32k (8 split layers 0.84-0.86x
+dense, one call per layer 0.82-0.84x at a little more density; same page). So a layer's groups are all
+dense or all sparse in one *call mode*: the same pattern and the same values of its parameters that cannot
+differ per head, so that the groups' choices, differing only in ``per_head`` parameters (anchor's theta),
+run as one call.
 
 Per layer and call mode the groups' options are combined: the cheapest combinations for each KL lie
 on the Minkowski sum of the groups' lower convex hulls of (KL, density), which is walked by taking the

@@ -165,8 +165,8 @@ def _choice_entry(choice: PatternChoice | None) -> dict[str, Any]:
 
 def _policy_dict(base: Policy, settings: Mapping[int, LayerSetting]) -> dict[str, Any]:
     """``base``'s min_length and default, one override per listed layer (None: dense), or per distinct choice
-    of a layer's head ranges (which list every head of the layer). Overrides repeat every parameter: an override's missing parameters take the
-    pattern's defaults, not the default's."""
+    of a layer's head ranges (which list every head of the layer). Overrides repeat every parameter: an
+    override's missing parameters take the pattern's defaults, not the default's."""
     overrides: list[dict[str, Any]] = []
     for layer, setting in sorted(settings.items()):
         if not isinstance(setting, tuple):
