@@ -111,3 +111,17 @@ def test_calibrate_command_per_kv_group(tmp_path):
     written = load_policy(yaml.safe_load(text))
     for layer in (0, 1):  # the sparsest option, the same window on both groups (a call mode each)
         assert {written.choice_for(layer, head).as_dict()["local"] for head in range(4)} == {16}
+
+
+def test_a_group_is_measured_alone_when_only_some_layers_are_calibrated():
+    model = tiny_model()
+    ids = torch.randint(1, 96, (1, 160), generator=torch.Generator().manual_seed(5))
+    dense = next_token_logprobs(model, ids, 32)
+    measured, _ = measure_group_kl(model, ids, load_policy(BASE), {"theta=-0.2": anchor(-0.2)}, [0],
+                                   kv_group_heads(4, 2), 32, dense)
+    for unit in measured:  # layer 1 (not calibrated) ran dense, not the base's anchor default
+        policy = load_policy({"min_length": 0, "default": {"pattern": "dense"}, "overrides": [
+            {"layers": 0, "heads": [f"{unit.heads.start}-{unit.heads.stop - 1}"], **unit.choice.as_dict(),
+             "pattern": "anchor"}]})
+        logprobs, _ = policy_logprobs(model, ids, policy, 32)
+        assert unit.kl == pytest.approx(float(kl_per_position(dense, logprobs).mean()), rel=1e-5, abs=1e-9)

@@ -272,3 +272,22 @@ def test_calibrate_refuses_bad_kl_arguments_before_loading(tmp_path, capsys, arg
         main(["calibrate", "--out", str(tmp_path / "x.yaml"), *argv])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_layer_is_measured_alone_when_only_some_layers_are_calibrated():
+    """Layer 1 is not calibrated: it runs dense while layer 0's options are measured, not the base's default
+    (whose cost would be added to every option of layer 0)."""
+    from sparse_prefill.evaluation.layer_budget import measure_layer_options
+
+    model = tiny_model()
+    ids = torch.randint(1, 96, (1, 160), generator=torch.Generator().manual_seed(4))
+    base = load_policy(STREAMING)
+    dense = next_token_logprobs(model, ids, 32)
+    measured, _ = measure_layer_options(model, ids, base, {"local=16": base.default}, [0], 32, dense)
+    (option,) = [o for o in measured if not o.dense]
+    apply(model, layer_policy(base, {0: base.default, 1: None}, "t"))
+    try:
+        alone = float(kl_per_position(dense, next_token_logprobs(model, ids, 32)).mean())
+    finally:
+        remove(model)
+    assert option.kl == pytest.approx(alone, rel=1e-5, abs=1e-9) and option.kl > 0

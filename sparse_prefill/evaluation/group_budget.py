@@ -29,7 +29,7 @@ import torch
 from sparse_prefill.evaluation.layer_budget import (
     DENSE,
     LayerOption,
-    layer_policy,
+    alone_policy,
     lower_chain,
     saving_rate,
     worst_over_texts,
@@ -72,14 +72,13 @@ def measure_group_kl(model: Any, input_ids: torch.Tensor, base: Policy, options:
     plan). ``groups`` partition one layer's query heads; the group's density is read from its layer's,
     the other heads counting 1.0 (they run dense)."""
     num_heads = sum(len(heads) for heads in groups)
-    everything_dense = {layer: None for layer in layers}
     measured: list[GroupKL] = []
     planned: set[int] = set()
     units = [(layer, heads, label) for layer in layers for heads in groups for label in options]
     for layer, heads, label in progress(units):
         others = tuple((other, None) for other in groups if other != heads)
         setting = ((heads, options[label]), *others)
-        policy = layer_policy(base, {**everything_dense, layer: setting}, f"layer {layer} heads {heads} {label}")
+        policy = alone_policy(base, layer, setting, f"layer {layer} heads {heads} {label}")
         logprobs, stats = policy_logprobs(model, input_ids, policy, score_last)
         density = stats.layer_densities().get(layer)
         if density is None:

@@ -40,7 +40,7 @@ from sparse_prefill.policy import PatternChoice, Policy, load_policy, selector_i
 
 __all__ = ["LayerOption", "BudgetCheck", "KLCalibration", "choose_within_budget", "layer_policy",
            "measure_layer_options", "worst_over_texts", "measure_on_texts", "calibrate_kl_budget", "choose_and_check",
-           "calibration_record", "kl_calibrated_policy", "lower_chain", "saving_rate", "DENSE"]
+           "calibration_record", "kl_calibrated_policy", "lower_chain", "saving_rate", "alone_policy", "DENSE"]
 
 DENSE = "dense"  # the label of a layer left on the model's own attention
 
@@ -191,6 +191,14 @@ def layer_policy(base: Policy, settings: Mapping[int, LayerSetting], source: str
     return Policy(default=policy.default, overrides=policy.overrides, min_length=policy.min_length, source=source)
 
 
+def alone_policy(base: Policy, layer: int, setting: LayerSetting, source: str) -> Policy:
+    """``setting`` on ``layer`` and the model's own attention on every other layer, whatever ``base``'s default:
+    a unit's cost measured alone, also when only some layers are calibrated (``base``'s min_length kept)."""
+    everywhere_dense = dataclasses.replace(base, default=load_policy({"default": {"pattern": DENSE}}).default,
+                                           overrides=())
+    return layer_policy(everywhere_dense, {layer: setting}, source)
+
+
 def measure_layer_options(model: Any, input_ids: torch.Tensor, base: Policy, options: Mapping[str, PatternChoice],
                           layers: Sequence[int], score_last: int, reference: torch.Tensor,
                           progress: Callable[[Iterable[Any]], Iterable[Any]] = iter,
@@ -201,12 +209,11 @@ def measure_layer_options(model: Any, input_ids: torch.Tensor, base: Policy, opt
     every option made no plan (a sliding-window layer the integration leaves alone, a call that fell
     back) is returned apart and gets no setting.
     """
-    everything_dense = {layer: None for layer in layers}
     measured, skipped = [], []
     per_layer: dict[int, list[LayerOption]] = {layer: [] for layer in layers}
     for layer, label in progress([(layer, label) for layer in layers for label in options]):
         choice = options[label]
-        policy = layer_policy(base, {**everything_dense, layer: choice}, f"layer {layer} {label}")
+        policy = alone_policy(base, layer, choice, f"layer {layer} {label}")
         logprobs, stats = policy_logprobs(model, input_ids, policy, score_last)
         densities = stats.layer_densities()
         if layer not in densities:
