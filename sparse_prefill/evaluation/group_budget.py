@@ -32,9 +32,9 @@ from sparse_prefill.evaluation.layer_budget import (
     alone_policy,
     lower_chain,
     saving_rate,
-    worst_over_texts,
+    worst_on_texts,
 )
-from sparse_prefill.evaluation.whole_model import kl_per_position, next_token_logprobs, policy_logprobs
+from sparse_prefill.evaluation.whole_model import kl_per_position, policy_logprobs
 from sparse_prefill.policy import PatternChoice, Policy
 from sparse_prefill.registry import get_pattern
 
@@ -96,11 +96,8 @@ def measure_groups_on_texts(model: Any, input_ids: Sequence[torch.Tensor], base:
                             ) -> tuple[list[GroupKL], list[int], list[torch.Tensor]]:
     """(:func:`measure_group_kl` on each text, each unit costing its worst KL over them; the layers skipped;
     each text's dense log-probabilities at the scored positions)."""
-    references = [next_token_logprobs(model, ids, score_last) for ids in input_ids]
-    measured, skipped = worst_over_texts([
-        measure_group_kl(model, ids, base, options, layers, groups, score_last, reference, progress)
-        for ids, reference in zip(input_ids, references)])
-    return measured, skipped, references
+    return worst_on_texts(model, input_ids, score_last, lambda ids, reference: measure_group_kl(
+        model, ids, base, options, layers, groups, score_last, reference, progress))
 
 
 def _call_mode(choice: PatternChoice) -> tuple[str, tuple[tuple[str, Any], ...]]:

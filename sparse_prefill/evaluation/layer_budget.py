@@ -40,7 +40,8 @@ from sparse_prefill.policy import PatternChoice, Policy, load_policy, selector_i
 
 __all__ = ["LayerOption", "BudgetCheck", "KLCalibration", "choose_within_budget", "layer_policy",
            "measure_layer_options", "worst_over_texts", "measure_on_texts", "calibrate_kl_budget", "choose_and_check",
-           "calibration_record", "kl_calibrated_policy", "lower_chain", "saving_rate", "alone_policy", "DENSE"]
+           "calibration_record", "kl_calibrated_policy", "lower_chain", "saving_rate", "alone_policy", "worst_on_texts",
+           "DENSE"]
 
 DENSE = "dense"  # the label of a layer left on the model's own attention
 
@@ -262,11 +263,18 @@ def measure_on_texts(model: Any, input_ids: torch.Tensor | Sequence[torch.Tensor
                      ) -> tuple[list[LayerOption], list[int], list[torch.Tensor]]:
     """(:func:`measure_layer_options` of each text joined by :func:`worst_over_texts`, the layers skipped,
     each text's dense log-probabilities at the scored positions: the references the checks need)."""
+    return worst_on_texts(model, input_ids, score_last, lambda ids, reference: measure_layer_options(
+        model, ids, base, options, layers, score_last, reference, progress))
+
+
+def worst_on_texts(model: Any, input_ids: torch.Tensor | Sequence[torch.Tensor], score_last: int,
+                   measure: Callable[[torch.Tensor, torch.Tensor], tuple[Sequence[Measured], Sequence[int]]],
+                   ) -> tuple[list[Measured], list[int], list[torch.Tensor]]:
+    """(``measure(ids, dense log-probabilities)`` of each text joined by :func:`worst_over_texts`, the layers
+    skipped, each text's dense log-probabilities at the scored positions)."""
     texts = _as_list(input_ids)
     references = [next_token_logprobs(model, ids, score_last) for ids in texts]  # the unpatched model
-    measured, skipped = worst_over_texts([
-        measure_layer_options(model, ids, base, options, layers, score_last, reference, progress)
-        for ids, reference in zip(texts, references)])
+    measured, skipped = worst_over_texts([measure(ids, reference) for ids, reference in zip(texts, references)])
     return measured, skipped, references
 
 
