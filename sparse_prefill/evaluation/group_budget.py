@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
+from sparse_prefill.evaluation.dense_prefix import DensePrefix, replaying
 from sparse_prefill.evaluation.layer_budget import (
     DENSE,
     LayerOption,
@@ -75,11 +76,13 @@ def measure_group_kl(model: Any, input_ids: torch.Tensor, base: Policy, options:
     measured: list[GroupKL] = []
     planned: set[int] = set()
     units = [(layer, heads, label) for layer in layers for heads in groups for label in options]
+    prefix = DensePrefix.capture(model, input_ids, alone_policy(base, 0, None, "dense"), score_last)
     for layer, heads, label in progress(units):
         others = tuple((other, None) for other in groups if other != heads)
         setting = ((heads, options[label]), *others)
         policy = alone_policy(base, layer, setting, f"layer {layer} heads {heads} {label}")
-        logprobs, stats = policy_logprobs(model, input_ids, policy, score_last)
+        with replaying(prefix, layer):
+            logprobs, stats = policy_logprobs(model, input_ids, policy, score_last)
         density = stats.layer_densities().get(layer)
         if density is None:
             continue

@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar, Union
 import torch
 
 from sparse_prefill.evaluation.calibrate import policy_file_text
+from sparse_prefill.evaluation.dense_prefix import DensePrefix, replaying
 from sparse_prefill.evaluation.whole_model import kl_per_position, next_token_logprobs, policy_logprobs
 from sparse_prefill.policy import PatternChoice, Policy, load_policy, selector_items
 
@@ -208,14 +209,17 @@ def measure_layer_options(model: Any, input_ids: torch.Tensor, base: Policy, opt
 
     ``reference`` is the dense model's log-probabilities at the scored positions. A layer whose
     every option made no plan (a sliding-window layer the integration leaves alone, a call that fell
-    back) is returned apart and gets no setting.
+    back) is returned apart and gets no setting. The layers before a unit's layer are replayed from one
+    dense forward, not computed (:mod:`~sparse_prefill.evaluation.dense_prefix`).
     """
     measured, skipped = [], []
     per_layer: dict[int, list[LayerOption]] = {layer: [] for layer in layers}
+    prefix = DensePrefix.capture(model, input_ids, alone_policy(base, 0, None, "dense"), score_last)
     for layer, label in progress([(layer, label) for layer in layers for label in options]):
         choice = options[label]
         policy = alone_policy(base, layer, choice, f"layer {layer} {label}")
-        logprobs, stats = policy_logprobs(model, input_ids, policy, score_last)
+        with replaying(prefix, layer):  # the layers before it compute what the dense forward did
+            logprobs, stats = policy_logprobs(model, input_ids, policy, score_last)
         densities = stats.layer_densities()
         if layer not in densities:
             continue
