@@ -56,6 +56,15 @@ def _to_device(output: Any, device: torch.device) -> Any:
     return output
 
 
+def _bytes(output: Any) -> int:
+    """Bytes of the tensors a layer's output holds."""
+    if isinstance(output, torch.Tensor):
+        return output.numel() * output.element_size()
+    if isinstance(output, (tuple, list)):
+        return sum(_bytes(item) for item in output)
+    return 0
+
+
 @dataclass
 class DensePrefix:
     """Every decoder layer's output of one dense forward of one text, on the CPU."""
@@ -94,6 +103,9 @@ class DensePrefix:
             _logger.warning("calibration units run whole: replaying the first %d layers changed the dense "
                             "log-probabilities by up to %.3g (layers that share state?)", len(layers) - 1, difference)
             return None
+        stored = sum(_bytes(output) for output in outputs)
+        _logger.info("calibration units replay the layers before their own from one dense forward (%d layers, "
+                     "%.2f GB on the host)", len(layers), stored / 2**30)
         return prefix
 
 
