@@ -37,7 +37,7 @@ def test_a_unit_replayed_equals_the_unit_computed_and_skips_the_layers_before(ca
     with caplog.at_level(logging.INFO, logger="sparse_prefill"):
         prefix = DensePrefix.capture(model, tokens, dense_policy(), 32)
     assert prefix is not None and len(prefix.outputs) == 4
-    assert "replay the layers before their own" in caplog.text  # what ran, with -v
+    assert "replay the layers before their own" in caplog.text  # what ran, on the logger at INFO
     calls = []
     hooks = [layer.self_attn.register_forward_hook(lambda m, a, o, i=i: calls.append(i))
              for i, layer in enumerate(model.model.layers)]
