@@ -2,16 +2,18 @@
 
 A KL calibration runs one forward per unit (a setting on one layer or KV group, every other layer dense), and
 every layer before the changed one computes exactly what it computed in a dense forward: on average half of each
-unit's decoder work is repeated. :class:`DensePrefix` keeps every decoder layer's output of one dense forward (on
-the CPU: the accelerator holds one layer's output at a time) and, for a unit whose first changed layer is L,
-makes layers 0 to L-1 return the stored output of layer L-1 without computing: layer L receives what it would
-have, and what the earlier replayed layers return feeds only the next replayed layer, which ignores it.
+unit's decoder work is repeated. :class:`DensePrefix` keeps the decoder layers' outputs of one dense forward that
+units will need (on the CPU: the accelerator holds one layer's output at a time) and, for a unit whose first
+changed layer is L, makes layers 0 to L-1 return the stored output of layer L-1 without computing: layer L
+receives what it would have, and what the earlier replayed layers return feeds only the next replayed layer,
+which ignores it.
 
 Replay needs the decoder's layers in order (``model.get_decoder().layers``, layer i holding the attention module
 of ``layer_idx`` i) and layers whose output depends on their input alone (no state shared between layers, no
-hidden states of every layer requested). :meth:`DensePrefix.capture` checks what it can: with every layer but
-the last replayed, the forward must give the captured log-probabilities exactly. Where the layers are not found
-or that check fails it returns None, tells why on the ``sparse_prefill`` logger, and units run whole.
+hidden states of every layer requested). :meth:`DensePrefix.capture` checks what it can: with as many layers
+replayed as any unit will replay, the forward must give the captured log-probabilities exactly. Where the layers
+are not found or that check fails it returns None, tells why on the ``sparse_prefill`` logger, and units run
+whole.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
@@ -67,7 +69,7 @@ def _bytes(output: Any) -> int:
 
 @dataclass
 class DensePrefix:
-    """Every decoder layer's output of one dense forward of one text, on the CPU."""
+    """Decoder layers' outputs of one dense forward of one text, on the CPU (None where no unit replays it)."""
 
     layers: list[torch.nn.Module]
     outputs: list[Any]
@@ -75,12 +77,17 @@ class DensePrefix:
 
     @classmethod
     def capture(cls, model: Any, input_ids: torch.Tensor, dense_policy: Policy, score_last: int,
-                ) -> "DensePrefix | None":
-        """The outputs of a forward under ``dense_policy`` (the policy the units run every other layer with),
-        or None (told on the logger) where replaying them would not reproduce that forward."""
+                first_changed: Iterable[int] | None = None) -> "DensePrefix | None":
+        """The outputs of a forward under ``dense_policy`` (the policy the units run every other layer with) that
+        units changing ``first_changed`` (default: every layer) replay; None where no unit would replay, or (told
+        on the logger) where replaying would not reproduce that forward. Only the outputs replayed are kept."""
         layers, why = decoder_layers(model)
         if layers is None:
             _logger.warning("calibration units run whole: %s", why)
+            return None
+        changed = range(len(layers)) if first_changed is None else first_changed
+        kept = sorted({layer - 1 for layer in changed if layer > 0})
+        if not kept:
             return None
         outputs: list[Any] = [None] * len(layers)
 
@@ -89,23 +96,24 @@ class DensePrefix:
                 outputs[index] = _to_device(output, torch.device("cpu"))
             return hook
 
-        handles = [layer.register_forward_hook(keep(index)) for index, layer in enumerate(layers)]
+        handles = [layers[index].register_forward_hook(keep(index)) for index in kept]
         try:
             expected, _ = policy_logprobs(model, input_ids, dense_policy, score_last)
         finally:
             for handle in handles:
                 handle.remove()
         prefix = cls(layers, outputs, next(model.parameters()).device)
-        with replaying(prefix, len(layers) - 1):
+        deepest = kept[-1] + 1  # the most layers any unit replays
+        with replaying(prefix, deepest):
             replayed, _ = policy_logprobs(model, input_ids, dense_policy, score_last)
         if not torch.equal(expected, replayed):
             difference = float((expected - replayed).abs().max())
             _logger.warning("calibration units run whole: replaying the first %d layers changed the dense "
-                            "log-probabilities by up to %.3g (layers that share state?)", len(layers) - 1, difference)
+                            "log-probabilities by up to %.3g (layers that share state?)", deepest, difference)
             return None
         stored = sum(_bytes(output) for output in outputs)
-        _logger.info("calibration units replay the layers before their own from one dense forward (%d layers, "
-                     "%.2f GB on the host)", len(layers), stored / 2**30)
+        _logger.info("calibration units replay the layers before their own from one dense forward (%d outputs "
+                     "kept, %.2f GB on the host)", len(kept), stored / 2**30)
         return prefix
 
 

@@ -26,11 +26,12 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from sparse_prefill.evaluation.dense_prefix import DensePrefix, replaying
+from sparse_prefill.evaluation.dense_prefix import replaying
 from sparse_prefill.evaluation.layer_budget import (
     DENSE,
     LayerOption,
     alone_policy,
+    dense_prefix,
     lower_chain,
     saving_rate,
     worst_on_texts,
@@ -76,7 +77,7 @@ def measure_group_kl(model: Any, input_ids: torch.Tensor, base: Policy, options:
     measured: list[GroupKL] = []
     planned: set[int] = set()
     units = [(layer, heads, label) for layer in layers for heads in groups for label in options]
-    prefix = DensePrefix.capture(model, input_ids, alone_policy(base, 0, None, "dense"), score_last)
+    prefix = dense_prefix(model, input_ids, base, layers, score_last)
     for layer, heads, label in progress(units):
         others = tuple((other, None) for other in groups if other != heads)
         setting = ((heads, options[label]), *others)

@@ -42,7 +42,7 @@ from sparse_prefill.policy import PatternChoice, Policy, load_policy, selector_i
 __all__ = ["LayerOption", "BudgetCheck", "KLCalibration", "choose_within_budget", "layer_policy",
            "measure_layer_options", "worst_over_texts", "measure_on_texts", "calibrate_kl_budget", "choose_and_check",
            "calibration_record", "kl_calibrated_policy", "lower_chain", "saving_rate", "alone_policy", "worst_on_texts",
-           "DENSE"]
+           "everywhere_dense", "dense_prefix", "DENSE"]
 
 DENSE = "dense"  # the label of a layer left on the model's own attention
 
@@ -193,12 +193,21 @@ def layer_policy(base: Policy, settings: Mapping[int, LayerSetting], source: str
     return Policy(default=policy.default, overrides=policy.overrides, min_length=policy.min_length, source=source)
 
 
+def everywhere_dense(base: Policy) -> Policy:
+    """``base`` (its min_length kept) with the model's own attention on every layer: what units run beside theirs."""
+    return dataclasses.replace(base, default=load_policy({"default": {"pattern": DENSE}}).default, overrides=())
+
+
 def alone_policy(base: Policy, layer: int, setting: LayerSetting, source: str) -> Policy:
     """``setting`` on ``layer`` and the model's own attention on every other layer, whatever ``base``'s default:
     a unit's cost measured alone, also when only some layers are calibrated (``base``'s min_length kept)."""
-    everywhere_dense = dataclasses.replace(base, default=load_policy({"default": {"pattern": DENSE}}).default,
-                                           overrides=())
-    return layer_policy(everywhere_dense, {layer: setting}, source)
+    return layer_policy(everywhere_dense(base), {layer: setting}, source)
+
+
+def dense_prefix(model: Any, input_ids: torch.Tensor, base: Policy, layers: Sequence[int],
+                 score_last: int) -> DensePrefix | None:
+    """The dense forward whose first layers the units of ``layers`` replay (None where none would)."""
+    return DensePrefix.capture(model, input_ids, everywhere_dense(base), score_last, layers)
 
 
 def measure_layer_options(model: Any, input_ids: torch.Tensor, base: Policy, options: Mapping[str, PatternChoice],
@@ -214,7 +223,7 @@ def measure_layer_options(model: Any, input_ids: torch.Tensor, base: Policy, opt
     """
     measured, skipped = [], []
     per_layer: dict[int, list[LayerOption]] = {layer: [] for layer in layers}
-    prefix = DensePrefix.capture(model, input_ids, alone_policy(base, 0, None, "dense"), score_last)
+    prefix = dense_prefix(model, input_ids, base, layers, score_last)
     for layer, label in progress([(layer, label) for layer in layers for label in options]):
         choice = options[label]
         policy = alone_policy(base, layer, choice, f"layer {layer} {label}")
