@@ -8,7 +8,7 @@ A block mask is [..., nb, nb] bool, ``mask[I, J]``: query block ``I`` attends ke
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -78,23 +78,51 @@ def block_plan(mask: torch.Tensor, seq_len: int, block: int, num_kv_heads: int, 
     denser than ``dense_above`` and ``ctx`` allows it. One host sync sizes the plan (its density, its
     entries and its bytes per head come back together); raises PlanBudgetExceeded before allocating
     lists that would pass ``ctx.plan_budget``."""
-    batch, heads, num_blocks, _ = mask.shape
-    counts = mask.sum(dim=-1)  # [B, Hq, nb]
-    rows = torch.clamp(seq_len - torch.arange(num_blocks, device=mask.device) * block, max=block)
+    num_blocks = mask.shape[-1]
     diagonal = mask.diagonal(dim1=-2, dim2=-1).long()
+    # Row-major nonzero lists each segment's key blocks ascending, segments in order.
+    return _sized_plan(mask.sum(dim=-1), diagonal, seq_len, block, num_kv_heads, ctx, dense_above,
+                       lambda total: torch.nonzero_static(mask.reshape(-1, num_blocks), size=total)[:, 1])
+
+
+def list_plan(lists: torch.Tensor, seq_len: int, block: int, num_kv_heads: int, ctx: AttentionContext,
+              dense_above: float, unless: torch.Tensor | None = None) -> BlockPlan | DensePlan | None:
+    """:func:`block_plan` from key-block lists instead of a mask: ``lists`` [B, Hq, nb, width] int, each
+    row its key blocks ascending and then ``nb`` for every empty place. A pattern that keeps at most
+    ``width`` blocks per query block thus never builds an [nb, nb] mask per head (at 128k, 64-key
+    blocks and 32 heads: 134M entries, each op on them a pass over 134 MB). ``unless``, a bool scalar
+    on the device, is read in the same host sync: where it is true, None is returned (the caller takes
+    another route, such as a mask, without a second sync in the usual case)."""
+    num_blocks = lists.shape[-2]
+    listed = lists < num_blocks
+    diagonal = (lists == torch.arange(num_blocks, device=lists.device)[:, None]).any(dim=-1).long()
+    # Listed places come first in each row, so the flat positions of the listed ones are in CSR order.
+    return _sized_plan(listed.sum(dim=-1), diagonal, seq_len, block, num_kv_heads, ctx, dense_above,
+                       lambda total: lists.flatten()[torch.nonzero_static(listed.flatten(), size=total)[:, 0]],
+                       unless)
+
+
+def _sized_plan(counts: torch.Tensor, diagonal: torch.Tensor, seq_len: int, block: int, num_kv_heads: int,
+                ctx: AttentionContext, dense_above: float,
+                entries: Callable[[int], torch.Tensor], unless: torch.Tensor | None = None) -> BlockPlan | DensePlan | None:
+    """What block_plan and list_plan share: ``counts`` [B, Hq, nb] key blocks per segment, ``diagonal``
+    (1 where a segment holds its own diagonal block); ``entries(total)`` returns the CSR's key blocks."""
+    batch, heads, num_blocks = counts.shape
+    rows = torch.clamp(seq_len - torch.arange(num_blocks, device=counts.device) * block, max=block)
     # Key blocks before the diagonal are whole (block keys per row); the diagonal is a triangle.
     pairs = (counts - diagonal) * rows * block + diagonal * rows * (rows + 1) // 2
     head_bytes = plan_head_bytes(counts)
-    summary = torch.cat([pairs.sum().view(1), counts.sum().view(1), head_bytes]).tolist()
+    flag = torch.zeros(1, dtype=torch.long, device=counts.device) if unless is None else unless.long().view(1)
+    summary = torch.cat([flag, pairs.sum().view(1), counts.sum().view(1), head_bytes]).tolist()
+    if summary.pop(0):
+        return None
     density = summary[0] / (batch * heads * seq_len * (seq_len + 1) / 2)
     if ctx.dense_fallback and density > dense_above:
         return DensePlan(batch, heads, seq_len)
     enforce_plan_budget([int(b) for b in summary[2:]], num_kv_heads, ctx, per_query_head=True)
-    offsets = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=mask.device)
+    offsets = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=counts.device)
     torch.cumsum(counts.flatten(), dim=0, out=offsets[1:])
-    # Row-major nonzero lists each segment's key blocks ascending, segments in order.
-    indices = torch.nonzero_static(mask.reshape(-1, num_blocks), size=int(summary[1]))[:, 1].to(torch.int32)
-    return BlockPlan(batch, heads, seq_len, block, offsets, indices)
+    return BlockPlan(batch, heads, seq_len, block, offsets, entries(int(summary[1])).to(torch.int32))
 
 
 def block_means(x: torch.Tensor, block: int) -> torch.Tensor:

@@ -13,7 +13,8 @@ attend it, as in dense attention; a plan denser than ``dense_above`` runs as den
 
 :func:`block_topk_mask_reference` is the specification (one head, a loop over query blocks);
 :class:`BlockTopkIdentifier` computes all heads at once ((N / block)^2 scores per head, the
-same as the reference), with one host sync to size the plan.
+same as the reference) and lists each query block's ``blocks`` key blocks without an [nb, nb] mask,
+with one host sync to size the plan (two where a key holds a NaN or infinity).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from sparse_prefill.patterns._checks import at_least, density, multiple_of
 from sparse_prefill.plan import BlockPlan, DensePlan
 from sparse_prefill.validation import validate_attention_inputs
 
-__all__ = ["BLOCK_TOPK", "BlockTopkIdentifier", "block_topk_mask_reference", "block_topk_masks"]
+__all__ = ["BLOCK_TOPK", "BlockTopkIdentifier", "block_topk_lists", "block_topk_mask_reference", "block_topk_masks"]
 
 
 def block_topk_mask_reference(q: torch.Tensor, k: torch.Tensor, scale: float, blocks: int, block: int) -> torch.Tensor:
@@ -43,23 +44,43 @@ def block_topk_mask_reference(q: torch.Tensor, k: torch.Tensor, scale: float, bl
     return (mask | bad) & _blocks.causal_blocks(num_blocks, q.device)
 
 
-def block_topk_masks(q: torch.Tensor, k: torch.Tensor, scale: float, blocks: int, block: int) -> torch.Tensor:
-    """[B, Hq, nb, nb] bool: :func:`block_topk_mask_reference` for every query head at once
-    (q [B, Hq, N, D], k [B, Hkv, N, D] read in place for GQA); no host sync."""
-    batch, num_q, seq_len, _ = q.shape
-    group = num_q // k.shape[1]
-    num_blocks = -(-seq_len // block)
+def _best_earlier_blocks(q: torch.Tensor, k: torch.Tensor, scale: float, blocks: int,
+                         block: int) -> torch.return_types.topk:
+    """The ``blocks - 1`` best-scoring key blocks before each query block ([B, Hq, nb, blocks - 1] values
+    and indices, unsorted; a value of -inf marks a place with no finite earlier block to fill it)."""
+    group = q.shape[1] // k.shape[1]
+    num_blocks = -(-q.shape[2] // block)
     pooled_q = _blocks.block_means(q, block).unflatten(1, (k.shape[1], group))
     pooled_k = _blocks.block_means(k, block)[:, :, None]
     scores = ((pooled_q @ pooled_k.transpose(-1, -2)) * scale).flatten(1, 2)
     earlier = torch.ones(num_blocks, num_blocks, dtype=torch.bool, device=q.device).tril(-1)
     scores = scores.nan_to_num(float("-inf"), float("-inf"), float("-inf")).masked_fill(~earlier, float("-inf"))
-    best = torch.topk(scores, min(max(blocks - 1, 0), num_blocks), dim=-1)
-    kept = torch.zeros(scores.shape, dtype=torch.bool, device=q.device)
+    return torch.topk(scores, min(max(blocks - 1, 0), num_blocks), dim=-1, sorted=False)
+
+
+def block_topk_masks(q: torch.Tensor, k: torch.Tensor, scale: float, blocks: int, block: int) -> torch.Tensor:
+    """[B, Hq, nb, nb] bool: :func:`block_topk_mask_reference` for every query head at once
+    (q [B, Hq, N, D], k [B, Hkv, N, D] read in place for GQA); no host sync."""
+    group = q.shape[1] // k.shape[1]
+    num_blocks = -(-q.shape[2] // block)
+    best = _best_earlier_blocks(q, k, scale, blocks, block)
+    kept = torch.zeros(*best.values.shape[:-1], num_blocks, dtype=torch.bool, device=q.device)
     kept.scatter_(-1, best.indices, best.values > float("-inf"))
     bad = _blocks.nonfinite_key_blocks(k, block).repeat_interleave(group, dim=1)[:, :, None, :]
     diagonal = torch.eye(num_blocks, dtype=torch.bool, device=q.device)
     return (kept | diagonal | bad) & _blocks.causal_blocks(num_blocks, q.device)
+
+
+def block_topk_lists(q: torch.Tensor, k: torch.Tensor, scale: float, blocks: int, block: int) -> torch.Tensor:
+    """[B, Hq, nb, min(blocks, nb + 1)] int64: each query block's kept key blocks ascending, then ``nb`` in
+    every empty place (:func:`_blocks.list_plan`'s input). Equal to :func:`block_topk_masks` where no key
+    block holds a NaN or infinite key (those blocks are kept on every causal row, which a list of at most
+    ``blocks`` places cannot hold: the identifier takes the mask there)."""
+    num_blocks = -(-q.shape[2] // block)
+    best = _best_earlier_blocks(q, k, scale, blocks, block)
+    found = torch.where(best.values > float("-inf"), best.indices, num_blocks)
+    own = torch.arange(num_blocks, device=q.device).expand(*found.shape[:-1])[..., None]
+    return torch.cat([found, own], dim=-1).sort(dim=-1).values
 
 
 class BlockTopkIdentifier(Identifier):
@@ -71,8 +92,15 @@ class BlockTopkIdentifier(Identifier):
     def identify(self, q: torch.Tensor, k: torch.Tensor, ctx: AttentionContext) -> BlockPlan | DensePlan:
         validate_attention_inputs(q, k, k)  # identification reads no v
         with torch.no_grad():
-            mask = block_topk_masks(q, k, ctx.scale, self.blocks, self.block)
-        return _blocks.block_plan(mask, q.shape[2], self.block, k.shape[1], ctx, self.dense_above)
+            lists = block_topk_lists(q, k, ctx.scale, self.blocks, self.block)
+            # A NaN or infinite key block is kept on every row (a mask, and a second host sync): found in the
+            # lists' own sync, so finite inputs pay nothing for it.
+            bad = _blocks.nonfinite_key_blocks(k, self.block).any()
+            plan = _blocks.list_plan(lists, q.shape[2], self.block, k.shape[1], ctx, self.dense_above, unless=bad)
+            if plan is None:
+                mask = block_topk_masks(q, k, ctx.scale, self.blocks, self.block)
+                plan = _blocks.block_plan(mask, q.shape[2], self.block, k.shape[1], ctx, self.dense_above)
+        return plan
 
 
 BLOCK_TOPK = PatternSpec(

@@ -15,7 +15,7 @@ from sparse_prefill.dispatch import sparse_attention
 from sparse_prefill.interfaces import AttentionContext, PatternSpec, PlanBudgetExceeded
 from sparse_prefill.kernels.reference import dense_attention_reference
 from sparse_prefill.patterns import _blocks
-from sparse_prefill.patterns.block_topk import BLOCK_TOPK, block_topk_mask_reference, block_topk_masks
+from sparse_prefill.patterns.block_topk import BLOCK_TOPK, block_topk_lists, block_topk_mask_reference, block_topk_masks
 from sparse_prefill.patterns.flashprefill import (
     FLASHPREFILL,
     flashprefill_block_mask_reference,
@@ -198,6 +198,58 @@ def test_a_plan_over_the_budget_runs_in_head_chunks_with_the_same_answer(name: s
     expected, _ = sparse_attention(q, k, v, identifier)
     chunked, _ = sparse_attention(q, k, v, identifier, max_plan_bytes=64)
     torch.testing.assert_close(chunked, expected, atol=1e-6, rtol=1e-5)
+
+
+def _plan_fields(plan: BlockPlan) -> tuple:
+    return plan.batch, plan.heads, plan.seq_len, plan.block_size, plan.offsets.tolist(), plan.indices.tolist()
+
+
+@pytest.mark.parametrize("blocks", [1, 2, 4, 9, 12, 50])
+@pytest.mark.parametrize("n", [10, 150, 177])
+def test_block_topk_lists_hold_the_masks_blocks_in_order_and_give_the_same_plan(blocks: int, n: int) -> None:
+    q, k, _ = _inputs(blocks + n, batch=2, n=n)
+    lists = block_topk_lists(q, k, 32 ** -0.5, blocks=blocks, block=16)
+    num_blocks = -(-n // 16)
+    assert lists.shape[-1] == min(blocks, num_blocks + 1)
+    listed = lists < num_blocks
+    assert not bool((listed[..., 1:] & ~listed[..., :-1]).any()), "empty places come last"
+    assert bool((lists[..., 1:] > lists[..., :-1])[listed[..., 1:]].all()), "ascending, unique"
+    mask = torch.zeros(*lists.shape[:-1], num_blocks + 1, dtype=torch.bool).scatter_(-1, lists, True)[..., :-1]
+    expected = block_topk_masks(q, k, 32 ** -0.5, blocks=blocks, block=16)
+    assert torch.equal(mask, expected)
+    ctx = AttentionContext.for_inputs(q, k, dense_fallback=False)
+    from_lists = _blocks.list_plan(lists, n, 16, k.shape[1], ctx, dense_above=1.0)
+    from_mask = _blocks.block_plan(expected, n, 16, k.shape[1], ctx, dense_above=1.0)
+    assert _plan_fields(from_lists) == _plan_fields(from_mask)
+    assert from_lists.density() == pytest.approx(from_mask.density())
+
+
+def test_list_plan_takes_any_sorted_lists_and_says_when_told_to_step_aside() -> None:
+    # Rows without their diagonal block, empty rows, a ragged last block: the same plan and density as the mask's.
+    generator = torch.Generator().manual_seed(11)
+    num_blocks, n = 7, 100
+    mask = (torch.rand(2, 3, num_blocks, num_blocks, generator=generator) < 0.4) & torch.ones(
+        num_blocks, num_blocks, dtype=torch.bool).tril()
+    mask[0, 1, 4] = False
+    positions = torch.arange(num_blocks).expand(*mask.shape)
+    lists = torch.where(mask, positions, num_blocks).sort(dim=-1).values
+    ctx = AttentionContext(scale=1.0, num_q_heads=3, num_kv_heads=3, seq_len=n, dense_fallback=False)
+    from_lists = _blocks.list_plan(lists, n, 16, 3, ctx, dense_above=1.0)
+    from_mask = _blocks.block_plan(mask, n, 16, 3, ctx, dense_above=1.0)
+    assert _plan_fields(from_lists) == _plan_fields(from_mask)
+    assert from_lists.density() == pytest.approx(from_mask.density())
+    assert _blocks.list_plan(lists, n, 16, 3, ctx, dense_above=1.0, unless=torch.tensor(True)) is None
+    with pytest.raises(PlanBudgetExceeded):
+        _blocks.list_plan(lists, n, 16, 3, AttentionContext(scale=1.0, num_q_heads=3, num_kv_heads=3, seq_len=n, plan_budget=16), dense_above=1.0)
+
+
+def test_block_topk_with_a_nan_key_keeps_its_block_on_every_causal_row() -> None:
+    q, k, _ = _inputs(12, n=160)
+    k[0, 1, 70] = float("nan")  # key block 4 of KV head 1: query heads 2 and 3
+    plan = BLOCK_TOPK.build(blocks=3, block=16, dense_above=1.0).identify(q, k, AttentionContext.for_inputs(q, k))
+    blocks = _plan_blocks(plan)
+    assert bool(blocks[0, 2:, 4:, 4].all()) and not bool(blocks[0, :2, 5:, 4].all())
+    assert torch.equal(blocks, block_topk_masks(q, k, 32 ** -0.5, blocks=3, block=16))
 
 
 def test_xattention_stride_must_divide_every_block() -> None:
