@@ -103,8 +103,8 @@ def list_plan(lists: torch.Tensor, seq_len: int, block: int, num_kv_heads: int, 
 
 
 def _sized_plan(counts: torch.Tensor, diagonal: torch.Tensor, seq_len: int, block: int, num_kv_heads: int,
-                ctx: AttentionContext, dense_above: float,
-                entries: Callable[[int], torch.Tensor], unless: torch.Tensor | None = None) -> BlockPlan | DensePlan | None:
+                ctx: AttentionContext, dense_above: float, entries: Callable[[int], torch.Tensor],
+                unless: torch.Tensor | None = None) -> BlockPlan | DensePlan | None:
     """What block_plan and list_plan share: ``counts`` [B, Hq, nb] key blocks per segment, ``diagonal``
     (1 where a segment holds its own diagonal block); ``entries(total)`` returns the CSR's key blocks."""
     batch, heads, num_blocks = counts.shape

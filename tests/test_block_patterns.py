@@ -233,14 +233,16 @@ def test_list_plan_takes_any_sorted_lists_and_says_when_told_to_step_aside() -> 
     mask[0, 1, 4] = False
     positions = torch.arange(num_blocks).expand(*mask.shape)
     lists = torch.where(mask, positions, num_blocks).sort(dim=-1).values
-    ctx = AttentionContext(scale=1.0, num_q_heads=3, num_kv_heads=3, seq_len=n, dense_fallback=False)
+    ctx = AttentionContext(scale=1.0, num_q_heads=3, num_kv_heads=3, seq_len=n,
+                           dense_fallback=False)
     from_lists = _blocks.list_plan(lists, n, 16, 3, ctx, dense_above=1.0)
     from_mask = _blocks.block_plan(mask, n, 16, 3, ctx, dense_above=1.0)
     assert _plan_fields(from_lists) == _plan_fields(from_mask)
     assert from_lists.density() == pytest.approx(from_mask.density())
     assert _blocks.list_plan(lists, n, 16, 3, ctx, dense_above=1.0, unless=torch.tensor(True)) is None
+    budget = AttentionContext(scale=1.0, num_q_heads=3, num_kv_heads=3, seq_len=n, plan_budget=16)
     with pytest.raises(PlanBudgetExceeded):
-        _blocks.list_plan(lists, n, 16, 3, AttentionContext(scale=1.0, num_q_heads=3, num_kv_heads=3, seq_len=n, plan_budget=16), dense_above=1.0)
+        _blocks.list_plan(lists, n, 16, 3, budget, dense_above=1.0)
 
 
 def test_block_topk_with_a_nan_key_keeps_its_block_on_every_causal_row() -> None:
