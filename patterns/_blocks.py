@@ -112,9 +112,9 @@ def _sized_plan(counts: torch.Tensor, diagonal: torch.Tensor, seq_len: int, bloc
     # Key blocks before the diagonal are whole (block keys per row); the diagonal is a triangle.
     pairs = (counts - diagonal) * rows * block + diagonal * rows * (rows + 1) // 2
     head_bytes = plan_head_bytes(counts)
-    flag = torch.zeros(1, dtype=torch.long, device=counts.device) if unless is None else unless.long().view(1)
-    summary = torch.cat([flag, pairs.sum().view(1), counts.sum().view(1), head_bytes]).tolist()
-    if summary.pop(0):
+    flag = [] if unless is None else [unless.long().view(1)]  # read in the same sync, where a caller asks
+    summary = torch.cat([*flag, pairs.sum().view(1), counts.sum().view(1), head_bytes]).tolist()
+    if flag and summary.pop(0):
         return None
     density = summary[0] / (batch * heads * seq_len * (seq_len + 1) / 2)
     if ctx.dense_fallback and density > dense_above:
