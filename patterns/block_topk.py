@@ -24,6 +24,7 @@ import torch
 from sparse_prefill.interfaces import AttentionContext, Identifier, Parameter, PatternSpec
 from sparse_prefill.patterns import _blocks
 from sparse_prefill.patterns._checks import at_least, density, multiple_of
+from sparse_prefill.patterns.top_blocks import top_block_lists, top_block_problems
 from sparse_prefill.plan import BlockPlan, DensePlan
 from sparse_prefill.validation import validate_attention_inputs
 
@@ -44,16 +45,20 @@ def block_topk_mask_reference(q: torch.Tensor, k: torch.Tensor, scale: float, bl
     return (mask | bad) & _blocks.causal_blocks(num_blocks, q.device)
 
 
-def _best_earlier_blocks(q: torch.Tensor, k: torch.Tensor, scale: float, blocks: int,
-                         block: int) -> torch.return_types.topk:
-    """The ``blocks - 1`` best-scoring key blocks before each query block ([B, Hq, nb, blocks - 1] values
-    and indices, unsorted; a value of -inf marks a place with no finite earlier block to fill it)."""
+def block_scores(q: torch.Tensor, k: torch.Tensor, scale: float, block: int) -> torch.Tensor:
+    """[B, Hq, nb, nb] float32: ``scale * mean_q . mean_k`` of every (query block, key block), q [B, Hq, N, D] and
+    k [B, Hkv, N, D] read in place for GQA; no mask (the selection applies causality and finiteness)."""
     group = q.shape[1] // k.shape[1]
-    num_blocks = -(-q.shape[2] // block)
     pooled_q = _blocks.block_means(q, block).unflatten(1, (k.shape[1], group))
     pooled_k = _blocks.block_means(k, block)[:, :, None]
-    scores = ((pooled_q @ pooled_k.transpose(-1, -2)) * scale).flatten(1, 2)
-    earlier = torch.ones(num_blocks, num_blocks, dtype=torch.bool, device=q.device).tril(-1)
+    return ((pooled_q @ pooled_k.transpose(-1, -2)) * scale).flatten(1, 2)
+
+
+def _best_earlier_blocks(scores: torch.Tensor, blocks: int) -> torch.return_types.topk:
+    """The ``blocks - 1`` best-scoring key blocks before each query block of ``scores`` ([B, Hq, nb, blocks - 1]
+    values and indices, unsorted; a value of -inf marks a place with no finite earlier block to fill it)."""
+    num_blocks = scores.shape[-1]
+    earlier = torch.ones(num_blocks, num_blocks, dtype=torch.bool, device=scores.device).tril(-1)
     scores = scores.nan_to_num(float("-inf"), float("-inf"), float("-inf")).masked_fill(~earlier, float("-inf"))
     return torch.topk(scores, min(max(blocks - 1, 0), num_blocks), dim=-1, sorted=False)
 
@@ -63,7 +68,7 @@ def block_topk_masks(q: torch.Tensor, k: torch.Tensor, scale: float, blocks: int
     (q [B, Hq, N, D], k [B, Hkv, N, D] read in place for GQA); no host sync."""
     group = q.shape[1] // k.shape[1]
     num_blocks = -(-q.shape[2] // block)
-    best = _best_earlier_blocks(q, k, scale, blocks, block)
+    best = _best_earlier_blocks(block_scores(q, k, scale, block), blocks)
     kept = torch.zeros(*best.values.shape[:-1], num_blocks, dtype=torch.bool, device=q.device)
     kept.scatter_(-1, best.indices, best.values > float("-inf"))
     bad = _blocks.nonfinite_key_blocks(k, block).repeat_interleave(group, dim=1)[:, :, None, :]
@@ -75,11 +80,21 @@ def block_topk_lists(q: torch.Tensor, k: torch.Tensor, scale: float, blocks: int
     """[B, Hq, nb, min(blocks, nb + 1)] int64: each query block's kept key blocks ascending, then ``nb`` in
     every empty place (:func:`_blocks.list_plan`'s input). Equal to :func:`block_topk_masks` where no key
     block holds a NaN or infinite key (those blocks are kept on every causal row, which a list of at most
-    ``blocks`` places cannot hold: the identifier takes the mask there)."""
-    num_blocks = -(-q.shape[2] // block)
-    best = _best_earlier_blocks(q, k, scale, blocks, block)
+    ``blocks`` places cannot hold: the identifier takes the mask there). On CUDA one Triton kernel selects
+    (patterns/top_blocks.py; ties go to the earlier blocks); elsewhere ``torch.topk`` and a sort."""
+    scores = block_scores(q, k, scale, block)
+    keep = max(blocks - 1, 0)
+    if not top_block_problems(scores):
+        return top_block_lists(scores, keep)
+    return _top_block_lists_torch(scores, keep)
+
+
+def _top_block_lists_torch(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """:func:`~sparse_prefill.patterns.top_blocks.top_block_lists` in PyTorch (the kernel's reference)."""
+    num_blocks = scores.shape[-1]
+    best = _best_earlier_blocks(scores, keep + 1)
     found = torch.where(best.values > float("-inf"), best.indices, num_blocks)
-    own = torch.arange(num_blocks, device=q.device).expand(*found.shape[:-1])[..., None]
+    own = torch.arange(num_blocks, device=scores.device).expand(*found.shape[:-1])[..., None]
     return torch.cat([found, own], dim=-1).sort(dim=-1).values
 
 
