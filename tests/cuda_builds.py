@@ -53,6 +53,7 @@ def capture(path: str) -> None:
     from plan_factories import random_block_plan  # tests/ is this script's folder, so on its path
     from sparse_prefill.patterns._blocks import block_means
     from sparse_prefill.patterns.block_mass import antidiagonal_block_mass, pooled_block_scores
+    from sparse_prefill.patterns.top_blocks import top_block_lists
 
     launches: list[dict] = []
     run = interpreter.InterpretedFunction.run
@@ -77,6 +78,7 @@ def capture(path: str) -> None:
             block_attention(q, k, v, random_block_plan(batch, num_q, seq_len, 32, fraction=1.0), 0.125)
             antidiagonal_block_mass(q, k, 0.125, 32, 8)
             pooled_block_scores(q, block_means(k, 32).to(dtype), 0.125, 32)
+            top_block_lists(torch.randn(batch, num_q, -(-seq_len // 32), -(-seq_len // 32), generator=gen), 2)
             sampled_rows_attention(q, k, v, torch.tensor([0, seq_len - 1]), 0.125)
     Path(path).write_text(json.dumps(launches))
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 SCRIPT = Path(__file__).with_name("cuda_builds.py")
 KERNELS = {"_anchor_pool_kernel", "_stripe_scan_kernel", "_stripe_fwd", "_block_fwd", "_block_mass_kernel",
-           "_partial_kernel"}
+           "_partial_kernel", "_top_blocks_kernel"}
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
