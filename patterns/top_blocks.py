@@ -21,16 +21,20 @@ import torch
 import triton
 import triton.language as tl
 
+from sparse_prefill.kernels.attention_tiles import INTERPRET
+
 __all__ = ["top_block_lists", "top_block_problems"]
 
-# Registers per thread for a row tile (rows x padded blocks / threads); above it a program takes fewer rows.
-_VALUES_PER_THREAD = 32
+# One row per program, 16 scores per thread (warps as the row needs, at most 16): on an H100, 32 heads, 1.18 ms at
+# 128k against 1.49 for two rows of 32 per thread, and 0.064 ms at 32k against 0.147 for eight rows of 32
+# (docs/benchmarks/block_topk_select_kernel_ab_h100.json). More rows per program were slower at every size.
+_VALUES_PER_THREAD = 16
 _MAX_WARPS = 16
 
 
-def top_block_problems(scores: torch.Tensor) -> list[str]:
-    """Why the kernel cannot list these scores (empty: it can); the caller then selects in PyTorch."""
-    return [] if scores.device.type == "cuda" else [f"device {scores.device.type} (the kernel runs on CUDA)"]
+def top_block_problems(x: torch.Tensor) -> list[str]:
+    """Why the kernel cannot list scores on x's device (empty: it can); the caller then selects in PyTorch."""
+    return [] if x.device.type == "cuda" else [f"device {x.device.type} (the kernel runs on CUDA)"]
 
 
 @triton.jit
@@ -42,7 +46,7 @@ def _ordered_bits(x):
 
 @triton.jit
 def _top_blocks_kernel(
-    Scores, Out, stride_row, num_rows, num_blocks, keep, width,
+    Scores, Out, stride_row, num_rows, num_blocks, keep, width, scale,
     ROWS: tl.constexpr, BLOCKS: tl.constexpr, WIDTH: tl.constexpr,
 ):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -51,6 +55,7 @@ def _top_blocks_kernel(
     cols = tl.arange(0, BLOCKS)
     earlier = (cols[None, :] < query_block[:, None]) & row_ok[:, None]
     scores = tl.load(Scores + rows.to(tl.int64)[:, None] * stride_row + cols[None, :], mask=earlier, other=0.0)
+    scores = scores * scale  # the float32 product PyTorch would store: the same order and the same ties
     finite = earlier & (scores == scores) & (tl.abs(scores) < float("inf"))
     key = _ordered_bits(scores)
     candidates = tl.sum(finite.to(tl.int32), axis=1)
@@ -85,10 +90,17 @@ def _top_blocks_kernel(
     tl.store(out_rows + slots[None, :], num_blocks + tl.zeros_like(slots[None, :] + listed[:, None]), mask=empty)
 
 
-def top_block_lists(scores: torch.Tensor, keep: int) -> torch.Tensor:
+def _interpreted_rows(blocks: int) -> int:
+    """Rows per program under the interpreter, where each program costs time of its own (one row per program
+    took the CPU tests 14 times as long); the kernel is the same for any power of two."""
+    return max(1, min(16, 4096 // blocks))
+
+
+def top_block_lists(scores: torch.Tensor, keep: int, scale: float = 1.0) -> torch.Tensor:
     """[..., nb, min(keep + 1, nb + 1)] int64 from scores [..., nb, nb] (float32; query block, key block): each
-    row's ``keep`` best finite scores among the key blocks before it and its own diagonal block, ascending, then
-    ``nb`` in every empty place. Rows are read in place where the key blocks are contiguous."""
+    row's ``keep`` best finite ``scale * scores`` among the key blocks before it and its own diagonal block,
+    ascending, then ``nb`` in every empty place. Rows are read in place where the key blocks are contiguous;
+    the scale is applied as they are read (a pass over the scores saved where the caller would apply it)."""
     if scores.dtype != torch.float32:
         raise ValueError(f"top_block_lists takes float32 scores, got {scores.dtype}")
     num_blocks = scores.shape[-1]
@@ -105,9 +117,9 @@ def top_block_lists(scores: torch.Tensor, keep: int) -> torch.Tensor:
     if rows.shape[0] == 0:
         return out.view(*scores.shape[:-1], width)
     blocks = triton.next_power_of_2(num_blocks)
-    warps = min(_MAX_WARPS, max(4, blocks // (32 * _VALUES_PER_THREAD)))
-    rows_per_program = max(1, min(16, triton.next_power_of_2(32 * warps * _VALUES_PER_THREAD // blocks)))
+    warps = min(_MAX_WARPS, max(1, blocks // (32 * _VALUES_PER_THREAD)))
+    rows_per_program = _interpreted_rows(blocks) if INTERPRET else 1
     grid = (triton.cdiv(rows.shape[0], rows_per_program),)
-    _top_blocks_kernel[grid](rows, out, rows.stride(0), rows.shape[0], num_blocks, keep, width,
+    _top_blocks_kernel[grid](rows, out, rows.stride(0), rows.shape[0], num_blocks, keep, width, float(scale),
                              ROWS=rows_per_program, BLOCKS=blocks, WIDTH=triton.next_power_of_2(width), num_warps=warps)
     return out.view(*scores.shape[:-1], width)

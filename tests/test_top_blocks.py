@@ -13,7 +13,7 @@ import torch
 
 from kernel_checks import DEVICE, needs_kernel
 from sparse_prefill.interfaces import AttentionContext
-from sparse_prefill.patterns import block_topk
+from sparse_prefill.patterns import block_topk, top_blocks
 from sparse_prefill.patterns.block_topk import BLOCK_TOPK, _top_block_lists_torch, block_topk_masks
 from sparse_prefill.patterns.top_blocks import top_block_lists, top_block_problems
 from sparse_prefill.plan import BlockPlan
@@ -33,6 +33,23 @@ def test_the_kernel_lists_what_topk_and_a_sort_list(num_blocks: int, keep: int) 
     expected = _top_block_lists_torch(scores, min(keep, num_blocks))
     assert lists.shape == expected.shape == (2, 3, num_blocks, min(keep, num_blocks) + 1)
     assert torch.equal(lists.cpu(), expected.cpu())
+
+
+@needs_kernel
+@pytest.mark.parametrize("num_blocks", [5, 40])
+def test_one_row_per_program_as_on_a_gpu_lists_the_same(num_blocks: int, monkeypatch) -> None:
+    scores = _scores((1, 2, num_blocks, num_blocks), seed=num_blocks)
+    monkeypatch.setattr(top_blocks, "_interpreted_rows", lambda blocks: 1)
+    assert torch.equal(top_block_lists(scores, 6).cpu(), _top_block_lists_torch(scores, 6).cpu())
+
+
+@needs_kernel
+@needs_kernel
+@pytest.mark.parametrize("scale", [0.088, 1e-30, -0.5])
+def test_the_scale_is_applied_as_pytorch_applies_it(scale: float) -> None:
+    scores = _scores((1, 2, 50, 50), seed=11)
+    scores[0, 0, 40, :30] = scores[0, 0, 40, 3] * (1 + torch.arange(30.0) * 3e-7)  # a few ulps apart
+    assert torch.equal(top_block_lists(scores, 7, scale).cpu(), _top_block_lists_torch(scores * scale, 7).cpu())
 
 
 @needs_kernel
@@ -64,7 +81,7 @@ def test_ties_at_the_threshold_go_to_the_earlier_blocks() -> None:
 @pytest.mark.parametrize("seq_len, block, blocks", [(300, 16, 5), (77, 32, 2), (1024, 64, 3)])
 def test_the_identifier_through_the_kernel_gives_the_reference_plan(seq_len: int, block: int, blocks: int,
                                                                     monkeypatch) -> None:
-    monkeypatch.setattr(block_topk, "top_block_problems", lambda scores: [])  # the kernel on the CPU too
+    monkeypatch.setattr(block_topk, "top_block_problems", lambda x: [])  # the kernel on the CPU too
     generator = torch.Generator().manual_seed(seq_len)
     q = torch.randn(2, 4, seq_len, 32, generator=generator).to(DEVICE or "cpu")
     k = torch.randn(2, 2, seq_len, 32, generator=generator).to(DEVICE or "cpu")
