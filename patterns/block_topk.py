@@ -14,7 +14,8 @@ attend it, as in dense attention; a plan denser than ``dense_above`` runs as den
 :func:`block_topk_mask_reference` is the specification (one head, a loop over query blocks);
 :class:`BlockTopkIdentifier` computes all heads at once ((N / block)^2 scores per head, the
 same as the reference) and lists each query block's ``blocks`` key blocks without an [nb, nb] mask,
-with one host sync to size the plan (two where a key holds a NaN or infinity).
+with one host sync to size the plan (two where a key holds a NaN or infinity, or a key block's
+float32 sum overflows).
 """
 
 from __future__ import annotations
@@ -45,13 +46,17 @@ def block_topk_mask_reference(q: torch.Tensor, k: torch.Tensor, scale: float, bl
     return (mask | bad) & _blocks.causal_blocks(num_blocks, q.device)
 
 
-def block_scores(q: torch.Tensor, k: torch.Tensor, scale: float, block: int) -> torch.Tensor:
+def block_scores(q: torch.Tensor, k: torch.Tensor, scale: float | None, block: int,
+                 pooled_k: torch.Tensor | None = None) -> torch.Tensor:
     """[B, Hq, nb, nb] float32: ``scale * mean_q . mean_k`` of every (query block, key block), q [B, Hq, N, D] and
-    k [B, Hkv, N, D] read in place for GQA; no mask (the selection applies causality and finiteness)."""
+    k [B, Hkv, N, D] read in place for GQA; no mask (the selection applies causality and finiteness).
+    ``pooled_k``: k's block means where the caller has them. ``scale`` None leaves the products unscaled for a
+    selection that applies it as it reads them (at 128k, 32 heads: a pass over 512 MiB saved)."""
     group = q.shape[1] // k.shape[1]
     pooled_q = _blocks.block_means(q, block).unflatten(1, (k.shape[1], group))
-    pooled_k = _blocks.block_means(k, block)[:, :, None]
-    return ((pooled_q @ pooled_k.transpose(-1, -2)) * scale).flatten(1, 2)
+    pooled_k = _blocks.block_means(k, block) if pooled_k is None else pooled_k
+    products = (pooled_q @ pooled_k[:, :, None].transpose(-1, -2)).flatten(1, 2)
+    return products if scale is None else products * scale
 
 
 def _best_earlier_blocks(scores: torch.Tensor, blocks: int) -> torch.return_types.topk:
@@ -76,17 +81,17 @@ def block_topk_masks(q: torch.Tensor, k: torch.Tensor, scale: float, blocks: int
     return (kept | diagonal | bad) & _blocks.causal_blocks(num_blocks, q.device)
 
 
-def block_topk_lists(q: torch.Tensor, k: torch.Tensor, scale: float, blocks: int, block: int) -> torch.Tensor:
+def block_topk_lists(q: torch.Tensor, k: torch.Tensor, scale: float, blocks: int, block: int,
+                     pooled_k: torch.Tensor | None = None) -> torch.Tensor:
     """[B, Hq, nb, min(blocks, nb + 1)] int64: each query block's kept key blocks ascending, then ``nb`` in
     every empty place (:func:`_blocks.list_plan`'s input). Equal to :func:`block_topk_masks` where no key
     block holds a NaN or infinite key (those blocks are kept on every causal row, which a list of at most
     ``blocks`` places cannot hold: the identifier takes the mask there). On CUDA one Triton kernel selects
     (patterns/top_blocks.py; ties go to the earlier blocks); elsewhere ``torch.topk`` and a sort."""
-    scores = block_scores(q, k, scale, block)
     keep = max(blocks - 1, 0)
-    if not top_block_problems(scores):
-        return top_block_lists(scores, keep)
-    return _top_block_lists_torch(scores, keep)
+    if not top_block_problems(q):
+        return top_block_lists(block_scores(q, k, None, block, pooled_k), keep, scale)
+    return _top_block_lists_torch(block_scores(q, k, scale, block, pooled_k), keep)
 
 
 def _top_block_lists_torch(scores: torch.Tensor, keep: int) -> torch.Tensor:
@@ -107,10 +112,12 @@ class BlockTopkIdentifier(Identifier):
     def identify(self, q: torch.Tensor, k: torch.Tensor, ctx: AttentionContext) -> BlockPlan | DensePlan:
         validate_attention_inputs(q, k, k)  # identification reads no v
         with torch.no_grad():
-            lists = block_topk_lists(q, k, ctx.scale, self.blocks, self.block)
+            pooled_k = _blocks.block_means(k, self.block)
+            lists = block_topk_lists(q, k, ctx.scale, self.blocks, self.block, pooled_k)
             # A NaN or infinite key block is kept on every row (a mask, and a second host sync): found in the
-            # lists' own sync, so finite inputs pay nothing for it.
-            bad = _blocks.nonfinite_key_blocks(k, self.block).any()
+            # lists' own sync, so finite inputs pay nothing for it. Such a key makes its block's float32 mean
+            # non-finite (so does a sum of finite keys past float32's range: then the exact mask route too).
+            bad = ~torch.isfinite(pooled_k).all()
             plan = _blocks.list_plan(lists, q.shape[2], self.block, k.shape[1], ctx, self.dense_above, unless=bad)
             if plan is None:
                 mask = block_topk_masks(q, k, ctx.scale, self.blocks, self.block)

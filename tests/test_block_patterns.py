@@ -254,6 +254,19 @@ def test_block_topk_with_a_nan_key_keeps_its_block_on_every_causal_row() -> None
     assert torch.equal(blocks, block_topk_masks(q, k, 32 ** -0.5, blocks=3, block=16))
 
 
+def test_block_topk_finds_an_infinite_key_and_takes_the_exact_route_where_finite_keys_overflow_their_mean() -> None:
+    """The identifier reads bad keys off k's float32 block means: an infinite key makes its block's mean
+    non-finite (kept on every causal row); finite keys whose sum passes float32's range do too, and then the
+    mask route gives the reference's plan, that block not forced."""
+    q, k, _ = _inputs(13, n=160)
+    k[0, 0, 20] = float("-inf")  # key block 1 of KV head 0
+    k[0, 1, 96:112] = 3e38  # key block 6 of KV head 1: finite keys, an infinite sum
+    plan = BLOCK_TOPK.build(blocks=3, block=16, dense_above=1.0).identify(q, k, AttentionContext.for_inputs(q, k))
+    blocks = _plan_blocks(plan)
+    assert torch.equal(blocks, block_topk_masks(q, k, 32 ** -0.5, blocks=3, block=16))
+    assert bool(blocks[0, :2, 1:, 1].all()) and not bool(blocks[0, 2:, 7:, 6].all())
+
+
 def test_xattention_stride_must_divide_every_block() -> None:
     with pytest.raises(ValueError, match=r"parameter 'stride'.*must be one of 1, 2, 4, 8, 16"):
         XATTENTION.build(block=16, stride=12)
