@@ -27,7 +27,7 @@ __all__ = ["top_block_lists", "top_block_problems"]
 
 # One row per program, 16 scores per thread (warps as the row needs, at most 16): on an H100, 32 heads, 1.18 ms at
 # 128k against 1.49 for two rows of 32 per thread, and 0.064 ms at 32k against 0.147 for eight rows of 32
-# (docs/benchmarks/block_topk_select_kernel_ab_h100.json). More rows per program were slower at every size.
+# (docs/benchmarks/block_topk_stages_h100.json). More rows per program were slower at every size measured.
 _VALUES_PER_THREAD = 16
 _MAX_WARPS = 16
 
