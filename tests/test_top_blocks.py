@@ -44,11 +44,11 @@ def test_one_row_per_program_as_on_a_gpu_lists_the_same(num_blocks: int, monkeyp
 
 
 @needs_kernel
-@needs_kernel
 @pytest.mark.parametrize("scale", [0.088, 1e-30, -0.5])
 def test_the_scale_is_applied_as_pytorch_applies_it(scale: float) -> None:
     scores = _scores((1, 2, 50, 50), seed=11)
-    scores[0, 0, 40, :30] = scores[0, 0, 40, 3] * (1 + torch.arange(30.0) * 3e-7)  # a few ulps apart
+    near = 1 + torch.arange(30.0, device=scores.device) * 3e-7  # a few ulps apart
+    scores[0, 0, 40, :30] = scores[0, 0, 40, 3] * near
     assert torch.equal(top_block_lists(scores, 7, scale).cpu(), _top_block_lists_torch(scores * scale, 7).cpu())
 
 
