@@ -2,17 +2,17 @@
 
 `block-topk` keeps, per query block, the ``keep`` best-scoring key blocks before it and its diagonal block. In
 PyTorch that is a masked copy of the [nb, nb] score matrix per head, ``torch.topk`` over every row, and a sort of
-the chosen indices (on an H100 at 128k, 32 heads: 6.0 of the identification's 7.8 ms). Here a program holds a
-few rows of the score matrix in registers and finds each row's ``keep``-th largest score by bisection on the
-scores' bits (an order-preserving map of float32 to int32: at most 32 counting passes over registers, no
-sort), then
-writes the kept blocks in ascending order by a prefix sum: the rows :func:`~sparse_prefill.patterns._blocks.
-list_plan` takes, with no [nb, nb] mask and no sort (same H100 and shapes: 1.49 ms against 5.19,
-docs/benchmarks/block_topk_select_kernel_ab_h100.json).
+the chosen indices (on an H100 at 128k, 32 heads: 6.0 of the identification's 7.8 ms). Here a program holds one
+row of the score matrix in registers (several under the interpreter), finds its ``keep``-th largest score by
+bisection on the scores' bits (an order-preserving map of float32 to int32: at most 32 counting passes over
+registers, no sort), then writes the kept blocks in ascending order by a prefix sum: the rows
+:func:`~sparse_prefill.patterns._blocks.list_plan` takes, with no [nb, nb] mask and no sort (same H100 and
+shapes: 1.18 ms against 5.19; docs/benchmarks/block_topk_select_kernel_ab_h100.json and
+block_topk_stages_h100.json).
 
 Ties at the threshold go to the earlier blocks (``torch.topk`` leaves them unspecified). A score that is not
 finite never wins a place; a row with at most ``keep`` finite earlier scores keeps all of them. The PyTorch
-function it is tested against: :func:`~sparse_prefill.patterns.block_topk.block_topk_lists`.
+function it is tested against: ``_top_block_lists_torch`` in patterns/block_topk.py.
 """
 
 from __future__ import annotations
