@@ -7,8 +7,8 @@ row of the score matrix in registers (several under the interpreter), finds its 
 bisection on the scores' bits (an order-preserving map of float32 to int32: at most 32 counting passes over
 registers, no sort), then writes the kept blocks in ascending order by a prefix sum: the rows
 :func:`~sparse_prefill.patterns._blocks.list_plan` takes, with no [nb, nb] mask and no sort (same H100 and
-shapes: 1.18 ms against 5.19; docs/benchmarks/block_topk_select_kernel_ab_h100.json and
-block_topk_stages_h100.json).
+shapes: 1.18 ms against 5.19, docs/benchmarks/block_topk_stages_h100.json and, for torch, the record
+block_topk_select_kernel_ab_h100.json in git at 055827e).
 
 Ties at the threshold go to the earlier blocks (``torch.topk`` leaves them unspecified). A score that is not
 finite never wins a place; a row with at most ``keep`` finite earlier scores keeps all of them. The PyTorch
