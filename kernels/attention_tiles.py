@@ -317,14 +317,18 @@ def last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
 def launch(
     kernel: triton.runtime.Autotuner, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan_heads: int,
     units: int, unit_rows: int, offsets: torch.Tensor, indices: torch.Tensor, scale: float, return_lse: bool,
-    out: torch.Tensor | None, unit_args: tuple = (), **constexprs: object,
+    out: torch.Tensor | None, unit_args: tuple = (), verdict: torch.Tensor | None = None, **constexprs: object,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run an attention kernel over ``units`` query units (groups or blocks) of ``unit_rows`` rows.
 
     The kernels share their leading arguments (tensors, strides, head layout, ``units``,
     ``tiles_per_unit``), then take ``unit_args``, the score scale and the constexprs; this sizes
-    the tile and the grid, allocates or checks ``out`` and the lse, and launches.
+    the tile and the grid, allocates or checks ``out`` and the lse, and launches. With ``verdict``
+    (int32, one element) every program first reads it and returns at once when it is 0.
     """
+    if verdict is not None and (verdict.dtype != torch.int32 or verdict.numel() != 1 or verdict.device != q.device):
+        raise ValueError(f"verdict must be one int32 element on {q.device}, got {verdict.dtype} of "
+                         f"{verdict.numel()} elements on {verdict.device}")
     q, k, v = (last_dim_contiguous(x) for x in (q, k, v))
     batch, num_q, seq_len, head_dim = q.shape
     heads_per_plan = num_q // plan_heads
@@ -343,6 +347,7 @@ def launch(
     # The kernels read the CSR through raw pointers: a strided view (a plugin's plan) must be made dense.
     kernel[(programs,)](
         q, k, v, out, out if lse is None else lse, offsets.contiguous(), indices.contiguous(),
+        offsets if verdict is None else verdict,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -350,6 +355,7 @@ def launch(
         seq_len, triton.next_power_of_2(seq_len), num_q, plan_heads, num_q // k.shape[1],
         units, tiles_per_unit, *unit_args, scale * LOG2E,
         HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), HEADS=heads_per_plan, TILE_M=tile_m,
-        RETURN_LSE=return_lse, DOT_PRECISION=dot_precision, UPCAST=upcast, **constexprs,
+        RETURN_LSE=return_lse, DOT_PRECISION=dot_precision, UPCAST=upcast, CHECK_VERDICT=verdict is not None,
+        **constexprs,
     )
     return out, lse

@@ -129,7 +129,7 @@ def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> 
 )
 @triton.jit
 def _block_fwd(
-    Q, K, V, Out, Lse, Offsets, Indices,
+    Q, K, V, Out, Lse, Offsets, Indices, Verdict,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -138,8 +138,11 @@ def _block_fwd(
     num_blocks, tiles_per_block, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEADS: tl.constexpr, TILE_M: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, RETURN_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, CHECK_VERDICT: tl.constexpr,
 ):
+    if CHECK_VERDICT:  # as in _stripe_fwd: a pending plan whose verdict is 0 must not run
+        if tl.load(Verdict) == 0:
+            return
     # Which rows (last query blocks first: they may attend the most) and which heads: see program_tile.
     block, diag_start, first_slot, slot_end, r0, row_hi, pid_bh = program_tile(
         num_blocks, tiles_per_block, BLOCK_SIZE, seq_len, HEADS, TILE_M)
@@ -200,6 +203,7 @@ def block_attention(
     scale: float,
     return_lse: bool = False,
     out: torch.Tensor | None = None,
+    verdict: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Causal attention over the key blocks a BlockPlan selects, in one Triton kernel.
 
@@ -208,8 +212,9 @@ def block_attention(
     Hq or Hkv. Returns (out [B, Hq, N, D] in q's dtype, lse [B, Hq, N] float32 natural log, or
     None); with ``out`` (q's shape and dtype, unit stride along D) the output is written there.
     The plan's sortedness and causality are not checked here (that needs a host sync):
-    ``plan.validate()`` does, and the reference executor runs it.
+    ``plan.validate()`` does, and the reference executor runs it. ``verdict``: as in
+    :func:`~sparse_prefill.kernels.stripe_attention.stripe_attention` (nothing written when it is 0).
     """
     plan_heads = _validate(q, k, v, plan, scale)
     return launch(_block_fwd, q, k, v, plan_heads, plan.num_blocks, plan.block_size, plan.offsets, plan.indices, scale,
-                  return_lse, out, BLOCK_SIZE=plan.block_size)
+                  return_lse, out, verdict=verdict, BLOCK_SIZE=plan.block_size)

@@ -77,9 +77,10 @@ class TritonStripeExecutor(_TritonExecutor):
     name = "triton-stripe"
     plan_kinds = (StripePlan,)
     head_dims: ClassVar[frozenset[int] | None] = frozenset(STRIPE_HEAD_DIMS)
+    reads_verdict: ClassVar[bool] = True
 
-    def __call__(self, q, k, v, plan: Plan, ctx: AttentionContext, return_lse: bool = False, out=None):
-        return stripe_attention(q, k, v, plan, ctx.scale, return_lse=return_lse, out=out)
+    def __call__(self, q, k, v, plan: Plan, ctx: AttentionContext, return_lse: bool = False, out=None, verdict=None):
+        return stripe_attention(q, k, v, plan, ctx.scale, return_lse=return_lse, out=out, verdict=verdict)
 
 
 class TritonBlockExecutor(_TritonExecutor):
@@ -88,6 +89,7 @@ class TritonBlockExecutor(_TritonExecutor):
     name = "triton-block"
     plan_kinds = (BlockPlan,)
     head_dims: ClassVar[frozenset[int] | None] = frozenset(BLOCK_HEAD_DIMS)
+    reads_verdict: ClassVar[bool] = True
 
     def not_supported_reasons(self, q: torch.Tensor, plan: Plan) -> list[str]:
         reasons = super().not_supported_reasons(q, plan)
@@ -95,5 +97,5 @@ class TritonBlockExecutor(_TritonExecutor):
             reasons.append(f"block size {plan.block_size} not a multiple of 16")
         return reasons
 
-    def __call__(self, q, k, v, plan: Plan, ctx: AttentionContext, return_lse: bool = False, out=None):
-        return block_attention(q, k, v, plan, ctx.scale, return_lse=return_lse, out=out)
+    def __call__(self, q, k, v, plan: Plan, ctx: AttentionContext, return_lse: bool = False, out=None, verdict=None):
+        return block_attention(q, k, v, plan, ctx.scale, return_lse=return_lse, out=out, verdict=verdict)

@@ -120,7 +120,7 @@ def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> 
 )
 @triton.jit
 def _stripe_fwd(
-    Q, K, V, Out, Lse, Offsets, Indices,
+    Q, K, V, Out, Lse, Offsets, Indices, Verdict,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -129,7 +129,11 @@ def _stripe_fwd(
     num_groups, tiles_per_group, group_rows, sink, local, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEADS: tl.constexpr, TILE_M: tl.constexpr,
     BLOCK_N: tl.constexpr, RETURN_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    CHECK_VERDICT: tl.constexpr,
 ):
+    if CHECK_VERDICT:  # a plan queued before its size was read (PendingPlan): 0 means it must not run
+        if tl.load(Verdict) == 0:
+            return
     # Which rows (last groups first: the dense tail keeps all keys) and which heads: see program_tile.
     group, group_start, first_slot, slot_end, r0, row_hi, pid_bh = program_tile(
         num_groups, tiles_per_group, group_rows, seq_len, HEADS, TILE_M)
@@ -184,6 +188,7 @@ def stripe_attention(
     scale: float,
     return_lse: bool = False,
     out: torch.Tensor | None = None,
+    verdict: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Causal attention over the keys a StripePlan selects, in one Triton kernel.
 
@@ -191,8 +196,11 @@ def stripe_attention(
     in STRIPE_DTYPES, accumulation in float32. ``plan.plan_heads`` is Hq or Hkv. Returns
     (out [B, Hq, N, D] in q's dtype, lse [B, Hq, N] float32 natural log, or None); with ``out``
     (q's shape and dtype, unit stride along D, any other strides) the output is written there.
+    ``verdict`` (int32, one element, on q's device; see :class:`~sparse_prefill.plan.PendingPlan`):
+    every program reads it first and writes nothing when it is 0, so a plan can be launched before
+    the host knows whether it holds.
     """
     # shape constraints
     plan_heads = validate_launch("stripe_attention", StripePlan, "num_groups", q, k, v, plan, scale)
     return launch(_stripe_fwd, q, k, v, plan_heads, plan.num_groups, plan.group_rows, plan.offsets, plan.indices, scale,
-                  return_lse, out, unit_args=(plan.group_rows, plan.sink, plan.local))
+                  return_lse, out, unit_args=(plan.group_rows, plan.sink, plan.local), verdict=verdict)

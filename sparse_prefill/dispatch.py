@@ -10,7 +10,7 @@ import torch
 
 from sparse_prefill.guard import ErrorGuard, GuardMemory
 from sparse_prefill.interfaces import AttentionContext, Executor, Identifier, PlanBudgetExceeded
-from sparse_prefill.plan import DensePlan, Plan
+from sparse_prefill.plan import DensePlan, PendingPlan, Plan
 from sparse_prefill.registry import get_registry
 from sparse_prefill.validation import validate_attention_inputs
 
@@ -102,14 +102,35 @@ def sparse_attention(
             return _run_remembered(q, k, v, identifier, ctx, known, executor=executor, return_lse=return_lse,
                                    on_plan=on_plan, max_plan_bytes=max_plan_bytes, guard=guard, guard_memory=memory)
     budget = default_plan_budget(q, k, v) if max_plan_bytes is None else max_plan_bytes
+    done = None
     try:
         with torch.no_grad():
-            plan = identifier.identify(q, k, dataclasses.replace(ctx, plan_budget=budget))
+            plan = identifier.identify(q, k, dataclasses.replace(ctx, plan_budget=budget, defer_sizing=True))
+        if isinstance(plan, PendingPlan):
+            plan, done = _run_pending(q, k, v, plan, ctx, executor, return_lse)
     except PlanBudgetExceeded as exceeded:
         chunks = _head_chunks(exceeded, q.shape[1] // k.shape[1], budget)
         return _run_in_chunks(q, k, v, identifier, ctx, chunks, executor=executor, return_lse=return_lse,
                               on_plan=on_plan, guard=guard, guard_memory=memory)
-    return _guarded(q, k, v, plan, ctx, executor, return_lse, on_plan, guard, guard_memory=memory)
+    return _guarded(q, k, v, plan, ctx, executor, return_lse, on_plan, guard, guard_memory=memory, done=done)
+
+
+def _run_pending(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pending: PendingPlan, ctx: AttentionContext,
+                 executor: Executor | None, return_lse: bool,
+                 ) -> tuple[Plan, tuple[torch.Tensor, torch.Tensor | None] | None]:
+    """Launches a pending plan on an executor that reads its verdict, then resolves it (the host sync, the GPU
+    busy meanwhile): (the plan it became, its output, or None when that plan has yet to run). An executor that
+    cannot read verdicts gets the resolved plan. Raises PlanBudgetExceeded as identify would have."""
+    try:
+        chosen = executor or select_executor(q, pending.plan)
+    except NoCapableExecutorError:  # the resolved plan may still run (a DensePlan), or raise as it would have
+        return pending.resolve(), None
+    reads_verdict = getattr(chosen, "reads_verdict", False)  # duck-typed plugin executors may omit it
+    if not reads_verdict or chosen.not_supported_reasons(q, pending.plan) or _needs_grad(q, k, v):
+        return pending.resolve(), None
+    result = chosen(q, k, v, pending.plan, ctx, return_lse=return_lse, verdict=pending.verdict)
+    plan = pending.resolve()
+    return plan, (None if isinstance(plan, DensePlan) else result)
 
 
 def _kv_range(ctx: AttentionContext, num_kv: int) -> range:
@@ -217,7 +238,7 @@ def _run_in_chunks(
         # The whole call's plan passed the budget, so it was not dense: no chunk may turn dense.
         chunk_ctx = dataclasses.replace(
             ctx, num_q_heads=chunk_q.shape[1], num_kv_heads=chunk_k.shape[1],
-            head_offset=ctx.head_offset + q_heads.start, plan_budget=None, dense_fallback=False,
+            head_offset=ctx.head_offset + q_heads.start, plan_budget=None, dense_fallback=False, defer_sizing=False,
         )
         with torch.no_grad():
             plan = identifier.identify(chunk_q, chunk_k, chunk_ctx)
@@ -235,10 +256,12 @@ def _run_in_chunks(
 def _guarded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, ctx: AttentionContext,
              executor: Executor | None, return_lse: bool, on_plan: Callable[[Plan, AttentionContext], None] | None,
              guard: ErrorGuard | None, out: torch.Tensor | None = None, guard_memory: GuardMemory | None = None,
-             kv_range: range | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Runs ``plan``, then runs dense again the KV groups whose output ``guard`` rejects (remembered in
-    ``guard_memory`` when given); ``on_plan`` sees what each group's output came from."""
-    result, lse = _execute(q, k, v, plan, ctx, executor, return_lse, out=out)
+             kv_range: range | None = None, done: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Runs ``plan`` (unless ``done`` holds its output already), then runs dense again the KV groups whose
+    output ``guard`` rejects (remembered in ``guard_memory`` when given); ``on_plan`` sees what each group's
+    output came from."""
+    result, lse = done if done is not None else _execute(q, k, v, plan, ctx, executor, return_lse, out=out)
     with torch.no_grad():
         dense = [] if guard is None or isinstance(plan, DensePlan) else guard.dense_kv_heads(q, k, v, result, ctx.scale)
     if guard_memory is not None and any(dense):

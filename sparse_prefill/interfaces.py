@@ -35,6 +35,9 @@ class AttentionContext:
     ``dense_fallback``: whether the identifier may answer a dense-enough selection with a
     :class:`~sparse_prefill.plan.DensePlan`. The chunks of a call whose whole plan was already
     found sparse get False, so splitting the heads never changes the answer.
+    ``defer_sizing``: the caller resolves a :class:`~sparse_prefill.plan.PendingPlan` (the dispatcher
+    sets it with a ``plan_budget``): an identifier may return one instead of a plan, so that its
+    write pass and the executor are queued before the host reads the plan's size.
     """
 
     scale: float
@@ -45,14 +48,16 @@ class AttentionContext:
     head_offset: int = 0
     plan_budget: int | None = None
     dense_fallback: bool = True
+    defer_sizing: bool = False
 
     def __post_init__(self) -> None:
         if self.num_kv_heads <= 0 or self.num_q_heads % self.num_kv_heads:
             raise ValueError(
                 f"query heads ({self.num_q_heads}) must be a positive multiple of KV heads ({self.num_kv_heads})"
             )
-        if not isinstance(self.dense_fallback, bool):
-            raise ValueError(f"dense_fallback must be True or False, got {self.dense_fallback!r}")
+        for name in ("dense_fallback", "defer_sizing"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         budget = self.plan_budget
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 0):
             raise ValueError(
@@ -132,6 +137,9 @@ class Executor(abc.ABC):
     # Whether outputs keep autograd's graph. False (forward-only kernels): the dispatcher refuses
     # inputs that require grad under grad mode instead of returning a detached output.
     supports_backward: ClassVar[bool] = False
+    # Whether __call__ takes ``verdict=`` (see PendingPlan) and its kernels write nothing when it is 0:
+    # the dispatcher then launches a pending plan before reading its size.
+    reads_verdict: ClassVar[bool] = False
 
     def not_supported_reasons(self, q: torch.Tensor, plan: Plan) -> list[str]:
         """Why this executor cannot run these inputs (empty list: it can)."""

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, fields, replace
-from typing import Union
+from typing import Callable, Union
 
 import torch
 
-__all__ = ["Plan", "DensePlan", "StripePlan", "BlockPlan", "plan_nbytes"]
+__all__ = ["Plan", "DensePlan", "StripePlan", "BlockPlan", "PendingPlan", "plan_nbytes"]
 
 
 def _check_csr(name: str, offsets: torch.Tensor, indices: torch.Tensor, segments: int) -> None:
@@ -220,14 +220,29 @@ class StripePlan:
         selected = selected_per_group.cpu().to(torch.int64)
         return self.density_of_counts(int(selected.sum()), int(selected[-1]))
 
-    def density_of_counts(self, selected: int, selected_in_last_group: int) -> float:
-        """:meth:`density_with` from two sums (all groups', and the last, possibly shorter, group's) in plain
-        integers: what an identifier reads in its one host sync, with no tensor work after it."""
+    def density_of_counts(self, selected: int | torch.Tensor, selected_in_last_group: int | torch.Tensor
+                          ) -> float | torch.Tensor:
+        """:meth:`density_with` from two sums (all groups', and the last, possibly shorter, group's): plain
+        integers, what an identifier reads in its one host sync, with no tensor work after it; or int64
+        tensors on the device (a float64 tensor back, the same arithmetic, so host and device agree)."""
         last_rows = self.seq_len - (self.num_groups - 1) * self.group_rows
         stripes = self.group_rows * (selected - selected_in_last_group) + last_rows * selected_in_last_group
         heads, n = self.batch * self.plan_heads, self.seq_len
         window = _window_entries(self.seq_len, self.group_rows, self.sink, self.local)
-        return (heads * window + stripes) / (heads * n * (n + 1) / 2)
+        entries = heads * window + stripes
+        if isinstance(entries, torch.Tensor):
+            entries = entries.double()
+        return entries / (heads * n * (n + 1) / 2)
+
+    def max_selected(self, density_limit: float) -> int:
+        """An upper bound on the selected entries of a plan of this layout whose density is at most
+        ``density_limit``: the capacity a key list written before its size is read needs."""
+        heads, n = self.batch * self.plan_heads, self.seq_len
+        window = _window_entries(self.seq_len, self.group_rows, self.sink, self.local)
+        stripe_entries = density_limit * (heads * n * (n + 1) / 2) - heads * window
+        # The last group may be shorter: each of its keys counts fewer rows, so it can hold up to every key
+        # (n per plan head) beyond what the full groups' rows allow.
+        return max(0, int(stripe_entries // self.group_rows)) + 1 + heads * n  # + 1: float rounding
 
     def validate(self) -> None:
         for name in ("batch", "plan_heads", "seq_len", "group_rows"):
@@ -419,6 +434,28 @@ class BlockPlan:
 
 
 Plan = Union[DensePlan, StripePlan, BlockPlan]
+
+
+@dataclass(frozen=True)
+class PendingPlan:
+    """A plan queued on the device before the host has read its size: what an identifier may return
+    when ``ctx.defer_sizing`` is set.
+
+    Sizing a plan needs one host sync; after it the GPU waits while the host launches the kernels that
+    write the key lists and run them. A pending plan is written into a buffer of bounded capacity
+    before the sync, so the executor can be launched at once: ``verdict`` (int32, one element, on the
+    device) is 1 where ``plan`` holds, 0 where it does not (denser than the pattern's ``dense_above``,
+    or over the plan budget), and an executor that ``reads_verdict`` then writes nothing.
+    ``resolve()`` is the host sync (for anchor, on counts copied to the host before the write pass was
+    queued, so it waits for them, not for the kernels launched after): it returns the plan to report
+    (``plan`` itself, its key list cut to its size, or a :class:`DensePlan` that must still run) or raises
+    :class:`~sparse_prefill.interfaces.PlanBudgetExceeded`. Not a plan kind: no executor takes it;
+    the dispatcher hands ``plan`` and ``verdict`` to one that reads verdicts, or resolves first.
+    """
+
+    plan: Plan
+    verdict: torch.Tensor
+    resolve: Callable[[], Plan]
 
 
 def plan_nbytes(plan: object) -> int:

@@ -20,7 +20,7 @@ from sparse_prefill.interfaces import (
     PlanBudgetExceeded,
     write_into,
 )
-from sparse_prefill.plan import BlockPlan, DensePlan, Plan, StripePlan
+from sparse_prefill.plan import BlockPlan, DensePlan, PendingPlan, Plan, StripePlan
 from sparse_prefill.registry import register_plugin
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "Identifier",
     "Parameter",
     "PatternSpec",
+    "PendingPlan",
     "Plan",
     "PlanBudgetExceeded",
     "StripePlan",

@@ -27,7 +27,7 @@ from sparse_prefill.patterns.anchor import kernel as anchor_identify_module
 from sparse_prefill.patterns.anchor.kernel import anchor_identify, not_supported_reasons
 from sparse_prefill.patterns.anchor import ANCHOR
 from sparse_prefill.patterns.anchor.reference import anchor_identify_reference
-from sparse_prefill.plan import DensePlan, StripePlan, plan_nbytes
+from sparse_prefill.plan import DensePlan, PendingPlan, StripePlan, plan_nbytes
 
 TIE = 1e-4  # fp32 rounding of D-term dot products and block means stays far below this
 
@@ -397,6 +397,48 @@ def test_the_declared_budget_covers_the_plan_and_the_keep_bits(share_kv_heads):
     # ... and the declared bytes are exactly enough, for the same plan.
     fitted = _run(anchor_identify, q, k, **params, max_plan_bytes=declared)
     assert torch.equal(fitted.offsets, plan.offsets) and torch.equal(fitted.indices, plan.indices)
+
+
+@needs_kernel
+@pytest.mark.parametrize("share_kv_heads", [False, True], ids=["per-head", "shared"])
+def test_a_pending_plan_decides_as_the_plan_sized_at_once(share_kv_heads):
+    """defer_sizing: the key list is written before the host reads the counts; the device verdict and
+    resolve() must give what the at-once path gives, at every boundary it has."""
+    q, k, params = _gaussian_problem(8, 2, 300, 2.0, share_kv_heads)
+    q, k = q.to(DEVICE), k.to(DEVICE)
+    plan = anchor_identify(q, k, **params)
+    density = plan.density()
+    assert 0 < density < 1 and plan.indices.numel() > 0
+    with pytest.raises(PlanBudgetExceeded) as exceeded:
+        anchor_identify(q, k, **params, max_plan_bytes=plan_nbytes(plan))
+    declared = sum(exceeded.value.kv_head_bytes)
+
+    def pending(**extra: object) -> PendingPlan:
+        result = anchor_identify(q, k, **params, defer_sizing=True, **extra)
+        assert isinstance(result, PendingPlan)
+        return result
+
+    for extra in ({"max_plan_bytes": 2**40}, {"max_plan_bytes": declared},
+                  {"max_plan_bytes": 2**40, "dense_above": min(1.0, density + 1e-6)}):
+        held = pending(**extra)
+        assert held.verdict.dtype == torch.int32 and held.verdict.tolist() == [1], extra
+        assert held.plan.indices.numel() >= plan.indices.numel() and torch.equal(held.plan.offsets, plan.offsets)
+        resolved = held.resolve()
+        assert isinstance(resolved, StripePlan), extra
+        assert torch.equal(resolved.offsets, plan.offsets) and torch.equal(resolved.indices, plan.indices), extra
+    too_dense = pending(max_plan_bytes=2**40, dense_above=density - 1e-6)
+    assert too_dense.verdict.tolist() == [0] and isinstance(too_dense.resolve(), DensePlan)
+    over_budget = pending(max_plan_bytes=declared - 1)  # its buffer is too short: the write pass must stay inside
+    assert over_budget.verdict.tolist() == [0] and over_budget.plan.indices.numel() < plan.indices.numel()
+    with pytest.raises(PlanBudgetExceeded) as deferred:
+        over_budget.resolve()
+    assert deferred.value.kv_head_bytes == exceeded.value.kv_head_bytes
+    nothing_fits = pending(max_plan_bytes=0)  # not even the offsets and keep bits
+    assert nothing_fits.verdict.tolist() == [0] and nothing_fits.plan.indices.numel() == 0
+    with pytest.raises(PlanBudgetExceeded):
+        nothing_fits.resolve()
+    # No budget, no bound on the buffer: the plan is sized at once.
+    assert isinstance(anchor_identify(q, k, **params, defer_sizing=True), StripePlan)
 
 
 # ---------------------------------------------------------------------------------------------

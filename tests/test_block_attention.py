@@ -154,6 +154,18 @@ def test_out_is_written_in_place_and_strided_inputs_are_read() -> None:
 
 
 @needs_kernel
+def test_a_verdict_of_zero_writes_nothing_and_of_one_runs_the_plan() -> None:
+    case = Case(1, 2, 1, 200, 64, 64, shared=True)
+    q, k, v = _inputs(case, seed=12)
+    plan = _plan(case, fraction=0.5, seed=13)
+    untouched = torch.full_like(q, 7.0)
+    block_attention(q, k, v, plan, 0.125, out=untouched, verdict=torch.zeros(1, dtype=torch.int32, device=DEVICE))
+    assert bool((untouched == 7.0).all())
+    ran, _ = block_attention(q, k, v, plan, 0.125, verdict=torch.ones(1, dtype=torch.int32, device=DEVICE))
+    assert torch.equal(ran, block_attention(q, k, v, plan, 0.125)[0])
+
+
+@needs_kernel
 def test_kernel_reads_a_plan_with_strided_csr_tensors() -> None:
     case = Case(1, 2, 1, 200, 64, 64, shared=True)
     q, k, v = _inputs(case, seed=10)

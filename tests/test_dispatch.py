@@ -24,7 +24,7 @@ from sparse_prefill.kernels.executors import DenseSDPAExecutor, ReferenceExecuto
 from sparse_prefill.kernels.stripe_attention import stripe_attention
 from sparse_prefill.patterns.anchor import ANCHOR
 from sparse_prefill.patterns.dense import DenseIdentifier
-from sparse_prefill.plan import plan_nbytes
+from sparse_prefill.plan import DensePlan, StripePlan, plan_nbytes
 
 # Always a StripePlan, one key list per query head (so a KV group can be split by query head).
 ANCHOR_PARAMS = dict(theta=4.0, block=16, sink=16, local=16, dense_tail=0, dense_above=1.0, share_kv_heads=False)
@@ -185,6 +185,25 @@ def test_chunks_keep_the_whole_calls_sparse_decision():
     chunked = sparse_attention(q, k, v, identifier, max_plan_bytes=0, on_plan=lambda p, c: kinds.append(type(p)))
     assert len(set(kinds)) == 1 and len(kinds) == 3  # one plan, then one per head, all of one kind
     torch.testing.assert_close(chunked[0], whole[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dense_above", [1.0, 1e-6], ids=["held", "too-dense"])
+def test_a_pending_plan_is_launched_resolved_and_reported_as_what_ran(dense_above):
+    """The identifier's pending plan runs under its verdict on the Triton executor; on_plan sees the resolved
+    plan (its key list cut to its size, or the DensePlan that then ran), and the output is that plan's."""
+    q, k, v = qkv()
+    identifier = ANCHOR.build(**{**ANCHOR_PARAMS, "dense_above": dense_above})
+    seen = []
+    out, _ = sparse_attention(q, k, v, identifier, on_plan=lambda plan, ctx: seen.append(plan))
+    (plan,) = seen
+    if dense_above < 1:
+        assert isinstance(plan, DensePlan)
+        expected = DenseSDPAExecutor()(q, k, v, plan, AttentionContext.for_inputs(q, k))[0]
+    else:
+        assert isinstance(plan, StripePlan) and plan.indices.numel() == int(plan.offsets[-1])
+        plan.validate()
+        expected = ReferenceExecutor()(q, k, v, plan, AttentionContext.for_inputs(q, k))[0]
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
 
 
 def test_chunked_calls_accept_inputs_whose_head_dim_is_not_innermost():

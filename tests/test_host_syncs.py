@@ -1,6 +1,6 @@
 """`vertical-slash` and `flexprefill` identify with one host sync per call (issue 14), counted by CUDA's
-sync debug mode. Needs a GPU (skipped on the CPU, where nothing counts syncs):
-`python -m pytest tests/test_host_syncs.py` there.
+sync debug mode, and `host_copy` (anchor's pending plans) waits for its copy alone. Needs a GPU (skipped on
+the CPU, where nothing counts syncs, but for host_copy's CPU path): `python -m pytest tests/test_host_syncs.py` there.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from sparse_prefill.interfaces import AttentionContext
+from sparse_prefill.kernels.runtime import host_copy
 from sparse_prefill.registry import get_pattern
 
 VECTORISED = {  # small settings whose plans stay sparse at 1024 tokens
@@ -41,3 +42,22 @@ def test_identification_syncs_with_the_host_once(case: str, dense_above: float) 
     # One warning per synchronising call; the mode also warns once that it is a prototype (not a sync).
     syncs = [str(w.message) for w in caught if "called a synchronizing CUDA operation" in str(w.message)]
     assert len(syncs) == 1, syncs
+
+
+def test_host_copy_reads_the_values_on_the_cpu() -> None:
+    values = torch.tensor([3, 1, 4, 1, 5], dtype=torch.int64)
+    read = host_copy(values)
+    assert read() == [3, 1, 4, 1, 5]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="times a CUDA stream: needs a GPU")
+def test_host_copy_waits_for_the_copy_not_for_kernels_queued_after_it() -> None:
+    values = torch.arange(7, device="cuda", dtype=torch.int64) * 3
+    torch.cuda.synchronize()
+    read = host_copy(values)
+    torch.cuda._sleep(2_000_000_000)  # about a second of GPU time, queued after the copy
+    after = torch.cuda.Event()
+    after.record()
+    assert read() == [3 * i for i in range(7)]
+    assert not after.query()  # the host has the values while the later kernel still runs
+    torch.cuda.synchronize()

@@ -181,6 +181,21 @@ def test_kernel_reads_a_plan_with_strided_csr_tensors() -> None:
 
 
 @needs_kernel
+def test_a_verdict_of_zero_writes_nothing_and_of_one_runs_the_plan() -> None:
+    """A pending plan (its size not yet read on the host) runs under a device verdict: 0 leaves out as it was."""
+    case = Case(1, 4, 2, 70, 64, 16, 4, 16, shared=True)
+    q, k, v = random_qkv(case, seed=19, device=DEVICE)
+    plan = _plan(case, seed=20, device=DEVICE)
+    untouched = torch.full_like(q, 7.0)
+    stripe_attention(q, k, v, plan, 0.125, out=untouched, verdict=torch.zeros(1, dtype=torch.int32, device=DEVICE))
+    assert bool((untouched == 7.0).all())
+    ran, _ = stripe_attention(q, k, v, plan, 0.125, verdict=torch.ones(1, dtype=torch.int32, device=DEVICE))
+    assert torch.equal(ran, stripe_attention(q, k, v, plan, 0.125)[0])
+    with pytest.raises(ValueError, match="verdict must be one int32 element"):
+        stripe_attention(q, k, v, plan, 0.125, verdict=torch.ones(1, dtype=torch.int64, device=DEVICE))
+
+
+@needs_kernel
 def test_kernel_refuses_an_out_that_overlaps_itself() -> None:
     case = Case(1, 4, 2, 70, 64, 16, 4, 16, shared=True)
     q, k, v = random_qkv(case, seed=17, device=DEVICE)

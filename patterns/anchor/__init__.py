@@ -17,7 +17,7 @@ from sparse_prefill.interfaces import AttentionContext, HeadValues, Identifier, 
 from sparse_prefill.kernels.runtime import triton_can_run
 from sparse_prefill.patterns._checks import allowing, at_least, density, finite, multiple_of
 from sparse_prefill.patterns.anchor.reference import anchor_identify_reference
-from sparse_prefill.plan import DensePlan, StripePlan
+from sparse_prefill.plan import DensePlan, PendingPlan, StripePlan
 
 __all__ = ["ANCHOR", "AnchorIdentifier"]
 
@@ -44,7 +44,8 @@ class AnchorIdentifier(Identifier):
     Inputs the Triton identifier cannot take (its ``not_supported_reasons``: head dim, dtype, too many
     pooled rows per program) go to the reference too, with a warning once per reason: a policy that
     loads never fails mid-generation, and the plan is the same. The Triton identifier honours
-    ``ctx.plan_budget``; the reference (CPU, correctness) does not. Selection is not differentiated.
+    ``ctx.plan_budget`` and ``ctx.defer_sizing``; the reference (CPU, correctness) does neither. Selection is
+    not differentiated.
     """
 
     def __init__(self, theta: float | HeadValues, block: int, group_blocks: int, sink: int, local: int,
@@ -52,7 +53,7 @@ class AnchorIdentifier(Identifier):
         self.params = dict(theta=theta, block=block, group_blocks=group_blocks, sink=sink, local=local,
                            share_kv_heads=share_kv_heads, dense_tail=dense_tail, dense_above=dense_above)
 
-    def identify(self, q: torch.Tensor, k: torch.Tensor, ctx: AttentionContext) -> StripePlan | DensePlan:
+    def identify(self, q: torch.Tensor, k: torch.Tensor, ctx: AttentionContext) -> StripePlan | DensePlan | PendingPlan:
         params = self.params if ctx.dense_fallback else {**self.params, "dense_above": 1.0}
         if isinstance(params["theta"], HeadValues):  # head groups calibrated apart, run as one call
             params = {**params, "theta": params["theta"].for_heads(ctx.head_offset, q.shape[1])}
@@ -63,7 +64,8 @@ class AnchorIdentifier(Identifier):
                                             group_blocks=params["group_blocks"],
                                             share_kv_heads=params["share_kv_heads"])
             if not reasons:
-                return anchor_identify(q, k, scale=ctx.scale, max_plan_bytes=ctx.plan_budget, **params)
+                return anchor_identify(q, k, scale=ctx.scale, max_plan_bytes=ctx.plan_budget,
+                                       defer_sizing=ctx.defer_sizing, **params)
             _warn_once(reasons)
         return anchor_identify_reference(q, k, scale=ctx.scale, **params)
 

@@ -38,9 +38,9 @@ import triton
 import triton.language as tl
 
 from sparse_prefill.interfaces import PlanBudgetExceeded
-from sparse_prefill.kernels.runtime import triton_can_run, triton_interpreted
+from sparse_prefill.kernels.runtime import host_copy, triton_can_run, triton_interpreted
 from sparse_prefill.patterns.anchor.reference import head_thetas, validate_anchor_inputs
-from sparse_prefill.plan import DensePlan, StripePlan
+from sparse_prefill.plan import DensePlan, PendingPlan, StripePlan
 
 __all__ = ["anchor_identify", "not_supported_reasons", "SUPPORTED_DTYPES", "HEAD_DIM_RANGE", "MAX_BLOCK", "MAX_SCAN_ROWS"]
 
@@ -288,14 +288,15 @@ def _stripe_scan_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     num_kv_heads, num_plan_heads, plan_heads_per_kv, groups_per_chunk, num_groups,
     heads_per_plan, group_blocks, num_blocks, group_rows, sink, local, tail_start, scale,
-    slice_keys, num_slices, words_per_step,
+    slice_keys, num_slices, words_per_step, capacity,
     SPLIT: tl.constexpr, PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     SEG_PAD: tl.constexpr, ROW_PAD: tl.constexpr, BLOCK_N: tl.constexpr, WRITE: tl.constexpr, BITS: tl.constexpr,
 ):
     """Kernels 2 and 3 for one (group chunk, key slice, batch x KV head). WRITE=False scores the slice,
     stores each segment's keep bits in Bits (when BITS) and the kept-key count of each (segment,
     slice) in Out; WRITE=True writes the kept keys (the CSR indices, Out), ascending, from the
-    (segment, slice) offsets in Offsets: expanded from the bits when BITS, else scored again."""
+    (segment, slice) offsets in Offsets: expanded from the bits when BITS, else scored again; never at
+    or past ``capacity`` (Out's length: a key list written before its size was read may not fit)."""
     chunk = tl.program_id(0)
     key_slice = tl.program_id(1)
     off_b = tl.program_id(2) // num_kv_heads
@@ -345,7 +346,8 @@ def _stripe_scan_kernel(
         if WRITE:
             # An inclusive prefix sum along the keys places each kept key after the ones before it: ascending order.
             slots = cursor[:, None] + tl.cumsum(keep, 1) - 1
-            tl.store(Out + slots, tl.broadcast_to(keys[None, :], (SEG_PAD, BLOCK_N)), mask=keep > 0)
+            fits = (keep > 0) & (slots < capacity)
+            tl.store(Out + slots, tl.broadcast_to(keys[None, :], (SEG_PAD, BLOCK_N)), mask=fits)
         cursor += tl.sum(keep, 1)
     if not WRITE:
         tl.store(Out + slot, cursor.to(tl.int32), mask=valid)
@@ -480,7 +482,8 @@ def anchor_identify(
     dense_tail: int = 0,
     dense_above: float = 1.0,
     max_plan_bytes: int | None = None,
-) -> StripePlan | DensePlan:
+    defer_sizing: bool = False,
+) -> StripePlan | DensePlan | PendingPlan:
     """AnchorAttention stripes for causal prefill: q [B, Hq, N, D], k [B, Hkv, N, D] -> StripePlan.
 
     Arguments and result are those of ``anchor_identify_reference``; q and k are read in place
@@ -488,6 +491,11 @@ def anchor_identify(
     Decided after counting, before writing any key list: a plan denser than ``dense_above``
     becomes a DensePlan; one that would take more than ``max_plan_bytes`` raises
     :class:`~sparse_prefill.interfaces.PlanBudgetExceeded`.
+
+    ``defer_sizing`` with ``max_plan_bytes``: a :class:`~sparse_prefill.plan.PendingPlan` instead, its
+    key list written before the host reads the counts, into a buffer of the most the plan may hold
+    (``dense_above`` or ``max_plan_bytes``, whichever is smaller: so no more memory than the budget
+    allows any plan); its ``resolve()`` makes the same decisions as above.
     """
     validate_anchor_inputs(
         q, k, scale=scale, theta=theta, block=block, group_blocks=group_blocks, sink=sink, local=local,
@@ -524,8 +532,8 @@ def anchor_identify(
         SEG_PAD=layout.seg_pad, ROW_PAD=layout.row_pad, BITS=keep_bits,
     )
     thetas = head_thetas(theta, num_q, q.device)
-    _stripe_scan_kernel[grid](pooled_q, pooled_anchor, thetas, k, bits, counts, counts, *scan_args, WRITE=False,
-                              **constexprs)
+    _stripe_scan_kernel[grid](pooled_q, pooled_anchor, thetas, k, bits, counts, counts, *scan_args, 0,  # capacity:
+                              WRITE=False, **constexprs)  # read by the write pass only
     grid_counts = counts.view(batch, plan.plan_heads, plan.num_groups, num_slices)
     per_head = grid_counts.sum(dim=(0, 2, 3), dtype=torch.int64)
     in_last_group = grid_counts[:, :, -1].sum(dtype=torch.int64).view(1)
@@ -533,18 +541,50 @@ def anchor_identify(
     slice_offsets = torch.zeros(segments * num_slices + 1, dtype=torch.int64, device=q.device)
     torch.cumsum(counts, dim=0, out=slice_offsets[1:])
     offsets = slice_offsets[::num_slices].contiguous()  # a segment's first slice starts where it does
-    *selected, last = torch.cat([per_head, in_last_group]).tolist()  # the one host sync
-    total = sum(selected)
-    if plan.density_of_counts(total, last) > dense_above:
-        return DensePlan(batch, num_q, seq_len)
+    sums = torch.cat([per_head, in_last_group])
     fixed_bytes = 8 * (segments + 1) + (4 * bits_words if keep_bits else 0)  # alive with the indices
-    if max_plan_bytes is not None and 4 * total + fixed_bytes > max_plan_bytes:
-        # int32 indices per plan head plus an equal share of the offsets and keep bits
-        plan_head_bytes = [4 * n + fixed_bytes // len(selected) for n in selected]
-        raise PlanBudgetExceeded.for_plan_heads(plan_head_bytes, num_kv, max_plan_bytes, heads_per_plan == 1)
-    indices = torch.empty(total, dtype=torch.int32, device=q.device)
-    if total:
-        _stripe_scan_kernel[grid](pooled_q, pooled_anchor, thetas, k, bits, slice_offsets, indices, *scan_args,
-                                  WRITE=True, **constexprs)
-    # No plan.validate() here: it costs several times the index memory and a sync; the tests validate.
-    return dataclasses.replace(plan, offsets=offsets, indices=indices)
+
+    def write_keys(indices: torch.Tensor) -> None:
+        if indices.numel():
+            _stripe_scan_kernel[grid](pooled_q, pooled_anchor, thetas, k, bits, slice_offsets, indices, *scan_args,
+                                      indices.numel(), WRITE=True, **constexprs)
+
+    def dense_or_over_budget(selected: list[int], last: int) -> DensePlan | None:
+        """The plan's verdict from its counts: a DensePlan, PlanBudgetExceeded raised, or None (it holds)."""
+        total = sum(selected)
+        if plan.density_of_counts(total, last) > dense_above:
+            return DensePlan(batch, num_q, seq_len)
+        if max_plan_bytes is not None and 4 * total + fixed_bytes > max_plan_bytes:
+            # int32 indices per plan head plus an equal share of the offsets and keep bits
+            plan_head_bytes = [4 * n + fixed_bytes // len(selected) for n in selected]
+            raise PlanBudgetExceeded.for_plan_heads(plan_head_bytes, num_kv, max_plan_bytes, heads_per_plan == 1)
+        return None
+
+    if not (defer_sizing and max_plan_bytes is not None):
+        *selected, last = sums.tolist()  # the one host sync
+        if (dense := dense_or_over_budget(selected, last)) is not None:
+            return dense
+        indices = torch.empty(sum(selected), dtype=torch.int32, device=q.device)
+        write_keys(indices)
+        # No plan.validate() here: it costs several times the index memory and a sync; the tests validate.
+        return dataclasses.replace(plan, offsets=offsets, indices=indices)
+
+    capacity = min(plan.max_selected(dense_above), (max_plan_bytes - fixed_bytes) // 4)  # < 0: nothing fits
+    total = per_head.sum()
+    holds = (plan.density_of_counts(total, in_last_group[0]) <= dense_above) & (total <= capacity)
+    verdict = holds.to(torch.int32).view(1)
+    # Copied before the write pass is queued: resolve() then waits for the counts, not for the key list
+    # and its executor, which keep the GPU busy while the host reads the counts and goes on.
+    read_counts = host_copy(torch.cat([sums, verdict.long()]))
+    indices = torch.empty(max(capacity, 0), dtype=torch.int32, device=q.device)
+    write_keys(indices)
+
+    def resolve() -> StripePlan | DensePlan:
+        *selected, last, held = read_counts()  # the one host sync: up to the counts, not the kernels after them
+        if held:
+            return dataclasses.replace(plan, offsets=offsets, indices=indices[: sum(selected)])
+        # Not held on the device: too dense or over the budget (capacity is below neither). Dense attention is
+        # exact, so it also answers a disagreement of host and device arithmetic, which the tests rule out.
+        return dense_or_over_budget(selected, last) or DensePlan(batch, num_q, seq_len)
+
+    return PendingPlan(dataclasses.replace(plan, offsets=offsets, indices=indices), verdict, resolve)
