@@ -102,7 +102,7 @@ def sparse_attention(
             return _run_remembered(q, k, v, identifier, ctx, known, executor=executor, return_lse=return_lse,
                                    on_plan=on_plan, max_plan_bytes=max_plan_bytes, guard=guard, guard_memory=memory)
     budget = default_plan_budget(q, k, v) if max_plan_bytes is None else max_plan_bytes
-    done = None
+    done, chunks = None, None
     try:
         with torch.no_grad():
             plan = identifier.identify(q, k, dataclasses.replace(ctx, plan_budget=budget, defer_sizing=True))
@@ -110,6 +110,10 @@ def sparse_attention(
             plan, done = _run_pending(q, k, v, plan, ctx, executor, return_lse)
     except PlanBudgetExceeded as exceeded:
         chunks = _head_chunks(exceeded, q.shape[1] // k.shape[1], budget)
+    if chunks is not None:
+        # Outside the except block: its traceback holds the frames that hold a pending plan's key buffer (up to
+        # the budget), which must be freed before the chunks' plans take the budget again.
+        plan = done = None
         return _run_in_chunks(q, k, v, identifier, ctx, chunks, executor=executor, return_lse=return_lse,
                               on_plan=on_plan, guard=guard, guard_memory=memory)
     return _guarded(q, k, v, plan, ctx, executor, return_lse, on_plan, guard, guard_memory=memory, done=done)

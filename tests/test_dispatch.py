@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: kernels run on the CPU
@@ -361,3 +362,33 @@ def test_the_dense_sdpa_path_keeps_the_graph():
     out = sparse_attention(q, k, v, DenseIdentifier())[0]
     out.sum().backward()
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def test_a_pending_plan_over_the_budget_is_freed_before_the_chunks_identify():
+    """A pending plan's key buffer may take the whole budget: the heads' chunks must not find it still alive."""
+    import weakref
+
+    from sparse_prefill.interfaces import Identifier
+    from sparse_prefill.plan import PendingPlan
+
+    q, k, v = qkv()
+    buffers: list[weakref.ref] = []
+    alive_during_chunks: list[bool] = []
+
+    class OverBudgetWhenDeferred(Identifier):  # a pending plan that resolves over the budget, then chunk plans
+        def identify(self, q, k, ctx):
+            plan = ANCHOR.build(**ANCHOR_PARAMS).identify(q, k, dataclasses.replace(ctx, defer_sizing=False))
+            if not ctx.defer_sizing:
+                alive_during_chunks.append(buffers[0]() is not None)
+                return plan
+            buffer = torch.empty(1 << 16, dtype=torch.int32)
+            buffers.append(weakref.ref(buffer))
+
+            def resolve():
+                raise PlanBudgetExceeded([1] * k.shape[1], 0)
+
+            return PendingPlan(dataclasses.replace(plan, indices=buffer), torch.zeros(1, dtype=torch.int32), resolve)
+
+    out, _ = sparse_attention(q, k, v, OverBudgetWhenDeferred(), executor=ReferenceExecutor())
+    assert alive_during_chunks and not any(alive_during_chunks)
+    assert torch.isfinite(out).all()
