@@ -14,12 +14,18 @@ smoke test) only wall times are meaningful.
 A stripe-kernel change judged on the whole model: each ``--kernel LABEL=PATH`` (a ``kernels/stripe_attention.py``
 copy, as ``executor_ab.py`` takes it) runs in place of the installed kernel for ``--rounds`` more medians of each
 policy, interleaved with the installed one (``kernel_ab_ms``), in the same process, model and input.
+
+``--sizing-ab``: for each policy, ``--rounds`` more medians with anchor's plans launched before their size is
+read (``pending``, as shipped) and sized at the one host sync first (``sized``), interleaved (``sizing_ab_ms``):
+whether pending plans still pay on this model and GPU (docs/benchmarks/pending_plans_ab_h100.json measured them on
+random weights).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 import time
 
@@ -30,7 +36,9 @@ import sparse_prefill
 from executor_ab import load_kernel
 from sparse_prefill.evaluation.models import essay_token_ids, load_tokenizer_and_config, load_weights, locate_model
 from sparse_prefill.evaluation.whole_model import prefill_ms
+from sparse_prefill.interfaces import AttentionContext
 from sparse_prefill.kernels import executors
+from sparse_prefill.patterns.anchor import AnchorIdentifier
 from sparse_prefill.policy import load_policy
 
 # First match wins; names as CUDA reports kernels (cuDNN / flash SDPA, cuBLAS, our Triton kernels by function name).
@@ -82,6 +90,27 @@ def time_kernels(model, ids: torch.Tensor, repeats: int, rounds: int, kernels: l
     return times
 
 
+def time_sizing(model, ids: torch.Tensor, repeats: int, rounds: int) -> dict[str, list[float]]:
+    """Prefill medians with anchor's plans launched before their size is read (``pending``, as shipped since
+    5f5277d) and sized at the sync before anything is launched (``sized``: ``ctx.defer_sizing`` off, the path
+    before), interleaved in each round (the order reversed every other round), same model and input."""
+    shipped = AnchorIdentifier.identify
+
+    def sized(self, q: torch.Tensor, k: torch.Tensor, ctx: AttentionContext):
+        return shipped(self, q, k, dataclasses.replace(ctx, defer_sizing=False))
+
+    variants = [("pending", shipped), ("sized", sized)]
+    times: dict[str, list[float]] = {label: [] for label, _ in variants}
+    try:
+        for round_ in range(rounds):
+            for label, identify in variants if round_ % 2 == 0 else variants[::-1]:
+                AnchorIdentifier.identify = identify
+                times[label].append(prefill_ms(model, ids, repeats))
+    finally:
+        AnchorIdentifier.identify = shipped
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="a .gguf file, a Hugging Face folder, or smollm2")
@@ -92,7 +121,10 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--kernel", action="append", default=[], type=load_kernel, metavar="LABEL=PATH",
                         help="a stripe_attention.py copy timed against the installed kernel; repeatable")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved medians per kernel with --kernel")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="interleaved medians per kernel with --kernel, per sizing with --sizing-ab")
+    parser.add_argument("--sizing-ab", action="store_true",
+                        help="also time anchor's plans sized at the sync against pending plans (kernels/runtime.py)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     if args.length < 2 or args.repeats < 1 or args.rounds < 1:
@@ -114,6 +146,8 @@ def main() -> None:
             rows[label] = profile_prefill(model, ids, args.repeats, device)
             if args.kernel and policy is not None:
                 rows[label]["kernel_ab_ms"] = time_kernels(model, ids, args.repeats, args.rounds, args.kernel)
+            if args.sizing_ab and policy is not None:
+                rows[label]["sizing_ab_ms"] = time_sizing(model, ids, args.repeats, args.rounds)
         finally:
             if handle is not None:
                 sparse_prefill.remove(model)
@@ -124,6 +158,8 @@ def main() -> None:
             print(f"    {name:16s} {ms:8.2f} ms")
         for name, times in row.get("kernel_ab_ms", {}).items():
             print(f"    kernel {name}: " + ", ".join(f"{ms:.1f}" for ms in times) + " ms")
+        for name, times in row.get("sizing_ab_ms", {}).items():
+            print(f"    plans {name}: " + ", ".join(f"{ms:.1f}" for ms in times) + " ms")
     record = {"model": args.model, "length": args.length, "device": str(device),
               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
               "versions": {"torch": torch.__version__}, "results": rows}
