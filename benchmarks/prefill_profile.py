@@ -74,20 +74,28 @@ def profile_prefill(model, ids: torch.Tensor, repeats: int, device: torch.device
             "families_ms": dict(families.most_common()), "top_kernels_ms": dict(kernels.most_common(12))}
 
 
-def time_kernels(model, ids: torch.Tensor, repeats: int, rounds: int, kernels: list) -> dict[str, list[float]]:
-    """Prefill medians per stripe kernel (the installed one as ``current``), the kernels interleaved in each round
-    so that a slow spell of the GPU hits all of them alike."""
-    variants = [("current", executors.stripe_attention)]
-    variants += [(label, module.stripe_attention) for label, module in kernels]
+def _interleaved(model, ids: torch.Tensor, repeats: int, rounds: int, variants: list, install, alternate: bool
+                 ) -> dict[str, list[float]]:
+    """Prefill medians per (label, value) of ``variants``, each round timing every one after ``install(value)``
+    (in reverse order every other round when ``alternate``), so that a slow spell of the GPU hits all of them
+    alike; the first variant's value is installed again afterwards."""
     times: dict[str, list[float]] = {label: [] for label, _ in variants}
     try:
-        for _ in range(rounds):
-            for label, kernel in variants:
-                executors.stripe_attention = kernel
+        for round_ in range(rounds):
+            for label, value in variants if round_ % 2 == 0 or not alternate else variants[::-1]:
+                install(value)
                 times[label].append(prefill_ms(model, ids, repeats))
     finally:
-        executors.stripe_attention = variants[0][1]
+        install(variants[0][1])
     return times
+
+
+def time_kernels(model, ids: torch.Tensor, repeats: int, rounds: int, kernels: list) -> dict[str, list[float]]:
+    """Prefill medians per stripe kernel (the installed one as ``current``), the kernels interleaved in each round."""
+    variants = [("current", executors.stripe_attention)]
+    variants += [(label, module.stripe_attention) for label, module in kernels]
+    install = lambda kernel: setattr(executors, "stripe_attention", kernel)  # noqa: E731
+    return _interleaved(model, ids, repeats, rounds, variants, install, alternate=False)
 
 
 def time_sizing(model, ids: torch.Tensor, repeats: int, rounds: int) -> dict[str, list[float]]:
@@ -99,16 +107,8 @@ def time_sizing(model, ids: torch.Tensor, repeats: int, rounds: int) -> dict[str
     def sized(self, q: torch.Tensor, k: torch.Tensor, ctx: AttentionContext):
         return shipped(self, q, k, dataclasses.replace(ctx, defer_sizing=False))
 
-    variants = [("pending", shipped), ("sized", sized)]
-    times: dict[str, list[float]] = {label: [] for label, _ in variants}
-    try:
-        for round_ in range(rounds):
-            for label, identify in variants if round_ % 2 == 0 else variants[::-1]:
-                AnchorIdentifier.identify = identify
-                times[label].append(prefill_ms(model, ids, repeats))
-    finally:
-        AnchorIdentifier.identify = shipped
-    return times
+    return _interleaved(model, ids, repeats, rounds, [("pending", shipped), ("sized", sized)],
+                        lambda identify: setattr(AnchorIdentifier, "identify", identify), alternate=True)
 
 
 def main() -> None:
