@@ -1,0 +1,123 @@
+"""A policy file back from a committed record: the YAML that a record's commands call ``NAME.yaml``.
+
+    python benchmarks/policy_from_record.py docs/benchmarks/floor_sweep_qwen25_coder_05b_32k.json \
+        layers-floor0.7 --out layers-floor0.7.yaml
+
+Eval records keep each policy as ``Policy.describe()`` printed it (every parameter resolved), not as the
+file that ran. This rebuilds that file and loads it back: the written YAML is kept only if its own
+``describe()`` matches the record's line for line (the source line aside), so a description this script
+misreads is refused, never written as a different policy. ``--list`` names the record's policies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sparse_prefill.policy import PolicyError, load_policy
+
+_CHOICE = re.compile(r"([\w.-]+)\((.*)\)")
+_OVERRIDE = re.compile(r"layers (\S+), heads (\S+): (.+)")
+_GUARD = re.compile(r"guard: KV groups whose output on (\d+) sampled rows errs more than (\S+) run dense"
+                    r"(?:; a rejected group then runs dense for (\d+) calls before a new test)?")
+
+
+class DescriptionError(ValueError):
+    """A line of a policy description this script cannot read, or a rebuilt policy that describes itself
+    differently."""
+
+
+def record_policies(record: dict) -> dict[str, str]:
+    """Every policy description of an eval record (merge_eval.py's ``runs[*].policies``), by label."""
+    runs = record.get("runs", [])
+    found: dict[str, str] = {}
+    for run in runs.values() if isinstance(runs, dict) else runs:
+        policies = run.get("policies") if isinstance(run, dict) else None
+        if isinstance(policies, dict):
+            found.update({label: text for label, text in policies.items() if isinstance(text, str)})
+    return found
+
+
+def _choice(text: str) -> dict[str, Any]:
+    match = _CHOICE.fullmatch(text.strip())
+    if match is None:
+        raise DescriptionError(f"not a pattern choice: {text!r}")
+    params = [item.split("=", 1) for item in match[2].split(", ") if item]
+    return {"pattern": match[1], **{key: yaml.safe_load(value) for key, value in params}}
+
+
+def _selector(text: str) -> list[int | str] | None:
+    if text == "all":
+        return None
+    return [int(item) if item.isdigit() else item for item in text.split(",")]
+
+
+def policy_from_description(description: str) -> dict[str, Any]:
+    """The policy document (as a YAML file holds it) that ``describe()`` printed as ``description``."""
+    doc: dict[str, Any] = {}
+    overrides: list[dict[str, Any]] = []
+    for line in description.splitlines()[1:]:  # the first line names the file it came from
+        text = line.strip()
+        if text.startswith("min_length:"):
+            doc["min_length"] = int(text.split(":", 1)[1])
+        elif text.startswith("default:"):
+            doc["default"] = _choice(text.split(":", 1)[1])
+        elif (guard := _GUARD.fullmatch(text)) is not None:
+            doc["guard"] = {"rows": int(guard[1]), "max_error": float(guard[2]), "remember": int(guard[3] or 0)}
+        elif (override := _OVERRIDE.fullmatch(text)) is not None:
+            entry: dict[str, Any] = {}
+            for key, selector in (("layers", _selector(override[1])), ("heads", _selector(override[2]))):
+                if selector is not None:
+                    entry[key] = selector
+            overrides.append({**entry, **_choice(override[3])})
+        else:
+            raise DescriptionError(f"cannot read the line {line!r}")
+    if overrides:
+        doc["overrides"] = overrides
+    return doc
+
+
+def rebuild(description: str, out: Path) -> str:
+    """Writes the policy of ``description`` to ``out`` and returns its resolved description; raises
+    DescriptionError (and removes ``out``) unless it matches the given one line for line."""
+    out.write_text(yaml.safe_dump(policy_from_description(description), sort_keys=False))
+    try:
+        got = load_policy(out).describe()
+    except PolicyError as exc:
+        out.unlink()
+        raise DescriptionError(f"the rebuilt policy does not load: {exc}") from None
+    if got.splitlines()[1:] != description.splitlines()[1:]:
+        out.unlink()
+        raise DescriptionError(f"the rebuilt policy describes itself differently:\n{got}")
+    return got
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("record", type=Path, help="an eval record (docs/benchmarks/*.json)")
+    parser.add_argument("label", nargs="?", help="the policy's label in the record")
+    parser.add_argument("--out", type=Path, help="where to write the YAML (default: LABEL.yaml)")
+    parser.add_argument("--list", action="store_true", help="print the record's policy labels and stop")
+    args = parser.parse_args()
+    policies = record_policies(json.loads(args.record.read_text()))
+    if args.list or args.label is None:
+        print("\n".join(policies) or f"{args.record}: no policy descriptions (runs[*].policies)")
+        return
+    if args.label not in policies:
+        sys.exit(f"{args.record}: no policy {args.label!r}; it has: {', '.join(policies) or 'none'}")
+    out = args.out or Path(f"{args.label}.yaml")
+    try:
+        rebuild(policies[args.label], out)
+    except DescriptionError as exc:
+        sys.exit(f"{args.record}, {args.label}: {exc}")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""benchmarks/policy_from_record.py: a record's policy description becomes the policy file that ran, or is refused."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmark_scripts import load_benchmark
+from sparse_prefill.policy import load_policy, shipped_policies
+
+rebuilder = load_benchmark("policy_from_record")
+RECORDS = Path(__file__).parents[1] / "docs" / "benchmarks"
+
+
+def _body(description: str) -> list[str]:
+    return description.splitlines()[1:]  # the first line names the source file
+
+
+@pytest.mark.parametrize("name", shipped_policies())
+def test_every_shipped_policy_comes_back_from_its_description(name, tmp_path):
+    description = load_policy(name).describe()
+    got = rebuilder.rebuild(description, tmp_path / "p.yaml")
+    assert _body(got) == _body(description)
+    assert load_policy(tmp_path / "p.yaml").guard == load_policy(name).guard  # anchor.yaml carries one
+
+
+def test_a_committed_record_policy_rebuilds_with_its_overrides(tmp_path):
+    record = json.loads((RECORDS / "floor_sweep_qwen25_coder_05b_32k.json").read_text())
+    description = rebuilder.record_policies(record)["layers-floor0.7"]
+    rebuilder.rebuild(description, tmp_path / "p.yaml")
+    policy = load_policy(tmp_path / "p.yaml")
+    assert _body(policy.describe()) == _body(description)
+    assert policy.choice_for(3, 0).pattern == "dense"  # a whole dense layer, as the record says
+    assert policy.choice_for(2, 0) != policy.choice_for(2, 7)  # a theta per KV group
+
+
+def test_a_description_it_cannot_reproduce_is_refused_and_nothing_is_written(tmp_path):
+    out = tmp_path / "p.yaml"
+    partial = "policy from x.yaml\n  min_length: 0\n  default: anchor(theta=11.0)"  # resolved lines list every param
+    with pytest.raises(rebuilder.DescriptionError, match="differently"):
+        rebuilder.rebuild(partial, out)
+    assert not out.exists()
+    with pytest.raises(rebuilder.DescriptionError, match="cannot read"):
+        rebuilder.policy_from_description("policy from x.yaml\n  something else: 1")
+    with pytest.raises(rebuilder.DescriptionError, match="does not load"):
+        rebuilder.rebuild("policy from x.yaml\n  min_length: 0\n  default: nosuchpattern(a=1)", out)
+    assert not out.exists()
