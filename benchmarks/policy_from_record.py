@@ -4,9 +4,9 @@
         layers-floor0.7 --out layers-floor0.7.yaml
 
 Eval records keep each policy as ``Policy.describe()`` printed it (every parameter resolved), not as the
-file that ran. This rebuilds that file and loads it back: the written YAML is kept only if its own
-``describe()`` matches the record's line for line (the source line aside), so a description this script
-misreads is refused, never written as a different policy. ``--list`` names the record's policies.
+file that ran. This rebuilds that file and loads it before writing: only if its own ``describe()`` matches
+the record's line for line (the source line aside) is it written, so a description this script misreads is
+refused, never written as a different policy. ``--list`` names the record's policies.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from sparse_prefill.evaluation.calibrate import policy_file_text
 from sparse_prefill.policy import PolicyError, load_policy
 
 _CHOICE = re.compile(r"([\w.-]+)\((.*)\)")
@@ -85,16 +86,15 @@ def policy_from_description(description: str) -> dict[str, Any]:
 
 def rebuild(description: str, out: Path) -> str:
     """Writes the policy of ``description`` to ``out`` and returns its resolved description; raises
-    DescriptionError (and removes ``out``) unless it matches the given one line for line."""
-    out.write_text(yaml.safe_dump(policy_from_description(description), sort_keys=False))
+    DescriptionError, writing nothing, unless it matches the given one line for line."""
+    document = policy_from_description(description)
     try:
-        got = load_policy(out).describe()
+        got = load_policy(document).describe()
     except PolicyError as exc:
-        out.unlink()
         raise DescriptionError(f"the rebuilt policy does not load: {exc}") from None
     if got.splitlines()[1:] != description.splitlines()[1:]:
-        out.unlink()
         raise DescriptionError(f"the rebuilt policy describes itself differently:\n{got}")
+    out.write_text(policy_file_text(document, ["rebuilt from a record's description by policy_from_record.py"]))
     return got
 
 
