@@ -105,7 +105,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="where to write the YAML (default: LABEL.yaml)")
     parser.add_argument("--list", action="store_true", help="print the record's policy labels and stop")
     args = parser.parse_args()
-    policies = record_policies(json.loads(args.record.read_text()))
+    try:
+        record = json.loads(args.record.read_text())
+    except (OSError, ValueError) as exc:
+        sys.exit(f"cannot read the record {args.record} as JSON: {exc}")
+    policies = record_policies(record if isinstance(record, dict) else {})
     if args.list or args.label is None:
         print("\n".join(policies) or f"{args.record}: no policy descriptions (runs[*].policies)")
         return

@@ -45,3 +45,16 @@ def test_a_description_it_cannot_reproduce_is_refused_and_nothing_is_written(tmp
     with pytest.raises(rebuilder.DescriptionError, match="does not load"):
         rebuilder.rebuild("policy from x.yaml\n  min_length: 0\n  default: nosuchpattern(a=1)", out)
     assert not out.exists()
+
+
+def test_a_missing_or_unreadable_record_or_label_is_named_before_anything_is_written(tmp_path, monkeypatch):
+    not_json = tmp_path / "notes.txt"
+    not_json.write_text("not a record")
+    record = str(RECORDS / "floor_sweep_qwen25_coder_05b_32k.json")
+    for argv, said in (([str(tmp_path / "missing.json"), "x"], "cannot read the record"),
+                       ([str(not_json), "x"], "cannot read the record"),
+                       ([record, "no-such-label"], "no policy 'no-such-label'; it has: ")):
+        monkeypatch.setattr("sys.argv", ["policy_from_record.py", *argv, "--out", str(tmp_path / "p.yaml")])
+        with pytest.raises(SystemExit, match=said):
+            rebuilder.main()
+        assert not (tmp_path / "p.yaml").exists()
