@@ -58,3 +58,25 @@ def test_a_missing_or_unreadable_record_or_label_is_named_before_anything_is_wri
         with pytest.raises(SystemExit, match=said):
             rebuilder.main()
         assert not (tmp_path / "p.yaml").exists()
+
+
+def _record_descriptions() -> list[tuple[str, str, str]]:
+    found = []
+    for path in sorted(RECORDS.glob("*.json")):
+        record = json.loads(path.read_text())
+        if isinstance(record, dict):
+            found += [(path.name, label, text) for label, text in rebuilder.record_policies(record).items()]
+    return found
+
+
+def test_every_committed_record_policy_comes_back(tmp_path):
+    """The records' commands name policy files that are not in the tree; each must be rebuildable from its record."""
+    descriptions = _record_descriptions()
+    assert len(descriptions) > 100  # the eval records hold about two hundred
+    failed = []
+    for record, label, description in descriptions:
+        try:
+            rebuilder.rebuild(description, tmp_path / "p.yaml")
+        except rebuilder.DescriptionError as exc:
+            failed.append(f"{record} {label}: {exc}")
+    assert not failed, "\n".join(failed)
