@@ -45,6 +45,11 @@ def record_policies(record: dict) -> dict[str, str]:
     return found
 
 
+def description_body(description: str) -> list[str]:
+    """A description's lines without its first, which names the file the policy was read from."""
+    return description.splitlines()[1:]
+
+
 def _choice(text: str) -> dict[str, Any]:
     match = _CHOICE.fullmatch(text.strip())
     if match is None:
@@ -63,7 +68,7 @@ def policy_from_description(description: str) -> dict[str, Any]:
     """The policy document (as a YAML file holds it) that ``describe()`` printed as ``description``."""
     doc: dict[str, Any] = {}
     overrides: list[dict[str, Any]] = []
-    for line in description.splitlines()[1:]:  # the first line names the file it came from
+    for line in description_body(description):
         text = line.strip()
         if text.startswith("min_length:"):
             doc["min_length"] = int(text.split(":", 1)[1])
@@ -92,7 +97,7 @@ def rebuild(description: str, out: Path) -> str:
         got = load_policy(document).describe()
     except PolicyError as exc:
         raise DescriptionError(f"the rebuilt policy does not load: {exc}") from None
-    if got.splitlines()[1:] != description.splitlines()[1:]:
+    if description_body(got) != description_body(description):
         raise DescriptionError(f"the rebuilt policy describes itself differently:\n{got}")
     out.write_text(policy_file_text(document, ["rebuilt from a record's description by policy_from_record.py"]))
     return got

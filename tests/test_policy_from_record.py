@@ -12,15 +12,11 @@ rebuilder = load_benchmark("policy_from_record")
 RECORDS = Path(__file__).parents[1] / "docs" / "benchmarks"
 
 
-def _body(description: str) -> list[str]:
-    return description.splitlines()[1:]  # the first line names the source file
-
-
 @pytest.mark.parametrize("name", shipped_policies())
 def test_every_shipped_policy_comes_back_from_its_description(name, tmp_path):
     description = load_policy(name).describe()
     got = rebuilder.rebuild(description, tmp_path / "p.yaml")
-    assert _body(got) == _body(description)
+    assert rebuilder.description_body(got) == rebuilder.description_body(description)
     assert load_policy(tmp_path / "p.yaml").guard == load_policy(name).guard  # anchor.yaml carries one
 
 
@@ -29,7 +25,7 @@ def test_a_committed_record_policy_rebuilds_with_its_overrides(tmp_path):
     description = rebuilder.record_policies(record)["layers-floor0.7"]
     rebuilder.rebuild(description, tmp_path / "p.yaml")
     policy = load_policy(tmp_path / "p.yaml")
-    assert _body(policy.describe()) == _body(description)
+    assert rebuilder.description_body(policy.describe()) == rebuilder.description_body(description)
     assert policy.choice_for(3, 0).pattern == "dense"  # a whole dense layer, as the record says
     assert policy.choice_for(2, 0) != policy.choice_for(2, 7)  # a theta per KV group
 
