@@ -15,10 +15,10 @@ A stripe-kernel change judged on the whole model: each ``--kernel LABEL=PATH`` (
 copy, as ``executor_ab.py`` takes it) runs in place of the installed kernel for ``--rounds`` more medians of each
 policy, interleaved with the installed one (``kernel_ab_ms``), in the same process, model and input.
 
-``--sizing-ab``: for each policy, ``--rounds`` more medians with anchor's plans launched before their size is
-read (``pending``, as shipped) and sized at the one host sync first (``sized``), interleaved (``sizing_ab_ms``):
-whether pending plans still pay on this model and GPU (docs/benchmarks/pending_plans_ab_h100.json measured them on
-random weights).
+``--sizing-ab``: for each policy, ``--rounds`` more medians with every identifier's plans launched before their
+size is read (``pending``, as shipped) and sized at the one host sync first (``sized``), interleaved
+(``sizing_ab_ms``): whether pending plans pay on this model and GPU
+(docs/benchmarks/pending_plans_qwen25_coder_05b_32k_h100.json).
 """
 
 from __future__ import annotations
@@ -36,9 +36,8 @@ import sparse_prefill
 from executor_ab import load_kernel
 from sparse_prefill.evaluation.models import essay_token_ids, load_tokenizer_and_config, load_weights, locate_model
 from sparse_prefill.evaluation.whole_model import prefill_ms
-from sparse_prefill.interfaces import AttentionContext
+from sparse_prefill.interfaces import AttentionContext, Identifier
 from sparse_prefill.kernels import executors
-from sparse_prefill.patterns.anchor import AnchorIdentifier
 from sparse_prefill.policy import load_policy
 
 # First match wins; names as CUDA reports kernels (cuDNN / flash SDPA, cuBLAS, our Triton kernels by function name).
@@ -98,17 +97,38 @@ def time_kernels(model, ids: torch.Tensor, repeats: int, rounds: int, kernels: l
     return _interleaved(model, ids, repeats, rounds, variants, install, alternate=False)
 
 
-def time_sizing(model, ids: torch.Tensor, repeats: int, rounds: int) -> dict[str, list[float]]:
-    """Prefill medians with anchor's plans launched before their size is read (``pending``, as shipped since
-    5f5277d) and sized at the sync before anything is launched (``sized``: ``ctx.defer_sizing`` off, the path
-    before), interleaved in each round (the order reversed every other round), same model and input."""
-    shipped = AnchorIdentifier.identify
+def _identifier_classes() -> list[type]:
+    """Every imported Identifier class that defines its own ``identify`` (built-ins and plugins alike)."""
+    found, todo = [], [Identifier]
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        if "identify" in vars(cls) and cls is not Identifier:
+            found.append(cls)
+    return found
 
+
+def _sized(identify):
+    """``identify`` with ``ctx.defer_sizing`` off: the plan sized at its one host sync before anything is launched."""
     def sized(self, q: torch.Tensor, k: torch.Tensor, ctx: AttentionContext):
-        return shipped(self, q, k, dataclasses.replace(ctx, defer_sizing=False))
+        return identify(self, q, k, dataclasses.replace(ctx, defer_sizing=False))
+    return sized
 
-    return _interleaved(model, ids, repeats, rounds, [("pending", shipped), ("sized", sized)],
-                        lambda identify: setattr(AnchorIdentifier, "identify", identify), alternate=True)
+
+def time_sizing(model, ids: torch.Tensor, repeats: int, rounds: int) -> dict[str, list[float]]:
+    """Prefill medians with plans launched before their size is read (``pending``, as shipped: anchor since
+    5f5277d, the block patterns since) and sized at the sync before anything is launched (``sized``:
+    ``ctx.defer_sizing`` off for every identifier, the path before), interleaved in each round (the order
+    reversed every other round), same model and input."""
+    shipped = {cls: vars(cls)["identify"] for cls in _identifier_classes()}
+    sized = {cls: _sized(identify) for cls, identify in shipped.items()}
+
+    def install(identifiers: dict) -> None:
+        for cls, identify in identifiers.items():
+            setattr(cls, "identify", identify)
+
+    return _interleaved(model, ids, repeats, rounds, [("pending", shipped), ("sized", sized)], install,
+                        alternate=True)
 
 
 def main() -> None:

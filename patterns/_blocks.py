@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from sparse_prefill.interfaces import AttentionContext
 from sparse_prefill.patterns._budget import enforce_plan_budget, plan_head_bytes
-from sparse_prefill.plan import BlockPlan, DensePlan
+from sparse_prefill.kernels.runtime import host_copy
+from sparse_prefill.plan import BlockPlan, DensePlan, PendingPlan
 
 # Scores the vectorised identifiers hold at once (float32 entries): bounds a chunk of query rows
 # times every key tile of every head to 256 MiB, whatever the sequence length.
@@ -73,56 +74,112 @@ def row_chunks(rows: int, align: int, row_cost: int) -> Iterator[tuple[int, int]
 
 
 def block_plan(mask: torch.Tensor, seq_len: int, block: int, num_kv_heads: int, ctx: AttentionContext,
-               dense_above: float) -> BlockPlan | DensePlan:
+               dense_above: float) -> BlockPlan | DensePlan | PendingPlan:
     """The BlockPlan of ``mask`` [B, Hq, nb, nb] (one list per query head), or a DensePlan when it is
     denser than ``dense_above`` and ``ctx`` allows it. One host sync sizes the plan (its density, its
     entries and its bytes per head come back together); raises PlanBudgetExceeded before allocating
-    lists that would pass ``ctx.plan_budget``."""
+    lists that would pass ``ctx.plan_budget``. With ``ctx.defer_sizing`` (and a budget), a
+    :class:`~sparse_prefill.plan.PendingPlan` instead (see :func:`_sized_plan`)."""
     num_blocks = mask.shape[-1]
     diagonal = mask.diagonal(dim1=-2, dim2=-1).long()
-    # Row-major nonzero lists each segment's key blocks ascending, segments in order.
+    flat = mask.flatten()
+    # Row-major nonzero lists each segment's key blocks ascending, segments in order; a flat position's key
+    # block is its remainder (one int64 per entry, not a [total, 2] pair of them).
     return _sized_plan(mask.sum(dim=-1), diagonal, seq_len, block, num_kv_heads, ctx, dense_above,
-                       lambda total: torch.nonzero_static(mask.reshape(-1, num_blocks), size=total)[:, 1])
+                       lambda size: torch.nonzero_static(flat, size=size)[:, 0].remainder_(num_blocks))
 
 
 def list_plan(lists: torch.Tensor, seq_len: int, block: int, num_kv_heads: int, ctx: AttentionContext,
-              dense_above: float, unless: torch.Tensor | None = None) -> BlockPlan | DensePlan | None:
+              dense_above: float, unless: torch.Tensor | None = None) -> BlockPlan | DensePlan | PendingPlan | None:
     """:func:`block_plan` from key-block lists instead of a mask: ``lists`` [B, Hq, nb, width] int, each
     row its key blocks ascending and then ``nb`` for every empty place. A pattern that keeps at most
     ``width`` blocks per query block thus never builds an [nb, nb] mask per head (at 128k, 64-key
     blocks and 32 heads: 134M entries, each op on them a pass over 134 MB). ``unless``, a bool scalar
     on the device, is read in the same host sync: where it is true, None is returned (the caller takes
-    another route, such as a mask, without a second sync in the usual case)."""
+    another route, such as a mask, without a second sync in the usual case). A pending plan cannot wait
+    for that route: where ``unless`` is true its verdict is 0 and it resolves to a DensePlan (exact)."""
     num_blocks = lists.shape[-2]
     listed = lists < num_blocks
     diagonal = (lists == torch.arange(num_blocks, device=lists.device)[:, None]).any(dim=-1).long()
     # Listed places come first in each row, so the flat positions of the listed ones are in CSR order.
     return _sized_plan(listed.sum(dim=-1), diagonal, seq_len, block, num_kv_heads, ctx, dense_above,
-                       lambda total: lists.flatten()[torch.nonzero_static(listed.flatten(), size=total)[:, 0]],
+                       lambda size: lists.flatten()[torch.nonzero_static(listed.flatten(), size=size)[:, 0]],
                        unless)
 
 
 def _sized_plan(counts: torch.Tensor, diagonal: torch.Tensor, seq_len: int, block: int, num_kv_heads: int,
                 ctx: AttentionContext, dense_above: float, entries: Callable[[int], torch.Tensor],
-                unless: torch.Tensor | None = None) -> BlockPlan | DensePlan | None:
+                unless: torch.Tensor | None = None) -> BlockPlan | DensePlan | PendingPlan | None:
     """What block_plan and list_plan share: ``counts`` [B, Hq, nb] key blocks per segment, ``diagonal``
-    (1 where a segment holds its own diagonal block); ``entries(total)`` returns the CSR's key blocks."""
+    (1 where a segment holds its own diagonal block); ``entries(size)`` returns the CSR's first ``size``
+    key blocks (any values past the plan's own).
+
+    With ``ctx.defer_sizing`` and a budget the key list is written before the host reads the counts, into
+    a buffer of the most a plan that holds may list (``dense_above``'s bound or the budget, whichever is
+    smaller), so the executor is queued at once; the :class:`~sparse_prefill.plan.PendingPlan`'s
+    ``resolve()`` makes the decisions of the sized path."""
     batch, heads, num_blocks = counts.shape
     rows = torch.clamp(seq_len - torch.arange(num_blocks, device=counts.device) * block, max=block)
     # Key blocks before the diagonal are whole (block keys per row); the diagonal is a triangle.
     pairs = (counts - diagonal) * rows * block + diagonal * rows * (rows + 1) // 2
     head_bytes = plan_head_bytes(counts)
-    flag = [] if unless is None else [unless.long().view(1)]  # read in the same sync, where a caller asks
-    summary = torch.cat([*flag, pairs.sum().view(1), counts.sum().view(1), head_bytes]).tolist()
-    if flag and summary.pop(0):
-        return None
-    density = summary[0] / (batch * heads * seq_len * (seq_len + 1) / 2)
-    if ctx.dense_fallback and density > dense_above:
-        return DensePlan(batch, heads, seq_len)
-    enforce_plan_budget([int(b) for b in summary[2:]], num_kv_heads, ctx, per_query_head=True)
     offsets = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=counts.device)
-    torch.cumsum(counts.flatten(), dim=0, out=offsets[1:])
-    return BlockPlan(batch, heads, seq_len, block, offsets, entries(int(summary[1])).to(torch.int32))
+    torch.cumsum(counts.flatten(), dim=0, out=offsets[1:])  # queued before the sync; wasted only on a dense plan
+    all_pairs = batch * heads * seq_len * (seq_len + 1) / 2
+    flag = [] if unless is None else [unless.long().view(1)]  # read in the same sync, where a caller asks
+    summary = torch.cat([*flag, pairs.sum().view(1), counts.sum().view(1), head_bytes])
+    fallback = ctx.dense_fallback
+
+    def decide(total_pairs: int, head_bytes: list[int]) -> DensePlan | None:
+        """A DensePlan, PlanBudgetExceeded raised, or None (the plan holds), from numbers on the host."""
+        if fallback and total_pairs / all_pairs > dense_above:
+            return DensePlan(batch, heads, seq_len)
+        enforce_plan_budget([int(b) for b in head_bytes], num_kv_heads, ctx, per_query_head=True)
+        return None
+
+    if ctx.defer_sizing and ctx.plan_budget is not None:
+        # int32 entries plus the offsets and enforce_plan_budget's 8 bytes must fit the budget
+        capacity = (ctx.plan_budget - 8 - 8 * counts.numel()) // 4
+        if fallback:
+            capacity = min(capacity, max_listed(dense_above, batch, heads, seq_len, block))
+        holds = summary[len(flag) + 1] <= capacity
+        if fallback:
+            holds &= summary[len(flag)].double() / all_pairs <= dense_above
+        if flag:
+            holds &= ~unless
+        verdict = holds.to(torch.int32).view(1)
+        read_summary = host_copy(summary)  # before the key list is written: resolve() waits for this alone
+        indices = entries(max(capacity, 0)).to(torch.int32)
+
+        def resolve() -> BlockPlan | DensePlan:
+            numbers = read_summary()
+            if flag and numbers.pop(0):
+                return DensePlan(batch, heads, seq_len, reason="a key block is not finite: dense attention")
+            total_pairs, total, *bytes_per_head = numbers
+            if (dense := decide(total_pairs, bytes_per_head)) is not None:
+                return dense
+            # Holds on the host; the device agreed (same integers, same float64 density), or it would have
+            # been denser than dense_above or past the capacity, which decide() rules out.
+            return BlockPlan(batch, heads, seq_len, block, offsets, indices[:total])
+
+        return PendingPlan(BlockPlan(batch, heads, seq_len, block, offsets, indices), verdict, resolve)
+
+    numbers = summary.tolist()  # the one host sync
+    if flag and numbers.pop(0):
+        return None
+    total_pairs, total, *bytes_per_head = numbers
+    if (dense := decide(total_pairs, bytes_per_head)) is not None:
+        return dense
+    return BlockPlan(batch, heads, seq_len, block, offsets, entries(int(total)).to(torch.int32))
+
+
+def max_listed(dense_above: float, batch: int, heads: int, seq_len: int, block: int) -> int:
+    """An upper bound on the key blocks a block plan no denser than ``dense_above`` lists: every entry
+    outside the diagonal and the last (maybe shorter) query block covers ``block`` x ``block`` pairs, and
+    those two hold at most a query block's count each per head."""
+    num_blocks = -(-seq_len // block)
+    whole = dense_above * batch * heads * seq_len * (seq_len + 1) / 2 // (block * block)
+    return int(whole) + 1 + 2 * batch * heads * num_blocks  # + 1: float rounding
 
 
 def block_means(x: torch.Tensor, block: int) -> torch.Tensor:

@@ -26,7 +26,7 @@ from sparse_prefill.interfaces import AttentionContext, Identifier, Parameter, P
 from sparse_prefill.patterns import _blocks
 from sparse_prefill.patterns._checks import at_least, density, multiple_of
 from sparse_prefill.patterns.top_blocks import top_block_lists, top_block_problems
-from sparse_prefill.plan import BlockPlan, DensePlan
+from sparse_prefill.plan import BlockPlan, DensePlan, PendingPlan
 from sparse_prefill.validation import validate_attention_inputs
 
 __all__ = ["BLOCK_TOPK", "BlockTopkIdentifier", "block_topk_lists", "block_topk_mask_reference", "block_topk_masks"]
@@ -109,7 +109,7 @@ class BlockTopkIdentifier(Identifier):
     def __init__(self, blocks: int, block: int, dense_above: float) -> None:
         self.blocks, self.block, self.dense_above = blocks, block, dense_above
 
-    def identify(self, q: torch.Tensor, k: torch.Tensor, ctx: AttentionContext) -> BlockPlan | DensePlan:
+    def identify(self, q: torch.Tensor, k: torch.Tensor, ctx: AttentionContext) -> BlockPlan | DensePlan | PendingPlan:
         validate_attention_inputs(q, k, k)  # identification reads no v
         with torch.no_grad():
             pooled_k = _blocks.block_means(k, self.block)

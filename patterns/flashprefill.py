@@ -40,7 +40,7 @@ from sparse_prefill.interfaces import AttentionContext, Identifier, Parameter, P
 from sparse_prefill.patterns import _blocks
 from sparse_prefill.patterns._checks import at_least, density, multiple_of
 from sparse_prefill.patterns.block_mass import block_mass_problems, pooled_block_scores
-from sparse_prefill.plan import BlockPlan, DensePlan
+from sparse_prefill.plan import BlockPlan, DensePlan, PendingPlan
 from sparse_prefill.validation import validate_attention_inputs
 
 __all__ = ["FLASHPREFILL", "FlashPrefillIdentifier", "flashprefill_block_mask_reference", "flashprefill_block_masks",
@@ -143,7 +143,7 @@ class FlashPrefillIdentifier(Identifier):
         self.alpha, self.block, self.sink, self.window, self.last = alpha, block, sink, window, last
         self.dense_above = dense_above
 
-    def identify(self, q: torch.Tensor, k: torch.Tensor, ctx: AttentionContext) -> BlockPlan | DensePlan:
+    def identify(self, q: torch.Tensor, k: torch.Tensor, ctx: AttentionContext) -> BlockPlan | DensePlan | PendingPlan:
         validate_attention_inputs(q, k, k)  # identification reads no v
         with torch.no_grad():
             mask = flashprefill_block_masks(q, k, ctx.scale, self.alpha, self.block, self.sink, self.window, self.last)

@@ -43,7 +43,7 @@ from sparse_prefill.patterns._blocks import block_means, block_plan, causal_bloc
 from sparse_prefill.patterns._checks import allowing, at_least, density, fraction, multiple_of
 from sparse_prefill.patterns._lines import all_line_scores
 from sparse_prefill.patterns.flexprefill_reference import covering_count, flexprefill_block_mask_reference
-from sparse_prefill.plan import BlockPlan, DensePlan
+from sparse_prefill.plan import BlockPlan, DensePlan, PendingPlan
 from sparse_prefill.validation import validate_attention_inputs
 
 __all__ = ["FLEXPREFILL", "FlexPrefillIdentifier", "covering_count", "flexprefill_block_mask_reference",
@@ -122,7 +122,7 @@ class FlexPrefillIdentifier(Identifier):
     def __init__(self, gamma: float, tau: float, block: int, min_budget: int, dense_above: float) -> None:
         self.gamma, self.tau, self.block, self.min_budget, self.dense_above = gamma, tau, block, min_budget, dense_above
 
-    def identify(self, q: torch.Tensor, k: torch.Tensor, ctx: AttentionContext) -> BlockPlan | DensePlan:
+    def identify(self, q: torch.Tensor, k: torch.Tensor, ctx: AttentionContext) -> BlockPlan | DensePlan | PendingPlan:
         validate_attention_inputs(q, k, k)  # identification reads no v
         with torch.no_grad():
             mask = flexprefill_block_masks(q, k, ctx.scale, self.gamma, self.tau, self.block, self.min_budget)

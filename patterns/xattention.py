@@ -51,7 +51,7 @@ from sparse_prefill.patterns._blocks import (
 )
 from sparse_prefill.patterns._checks import density, multiple_of
 from sparse_prefill.patterns.block_mass import antidiagonal_block_mass, block_mass_problems
-from sparse_prefill.plan import BlockPlan, DensePlan
+from sparse_prefill.plan import BlockPlan, DensePlan, PendingPlan
 from sparse_prefill.validation import validate_attention_inputs
 
 __all__ = ["XATTENTION", "XAttentionIdentifier", "xattention_block_mask_reference", "xattention_block_mass",
@@ -177,7 +177,7 @@ class XAttentionIdentifier(Identifier):
         _check_geometry(block, stride)
         self.threshold, self.stride, self.block, self.dense_above = threshold, stride, block, dense_above
 
-    def identify(self, q: torch.Tensor, k: torch.Tensor, ctx: AttentionContext) -> BlockPlan | DensePlan:
+    def identify(self, q: torch.Tensor, k: torch.Tensor, ctx: AttentionContext) -> BlockPlan | DensePlan | PendingPlan:
         validate_attention_inputs(q, k, k)  # identification reads no v
         with torch.no_grad():
             mask = xattention_block_masks(q, k, ctx.scale, self.block, self.stride, self.threshold)

@@ -4,6 +4,7 @@ every pattern keeps (dense fallback, parameter errors, plan budget)."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -22,7 +23,7 @@ from sparse_prefill.patterns.flashprefill import (
     flashprefill_block_masks,
 )
 from sparse_prefill.patterns.xattention import XATTENTION, xattention_block_mask_reference, xattention_block_masks
-from sparse_prefill.plan import BlockPlan, DensePlan
+from sparse_prefill.plan import BlockPlan, DensePlan, PendingPlan
 from sparse_prefill.policy import PolicyError, load_policy
 
 
@@ -243,6 +244,72 @@ def test_list_plan_takes_any_sorted_lists_and_says_when_told_to_step_aside() -> 
     budget = AttentionContext(scale=1.0, num_q_heads=3, num_kv_heads=3, seq_len=n, plan_budget=16)
     with pytest.raises(PlanBudgetExceeded):
         _blocks.list_plan(lists, n, 16, 3, budget, dense_above=1.0)
+
+
+@pytest.mark.parametrize("route", ["mask", "lists"])
+def test_a_pending_block_plan_decides_as_the_plan_sized_at_once(route: str) -> None:
+    """defer_sizing: the key list is written before the host reads the counts; the device verdict and
+    resolve() must give what the sized path gives at each of its boundaries (density, budget, nothing fits)."""
+    generator = torch.Generator().manual_seed(5)
+    num_blocks, n, heads = 7, 100, 3
+    mask = (torch.rand(2, heads, num_blocks, num_blocks, generator=generator) < 0.5) & torch.ones(
+        num_blocks, num_blocks, dtype=torch.bool).tril()
+    lists = torch.where(mask, torch.arange(num_blocks).expand(*mask.shape), num_blocks).sort(dim=-1).values
+
+    def plan_for(ctx: AttentionContext, dense_above: float, unless: torch.Tensor | None = None):
+        if route == "mask":
+            return _blocks.block_plan(mask, n, 16, heads, ctx, dense_above)
+        return _blocks.list_plan(lists, n, 16, heads, ctx, dense_above, unless=unless)
+
+    base = AttentionContext(scale=1.0, num_q_heads=heads, num_kv_heads=heads, seq_len=n)
+    sized = plan_for(base, dense_above=1.0)
+    density = sized.density()
+    assert isinstance(sized, BlockPlan) and 0 < density < 1
+    with pytest.raises(PlanBudgetExceeded) as exceeded:
+        plan_for(dataclasses.replace(base, plan_budget=16), dense_above=1.0)
+    enough = sum(exceeded.value.kv_head_bytes) + 8  # enforce_plan_budget's 8 bytes beside the lists
+
+    def pending(budget: int, dense_above: float, unless: torch.Tensor | None = None) -> PendingPlan:
+        result = plan_for(dataclasses.replace(base, plan_budget=budget, defer_sizing=True), dense_above, unless)
+        assert isinstance(result, PendingPlan) and result.verdict.dtype == torch.int32
+        return result
+
+    for budget, dense_above in ((2**40, 1.0), (enough, 1.0), (2**40, density + 1e-9)):
+        held = pending(budget, dense_above)
+        assert held.verdict.tolist() == [1], (budget, dense_above)
+        assert torch.equal(held.plan.offsets, sized.offsets)
+        assert held.plan.indices.numel() >= sized.indices.numel()
+        assert _plan_fields(held.resolve()) == _plan_fields(sized), (budget, dense_above)
+    too_dense = pending(2**40, density - 1e-9)
+    assert too_dense.verdict.tolist() == [0] and isinstance(too_dense.resolve(), DensePlan)
+    over_budget = pending(enough - 1, 1.0)  # its buffer one entry short: the verdict stops the executor
+    assert over_budget.verdict.tolist() == [0] and over_budget.plan.indices.numel() < sized.indices.numel()
+    with pytest.raises(PlanBudgetExceeded) as deferred:
+        over_budget.resolve()
+    assert deferred.value.kv_head_bytes == exceeded.value.kv_head_bytes
+    nothing_fits = pending(0, 1.0)
+    assert nothing_fits.verdict.tolist() == [0] and nothing_fits.plan.indices.numel() == 0
+    with pytest.raises(PlanBudgetExceeded):
+        nothing_fits.resolve()
+    if route == "lists":  # the route a caller asked for cannot wait: dense attention, which is exact, and why
+        stepped_aside = pending(2**40, 1.0, unless=torch.tensor(True))
+        resolved = stepped_aside.resolve()
+        assert stepped_aside.verdict.tolist() == [0] and isinstance(resolved, DensePlan) and resolved.reason
+        assert pending(2**40, 1.0, unless=torch.tensor(False)).verdict.tolist() == [1]
+
+
+def test_max_listed_bounds_every_plan_no_denser_than_its_limit() -> None:
+    """The pending buffer's capacity: no block plan within ``dense_above`` lists more, whatever its shape."""
+    generator = torch.Generator().manual_seed(6)
+    for n, block in ((100, 16), (97, 32), (16, 16), (300, 64)):
+        num_blocks = -(-n // block)
+        causal = torch.ones(num_blocks, num_blocks, dtype=torch.bool).tril()
+        ctx = AttentionContext(scale=1.0, num_q_heads=2, num_kv_heads=2, seq_len=n, dense_fallback=False)
+        for keep in (0.05, 0.3, 0.7, 1.0):
+            mask = (torch.rand(1, 2, num_blocks, num_blocks, generator=generator) < keep) & causal
+            plan = _blocks.block_plan(mask, n, block, 2, ctx, dense_above=1.0)
+            for limit in (plan.density(), plan.density() + 0.05, 1.0):
+                assert plan.indices.numel() <= _blocks.max_listed(limit, 1, 2, n, block), (n, block, keep)
 
 
 def test_block_topk_with_a_nan_key_keeps_its_block_on_every_causal_row() -> None:

@@ -1,4 +1,4 @@
-"""benchmarks/prefill_profile.py's sizing A/B switches how anchor sizes its plans, and only while it times."""
+"""benchmarks/prefill_profile.py's sizing A/B switches how every identifier sizes its plans, and only while it times."""
 
 from __future__ import annotations
 
@@ -40,3 +40,23 @@ def test_sizing_ab_runs_both_ways_and_restores_the_identifier(monkeypatch) -> No
     # Each median is one warm-up and one timed forward; round 0 runs pending first, round 1 sized first.
     assert seen == [True, True, False, False, False, False, True, True]
     assert AnchorIdentifier.identify is recording
+
+
+def test_sizing_ab_switches_every_identifier_class_and_restores_each(monkeypatch) -> None:
+    from sparse_prefill.patterns.block_topk import BlockTopkIdentifier
+
+    profile = load_benchmark("prefill_profile")
+    classes = profile._identifier_classes()
+    assert AnchorIdentifier in classes and BlockTopkIdentifier in classes
+    seen: list[bool] = []
+
+    def recording(self, q, k, ctx):
+        seen.append(ctx.defer_sizing)
+        return DensePlan(q.shape[0], q.shape[1], q.shape[2])
+
+    monkeypatch.setattr(BlockTopkIdentifier, "identify", recording)
+    model = _OneIdentification()
+    model.identifier = BlockTopkIdentifier(blocks=2, block=16, dense_above=0.4)
+    profile.time_sizing(model, torch.zeros(1, 8, dtype=torch.long), repeats=1, rounds=1)
+    assert seen == [True, True, False, False]
+    assert vars(BlockTopkIdentifier)["identify"] is recording
