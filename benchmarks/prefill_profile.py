@@ -19,6 +19,10 @@ policy, interleaved with the installed one (``kernel_ab_ms``), in the same proce
 size is read (``pending``, as shipped) and sized at the one host sync first (``sized``), interleaved
 (``sizing_ab_ms``): whether pending plans pay on this model and GPU
 (docs/benchmarks/pending_plans_qwen25_coder_05b_32k_h100.json).
+
+``--dense-ab``: for each policy, ``--rounds`` more medians of dense and the policy, applied and removed in turn
+(``dense_ab_ms``; the order reversed every other round): a ratio against dense that one slow spell of the GPU
+cannot decide, for a policy whose ratio sits at a target.
 """
 
 from __future__ import annotations
@@ -131,6 +135,20 @@ def time_sizing(model, ids: torch.Tensor, repeats: int, rounds: int) -> dict[str
                         alternate=True)
 
 
+def time_against_dense(model, ids: torch.Tensor, repeats: int, rounds: int, policy) -> dict[str, list[float]]:
+    """Prefill medians of dense (the policy removed) and of ``policy`` (applied again), interleaved in each round
+    (the order reversed every other round), same model and input; the policy is applied when it returns."""
+    def install(value) -> None:
+        try:
+            sparse_prefill.remove(model)
+        except RuntimeError:  # not applied (the dense turn ran last)
+            pass
+        if value is not None:
+            sparse_prefill.apply(model, value)
+
+    return _interleaved(model, ids, repeats, rounds, [("policy", policy), ("dense", None)], install, alternate=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="a .gguf file, a Hugging Face folder, or smollm2")
@@ -145,6 +163,8 @@ def main() -> None:
                         help="interleaved medians per kernel with --kernel, per sizing with --sizing-ab")
     parser.add_argument("--sizing-ab", action="store_true",
                         help="also time anchor's plans sized at the sync against pending plans (kernels/runtime.py)")
+    parser.add_argument("--dense-ab", action="store_true",
+                        help="also time each policy against dense, applied and removed in turn, --rounds times")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     if args.length < 2 or args.repeats < 1 or args.rounds < 1:
@@ -168,6 +188,8 @@ def main() -> None:
                 rows[label]["kernel_ab_ms"] = time_kernels(model, ids, args.repeats, args.rounds, args.kernel)
             if args.sizing_ab and policy is not None:
                 rows[label]["sizing_ab_ms"] = time_sizing(model, ids, args.repeats, args.rounds)
+            if args.dense_ab and policy is not None:
+                rows[label]["dense_ab_ms"] = time_against_dense(model, ids, args.repeats, args.rounds, policy)
         finally:
             if handle is not None:
                 sparse_prefill.remove(model)
@@ -180,6 +202,9 @@ def main() -> None:
             print(f"    kernel {name}: " + ", ".join(f"{ms:.1f}" for ms in times) + " ms")
         for name, times in row.get("sizing_ab_ms", {}).items():
             print(f"    plans {name}: " + ", ".join(f"{ms:.1f}" for ms in times) + " ms")
+        if "dense_ab_ms" in row:
+            pairs = zip(row["dense_ab_ms"]["policy"], row["dense_ab_ms"]["dense"])
+            print("    against dense: " + ", ".join(f"{p:.1f}/{d:.1f} = {p / d:.3f}x" for p, d in pairs))
     record = {"model": args.model, "length": args.length, "device": str(device),
               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
               "versions": {"torch": torch.__version__}, "results": rows}

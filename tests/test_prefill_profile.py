@@ -1,4 +1,5 @@
-"""benchmarks/prefill_profile.py's sizing A/B switches how every identifier sizes its plans, and only while it times."""
+"""benchmarks/prefill_profile.py's A/B timings: the sizing A/B switches how every identifier sizes its plans, and
+only while it times; the dense A/B applies and removes the policy in turn and leaves it applied."""
 
 from __future__ import annotations
 
@@ -60,3 +61,31 @@ def test_sizing_ab_switches_every_identifier_class_and_restores_each(monkeypatch
     profile.time_sizing(model, torch.zeros(1, 8, dtype=torch.long), repeats=1, rounds=1)
     assert seen == [True, True, False, False]
     assert vars(BlockTopkIdentifier)["identify"] is recording
+
+
+def test_dense_ab_alternates_the_policy_with_dense_and_leaves_it_applied(monkeypatch) -> None:
+    profile = load_benchmark("prefill_profile")
+    applied: list[object] = []
+    calls: list[str] = []
+
+    def apply(model, policy):
+        assert not applied, "applied twice without remove"
+        applied.append(policy)
+        calls.append("apply")
+
+    def remove(model):
+        if not applied:
+            raise RuntimeError("sparse prefill is not applied to this model")
+        applied.pop()
+        calls.append("remove")
+
+    monkeypatch.setattr(profile.sparse_prefill, "apply", apply)
+    monkeypatch.setattr(profile.sparse_prefill, "remove", remove)
+    model = _OneIdentification()
+    apply(model, "anchor")  # as main() leaves it before timing
+    times = profile.time_against_dense(model, torch.zeros(1, 8, dtype=torch.long), repeats=1, rounds=3,
+                                       policy="anchor")
+    assert set(times) == {"policy", "dense"} and all(len(t) == 3 and min(t) > 0 for t in times.values())
+    # The setup's apply; policy, dense | dense (nothing to remove), policy | policy, dense; the policy again.
+    assert calls == ["apply", "remove", "apply", "remove", "apply", "remove", "apply", "remove", "apply"]
+    assert applied == ["anchor"]
