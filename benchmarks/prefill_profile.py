@@ -179,7 +179,10 @@ def main() -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = load_weights(files, config, dtype, args.device, "sdpa")
     ids = essay_token_ids(tokenizer, args.length).to(device)
-    rows = {}
+    record = {"model": args.model, "length": args.length, "device": str(device),
+              "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+              "versions": {"torch": torch.__version__}, "results": {}}
+    rows = record["results"]
     for label, policy in {"dense": None, **policies}.items():
         handle = sparse_prefill.apply(model, policy) if policy is not None else None
         try:
@@ -205,11 +208,8 @@ def main() -> None:
         if "dense_ab_ms" in row:
             pairs = zip(row["dense_ab_ms"]["policy"], row["dense_ab_ms"]["dense"])
             print("    against dense: " + ", ".join(f"{p:.1f}/{d:.1f} = {p / d:.3f}x" for p, d in pairs))
-    record = {"model": args.model, "length": args.length, "device": str(device),
-              "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-              "versions": {"torch": torch.__version__}, "results": rows}
-    with open(args.out, "w") as f:
-        json.dump(record, f, indent=1)
+        with open(args.out, "w") as f:  # after every policy: a run cut short keeps what it measured
+            json.dump(record, f, indent=1)
 
 
 if __name__ == "__main__":
