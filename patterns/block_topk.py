@@ -15,7 +15,8 @@ attend it, as in dense attention; a plan denser than ``dense_above`` runs as den
 :class:`BlockTopkIdentifier` computes all heads at once ((N / block)^2 scores per head, the
 same as the reference) and lists each query block's ``blocks`` key blocks without an [nb, nb] mask,
 with one host sync to size the plan (two where a key holds a NaN or infinity, or a key block's
-float32 sum overflows).
+float32 sum overflows; where the caller defers sizing, the sync comes after the executor is launched and such a
+plan resolves dense instead, docs/architecture.md).
 """
 
 from __future__ import annotations

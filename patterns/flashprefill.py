@@ -29,7 +29,7 @@ Decided where the published method leaves room:
 blocks); :class:`FlashPrefillIdentifier` computes the same masks for all heads at once: on a GPU the
 block scores in one Triton kernel (:mod:`~sparse_prefill.patterns.block_mass`), elsewhere in PyTorch
 (:func:`flashprefill_block_scores`, in chunks of query rows whose scores stay under 256 MiB); one
-host sync sizes the plan.
+host sync sizes the plan, after its executor is launched where the caller defers sizing (docs/architecture.md).
 """
 
 from __future__ import annotations

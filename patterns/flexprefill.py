@@ -29,7 +29,8 @@ attention.
 
 :func:`~sparse_prefill.patterns.flexprefill_reference.flexprefill_block_mask_reference` is the
 specification (one head); :func:`flexprefill_block_masks` computes the same masks for every head
-at once in plain PyTorch on any device, and the identifier lists them with one host sync. Memory:
+at once in plain PyTorch on any device, and the identifier lists them with one host sync (after the plan's
+executor is launched where the caller defers sizing, docs/architecture.md). Memory:
 the ``block x N`` scores of a chunk of heads and (N / block)^2 pooled scores per head, transient.
 """
 

@@ -3,8 +3,8 @@
 Every ``stride x stride`` tile of a head's attention matrix is scored by one antidiagonal: the
 dot products of query ``r * stride + stride - 1 - i`` with key ``c * stride + i``, summed over
 ``i`` (every row and every column of the tile is read once: a vertical line always crosses
-it, and, the paper's argument, slash lines cross the antidiagonals of their tiles). Scaled like attention and divided by ``stride`` (their mean), the tile
-scores of one query tile row are softmaxed over its causal key tiles, and summed per ``block x
+it, and, the paper's argument, slash lines cross the antidiagonals of their tiles). Scaled like
+attention and divided by ``stride`` (their mean), the tile scores of one query tile row are softmaxed over its causal key tiles, and summed per ``block x
 block`` block. Each query block keeps its largest key blocks until they hold ``threshold`` of its
 total score (the block that crosses it included); ``threshold`` 1 keeps every block.
 
@@ -29,7 +29,7 @@ Decided where the published method leaves room:
 query blocks); :class:`XAttentionIdentifier` computes the same masks for all heads at once: on a GPU
 the block mass in one Triton kernel (:mod:`~sparse_prefill.patterns.block_mass`), elsewhere in PyTorch
 (:func:`xattention_block_mass`, in chunks of query rows whose scores stay under 256 MiB); one host
-sync sizes the plan.
+sync sizes the plan, after its executor is launched where the caller defers sizing (docs/architecture.md).
 """
 
 from __future__ import annotations
