@@ -1,12 +1,13 @@
 """`xattention`: XAttention's antidiagonal block scoring (arXiv 2503.16428), a baseline beside `anchor`.
 
-Every ``stride x stride`` tile of a head's attention matrix is scored by one antidiagonal: the
-dot products of query ``r * stride + stride - 1 - i`` with key ``c * stride + i``, summed over
-``i`` (every row and every column of the tile is read once: a vertical line always crosses
-it, and, the paper's argument, slash lines cross the antidiagonals of their tiles). Scaled like
-attention and divided by ``stride`` (their mean), the tile scores of one query tile row are
-softmaxed over its causal key tiles, and summed per ``block x block`` block. Each query block keeps its largest key blocks until they hold ``threshold`` of its
-total score (the block that crosses it included); ``threshold`` 1 keeps every block.
+Every ``stride x stride`` tile of a head's attention matrix is scored by one antidiagonal: the dot
+products of query ``r * stride + stride - 1 - i`` with key ``c * stride + i``, summed over ``i``
+(every row and every column of the tile is read once: a vertical line always crosses it, and, the
+paper's argument, slash lines cross the antidiagonals of their tiles). Scaled like attention and
+divided by ``stride`` (their mean), the tile scores of one query tile row are softmaxed over its
+causal key tiles, and summed per ``block x block`` block. Each query block keeps its largest key
+blocks until they hold ``threshold`` of its total score (the block that crosses it included);
+``threshold`` 1 keeps every block.
 
 Expressed as a :class:`~sparse_prefill.plan.BlockPlan`, one key-block list per query head: the
 selection is whole blocks, so this is its exact form (a StripePlan would list ``block`` keys per
