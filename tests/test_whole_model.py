@@ -146,6 +146,30 @@ def test_evaluate_end_to_end_on_a_tiny_model():
     assert "streaming" in summary_table(results)
 
 
+def test_a_policy_is_timed_against_a_dense_median_taken_right_after_it(monkeypatch):
+    """A GPU that slows as it warms up must not charge the policies for it: the ratio's dense is adjacent."""
+    from sparse_prefill.evaluation import whole_model
+
+    patched_runs: list[bool] = []
+    medians = iter([100.0, 70.0, 140.0, 60.0, 150.0])  # dense; policy, dense; policy, dense
+
+    def fake_prefill_ms(model, ids, repeats):
+        patched_runs.append(getattr(model, "_sparse_prefill_handle", None) is not None)
+        return next(medians)
+
+    monkeypatch.setattr(whole_model, "prefill_ms", fake_prefill_ms)
+    text = torch.randint(1, 96, (1, 100))
+    policies = {"streaming": load_policy(STREAMING), "every-key": load_policy(EVERY_KEY)}
+    settings = EvalSettings(lengths=(64,), score_last=16, needle_depths=(), repeats=1)
+    results = evaluate(tiny_model(), CharTokenizer(), lambda n: text[:, :n], policies, settings)
+    by = {m.label: m for m in results}
+    assert patched_runs == [False, True, False, True, False]
+    assert by["dense"].prefill_ms == 100.0 and by["dense"].prefill_vs_dense is None
+    assert (by["streaming"].prefill_ms, by["streaming"].dense_prefill_ms) == (70.0, 140.0)
+    assert by["streaming"].prefill_vs_dense == pytest.approx(0.5)
+    assert by["every-key"].prefill_vs_dense == pytest.approx(0.4)
+
+
 def test_a_guarded_policy_says_so_in_its_result():
     model = tiny_model()
     text = torch.randint(1, 96, (1, 160), generator=torch.Generator().manual_seed(4))

@@ -10,7 +10,10 @@ every policy on the same tokens, the model restored after each:
   attention with the reason; with ``recall``, the softmax mass each layer's plans keep
   (:mod:`~sparse_prefill.evaluation.layer_recall`);
 - time to first token of the whole model (one forward that keeps one position's logits), the
-  median of ``repeats`` after a warm-up that compiles and tunes the kernels;
+  median of ``repeats`` after a warm-up that compiles and tunes the kernels; a policy's ratio is
+  against a dense median timed right after it (``dense_prefill_ms``), not the dense run's of the
+  start: a GPU that slows as it warms up (on an H100, dense 184.6 ms first and 186.7-187.5 ms later in
+  one process) would otherwise charge the policies for it;
 - needle in a haystack: whether greedy decoding returns a number hidden at each depth;
 - RULER tasks (:mod:`~sparse_prefill.evaluation.ruler`): the share of expected strings in greedy answers,
   every label on the same samples.
@@ -111,7 +114,8 @@ class Measurement:
     sparse_calls: int = 0
     fallbacks: dict[str, int] = field(default_factory=dict)
     prefill_ms: float | None = None
-    prefill_vs_dense: float | None = None
+    prefill_vs_dense: float | None = None  # prefill_ms / dense_prefill_ms
+    dense_prefill_ms: float | None = None  # a policy's: dense, timed right after it (the ratio's denominator)
     needle: dict[str, bool] = field(default_factory=dict)
     summary: str = ""  # what ran in the quality run, for people (PrefillStats.summary); "" for dense
     guard: dict[str, Any] | None = None  # the policy's run-time guard (max_error, rows); None: none
@@ -383,8 +387,9 @@ def _measure(model: Any, tokenizer: Any, ids: torch.Tensor, label: str, policy: 
             measurement.prefill_ms = prefill_ms(model, ids, settings.repeats)
         finally:
             restore()
-        if base is not None and base.prefill_ms:
-            measurement.prefill_vs_dense = measurement.prefill_ms / base.prefill_ms
+        if base is not None:
+            measurement.dense_prefill_ms = prefill_ms(model, ids, settings.repeats)
+            measurement.prefill_vs_dense = measurement.prefill_ms / measurement.dense_prefill_ms
     for depth in settings.needle_depths:
         patched()
         try:
