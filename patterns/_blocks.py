@@ -141,7 +141,7 @@ def _sized_plan(counts: torch.Tensor, diagonal: torch.Tensor, seq_len: int, bloc
         # int32 entries plus the offsets and enforce_plan_budget's 8 bytes must fit the budget
         capacity = (ctx.plan_budget - 8 - 8 * counts.numel()) // 4
         if fallback:
-            capacity = min(capacity, max_listed(dense_above, batch, heads, seq_len, block))
+            capacity = min(capacity, BlockPlan.max_listed(batch, heads, seq_len, block, dense_above))
         holds = summary[len(flag) + 1] <= capacity
         if fallback:
             holds &= summary[len(flag)].double() / all_pairs <= dense_above
@@ -171,15 +171,6 @@ def _sized_plan(counts: torch.Tensor, diagonal: torch.Tensor, seq_len: int, bloc
     if (dense := decide(total_pairs, bytes_per_head)) is not None:
         return dense
     return BlockPlan(batch, heads, seq_len, block, offsets, entries(int(total)).to(torch.int32))
-
-
-def max_listed(dense_above: float, batch: int, heads: int, seq_len: int, block: int) -> int:
-    """An upper bound on the key blocks a block plan no denser than ``dense_above`` lists: every entry
-    outside the diagonal and the last (maybe shorter) query block covers ``block`` x ``block`` pairs, and
-    those two hold at most a query block's count each per head."""
-    num_blocks = -(-seq_len // block)
-    whole = dense_above * batch * heads * seq_len * (seq_len + 1) / 2 // (block * block)
-    return int(whole) + 1 + 2 * batch * heads * num_blocks  # + 1: float rounding
 
 
 def block_means(x: torch.Tensor, block: int) -> torch.Tensor:

@@ -337,6 +337,17 @@ class BlockPlan:
     def counts(self) -> torch.Tensor:
         return (self.offsets[1:] - self.offsets[:-1]).view(self.batch, self.heads, self.num_blocks)
 
+    @staticmethod
+    def max_listed(batch: int, heads: int, seq_len: int, block_size: int, density_limit: float) -> int:
+        """An upper bound on the key blocks a plan of this shape lists when its density is at most
+        ``density_limit`` (the capacity a key list written before its size is read needs, as
+        :meth:`StripePlan.max_selected`): every entry outside the diagonal and the last (maybe shorter)
+        query block covers ``block_size`` x ``block_size`` pairs, and those two hold at most a query
+        block's count each per head."""
+        num_blocks = -(-seq_len // block_size)
+        whole = density_limit * batch * heads * seq_len * (seq_len + 1) / 2 // (block_size * block_size)
+        return int(whole) + 1 + 2 * batch * heads * num_blocks  # + 1: float rounding
+
     def rows_mask(self, rows: torch.Tensor) -> torch.Tensor:
         """Boolean [batch, heads, len(rows), seq_len]: the keys each row in ``rows`` (int64, on the plan's device)
         attends, causal. Memory grows with the rows asked for, never N^2; one host sync."""

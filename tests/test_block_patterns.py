@@ -309,7 +309,7 @@ def test_max_listed_bounds_every_plan_no_denser_than_its_limit() -> None:
             mask = (torch.rand(1, 2, num_blocks, num_blocks, generator=generator) < keep) & causal
             plan = _blocks.block_plan(mask, n, block, 2, ctx, dense_above=1.0)
             for limit in (plan.density(), plan.density() + 0.05, 1.0):
-                assert plan.indices.numel() <= _blocks.max_listed(limit, 1, 2, n, block), (n, block, keep)
+                assert plan.indices.numel() <= BlockPlan.max_listed(1, 2, n, block, limit), (n, block, keep)
 
 
 def test_block_topk_with_a_nan_key_keeps_its_block_on_every_causal_row() -> None:
