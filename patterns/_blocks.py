@@ -148,18 +148,19 @@ def _sized_plan(counts: torch.Tensor, diagonal: torch.Tensor, seq_len: int, bloc
         if flag:
             holds &= ~unless
         verdict = holds.to(torch.int32).view(1)
-        read_summary = host_copy(summary)  # before the key list is written: resolve() waits for this alone
+        # Copied before the key list is written: resolve() waits for this alone.
+        read_summary = host_copy(torch.cat([summary, verdict.long()]))
         indices = entries(max(capacity, 0)).to(torch.int32)
 
         def resolve() -> BlockPlan | DensePlan:
-            numbers = read_summary()
+            *numbers, held = read_summary()
             if flag and numbers.pop(0):
                 return DensePlan(batch, heads, seq_len, reason="a key block is not finite: dense attention")
             total_pairs, total, *bytes_per_head = numbers
             if (dense := decide(total_pairs, bytes_per_head)) is not None:
                 return dense
-            # Holds on the host; the device agreed (same integers, same float64 density), or it would have
-            # been denser than dense_above or past the capacity, which decide() rules out.
+            if not held:  # the executor wrote nothing; host and device arithmetic agree (the tests), so never
+                return DensePlan(batch, heads, seq_len)  # in practice, but dense attention is exact either way
             return BlockPlan(batch, heads, seq_len, block, offsets, indices[:total])
 
         return PendingPlan(BlockPlan(batch, heads, seq_len, block, offsets, indices), verdict, resolve)
