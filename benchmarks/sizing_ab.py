@@ -21,6 +21,7 @@ import platform
 import torch
 import torch.nn.functional as F
 
+from executor_ab import _shapes
 from guard_cost import chained_ms
 from patterns_gpu import _pattern
 from sparse_prefill.dispatch import sparse_attention
@@ -68,7 +69,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pattern", action="append", type=_pattern, required=True, metavar="'NAME KEY=VALUE ...'")
     parser.add_argument("--lengths", default="32768,131072")
-    parser.add_argument("--shape", default="32/8/128", help="query heads / KV heads / head dim")
+    parser.add_argument("--shape", default="32/8/128", type=_shapes, help="query heads / KV heads / head dim")
     parser.add_argument("--layers", type=int, default=8, help="calls queued back to back per timing")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
@@ -76,13 +77,21 @@ def main() -> None:
     parser.add_argument("--commit", default=None)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    hq, hkv, d = (int(x) for x in args.shape.split("/"))
+    lengths = args.lengths.split(",")
+    if not all(x.isdigit() and int(x) >= 2 for x in lengths) or min(args.layers, args.repeats, args.rounds) < 1:
+        parser.error(f"--lengths takes integers >= 2, comma-separated, --layers, --repeats and --rounds integers >= 1; "
+                     f"got {args.lengths!r}, {args.layers}, {args.repeats}, {args.rounds}")
+    if len(args.shape) != 1:
+        parser.error(f"--shape takes one HQ/HKV/D, got {len(args.shape)}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device here; allowed: cpu")
+    (hq, hkv, d), = args.shape
     device = torch.device(args.device)
     record = {"gpu": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-              "torch": torch.__version__, "commit": args.commit, "shape": args.shape, "layers": args.layers,
+              "torch": torch.__version__, "commit": args.commit, "shape": f"{hq}/{hkv}/{d}", "layers": args.layers,
               "repeats": args.repeats, "rounds": args.rounds,
               "inputs": "structured_qkv(N, strength=0.8, heavy_fraction=0.055, seed=0), bfloat16", "rows": []}
-    for n in (int(x) for x in args.lengths.split(",")):
+    for n in map(int, lengths):
         q, k, v = structured_qkv(n, hq, hkv, d, device=device, strength=0.8, heavy_fraction=0.055, seed=0)
         dense_ms = None
         if device.type == "cuda":
