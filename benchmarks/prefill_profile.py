@@ -162,7 +162,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3,
                         help="interleaved medians per kernel with --kernel, per sizing with --sizing-ab")
     parser.add_argument("--sizing-ab", action="store_true",
-                        help="also time anchor's plans sized at the sync against pending plans (kernels/runtime.py)")
+                        help="also time every identifier's plans sized at the sync against pending plans")
     parser.add_argument("--dense-ab", action="store_true",
                         help="also time each policy against dense, applied and removed in turn, --rounds times")
     parser.add_argument("--out", required=True)
