@@ -8,8 +8,9 @@ then one prefill under torch.profiler, its CUDA kernel time summed by family (SD
 and scan kernels, the stripe and block executors, matrix multiplies, the rest) and the largest kernels. Wall time
 minus the kernels' sum is time the GPU waited: on the host (Python, launches, a host sync that sizes a plan) or
 between kernels. Which of these a sparse policy adds is what to make cheaper when its prefill does not fall with
-its density (docs/benchmarks/whole_model.md, Qwen2.5-Coder-0.5B at 32k). On a CPU (``--device cpu``, a
-smoke test) only wall times are meaningful.
+its density (docs/benchmarks/whole_model.md, Qwen2.5-Coder-0.5B at 32k). For each policy ``grown_kernels_ms``
+lists the kernels it spends more time in than dense does (its identifier and executor, and any copy or cast it
+adds). On a CPU (``--device cpu``, a smoke test) only wall times are meaningful.
 
 A stripe-kernel change judged on the whole model: each ``--kernel LABEL=PATH`` (a ``kernels/stripe_attention.py``
 copy, as ``executor_ab.py`` takes it) runs in place of the installed kernel for ``--rounds`` more medians of each
@@ -74,7 +75,17 @@ def profile_prefill(model, ids: torch.Tensor, repeats: int, device: torch.device
             kernels[event.key[:100]] += event.device_time_total / 1e3
     busy = sum(families.values())
     return {"prefill_ms": median, "profiled_wall_ms": wall, "kernels_ms": busy, "gpu_idle_ms": wall - busy,
-            "families_ms": dict(families.most_common()), "top_kernels_ms": dict(kernels.most_common(12))}
+            "families_ms": dict(families.most_common()), "top_kernels_ms": dict(kernels.most_common(12)),
+            "_all_kernels_ms": dict(kernels)}
+
+
+def grown_kernels(policy_kernels: dict[str, float], dense_kernels: dict[str, float], count: int = 15,
+                  min_ms: float = 0.05) -> dict[str, float]:
+    """The kernels a policy spends more time in than dense does (new ones included), largest growth first: the
+    cost a sparse policy adds beside its own identifier and executor (copies, casts, bookkeeping)."""
+    growth = {name: ms - dense_kernels.get(name, 0.0) for name, ms in policy_kernels.items()}
+    grown = sorted(((ms, name) for name, ms in growth.items() if ms >= min_ms), reverse=True)[:count]
+    return {name: round(ms, 3) for ms, name in grown}
 
 
 def _interleaved(model, ids: torch.Tensor, repeats: int, rounds: int, variants: list, install, alternate: bool
@@ -197,6 +208,8 @@ def main() -> None:
             if handle is not None:
                 sparse_prefill.remove(model)
         row = rows[label]
+        if policy is not None:
+            row["grown_kernels_ms"] = grown_kernels(row["_all_kernels_ms"], rows["dense"]["_all_kernels_ms"])
         print(f"{label}: prefill {row['prefill_ms']:.1f} ms; profiled {row['profiled_wall_ms']:.1f} ms, kernels "
               f"{row['kernels_ms']:.1f} ms, GPU idle {row['gpu_idle_ms']:.1f} ms")
         for name, ms in row["families_ms"].items():
@@ -205,11 +218,20 @@ def main() -> None:
             print(f"    kernel {name}: " + ", ".join(f"{ms:.1f}" for ms in times) + " ms")
         for name, times in row.get("sizing_ab_ms", {}).items():
             print(f"    plans {name}: " + ", ".join(f"{ms:.1f}" for ms in times) + " ms")
+        for name, ms in row.get("grown_kernels_ms", {}).items():
+            print(f"    grown {ms:+7.2f} ms  {name}")
         if "dense_ab_ms" in row:
             pairs = zip(row["dense_ab_ms"]["policy"], row["dense_ab_ms"]["dense"])
             print("    against dense: " + ", ".join(f"{p:.1f}/{d:.1f} = {p / d:.3f}x" for p, d in pairs))
         with open(args.out, "w") as f:  # after every policy: a run cut short keeps what it measured
-            json.dump(record, f, indent=1)
+            json.dump(_without_private(record), f, indent=1)
+
+
+def _without_private(record: dict) -> dict:
+    """The record as written: each row's full kernel table (keys starting with "_") stays in memory only."""
+    rows = {label: {key: value for key, value in row.items() if not key.startswith("_")}
+            for label, row in record["results"].items()}
+    return {**record, "results": rows}
 
 
 if __name__ == "__main__":

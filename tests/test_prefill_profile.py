@@ -89,3 +89,20 @@ def test_dense_ab_alternates_the_policy_with_dense_and_leaves_it_applied(monkeyp
     # The setup's apply; policy, dense | dense (nothing to remove), policy | policy, dense; the policy again.
     assert calls == ["apply", "remove", "apply", "remove", "apply", "remove", "apply", "remove", "apply"]
     assert applied == ["anchor"]
+
+
+def test_grown_kernels_lists_what_a_policy_adds_over_dense_largest_first() -> None:
+    profile = load_benchmark("prefill_profile")
+    dense = {"sdpa": 90.0, "copy": 1.0, "matmul": 30.0}
+    policy = {"sdpa": 15.0, "copy": 3.5, "matmul": 30.02, "scan": 4.0, "tiny": 0.01}
+    grown = profile.grown_kernels(policy, dense)
+    # New kernels count whole, grown ones by their growth; shrunk, unchanged and negligible ones are left out.
+    assert list(grown) == ["scan", "copy"] and grown == {"scan": 4.0, "copy": 2.5}
+    assert list(profile.grown_kernels(policy, dense, count=1)) == ["scan"]
+
+
+def test_the_written_record_keeps_no_private_kernel_table() -> None:
+    profile = load_benchmark("prefill_profile")
+    record = {"length": 8, "results": {"dense": {"prefill_ms": 1.0, "_all_kernels_ms": {"sdpa": 1.0}}}}
+    written = profile._without_private(record)
+    assert written["results"]["dense"] == {"prefill_ms": 1.0} and "_all_kernels_ms" in record["results"]["dense"]
