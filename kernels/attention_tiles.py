@@ -18,6 +18,7 @@ import triton.language as tl
 
 from sparse_prefill.kernels.reference import validate_plan_layout
 from sparse_prefill.kernels.runtime import triton_can_run, triton_interpreted
+from sparse_prefill.interfaces import output_like
 from sparse_prefill.validation import validate_attention_inputs
 
 __all__ = [
@@ -335,7 +336,7 @@ def launch(
     tile_m = tile_slots(heads_per_plan, unit_rows, head_dim)
     tiles_per_unit = triton.cdiv(unit_rows * heads_per_plan, tile_m)
     if out is None:
-        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        out = output_like(q)
     else:
         validate_out(out, q)
     lse = torch.empty(batch, num_q, seq_len, dtype=torch.float32, device=q.device) if return_lse else None

@@ -9,7 +9,7 @@ from typing import Callable, Iterator
 import torch
 
 from sparse_prefill.guard import ErrorGuard, GuardMemory
-from sparse_prefill.interfaces import AttentionContext, Executor, Identifier, PlanBudgetExceeded
+from sparse_prefill.interfaces import AttentionContext, Executor, Identifier, PlanBudgetExceeded, output_like
 from sparse_prefill.plan import DensePlan, PendingPlan, Plan
 from sparse_prefill.registry import get_registry
 from sparse_prefill.validation import validate_attention_inputs
@@ -151,7 +151,7 @@ def _run_remembered(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Runs of KV groups: dense at once where ``known`` says the memory holds a rejection, the usual guarded
     call on the others (whose memory entries ``known_dense`` has already cleared)."""
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    out = output_like(q)
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device) if return_lse else None
     for remembered, kv, heads, part_ctx in _kv_runs(known, q.shape[1] // k.shape[1], ctx):
         if remembered:
@@ -233,9 +233,7 @@ def _run_in_chunks(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Identify and execute each (query heads, KV heads) chunk into one output; a chunk's plan is
     freed before the next is built."""
-    # Contiguous, not empty_like: q may be a view whose head dim is not innermost, and executors
-    # write into unit-stride outputs.
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    out = output_like(q)
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device) if return_lse else None
     for q_heads, kv_heads in chunks:
         chunk_q, chunk_k, chunk_v = q[:, q_heads], k[:, kv_heads], v[:, kv_heads]

@@ -177,6 +177,19 @@ class Executor(abc.ABC):
         """
 
 
+def output_like(q: torch.Tensor) -> torch.Tensor:
+    """An uninitialised attention output for ``q`` ([B, H, N, D]) that every executor can write into: laid out in
+    memory as q is when q is dense with the head dim innermost, else contiguous.
+
+    Why: a Hugging Face model hands its attention q as a [B, N, H, D] projection viewed as [B, H, N, D] and
+    transposes the output back, a free view when the output shares that layout and a copy of the whole output in
+    every layer when it is contiguous in [B, H, N, D] (1.6 ms of a 0.5B model's 32k prefill on an H100).
+    """
+    if q.stride(-1) == 1:
+        return torch.empty_like(q)  # preserve_format: q's strides when q is non-overlapping and dense
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
 def write_into(result: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     """``result`` copied into ``out`` when the caller gave one, else ``result`` itself."""
     if out is None:

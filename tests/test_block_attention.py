@@ -151,6 +151,8 @@ def test_out_is_written_in_place_and_strided_inputs_are_read() -> None:
     assert returned.data_ptr() == out.data_ptr() and lse is None
     assert_close(out, expected, 1e-5, 1e-4, what="out")
     assert storage[:, 0].isnan().all() and storage[:, 5].isnan().all()  # nothing written outside the view
+    allocated, _ = block_attention(q_strided, k_strided, v, plan, 0.125)
+    assert allocated.stride() == q_strided.stride() and torch.equal(allocated, out)  # laid out as q is
 
 
 @needs_kernel

@@ -20,7 +20,7 @@ from sparse_prefill.dispatch import (
     select_executor,
     sparse_attention,
 )
-from sparse_prefill.interfaces import AttentionContext, PlanBudgetExceeded
+from sparse_prefill.interfaces import AttentionContext, PlanBudgetExceeded, output_like
 from sparse_prefill.kernels.executors import DenseSDPAExecutor, ReferenceExecutor, TritonStripeExecutor
 from sparse_prefill.kernels.stripe_attention import stripe_attention
 from sparse_prefill.patterns.anchor import ANCHOR
@@ -392,3 +392,14 @@ def test_a_pending_plan_over_the_budget_is_freed_before_the_chunks_identify():
     out, _ = sparse_attention(q, k, v, OverBudgetWhenDeferred(), executor=ReferenceExecutor())
     assert alive_during_chunks and not any(alive_during_chunks)
     assert torch.isfinite(out).all()
+
+
+def test_output_like_keeps_a_models_layout_and_gives_executors_a_unit_stride_head_dim() -> None:
+    projected = torch.randn(2, 9, 4, 8).transpose(1, 2)  # a model's [B, N, H, D] projection seen as [B, H, N, D]
+    out = output_like(projected)
+    assert out.shape == projected.shape and out.stride() == projected.stride() and out.transpose(1, 2).is_contiguous()
+    head_dim_outer = torch.randn(2, 4, 8, 9).transpose(-1, -2)  # the head dim not innermost: contiguous instead
+    assert output_like(head_dim_outer).is_contiguous()
+    sliced = torch.randn(2, 6, 9, 8)[:, 1:5]  # not dense: contiguous, with q's dtype and device
+    made = output_like(sliced.to(torch.bfloat16))
+    assert made.is_contiguous() and made.dtype == torch.bfloat16 and made.shape == sliced.shape

@@ -164,6 +164,8 @@ def test_kernel_without_lse_and_with_stridedrandom_qkv() -> None:
     expected, _ = stripe_attention_reference(q, k, v, plan, 0.125)
     assert lse is None
     _assert_close(out, expected, TOLERANCES[torch.float32]["atol"], TOLERANCES[torch.float32]["rtol"], what="out")
+    # Laid out as q is: a model's transpose of the output back to [B, N, H, D] is then a view, not a copy.
+    assert out.stride() == q_strided.stride() and out.transpose(1, 2).is_contiguous()
 
 
 @needs_kernel

@@ -52,7 +52,7 @@ from sparse_prefill.integrations.tensor_parallel import (
     _model_head_offset,
     tp_head_offset,
 )
-from sparse_prefill.interfaces import AttentionContext
+from sparse_prefill.interfaces import AttentionContext, output_like
 from sparse_prefill.plan import DensePlan, Plan
 from sparse_prefill.policy import PatternChoice, Policy, PolicySource, load_policy
 from sparse_prefill.registry import get_pattern
@@ -206,7 +206,7 @@ def _sparse_prefill(handle: SparsePrefillHandle, layer: int | None, q: torch.Ten
         identifier = handle.policy.identifier(assignments[0].choice)
         return sparse_attention(q, k, v, identifier, ctx, on_plan=_plan_observer(handle, assignments[0].choice),
                                 guard=handle.policy.guard, guard_memory=handle.guard_memory)[0]
-    out = torch.empty_like(q)
+    out = output_like(q)
     for assignment in assignments:
         identifier = handle.policy.identifier(assignment.choice)
         on_plan = _plan_observer(handle, assignment.choice)
