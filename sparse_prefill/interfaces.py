@@ -173,7 +173,9 @@ class Executor(abc.ABC):
 
         With ``out`` (q's shape and dtype, possibly a strided view of a larger tensor) the output
         is written there and ``out`` returned: the dispatcher runs heads in chunks into one
-        result. An executor that cannot write in place returns :func:`write_into` of its result.
+        result. An executor that cannot write in place returns :func:`write_into` of its result. One
+        that allocates its own output should take :func:`output_like` (q's memory layout), so that a
+        model's transpose of the output back to [B, N, H, D] stays a view.
         """
 
 
