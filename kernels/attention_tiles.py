@@ -16,9 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
+from sparse_prefill.interfaces import output_like
 from sparse_prefill.kernels.reference import validate_plan_layout
 from sparse_prefill.kernels.runtime import triton_can_run, triton_interpreted
-from sparse_prefill.interfaces import output_like
 from sparse_prefill.validation import validate_attention_inputs
 
 __all__ = [
