@@ -6,8 +6,12 @@ probabilities per key block. In PyTorch that matrix is built in chunks and passe
 (mask, finiteness, softmax, padding, sums), in float32: on an H200 at 128k the identification took 4.1x
 (xattention, 1.03 s) and 2.4x (flashprefill, 130 ms) the time of executing its own plan; this kernel took them
 to 79 ms and 8.4 ms, and its one pass for flashprefill to 5.4 ms on an H100 (docs/benchmarks/patterns.md).
-Here one program holds a tile of rows. Antidiagonal: a first pass over the key columns keeps each row's running
-maximum and sum (the online softmax), a second recomputes the logits and adds each probability to its block.
+Here one program holds a tile of rows. Antidiagonal: one pass over the key columns keeps each row's running
+maximum and sum (the online softmax) and stores, per row and key block, the log2 of the block's sum of exp2
+against the running maximum plus that maximum (float32 scratch, one number per row and key block: 1/16 of the
+logits at stride 8 and block 128); a second loop reads those back against the row's final maximum and sum and adds
+the rows of each query block (it recomputed the logits before, a second pass as costly as the first: 67-72 ms
+-> 38-40 ms at 128k, 32 heads, on an H100, docs/benchmarks/xattention_one_pass_h100.json).
 Pooled: the rows of a program share one softmax, so one pass suffices: each column tile's masses are summed
 against the running maximum of the tiles so far and stored with it, and the launcher rescales the tiles to the
 final maximum and sum (the second pass's recomputed logits were about half the kernel's work).
@@ -40,6 +44,9 @@ _MIN_ROWS = 64
 # antidiagonal 128 (69 ms; 64: 93, 32: 207).
 _POOLED_COLS = 64
 _ANTIDIAGONAL_COLS = 128
+# Antidiagonal: key blocks per step of the second loop (over the scratch), and the most scratch one launch uses.
+_LSE_COLS = 64
+_SCRATCH_BYTES = 512 << 20
 _MAX_HEAD_DIM = 256
 
 
@@ -117,16 +124,19 @@ def _pooled_one_pass(
 
 @triton.jit
 def _block_mass_kernel(
-    Q, K, Out, Tops, Stats,
+    Q, K, Out, Tops, Stats, Lse,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     seq_len, key_rows, num_q_heads, q_per_kv, num_blocks, out_cols, col_tiles, block, qk_scale,
+    tile_start, bh_start, chunk_rows,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, ROWS_PER_QB: tl.constexpr,
     BLOCK_C: tl.constexpr, COLS_PER_KB: tl.constexpr, STRIDE: tl.constexpr, POOLED: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    LSE_COLS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """Out[bh, query block, key block] for the ROWS rows of one program (last rows first: they read the most)."""
-    tile = tl.num_programs(0) - 1 - tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    """Out[bh, query block, key block] for the ROWS rows of one program (last rows first: they read the most).
+    The launch covers tiles and heads from ``tile_start`` and ``bh_start`` (antidiagonal: as many as its scratch
+    holds, ``chunk_rows`` rows per head)."""
+    tile = tile_start + tl.num_programs(0) - 1 - tl.program_id(0)
+    bh = bh_start + tl.program_id(1).to(tl.int64)
     b, h = bh // num_q_heads, bh % num_q_heads
     q_base = Q + b * stride_qb + h * stride_qh
     k_base = K + b * stride_kb + (h // q_per_kv) * stride_kh
@@ -141,27 +151,37 @@ def _block_mass_kernel(
         return
     row_ok = row * STRIDE < seq_len  # a tile row of padding only adds nothing
     col_end = tile * ROWS + ROWS  # key tiles up to the program's last tile row
+    KB: tl.constexpr = BLOCK_C // COLS_PER_KB
+    # This program's rows in the scratch: each row's log2-sum-exp2 of its logits per key block.
+    row_lse = Lse + ((bh - bh_start) * chunk_rows + (tile - tile_start) * ROWS + tl.arange(0, ROWS).to(tl.int64)
+                     )[:, None] * num_blocks
     m_i = tl.full([ROWS], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([ROWS], dtype=tl.float32)
     for c0 in range(0, col_end, BLOCK_C):
         s = _logits(q_base, k_base, stride_qn, stride_kn, row, row_ok, c0 + tl.arange(0, BLOCK_C), seq_len,
                     key_rows, block, offs_d, d_ok, qk_scale, ROWS, BLOCK_C, STRIDE, POOLED, DOT_PRECISION, UPCAST)
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(tl.math.exp2(s - m_new[:, None]), 1)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(p, 1)
         m_i = m_new
+        block_sums = tl.sum(tl.reshape(p, (ROWS, KB, COLS_PER_KB)), 2)  # against the running maximum
+        key_blocks = c0 // COLS_PER_KB + tl.arange(0, KB)
+        # -inf where a key block has no logit (masked, or below float32's range): it adds no mass.
+        lse = tl.where(block_sums > 0, m_new[:, None] + tl.math.log2(tl.where(block_sums > 0, block_sums, 1.0)),
+                       float("-inf"))
+        tl.store(row_lse + key_blocks[None, :], lse, mask=(key_blocks < num_blocks)[None, :])
     inv_l = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)
     QB: tl.constexpr = ROWS // ROWS_PER_QB
-    KB: tl.constexpr = BLOCK_C // COLS_PER_KB
     query_blocks = tile * QB + tl.arange(0, QB)
     out_base = Out + bh * num_blocks * out_cols + query_blocks.to(tl.int64)[:, None] * out_cols
-    for c0 in range(0, col_end, BLOCK_C):
-        s = _logits(q_base, k_base, stride_qn, stride_kn, row, row_ok, c0 + tl.arange(0, BLOCK_C), seq_len,
-                    key_rows, block, offs_d, d_ok, qk_scale, ROWS, BLOCK_C, STRIDE, POOLED, DOT_PRECISION, UPCAST)
-        p = tl.math.exp2(s - m_i[:, None]) * inv_l[:, None]
-        mass = tl.sum(tl.sum(tl.reshape(p, (QB, ROWS_PER_QB, KB, COLS_PER_KB)), 3), 1)  # [QB, KB]
-        key_blocks = c0 // COLS_PER_KB + tl.arange(0, KB)
-        tl.store(out_base + key_blocks[None, :], mass,
-                 mask=(query_blocks < num_blocks)[:, None] & (key_blocks < num_blocks)[None, :])
+    kb_end = tl.minimum((tile + 1) * QB, num_blocks)  # the key blocks the first loop stored
+    for b0 in range(0, kb_end, LSE_COLS):
+        key_blocks = b0 + tl.arange(0, LSE_COLS)
+        stored = key_blocks < kb_end
+        lse = tl.load(row_lse + key_blocks[None, :], mask=stored[None, :], other=float("-inf"))
+        p = tl.math.exp2(lse - m_i[:, None]) * inv_l[:, None]
+        mass = tl.sum(tl.reshape(p, (QB, ROWS_PER_QB, LSE_COLS)), 1)  # [QB, LSE_COLS]
+        tl.store(out_base + key_blocks[None, :], mass, mask=(query_blocks < num_blocks)[:, None] & stored[None, :])
 
 
 def _launch(q: torch.Tensor, keys: torch.Tensor, num_blocks: int, block: int, rows_per_qb: int, cols_per_kb: int,
@@ -182,17 +202,36 @@ def _launch(q: torch.Tensor, keys: torch.Tensor, num_blocks: int, block: int, ro
     tops = torch.full((batch, num_q, num_blocks, col_tiles), float("-inf"), device=q.device) if pooled else out
     stats = torch.zeros(batch, num_q, num_blocks, 2, device=q.device) if pooled else out
     dot_precision, upcast = dot_settings(q.dtype)
-    _block_mass_kernel[(triton.cdiv(total_rows, rows), batch * num_q)](
-        q, keys, out, tops, stats, q.stride(0), q.stride(1), q.stride(2),
-        keys.stride(0), keys.stride(1), keys.stride(2),
-        seq_len, key_rows, num_q, num_q // keys.shape[1], num_blocks, out.shape[-1], col_tiles, block,
-        qk_scale * LOG2E,
+    settings = dict(
         HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), ROWS=rows, ROWS_PER_QB=rows_per_qb,
-        BLOCK_C=cols, COLS_PER_KB=cols_per_kb, STRIDE=stride, POOLED=pooled, DOT_PRECISION=dot_precision,
-        UPCAST=upcast, num_warps=4 if rows <= 64 else 8, num_stages=2,
+        BLOCK_C=cols, COLS_PER_KB=cols_per_kb, STRIDE=stride, POOLED=pooled, LSE_COLS=_LSE_COLS,
+        DOT_PRECISION=dot_precision, UPCAST=upcast, num_warps=4 if rows <= 64 else 8, num_stages=2,
     )
-    if not pooled:
-        return out
+    arguments = (q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
+                 seq_len, key_rows, num_q, num_q // keys.shape[1], num_blocks, out.shape[-1], col_tiles, block,
+                 qk_scale * LOG2E)
+    tiles, heads = triton.cdiv(total_rows, rows), batch * num_q
+    if pooled:
+        _block_mass_kernel[(tiles, heads)](q, keys, out, tops, stats, out, *arguments, 0, 0, 0, **settings)
+        return _rescaled(out, tops, stats)
+    # Antidiagonal: one float32 per tile row and key block in the scratch; launches over as many tiles, then
+    # heads, as it holds (at 128k, 32 heads, stride 8: 64 MiB a head).
+    per_tile = rows * num_blocks * 4
+    tiles_each = max(1, min(tiles, _SCRATCH_BYTES // per_tile))
+    heads_each = max(1, min(heads, _SCRATCH_BYTES // (per_tile * tiles))) if tiles_each == tiles else 1
+    lse = torch.empty(heads_each * tiles_each * per_tile // 4, dtype=torch.float32, device=q.device)
+    for bh_start in range(0, heads, heads_each):
+        for tile_start in range(0, tiles, tiles_each):
+            grid = (min(tiles_each, tiles - tile_start), min(heads_each, heads - bh_start))
+            _block_mass_kernel[grid](q, keys, out, out, out, lse, *arguments, tile_start, bh_start,
+                                     tiles_each * rows, **settings)
+    return out
+
+
+def _rescaled(out: torch.Tensor, tops: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
+    """The pooled path's column tiles rescaled to their query block's final maximum and sum."""
+    batch, num_q, num_blocks, col_tiles = tops.shape
+    cols = out.shape[-1] // col_tiles
     top, total = stats.unbind(-1)
     factor = torch.where(total[..., None] > 0, torch.exp2(tops - top[..., None]) / total[..., None], 0.0)
     out.view(batch, num_q, num_blocks, col_tiles, cols).mul_(factor[..., None])

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from kernel_checks import DEVICE, needs_kernel
-from sparse_prefill.patterns import _blocks
+from sparse_prefill.patterns import _blocks, block_mass
 from sparse_prefill.patterns.block_mass import antidiagonal_block_mass, block_mass_problems, pooled_block_scores
 from sparse_prefill.patterns.flashprefill import flashprefill_block_scores
 from sparse_prefill.patterns.xattention import xattention_block_mass
@@ -104,6 +104,39 @@ def test_pooled_scores_rescale_across_column_tiles() -> None:
     expected = flashprefill_block_scores(q, k, 0.2, block)
     _close(scores, expected, 2e-5, "pooled block scores over three column tiles")
     assert (scores[..., 70:, 64:].amax(dim=-1) > scores[..., 70:, :64].amax(dim=-1)).float().mean() > 0.5
+
+
+@needs_kernel
+def test_antidiagonal_mass_rescales_to_each_rows_final_maximum() -> None:
+    # 300 tile rows at stride 2: three steps of 128 key tiles, keys growing along the sequence so that each row's
+    # maximum rises from step to step and the block sums stored against an earlier maximum must be read back
+    # against the final one.
+    generator = torch.Generator().manual_seed(12)
+    seq_len, block, stride = 600, 32, 2
+    q = torch.randn(1, 2, seq_len, 32, generator=generator)
+    growth = torch.linspace(0.2, 3.0, seq_len)[:, None]
+    k = torch.randn(1, 1, seq_len, 32, generator=generator) * growth + growth * 0.5
+    q, k = q.to(DEVICE or "cpu"), k.to(DEVICE or "cpu")
+    mass = antidiagonal_block_mass(q, k, 0.2, block, stride)
+    _close(mass, xattention_block_mass(q, k, 0.2, block, stride), 2e-5, "antidiagonal mass over three steps")
+    assert (mass[..., 10:, 8:].amax(dim=-1) > mass[..., 10:, :8].amax(dim=-1)).float().mean() > 0.5
+
+
+@needs_kernel
+@pytest.mark.parametrize("tiles_per_launch", [1, 3, None], ids=["tile", "tiles", "heads"])
+def test_antidiagonal_mass_is_the_same_in_launches_of_any_size(monkeypatch: pytest.MonkeyPatch,
+                                                               tiles_per_launch: int | None) -> None:
+    # The scratch holds one float32 per tile row and key block; a small one splits the launch over tiles (a tile
+    # or three at a time) or over heads (all tiles of one head at a time).
+    case = Case(2, 3, 1, 700, 32, 32, 2)  # 350 tile rows: 6 programs of 64 per head, 6 heads
+    q, k = _inputs(case, seed=13)
+    scale = case.head_dim ** -0.5
+    whole = antidiagonal_block_mass(q, k, scale, case.block, case.stride)
+    per_tile = 64 * 22 * 4  # rows per program x key blocks x 4 bytes
+    monkeypatch.setattr(block_mass, "_SCRATCH_BYTES", per_tile * (tiles_per_launch or 6))
+    split = antidiagonal_block_mass(q, k, scale, case.block, case.stride)
+    assert torch.equal(split, whole)
+    _close(split, xattention_block_mass(q, k, scale, case.block, case.stride), 2e-5, "split launches")
 
 
 @needs_kernel
