@@ -26,7 +26,10 @@ from sparse_prefill.registry import available_patterns, plugin_errors
 DEFAULT_POLICIES = ("anchor.yaml", "anchor-accurate.yaml")
 # `eval` compares every shipped sparse policy by default: the comparison is the point.
 EVAL_POLICIES = ("anchor.yaml", "anchor-accurate.yaml", "flexprefill.yaml", "vertical-slash.yaml", "streaming.yaml")
-KL_OPTIONS = ("theta=4,6,7.7,10,12",)
+# `calibrate --kl-budget`'s settings for an anchor base: anchor's thetas, and XAttention's thresholds for the layers
+# where anchor's pooled query misses keys (per layer, Qwen2.5-Coder-0.5B / 1.5B at 32k on an H100: KL 0.0125 at
+# 0.70x dense / 0.0084 at 0.80x, against 0.016 at 0.69x / 0.0136 at 0.88x for anchor alone; docs/policies.md).
+KL_OPTIONS = ("theta=4,6,7.7,10,12", "xattention.threshold=0.8,0.9,0.95")
 CALIBRATION_TEXT_OFFSET = 65536
 MIN_HEAD_RECALL = 0.9  # calibrate --per-kv-group's floor: SmolLM2 8k, docs/benchmarks/recall.md
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -816,7 +819,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help=f"with --kl-budget: the settings a layer may take, as eval's --sweep (repeatable: "
                                 f"their product); PATTERN.PARAM adds another pattern's settings, so each layer "
                                 f"also chooses its pattern (by KL and density: a costlier identification is not "
-                                f"charged); default for anchor: {' '.join(KL_OPTIONS)}")
+                                f"charged); default for anchor: --options {' --options '.join(KL_OPTIONS)}")
     calibrate.add_argument("--score-last", type=int, default=None,
                            help="with --kl-budget: positions scored, the last ones (default: min(1024, tokens - 1))")
     calibrate.add_argument("--text-offset", type=int, nargs="+", default=[CALIBRATION_TEXT_OFFSET],

@@ -254,6 +254,23 @@ def test_calibration_options_may_name_other_patterns_and_each_layer_chooses_amon
     assert {override.choice.pattern for override in chosen.overrides} == {"anchor"}
 
 
+def test_default_options_for_an_anchor_base_are_its_thetas_and_xattentions_thresholds():
+    # Measured on both Qwen2.5-Coder models at 32k (docs/policies.md): layers choosing XAttention where anchor's
+    # pooled query misses keys kept less KL at equal prefill time than anchor alone.
+    import argparse
+
+    from sparse_prefill.cli import _kl_options
+
+    base = load_policy({"default": {"pattern": "anchor", "local": 512}})
+    options = _kl_options(argparse.Namespace(options=None, policy="base.yaml"), base)
+    thetas = {label: choice for label, choice in options.items() if choice.pattern == "anchor"}
+    thresholds = {label: choice for label, choice in options.items() if choice.pattern == "xattention"}
+    assert sorted(choice.as_dict()["theta"] for choice in thetas.values()) == [4, 6, 7.7, 10, 12]
+    assert all(choice.as_dict()["local"] == 512 for choice in thetas.values())  # the base's other settings kept
+    assert sorted(choice.as_dict()["threshold"] for choice in thresholds.values()) == [0.8, 0.9, 0.95]
+    assert set(options) == set(thetas) | set(thresholds)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--kl-budget", "-1"], "--kl-budget must be >= 0"),
     (["--kl-budget", "0.1", "--score-last", "9000"], "--score-last must be in"),
