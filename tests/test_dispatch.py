@@ -37,14 +37,16 @@ def qkv(hq: int = 8, hkv: int = 4, n: int = 150, d: int = 32, dtype=torch.float3
 
 
 class Recorder:
-    """on_plan callback that keeps each chunk's context and plan size."""
+    """on_plan callback that keeps each chunk's context, plan and plan size."""
 
     def __init__(self) -> None:
         self.contexts: list[AttentionContext] = []
+        self.plans: list = []
         self.nbytes: list[int] = []
 
     def __call__(self, plan, ctx: AttentionContext) -> None:
         self.contexts.append(ctx)
+        self.plans.append(plan)
         self.nbytes.append(plan_nbytes(plan))
 
 
@@ -53,13 +55,19 @@ def test_chunked_heads_give_the_unchunked_result(budget):
     q, k, v = qkv()
     identifier = ANCHOR.build(**ANCHOR_PARAMS)
     ctx = AttentionContext.for_inputs(q, k, head_offset=8)
+    unchunked = Recorder()
     whole, whole_lse = sparse_attention(q, k, v, identifier, ctx, executor=ReferenceExecutor(), return_lse=True,
-                                        max_plan_bytes=2**62)
+                                        max_plan_bytes=2**62, on_plan=unchunked)
     recorder = Recorder()
     out, lse = sparse_attention(q, k, v, identifier, ctx, executor=ReferenceExecutor(), return_lse=True,
                                 max_plan_bytes=budget, on_plan=recorder)
-    torch.testing.assert_close(out, whole, atol=1e-6, rtol=0)
-    torch.testing.assert_close(lse, whole_lse, atol=1e-6, rtol=0)
+    # The same keys for every head, so the same answer up to float32 sums taken over other shapes (the reference's
+    # products differ in padding and batch with the chunk; twice in many runs that moved an output by 7e-5).
+    assert len(unchunked.plans) == 1
+    chunk_masks = torch.cat([plan.to_dense() for plan in recorder.plans], dim=1)
+    assert torch.equal(chunk_masks, unchunked.plans[0].to_dense())
+    torch.testing.assert_close(out, whole, atol=2e-4, rtol=0)
+    torch.testing.assert_close(lse, whole_lse, atol=2e-4, rtol=0)
     # The chunks cover every head once, in order, with their global offsets and whole KV groups.
     offsets = [c.head_offset for c in recorder.contexts]
     heads = [c.num_q_heads for c in recorder.contexts]
