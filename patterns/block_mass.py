@@ -198,9 +198,6 @@ def _launch(q: torch.Tensor, keys: torch.Tensor, num_blocks: int, block: int, ro
     # maximum stays -inf and its factor 0 (its masses are 0 too).
     out = torch.zeros(batch, num_q, num_blocks, col_tiles * cols if pooled else num_blocks, dtype=torch.float32,
                       device=q.device)
-    # Each tile's running maximum, and each query block's final maximum and sum (the antidiagonal path reads neither).
-    tops = torch.full((batch, num_q, num_blocks, col_tiles), float("-inf"), device=q.device) if pooled else out
-    stats = torch.zeros(batch, num_q, num_blocks, 2, device=q.device) if pooled else out
     dot_precision, upcast = dot_settings(q.dtype)
     settings = dict(
         HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), ROWS=rows, ROWS_PER_QB=rows_per_qb,
@@ -212,14 +209,17 @@ def _launch(q: torch.Tensor, keys: torch.Tensor, num_blocks: int, block: int, ro
                  qk_scale * LOG2E)
     tiles, heads = triton.cdiv(total_rows, rows), batch * num_q
     if pooled:
+        # Each tile's running maximum, and each query block's final maximum and sum.
+        tops = torch.full((batch, num_q, num_blocks, col_tiles), float("-inf"), device=q.device)
+        stats = torch.zeros(batch, num_q, num_blocks, 2, device=q.device)
         _block_mass_kernel[(tiles, heads)](q, keys, out, tops, stats, out, *arguments, 0, 0, 0, **settings)
         return _rescaled(out, tops, stats)
     # Antidiagonal: one float32 per tile row and key block in the scratch; launches over as many tiles, then
-    # heads, as it holds (at 128k, 32 heads, stride 8: 64 MiB a head).
-    per_tile = rows * num_blocks * 4
-    tiles_each = max(1, min(tiles, _SCRATCH_BYTES // per_tile))
-    heads_each = max(1, min(heads, _SCRATCH_BYTES // (per_tile * tiles))) if tiles_each == tiles else 1
-    lse = torch.empty(heads_each * tiles_each * per_tile // 4, dtype=torch.float32, device=q.device)
+    # heads, as it holds (at 128k, 32 heads, stride 8: 64 MiB a head). Tops and Stats are not read.
+    tile_bytes = rows * num_blocks * 4
+    tiles_each = max(1, min(tiles, _SCRATCH_BYTES // tile_bytes))
+    heads_each = max(1, min(heads, _SCRATCH_BYTES // (tile_bytes * tiles))) if tiles_each == tiles else 1
+    lse = torch.empty(heads_each * tiles_each * tile_bytes // 4, dtype=torch.float32, device=q.device)
     for bh_start in range(0, heads, heads_each):
         for tile_start in range(0, tiles, tiles_each):
             grid = (min(tiles_each, tiles - tile_start), min(heads_each, heads - bh_start))
