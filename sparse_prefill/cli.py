@@ -455,13 +455,14 @@ def _cmd_calibrate_kl(args: argparse.Namespace) -> int:
                          "--policy whose min_length is at most --tokens")
     model, texts, num_layers, dtype = _calibration_model_and_text(args, base)
     layers = args.layers if args.layers else list(range(num_layers))
+    timed = _timed_cost(args)
     group_record: list[dict[str, Any]] = []
     if args.per_kv_group:
         measured, skipped, references, group_record = _measure_kv_groups(args, model, texts, base, options, layers)
     else:
         measured, skipped, references = measure_on_texts(
             model, texts, base, options, layers, args.score_last,
-            progress=lambda runs: tqdm(runs, desc="each (layer, option) alone, per text", unit="run"))
+            progress=lambda runs: tqdm(runs, desc="each (layer, option) alone, per text", unit="run"), timed=timed)
     if not measured:
         raise UsageError(f"no layer among {layers} made a sparse plan at {args.tokens} tokens; nothing to calibrate")
     unit = "KV group" if args.per_kv_group else "layer"
@@ -472,8 +473,9 @@ def _cmd_calibrate_kl(args: argparse.Namespace) -> int:
         flags = " --per-kv-group" if args.per_kv_group else ""
         header = (f"Written by `sparse-prefill calibrate --kl-budget {budget:g}{flags}` from {base.source}: "
                   f"{args.model},\n{args.tokens} essay tokens {_text_offsets(args)}, {dtype}, last {args.score_last} "
-                  f"positions scored. Each {unit}\nran each option alone (the rest dense); the least mean density "
-                  f"whose KL(dense || policy) stays\nwithin the budget was chosen and checked on the whole model"
+                  f"positions scored. Each {unit}\nran each option alone (the rest dense); the least mean "
+                  + (f"attention time (timed on {_device_name(args)})" if timed else "density")
+                  + f"\nwhose KL(dense || policy) stays within the budget was chosen and checked on the whole model"
                   + (" (KL: the worst text's)." if len(texts) > 1 else ".")
                   + ("\nA layer's KV groups are all dense or all sparse in one call (their thetas may differ)."
                      if args.per_kv_group else ""))
@@ -489,10 +491,26 @@ def _cmd_calibrate_kl(args: argparse.Namespace) -> int:
                                            "text_offset": args.text_offset[0], "text_offsets": args.text_offset,
                                            "score_last": args.score_last,
                                            "dtype": str(dtype), "options": sorted(options),
+                                           "cost": "time" if timed else "density",
+                                           **({"device": _device_name(args)} if timed else {}),
                                            "per_kv_group": args.per_kv_group, "group_measured": group_record,
                                            "budgets": records}, indent=1))
         print(f"record: {args.record}")
     return 0
+
+
+def _timed_cost(args: argparse.Namespace) -> bool:
+    """Whether ``calibrate --kl-budget`` spends measured time (``--cost time``, or ``auto`` on a GPU, where the
+    times are the ones the policy will see) rather than density."""
+    if args.cost == "auto":
+        return not args.per_kv_group and torch.device(_device_and_dtype(args)[0]).type == "cuda"
+    return args.cost == "time"
+
+
+def _device_name(args: argparse.Namespace) -> str:
+    """The device calibrate ran on, as a policy header names it."""
+    device = torch.device(_device_and_dtype(args)[0])
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
 def _measure_kv_groups(args: argparse.Namespace, model: Any, texts: list[torch.Tensor], base: Policy,
@@ -818,8 +836,13 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--options", action="append", default=None, metavar="[PATTERN.]PARAM=V1,V2,...",
                            help=f"with --kl-budget: the settings a layer may take, as eval's --sweep (repeatable: "
                                 f"their product); PATTERN.PARAM adds another pattern's settings, so each layer "
-                                f"also chooses its pattern (by KL and density: a costlier identification is not "
-                                f"charged); default for anchor: --options {' --options '.join(KL_OPTIONS)}")
+                                f"also chooses its pattern (by KL and --cost); default for anchor: "
+                                f"--options {' --options '.join(KL_OPTIONS)}")
+    calibrate.add_argument("--cost", choices=("auto", "time", "density"), default="auto",
+                           help="with --kl-budget: what the choice minimises within the budget: each layer's "
+                                "attention time, measured on this device against its dense attention (a costlier "
+                                "identification or a plan denser than it saves then loses), or the attention "
+                                "density; auto: time on a GPU, density elsewhere (and with --per-kv-group)")
     calibrate.add_argument("--score-last", type=int, default=None,
                            help="with --kl-budget: positions scored, the last ones (default: min(1024, tokens - 1))")
     calibrate.add_argument("--text-offset", type=int, nargs="+", default=[CALIBRATION_TEXT_OFFSET],
@@ -940,6 +963,12 @@ def _check_numbers(args: argparse.Namespace) -> None:
                              f"got {args.score_last}")
         if args.kl_budget is None and args.options:
             raise UsageError("--options is for --kl-budget calibration (the recall target sets theta alone)")
+        if args.cost != "auto" and args.kl_budget is None:
+            raise UsageError(f"--cost {args.cost} is for --kl-budget calibration (recall calibration minimises "
+                             "density)")
+        if args.cost == "time" and args.per_kv_group:
+            raise UsageError("--cost time times each layer's attention call; --per-kv-group measures KV groups "
+                             "one at a time, whose calls are not the policy's (use --cost density)")
         _check_per_kv_group(args)
         if args.layers and min(args.layers) < 0:
             raise UsageError(f"--layers takes layer indices >= 0, got {args.layers}")

@@ -84,7 +84,7 @@ def test_group_measurements_are_what_direct_runs_give_and_a_choice_runs_one_call
             {"layers": unit.layer, "heads": [f"{unit.heads.start}-{unit.heads.stop - 1}"], **unit.choice.as_dict(),
              "pattern": "anchor"}]})
         logprobs, stats = policy_logprobs(model, ids, policy, 32)
-        assert unit.kl == pytest.approx(float(kl_per_position(dense, logprobs).mean()), rel=1e-5, abs=1e-9)
+        assert unit.kl == pytest.approx(float(kl_per_position(dense, logprobs).mean()), rel=1e-3, abs=1e-9)
         plans = [d for d, layer in zip(stats.densities, stats.plan_layers) if layer == unit.layer]
         assert min(plans) == pytest.approx(unit.density) and 0 < unit.density <= 1
     assert min(unit.density for unit in measured) < 1
@@ -124,4 +124,4 @@ def test_a_group_is_measured_alone_when_only_some_layers_are_calibrated():
             {"layers": 0, "heads": [f"{unit.heads.start}-{unit.heads.stop - 1}"], **unit.choice.as_dict(),
              "pattern": "anchor"}]})
         logprobs, _ = policy_logprobs(model, ids, policy, 32)
-        assert unit.kl == pytest.approx(float(kl_per_position(dense, logprobs).mean()), rel=1e-5, abs=1e-9)
+        assert unit.kl == pytest.approx(float(kl_per_position(dense, logprobs).mean()), rel=1e-3, abs=1e-9)

@@ -1,5 +1,6 @@
 """KL-budget calibration: the per-layer choice against brute force, the measurements against direct runs."""
 
+import dataclasses
 import itertools
 import math
 import random
@@ -100,7 +101,7 @@ def test_calibration_measures_what_direct_runs_give_and_its_policy_checks_out():
             logprobs = next_token_logprobs(model, ids, 32)
         finally:
             remove(model)
-        assert option.kl == pytest.approx(float(kl_per_position(dense, logprobs).mean()), rel=1e-5, abs=1e-9)
+        assert option.kl == pytest.approx(float(kl_per_position(dense, logprobs).mean()), rel=1e-3, abs=1e-9)
         assert option.density == pytest.approx(handle.stats.layer_densities()[option.layer])
         assert 0 < option.density < 1 and option.kl > 0
     # An unlimited budget takes the sparsest option everywhere; the check ran that policy whole.
@@ -113,7 +114,7 @@ def test_calibration_measures_what_direct_runs_give_and_its_policy_checks_out():
         logprobs = next_token_logprobs(model, ids, 32)
     finally:
         remove(model)
-    assert float(kl_per_position(dense, logprobs).mean()) == pytest.approx(result.checks[0].measured_kl, rel=1e-5)
+    assert float(kl_per_position(dense, logprobs).mean()) == pytest.approx(result.checks[0].measured_kl, rel=1e-3)
 
 
 def test_a_check_missed_by_a_hair_solves_for_less_than_the_failed_choice(monkeypatch):
@@ -160,7 +161,8 @@ def test_several_texts_cost_each_option_its_worst_kl_and_check_on_every_text():
     for n, option in enumerate(both.measured):
         each = [result.measured[n] for result in alone]
         assert all((o.layer, o.label) == (option.layer, option.label) for o in each)
-        assert option.kl == max(o.kl for o in each)
+        # Separate runs agree to float32 summation order (CPU matmuls are not bit-reproducible across runs).
+        assert option.kl == pytest.approx(max(o.kl for o in each), rel=1e-3, abs=1e-9)
         assert option.density == pytest.approx(sum(o.density for o in each) / 2)
     check = both.checks[0]
     assert check.text_kls == pytest.approx((alone[0].checks[0].measured_kl, alone[1].checks[0].measured_kl))
@@ -281,6 +283,9 @@ def test_default_options_for_an_anchor_base_are_its_thetas_and_xattentions_thres
     (["--text-offset", "0", "-5", "--kl-budget", "0.1"], "--text-offset must be >= 0"),
     (["--text-offset", "0", "4096"], "several --text-offset values are for --kl-budget"),
     (["--record", "r.json"], "--record is for"),
+    (["--cost", "time"], "--cost time is for --kl-budget"),
+    (["--kl-budget", "0.1", "--per-kv-group", "--cost", "time"], "--per-kv-group measures KV groups"),
+    (["--kl-budget", "0.1", "--cost", "seconds"], "invalid choice"),
 ])
 def test_calibrate_refuses_bad_kl_arguments_before_loading(tmp_path, capsys, argv, message):
     from sparse_prefill.cli import main
@@ -307,4 +312,78 @@ def test_a_layer_is_measured_alone_when_only_some_layers_are_calibrated():
         alone = float(kl_per_position(dense, next_token_logprobs(model, ids, 32)).mean())
     finally:
         remove(model)
-    assert option.kl == pytest.approx(alone, rel=1e-5, abs=1e-9) and option.kl > 0
+    assert option.kl == pytest.approx(alone, rel=1e-3, abs=1e-9) and option.kl > 0
+
+
+def test_apply_times_every_layers_attention_call_when_asked():
+    model = tiny_model()
+    ids = torch.randint(1, 96, (1, 160), generator=torch.Generator().manual_seed(5))
+    # Layer 1 dense by the policy: the model's own attention is timed too (it is what a sparse layer replaces).
+    handle = apply(model, layer_policy(load_policy(STREAMING), {1: None}, "t"), time_calls=True)
+    try:
+        next_token_logprobs(model, ids, 8)
+        seconds = handle.stats.layer_seconds()
+        assert set(seconds) == {0, 1} and all(s > 0 for s in seconds.values())
+        next_token_logprobs(model, ids, 8)  # a second forward adds its calls
+        assert all(handle.stats.layer_seconds()[layer] > seconds[layer] for layer in (0, 1))
+        handle.stats.reset()
+        assert handle.stats.layer_seconds() == {}
+    finally:
+        remove(model)
+    untimed = apply(model, load_policy(STREAMING))
+    try:
+        next_token_logprobs(model, ids, 8)
+        assert untimed.stats.layer_seconds() == {}  # nothing is bracketed unless asked
+    finally:
+        remove(model)
+
+
+def test_timed_choice_spends_time_not_density():
+    """Two settings of equal KL: the sparser one is slower (a costlier identification). By density the sparser
+    wins, by time the faster; a setting slower than dense attention is never taken, however sparse."""
+    choice = load_policy(STREAMING).default
+    sparse_slow = LayerOption(0, "sparse-slow", choice, 0.01, 0.2, time=0.6)
+    denser_fast = LayerOption(0, "denser-fast", choice, 0.01, 0.3, time=0.4)
+    untimed = [LayerOption(0, DENSE, None, 0.0, 1.0), *(dataclasses.replace(o, time=None)
+                                                       for o in (sparse_slow, denser_fast))]
+    assert choose_within_budget(untimed, 0.05)[0].label == "sparse-slow"
+    timed = [LayerOption(0, DENSE, None, 0.0, 1.0, time=1.0), sparse_slow, denser_fast]
+    assert choose_within_budget(timed, 0.05)[0].label == "denser-fast"
+    slower_than_dense = LayerOption(0, "slower", choice, 0.0, 0.1, time=1.05)
+    assert choose_within_budget([timed[0], slower_than_dense], 1.0)[0].label == DENSE
+    # Several texts: the worst KL, the mean time.
+    merged, _ = worst_over_texts([([sparse_slow], []), ([dataclasses.replace(sparse_slow, kl=0.02, time=0.8)], [])])
+    assert merged[0].kl == 0.02 and merged[0].time == pytest.approx(0.7)
+
+
+def test_timed_measurement_gives_each_option_its_time_over_dense():
+    from sparse_prefill.evaluation.layer_budget import measure_layer_options
+
+    model = tiny_model()
+    ids = torch.randint(1, 96, (1, 160), generator=torch.Generator().manual_seed(6))
+    base = load_policy(STREAMING)
+    reference = next_token_logprobs(model, ids, 16)
+    measured, skipped = measure_layer_options(model, ids, base, {"streaming": base.default}, [0, 1], 16, reference,
+                                              timed=True)
+    assert not skipped
+    assert [(o.layer, o.label) for o in measured] == [(0, DENSE), (0, "streaming"), (1, DENSE), (1, "streaming")]
+    for option in measured:
+        assert option.time is not None and option.time > 0 and math.isfinite(option.time)
+        assert option.cost == option.time
+        if option.dense:
+            assert option.time == 1.0
+    untimed, _ = measure_layer_options(model, ids, base, {"streaming": base.default}, [0], 16, reference)
+    assert all(o.time is None and o.cost == o.density for o in untimed)
+    # The same KL and density either way: timing runs its own forward.
+    assert [(o.kl, o.density) for o in untimed] == [(o.kl, o.density) for o in measured if o.layer == 0]
+
+
+def test_calibrate_command_with_cost_time_writes_times(tmp_path):
+    out, saved = calibrate_tiny_model(tmp_path, "--kl-budget", "100", "--options", "local=16,32", "--cost", "time")
+    assert saved["cost"] == "time" and saved["device"] == "cpu"
+    assert all(m["time"] > 0 for m in saved["budgets"][0]["measured"])
+    assert saved["budgets"][0]["checks"][0]["mean_time"] > 0
+    assert "least mean attention time (timed on cpu)" in out.read_text()
+    _, by_density = calibrate_tiny_model(tmp_path, "--kl-budget", "100", "--options", "local=16,32")
+    assert by_density["cost"] == "density"  # auto on the CPU: its times are not the GPU's
+    assert all("time" not in m for m in by_density["budgets"][0]["measured"])

@@ -55,6 +55,11 @@ class GroupKL:
     density: float  # the group's own attention density
 
     @property
+    def cost(self) -> float:
+        """What the knapsack spends: the density (groups are not timed apart)."""
+        return self.density
+
+    @property
     def key(self) -> tuple[int, int, str]:
         return self.layer, self.heads.start, self.label
 

@@ -20,6 +20,13 @@ inside the budget; growing the budget to spend that margin was left out on purpo
 the same policies measured up to 3x the calibration text's KL (docs/benchmarks/whole_model.md),
 and the margin is what keeps them near the budget there.
 
+What a setting costs in compute is its density by default. With ``timed``, each unit's attention call is timed
+in a forward of its own (statistics wait for the GPU inside a call), against the same layer's dense call (the median of three dense
+forwards, after one warm-up forward per option so autotuning is not timed), and the knapsack spends time
+instead: a pattern whose identification costs more (XAttention's is about 0.25 of its plan's execution at
+32k on an H100, anchor's about 0.07), or a plan denser than its identification saves, then loses to
+the one that is faster at the same KL. Times are the device's own: calibrate on the GPU the policy will run on.
+
 A budget holds for the text it was measured on. On Gemma-3-270M at 32k one layer's option cost 0.008 alone on
 the calibration text and about 0.055 on other text. Given several texts, each option's cost is its worst KL
 over them (:func:`worst_over_texts`) and the check runs the choice on every text, so the budget holds on each.
@@ -36,13 +43,18 @@ import torch
 
 from sparse_prefill.evaluation.calibrate import policy_file_text
 from sparse_prefill.evaluation.dense_prefix import DensePrefix, replaying
-from sparse_prefill.evaluation.whole_model import kl_per_position, next_token_logprobs, policy_logprobs
+from sparse_prefill.evaluation.whole_model import (
+    attention_seconds,
+    kl_per_position,
+    next_token_logprobs,
+    policy_logprobs,
+)
 from sparse_prefill.policy import PatternChoice, Policy, load_policy, selector_items
 
 __all__ = ["LayerOption", "BudgetCheck", "KLCalibration", "choose_within_budget", "layer_policy",
            "measure_layer_options", "worst_over_texts", "measure_on_texts", "calibrate_kl_budget", "choose_and_check",
            "calibration_record", "kl_calibrated_policy", "lower_chain", "saving_rate", "alone_policy", "worst_on_texts",
-           "everywhere_dense", "dense_prefix", "DENSE"]
+           "everywhere_dense", "dense_prefix", "dense_layer_seconds", "DENSE", "DENSE_TIMINGS"]
 
 DENSE = "dense"  # the label of a layer left on the model's own attention
 
@@ -62,6 +74,12 @@ class LayerOption:
     kl: float  # mean KL(dense || this) per scored position, nats
     density: float  # this layer's attention density (1.0: dense, or a plan that passed dense_above)
     groups: HeadSettings = ()  # a choice per KV group instead of ``choice`` (:mod:`.group_budget`)
+    time: float | None = None  # this layer's attention time over its dense attention time, where timed
+
+    @property
+    def cost(self) -> float:
+        """What the knapsack spends: the measured time ratio where timed, else the density."""
+        return self.density if self.time is None else self.time
 
     @property
     def dense(self) -> bool:
@@ -86,6 +104,7 @@ class BudgetCheck:
     measured_kl: float  # the largest over the texts
     mean_density: float  # over the calibrated layers, dense ones counting 1.0
     text_kls: tuple[float, ...] = ()  # the KL on each text, in the order given
+    mean_time: float | None = None  # the chosen layers' attention time over dense, measured alone, where timed
 
 
 @dataclass
@@ -100,25 +119,27 @@ class KLCalibration:
     skipped_layers: list[int] = field(default_factory=list)  # made no sparse plan (e.g. sliding-window layers)
 
 
-def _dense(layer: int) -> LayerOption:
-    return LayerOption(layer, DENSE, None, 0.0, 1.0)
+def _dense(layer: int, timed: bool = False) -> LayerOption:
+    return LayerOption(layer, DENSE, None, 0.0, 1.0, time=1.0 if timed else None)
 
 
 def _hull(options: Sequence[LayerOption]) -> list[LayerOption]:
-    """Dense, then the settings on the lower convex hull of (KL, density): each step saves less density
-    per unit of KL than the one before, so a greedy taking the best step first never needs to undo one."""
-    return lower_chain([o for o in options if not o.dense and o.density < 1.0], start=_dense(options[0].layer))
+    """Dense, then the settings on the lower convex hull of (KL, cost): each step saves less cost per
+    unit of KL than the one before, so a greedy taking the best step first never needs to undo one. A
+    setting costing dense's or more (a plan as dense as dense attention, a slower call) is never taken."""
+    timed = any(o.time is not None for o in options)
+    return lower_chain([o for o in options if not o.dense and o.cost < 1.0], start=_dense(options[0].layer, timed))
 
 
-Costed = TypeVar("Costed")  # anything with a kl and a density: LayerOption, group_budget.GroupKL
+Costed = TypeVar("Costed")  # anything with a kl and a cost: LayerOption, group_budget.GroupKL
 
 
 def lower_chain(options: Sequence[Costed], start: Costed | None = None) -> list[Costed]:
     """``start`` (if given; else the least-KL option), then the options on the lower convex hull of (KL,
-    density) toward less density, each step saving less density per nat of KL than the one before."""
+    cost) toward less cost, each step saving less cost per nat of KL than the one before."""
     frontier: list[Any] = [] if start is None else [start]
-    for option in sorted(options, key=lambda o: (max(o.kl, 0.0), o.density)):  # type: ignore[attr-defined]
-        if not frontier or option.density < frontier[-1].density:  # type: ignore[attr-defined]
+    for option in sorted(options, key=lambda o: (max(o.kl, 0.0), o.cost)):  # type: ignore[attr-defined]
+        if not frontier or option.cost < frontier[-1].cost:  # type: ignore[attr-defined]
             frontier.append(option)  # cheaper than every option with less KL
     chain: list[Any] = []
     for option in frontier:
@@ -129,21 +150,21 @@ def lower_chain(options: Sequence[Costed], start: Costed | None = None) -> list[
 
 
 def saving_rate(start: Any, end: Any) -> float:
-    """Density saved per nat of KL from ``start`` to ``end`` (infinite when the KL does not grow)."""
+    """Cost saved per nat of KL from ``start`` to ``end`` (infinite when the KL does not grow)."""
     added = max(end.kl, 0.0) - max(start.kl, 0.0)
-    saved = start.density - end.density
+    saved = start.cost - end.cost
     return math.inf if added <= 0 else saved / added
 
 
 def choose_within_budget(measured: Sequence[LayerOption], budget: float) -> dict[int, LayerOption]:
-    """One option per layer (dense where nothing fits): summed KL <= ``budget``, least mean density
-    found by the convex-hull greedy. Within one hull step of the optimum: the density it leaves on the
-    table is at most the largest single step's saving."""
+    """One option per layer (dense where nothing fits): summed KL <= ``budget``, least mean cost (time
+    where measured, else density) found by the convex-hull greedy. Within one hull step of the optimum:
+    the cost it leaves on the table is at most the largest single step's saving."""
     _check_budget(budget)
     by_layer: dict[int, list[LayerOption]] = {}
     for option in measured:
         by_layer.setdefault(option.layer, []).append(option)
-    chosen = {layer: _dense(layer) for layer in by_layer}
+    chosen = {layer: _dense(layer, any(o.time is not None for o in options)) for layer, options in by_layer.items()}
     steps = []
     for layer, options in by_layer.items():
         hull = _hull(options)
@@ -210,33 +231,52 @@ def dense_prefix(model: Any, input_ids: torch.Tensor, base: Policy, layers: Sequ
     return DensePrefix.capture(model, input_ids, everywhere_dense(base), score_last, layers)
 
 
+DENSE_TIMINGS = 3  # dense forwards whose per-layer median is each layer's dense time
+
+
+def dense_layer_seconds(model: Any, input_ids: torch.Tensor, base: Policy, options: Mapping[str, PatternChoice],
+                        layers: Sequence[int], score_last: int) -> dict[int, float]:
+    """Each layer's dense attention time: the median of :data:`DENSE_TIMINGS` timed dense forwards, after one
+    forward of each option on every layer in ``layers`` (autotuning and first-call costs are then not timed)."""
+    for label, choice in options.items():
+        policy_logprobs(model, input_ids, layer_policy(base, dict.fromkeys(layers, choice), f"warm-up {label}"),
+                        score_last)
+    runs = [attention_seconds(model, input_ids, everywhere_dense(base), score_last) for _ in range(DENSE_TIMINGS)]
+    return {layer: sorted(run[layer] for run in runs)[DENSE_TIMINGS // 2] for layer in layers if layer in runs[0]}
+
+
 def measure_layer_options(model: Any, input_ids: torch.Tensor, base: Policy, options: Mapping[str, PatternChoice],
                           layers: Sequence[int], score_last: int, reference: torch.Tensor,
-                          progress: Callable[[Iterable[Any]], Iterable[Any]] = iter,
+                          progress: Callable[[Iterable[Any]], Iterable[Any]] = iter, timed: bool = False,
                           ) -> tuple[list[LayerOption], list[int]]:
     """(each option on each layer with every other layer dense, layers that made no sparse plan).
 
     ``reference`` is the dense model's log-probabilities at the scored positions. A layer whose
     every option made no plan (a sliding-window layer the integration leaves alone, a call that fell
     back) is returned apart and gets no setting. The layers before a unit's layer are replayed from one
-    dense forward, not computed (:mod:`~sparse_prefill.evaluation.dense_prefix`).
+    dense forward, not computed (:mod:`~sparse_prefill.evaluation.dense_prefix`). ``timed``: each
+    option's attention call is timed in a second forward without statistics, over the layer's dense time
+    (:func:`dense_layer_seconds`).
     """
     measured, skipped = [], []
     per_layer: dict[int, list[LayerOption]] = {layer: [] for layer in layers}
+    dense_seconds = dense_layer_seconds(model, input_ids, base, options, layers, score_last) if timed else {}
     prefix = dense_prefix(model, input_ids, base, layers, score_last)
     for layer, label in progress([(layer, label) for layer in layers for label in options]):
         choice = options[label]
         policy = alone_policy(base, layer, choice, f"layer {layer} {label}")
         with replaying(prefix, layer):  # the layers before it compute what the dense forward did
             logprobs, stats = policy_logprobs(model, input_ids, policy, score_last)
+            seconds = attention_seconds(model, input_ids, policy, score_last) if timed else {}
         densities = stats.layer_densities()
         if layer not in densities:
             continue
         kl = float(kl_per_position(reference, logprobs).mean())
-        per_layer[layer].append(LayerOption(layer, label, choice, kl, densities[layer]))
+        time = seconds[layer] / dense_seconds[layer] if timed else None
+        per_layer[layer].append(LayerOption(layer, label, choice, kl, densities[layer], time=time))
     for layer in layers:
         if per_layer[layer]:
-            measured += [_dense(layer), *per_layer[layer]]
+            measured += [_dense(layer, timed), *per_layer[layer]]
         else:
             skipped.append(layer)
     return measured, skipped
@@ -247,8 +287,8 @@ Measured = TypeVar("Measured")  # LayerOption or group_budget.GroupKL: a layer, 
 
 def worst_over_texts(per_text: Sequence[tuple[Sequence[Measured], Sequence[int]]]) -> tuple[list[Measured], list[int]]:
     """:func:`measure_layer_options` of several texts as one: each (layer, option) with its largest KL (the
-    budget then holds on every text measured) and its mean density (the compute expected). A layer that
-    made no sparse plan on some text is skipped."""
+    budget then holds on every text measured) and its mean density and time (the compute expected). A layer
+    that made no sparse plan on some text is skipped."""
     if not per_text:
         raise ValueError("no texts measured")
     skipped = sorted({layer for _, skipped_here in per_text for layer in skipped_here})
@@ -260,8 +300,10 @@ def worst_over_texts(per_text: Sequence[tuple[Sequence[Measured], Sequence[int]]
     for options in by_key.values():  # insertion order: the first text's order
         if options[0].layer in skipped or len(options) < len(per_text):
             continue
+        times = [o.time for o in options if getattr(o, "time", None) is not None]  # GroupKL has none
         merged.append(dataclasses.replace(options[0], kl=max(o.kl for o in options),
-                                          density=sum(o.density for o in options) / len(options)))
+                                          density=sum(o.density for o in options) / len(options),
+                                          **({"time": sum(times) / len(times)} if times else {})))
     return merged, skipped
 
 
@@ -272,12 +314,12 @@ def _as_list(texts: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]
 
 def measure_on_texts(model: Any, input_ids: torch.Tensor | Sequence[torch.Tensor], base: Policy,
                      options: Mapping[str, PatternChoice], layers: Sequence[int], score_last: int,
-                     progress: Callable[[Iterable[Any]], Iterable[Any]] = iter,
+                     progress: Callable[[Iterable[Any]], Iterable[Any]] = iter, timed: bool = False,
                      ) -> tuple[list[LayerOption], list[int], list[torch.Tensor]]:
     """(:func:`measure_layer_options` of each text joined by :func:`worst_over_texts`, the layers skipped,
     each text's dense log-probabilities at the scored positions: the references the checks need)."""
     return worst_on_texts(model, input_ids, score_last, lambda ids, reference: measure_layer_options(
-        model, ids, base, options, layers, score_last, reference, progress))
+        model, ids, base, options, layers, score_last, reference, progress, timed))
 
 
 def worst_on_texts(model: Any, input_ids: torch.Tensor | Sequence[torch.Tensor], score_last: int,
@@ -294,14 +336,16 @@ def worst_on_texts(model: Any, input_ids: torch.Tensor | Sequence[torch.Tensor],
 def calibrate_kl_budget(model: Any, input_ids: torch.Tensor | Sequence[torch.Tensor], base: Policy,
                         options: Mapping[str, PatternChoice], budget: float, layers: Sequence[int],
                         score_last: int = 1024, checks: int = 3,
-                        progress: Callable[[Iterable[Any]], Iterable[Any]] = iter) -> KLCalibration:
-    """Measure every option on every layer of each text (:func:`measure_on_texts`), then
-    :func:`choose_and_check` on every text."""
+                        progress: Callable[[Iterable[Any]], Iterable[Any]] = iter, timed: bool = False,
+                        ) -> KLCalibration:
+    """Measure every option on every layer of each text (:func:`measure_on_texts`; ``timed``: by time, not
+    density), then :func:`choose_and_check` on every text."""
     if not options:
         raise ValueError("no options to choose from")
     _check_budget(budget)
     texts = _as_list(input_ids)
-    measured, skipped, references = measure_on_texts(model, texts, base, options, layers, score_last, progress)
+    measured, skipped, references = measure_on_texts(model, texts, base, options, layers, score_last, progress,
+                                                     timed)
     if not measured:
         raise ValueError(f"no layer among {list(layers)} made a sparse plan at {texts[0].shape[1]} tokens "
                          f"(min_length {base.min_length}); nothing to calibrate")
@@ -333,15 +377,18 @@ def choose_and_check(model: Any, input_ids: torch.Tensor | Sequence[torch.Tensor
         chosen = choose_within_budget(measured, solve_for)
         if all(o.dense for o in chosen.values()):
             result.chosen = chosen
-            result.checks.append(BudgetCheck(solve_for, 0.0, 0.0, 1.0))
+            timed = all(o.time is not None for o in chosen.values())
+            result.checks.append(BudgetCheck(solve_for, 0.0, 0.0, 1.0, mean_time=1.0 if timed else None))
             return result
         predicted = sum(max(o.kl, 0.0) for o in chosen.values())
         mean_density = sum(o.density for o in chosen.values()) / len(chosen)
+        times = [o.time for o in chosen.values() if o.time is not None]
+        mean_time = sum(times) / len(times) if len(times) == len(chosen) else None
         policy = layer_policy(base, {layer: o.setting for layer, o in chosen.items()}, "checked choice")
         text_kls = tuple(float(kl_per_position(dense, policy_logprobs(model, ids, policy, score_last)[0]).mean())
                          for ids, dense in zip(texts, references))
         actual = max(text_kls)
-        result.checks.append(BudgetCheck(solve_for, predicted, actual, mean_density, text_kls))
+        result.checks.append(BudgetCheck(solve_for, predicted, actual, mean_density, text_kls, mean_time))
         if actual <= budget:
             result.chosen = chosen
             return result
@@ -365,6 +412,8 @@ def calibration_record(result: KLCalibration) -> dict[str, Any]:
 
     def option(o: LayerOption) -> dict[str, Any]:
         entry = {"layer": o.layer, "label": o.label, "kl": o.kl, "density": o.density, "params": params(o.choice)}
+        if o.time is not None:
+            entry["time"] = o.time
         if o.groups:
             entry["groups"] = [{"heads": [heads.start, heads.stop - 1], "params": params(choice)}
                                for heads, choice in o.groups]
@@ -384,11 +433,13 @@ def kl_calibrated_policy(base: Policy, result: KLCalibration, header: str) -> st
     for check in result.checks:
         worst = f" (the worst of {len(check.text_kls)} texts)" if len(check.text_kls) > 1 else ""
         lines.append(f"check: solved for KL {check.budget:.4g}, predicted {check.predicted_kl:.4g}, "
-                     f"measured {check.measured_kl:.4g}{worst}, mean density {check.mean_density:.3f}")
+                     f"measured {check.measured_kl:.4g}{worst}, mean density {check.mean_density:.3f}"
+                     + ("" if check.mean_time is None else f", mean attention time {check.mean_time:.3f} of dense"))
     if not result.within_budget:
         lines.append(f"no choice met the budget {result.budget:g}: every calibrated layer stays dense")
     for layer, option in sorted(result.chosen.items()):
-        lines.append(f"  layer {layer}: {option.label}, KL alone {option.kl:.4g}, density {option.density:.3f}")
+        lines.append(f"  layer {layer}: {option.label}, KL alone {option.kl:.4g}, density {option.density:.3f}"
+                     + ("" if option.time is None else f", time {option.time:.3f} of dense"))
     if result.skipped_layers:
         lines.append(f"  layers {result.skipped_layers}: made no sparse plan, keep the default")
     return policy_file_text(policy, lines)

@@ -50,6 +50,7 @@ __all__ = [
     "greedy_answer",
     "kl_per_position",
     "next_token_logprobs",
+    "attention_seconds",
     "parse_sweep",
     "perplexity_of",
     "policy_logprobs",
@@ -145,6 +146,18 @@ def policy_logprobs(model: Any, input_ids: torch.Tensor, policy: Policy, score_l
     handle = apply(model, policy, collect_stats=True)
     try:
         return next_token_logprobs(model, input_ids, score_last), handle.stats
+    finally:
+        remove(model)
+
+
+def attention_seconds(model: Any, input_ids: torch.Tensor, policy: Policy, score_last: int,
+                      ) -> dict[int | None, float]:
+    """Seconds each layer's attention took in one forward under ``policy``, its calls timed as a user's run
+    them: without statistics, whose densities would wait for the GPU inside the calls."""
+    handle = apply(model, policy, time_calls=True)
+    try:
+        next_token_logprobs(model, input_ids, score_last)
+        return handle.stats.layer_seconds()
     finally:
         remove(model)
 

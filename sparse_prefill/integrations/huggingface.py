@@ -85,6 +85,7 @@ class SparsePrefillHandle:
     stats: PrefillStats = field(default_factory=PrefillStats)
     # The guard's remembered rejections (policy guard with remember > 0): one memory per patched model.
     guard_memory: GuardMemory | None = None
+    time_calls: bool = False  # each call bracketed in ``stats.times`` (CUDA events on a GPU: no wait in the forward)
     _told: set[str] = field(default_factory=set, init=False, repr=False)  # reasons logged: each is told once
 
     def remove(self) -> None:
@@ -113,7 +114,7 @@ class SparsePrefillHandle:
         :func:`remove` on either model leaves the other patched."""
         copied = SparsePrefillHandle(copy.deepcopy(self.model, memo), self.policy, self.name,
                                      self.previous_implementation, self.previous_attention, self.collect_stats,
-                                     self.head_offset, self.stats, self.guard_memory)
+                                     self.head_offset, self.stats, self.guard_memory, self.time_calls)
         _name_users[self.name] += 1
         return copied
 
@@ -245,6 +246,14 @@ def _dense_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
 
 
 def _attention_function(handle: SparsePrefillHandle) -> Callable[..., Any]:
+    def timed(module: Any, query: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        if not handle.time_calls:
+            return attention(module, query, *args, **kwargs)
+        started = handle.stats.times.start(query)
+        result = attention(module, query, *args, **kwargs)
+        handle.stats.times.stop(getattr(module, "layer_idx", None), started)
+        return result
+
     def attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   attention_mask: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
         reason = _previous_reason(handle, module, query, key, value, attention_mask, kwargs)
@@ -275,16 +284,19 @@ def _attention_function(handle: SparsePrefillHandle) -> Callable[..., Any]:
         handle.stats.sparse_calls += 1
         return out.transpose(1, 2).contiguous(), None
 
-    return attention
+    return timed
 
 
-def apply(model: Any, policy: PolicySource, *, collect_stats: bool = False) -> SparsePrefillHandle:
+def apply(model: Any, policy: PolicySource, *, collect_stats: bool = False,
+          time_calls: bool = False) -> SparsePrefillHandle:
     """Switch a Hugging Face causal LM to sparse prefill under ``policy`` (YAML path, dict or Policy).
 
     Decode, chunked prefill, cached prefixes and sliding-window layers keep the model's previous
     attention implementation. ``collect_stats`` records every plan's density (costs a host sync).
     Calls that run dense are counted whatever ``collect_stats`` and told once per reason on the
     ``sparse_prefill`` logger (see the module's docstring); ``handle.summary()`` says what ran.
+    ``time_calls`` brackets every attention call, the model's own included (``handle.stats.layer_seconds()``
+    after the forward; CUDA events on a GPU, so the forward never waits).
     Under tensor parallelism, call it on every rank: each finds its own slice of the heads.
     """
     if getattr(model, _HANDLE_ATTR, None) is not None:
@@ -306,7 +318,7 @@ def apply(model: Any, policy: PolicySource, *, collect_stats: bool = False) -> S
     guard = resolved.guard
     memory = GuardMemory(guard.remember) if guard is not None and guard.remember else None
     handle = SparsePrefillHandle(model, resolved, name, previous, _previous_attention(model, previous), collect_stats,
-                                 head_offset, guard_memory=memory)
+                                 head_offset, guard_memory=memory, time_calls=time_calls)
     attention_functions.register(name, _attention_function(handle))
     mask_functions.register(name, _make_mask_function(mask_functions[previous]))
     model.set_attn_implementation(name)

@@ -7,6 +7,7 @@ import collections
 import logging
 from dataclasses import dataclass, field
 
+from sparse_prefill.integrations.call_times import CallTimes
 from sparse_prefill.interfaces import AttentionContext
 from sparse_prefill.plan import Plan
 from sparse_prefill.policy import index_runs
@@ -37,7 +38,8 @@ class PrefillStats:
     time that costs shows up nowhere else; groups differing only in per-head parameters run as one call).
     ``dense_plan_layers`` holds, per
     reason, the layers those dense plans came from (which layers a guard or ``dense_above`` kept dense
-    is what a user needs to decide where to calibrate).
+    is what a user needs to decide where to calibrate). ``times`` holds each call's start and end when the
+    handle times calls (``apply(..., time_calls=True)``).
     """
 
     sparse_calls: int = 0
@@ -49,6 +51,7 @@ class PrefillStats:
     fallbacks: collections.Counter[str] = field(default_factory=collections.Counter)
     dense_plans: collections.Counter[str] = field(default_factory=collections.Counter)
     dense_plan_layers: dict[str, set[int]] = field(default_factory=dict)
+    times: CallTimes = field(default_factory=CallTimes)
 
     def mean_density(self) -> float | None:
         """Density over every query head of every sparse call (plans weighted by their heads)."""
@@ -63,6 +66,10 @@ class PrefillStats:
             weighted[0] += density * heads
             weighted[1] += heads
         return {layer: total / heads for layer, (total, heads) in sorted(totals.items(), key=lambda kv: str(kv[0]))}
+
+    def layer_seconds(self) -> dict[int | None, float]:
+        """Seconds each layer's attention calls took (empty unless calls were timed)."""
+        return self.times.layer_seconds()
 
     def record(self, plan: Plan, ctx: AttentionContext) -> None:
         self.densities.append(plan.density())
@@ -83,6 +90,7 @@ class PrefillStats:
         self.densities, self.plan_heads, self.plan_layers = [], [], []
         self.fallbacks, self.dense_plans = collections.Counter(), collections.Counter()
         self.dense_plan_layers = {}
+        self.times.reset()
 
     def summary(self) -> str:
         """One paragraph for people: calls per path, mean density, and why calls or plans ran dense."""

@@ -1,0 +1,56 @@
+"""How long each layer's attention call took, for choosing settings by time (``calibrate --cost time``).
+
+On a GPU each call is bracketed by two CUDA events recorded on the current stream: nothing waits inside
+the forward, and :meth:`CallTimes.layer_seconds` reads the elapsed times afterwards (one synchronisation
+then). On the CPU the call itself is synchronous and a wall clock brackets it. A layer called several
+times in one forward (padding runs per sequence, a model that reuses a layer) sums its calls. Knows
+nothing of Hugging Face.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["CallTimes"]
+
+
+@dataclass
+class CallTimes:
+    """Start and end marks of each timed attention call, by layer."""
+
+    _marks: list[tuple[int | None, Any, Any]] = field(default_factory=list)
+
+    def start(self, like: torch.Tensor) -> Any:
+        """A start mark on ``like``'s device: a recorded CUDA event, or the wall clock."""
+        if like.is_cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def stop(self, layer: int | None, started: Any) -> None:
+        """Close the call that :meth:`start` opened as ``started``."""
+        if isinstance(started, torch.cuda.Event):
+            ended: Any = torch.cuda.Event(enable_timing=True)
+            ended.record()
+        else:
+            ended = time.perf_counter()
+        self._marks.append((layer, started, ended))
+
+    def layer_seconds(self) -> dict[int | None, float]:
+        """Seconds per layer, its calls summed (waits for the GPU once, when a call ran there)."""
+        if any(isinstance(started, torch.cuda.Event) for _, started, _ in self._marks):
+            torch.cuda.synchronize()
+        seconds: dict[int | None, float] = {}
+        for layer, started, ended in self._marks:
+            took = (started.elapsed_time(ended) / 1000.0 if isinstance(started, torch.cuda.Event)
+                    else ended - started)
+            seconds[layer] = seconds.get(layer, 0.0) + took
+        return seconds
+
+    def reset(self) -> None:
+        self._marks = []
