@@ -272,6 +272,20 @@ def _print_layer_kl(results: Sequence[Any], shown: int = 5) -> None:
               + f" (sum {sum(m.layer_kl.values()):.4f}, whole policy {m.kl:.4f})")
 
 
+def _print_attention_time(results: Sequence[Any]) -> None:
+    """How much of each prefill is attention (``eval`` with timing): summed over layers in one timed forward,
+    against dense's at the same length; per layer in results.json."""
+    dense = {m.length: m.attention_ms for m in results if m.label == BASELINE_LABEL and m.attention_ms}
+    timed = [m for m in results if m.attention_ms is not None]
+    if timed:
+        print("attention time, summed over layers in one timed forward (per layer in results.json):")
+    for m in timed:
+        prefill = m.prefill_ms if m.prefill_ms is not None else math.nan
+        against = (f", {m.attention_ms / dense[m.length]:.2f} of dense's attention"
+                   if m.label != BASELINE_LABEL and m.length in dense else "")
+        print(f"  {m.label} at {m.length}: {m.attention_ms:.1f} ms of a {prefill:.1f} ms prefill{against}")
+
+
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     if args.kl_budget is not None:
         return _cmd_calibrate_kl(args)
@@ -598,6 +612,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     print(summary_table(results))
     _print_summaries({f"{m.label} at {m.length}": m.summary for m in results if m.summary})
     _print_layer_kl(results)
+    _print_attention_time(results)
     print(f"results: {save(results)}")
     if not args.no_plots:
         from sparse_prefill.evaluation.plots import plot_needle_heatmap, plot_quality_vs_density, plot_quality_vs_time

@@ -399,6 +399,15 @@ def test_eval_says_what_ran_under_each_policy_at_each_length(tiny_weights, tmp_p
     assert summaries["streaming at 300"].startswith("2 attention call(s) ran sparse, mean density")
 
 
+def test_eval_with_timing_says_how_much_of_each_prefill_is_attention(tiny_weights, tmp_path, capsys):
+    assert main(["eval", "--lengths", "300", "--policy", "streaming.yaml", "--needle-depths", "--repeats", "1",
+                 "--score-last", "100", "--no-plots", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    lines = out.split("attention time, summed over layers in one timed forward")[1].splitlines()[1:3]
+    assert lines[0].startswith("  dense at 300: ") and "ms prefill" in lines[0]
+    assert lines[1].startswith("  streaming at 300: ") and "of dense's attention" in lines[1]
+
+
 def test_progress_follows_the_terminal_unless_asked(tiny_weights, monkeypatch):
     from sparse_prefill.cli import _progress
 

@@ -138,6 +138,9 @@ def test_evaluate_end_to_end_on_a_tiny_model():
         else:
             assert m.sparse_calls == 2 and set(m.layer_density) == {"0", "1"}  # a plan per layer
             assert m.prefill_vs_dense is not None
+        # Each layer's attention timed (dense: the model's own), and their sum.
+        assert set(m.layer_attention_ms) == {"0", "1"} and all(ms > 0 for ms in m.layer_attention_ms.values())
+        assert m.attention_ms == pytest.approx(sum(m.layer_attention_ms.values()), rel=1e-6, abs=1e-3)
     by = {(m.label, m.length): m for m in results}
     # A window that covers every key is dense attention: same distributions, to rounding.
     assert by[("every-key", 160)].kl < 1e-6 and by[("every-key", 160)].top1_agreement == 1.0
@@ -178,6 +181,7 @@ def test_a_guarded_policy_says_so_in_its_result():
     by = {m.label: m for m in evaluate(model, CharTokenizer(), lambda n: text[:, :n], {"guarded": guarded}, settings)}
     assert by["dense"].guard is None and by["guarded"].guard == {"max_error": 0.0, "rows": 8, "remember": 0}
     assert sum(by["guarded"].dense_plans.values()) > 0 and by["guarded"].kl < 1e-6  # every lossy group ran dense
+    assert by["guarded"].attention_ms is None and by["guarded"].layer_attention_ms == {}  # no timing asked
 
 
 def test_recall_per_layer_is_what_the_policys_plans_keep_on_the_dense_q_and_k():

@@ -40,7 +40,7 @@ from sparse_prefill.evaluation.ruler import RulerSample, build_samples
 from sparse_prefill.evaluation.ruler import check_tasks as check_ruler_tasks
 from sparse_prefill.guard import ErrorGuard, guard_setting_problem
 from sparse_prefill.integrations.huggingface import PrefillStats, apply, remove
-from sparse_prefill.policy import PatternChoice, Policy, PolicyError
+from sparse_prefill.policy import PatternChoice, Policy, PolicyError, load_policy
 from sparse_prefill.registry import get_pattern
 
 __all__ = [
@@ -117,6 +117,10 @@ class Measurement:
     prefill_ms: float | None = None
     prefill_vs_dense: float | None = None  # prefill_ms / dense_prefill_ms
     dense_prefill_ms: float | None = None  # a policy's: dense, timed right after it (the ratio's denominator)
+    # With timing: each layer's attention calls in one more forward (dense: the model's own attention), ms, and
+    # their sum: how much of prefill_ms is attention, and which layers cost what (:func:`attention_seconds`).
+    layer_attention_ms: dict[str, float] = field(default_factory=dict)
+    attention_ms: float | None = None
     needle: dict[str, bool] = field(default_factory=dict)
     summary: str = ""  # what ran in the quality run, for people (PrefillStats.summary); "" for dense
     guard: dict[str, Any] | None = None  # the policy's run-time guard (max_error, rows); None: none
@@ -403,6 +407,9 @@ def _measure(model: Any, tokenizer: Any, ids: torch.Tensor, label: str, policy: 
         if base is not None:
             measurement.dense_prefill_ms = prefill_ms(model, ids, settings.repeats)
             measurement.prefill_vs_dense = measurement.prefill_ms / measurement.dense_prefill_ms
+        timed = attention_seconds(model, ids, policy or _everywhere_dense(), settings.score_last)
+        measurement.layer_attention_ms = {str(layer): round(s * 1e3, 4) for layer, s in timed.items()}
+        measurement.attention_ms = round(sum(timed.values()) * 1e3, 4)
     for depth in settings.needle_depths:
         patched()
         try:
@@ -416,6 +423,11 @@ def _measure(model: Any, tokenizer: Any, ids: torch.Tensor, label: str, policy: 
         finally:
             restore()
     return measurement
+
+
+def _everywhere_dense() -> Policy:
+    """Dense attention on every layer, for timing dense's calls through the same wrapper as a policy's."""
+    return load_policy({"min_length": 0, "default": {"pattern": "dense"}})
 
 
 def _capture_all_layers(model: Any, ids: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
