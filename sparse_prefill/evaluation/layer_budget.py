@@ -21,11 +21,13 @@ the same policies measured up to 3x the calibration text's KL (docs/benchmarks/w
 and the margin is what keeps them near the budget there.
 
 What a setting costs in compute is its density by default. With ``timed``, each unit's attention call is timed
-in a forward of its own (statistics wait for the GPU inside a call), against the same layer's dense call (the median of three dense
-forwards, after one warm-up forward per option so autotuning is not timed), and the knapsack spends time
-instead: a pattern whose identification costs more (XAttention's is about 0.25 of its plan's execution at
-32k on an H100, anchor's about 0.07), or a plan denser than its identification saves, then loses to
-the one that is faster at the same KL. Times are the device's own: calibrate on the GPU the policy will run on.
+in a forward of its own (statistics wait for the GPU inside a call) against the same layer's dense call (the
+median of three dense forwards, after one warm-up forward per option so autotuning is not timed), and the
+knapsack spends time instead: a pattern whose identification costs more (XAttention's is about 0.25 of its
+plan's execution at 32k on an H100, anchor's about 0.07), or a plan denser than its identification saves, then
+loses to the one that is faster at the same KL. On Qwen2.5-Coder at 32k (H100) that took 0.5-1.3% more off
+the prefill at equal KL (docs/benchmarks/whole_model.md). Times are the device's own: calibrate on the GPU the
+policy will run on.
 
 A budget holds for the text it was measured on. On Gemma-3-270M at 32k one layer's option cost 0.008 alone on
 the calibration text and about 0.055 on other text. Given several texts, each option's cost is its worst KL
