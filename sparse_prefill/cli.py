@@ -272,18 +272,25 @@ def _print_layer_kl(results: Sequence[Any], shown: int = 5) -> None:
               + f" (sum {sum(m.layer_kl.values()):.4f}, whole policy {m.kl:.4f})")
 
 
-def _print_attention_time(results: Sequence[Any]) -> None:
+def _print_attention_time(results: Sequence[Any], shown: int = 3) -> None:
     """How much of each prefill is attention (``eval`` with timing): summed over layers in one timed forward,
-    against dense's at the same length; per layer in results.json."""
-    dense = {m.length: m.attention_ms for m in results if m.label == BASELINE_LABEL and m.attention_ms}
+    against dense's at the same length, and the layers that keep most of their dense time; per layer in
+    results.json."""
+    dense = {m.length: m for m in results if m.label == BASELINE_LABEL and m.attention_ms}
     timed = [m for m in results if m.attention_ms is not None]
     if timed:
         print("attention time, summed over layers in one timed forward (per layer in results.json):")
     for m in timed:
         prefill = m.prefill_ms if m.prefill_ms is not None else math.nan
-        against = (f", {m.attention_ms / dense[m.length]:.2f} of dense's attention"
-                   if m.label != BASELINE_LABEL and m.length in dense else "")
-        print(f"  {m.label} at {m.length}: {m.attention_ms:.1f} ms of a {prefill:.1f} ms prefill{against}")
+        line = f"  {m.label} at {m.length}: {m.attention_ms:.1f} ms of a {prefill:.1f} ms prefill"
+        base = dense.get(m.length)
+        if m.label != BASELINE_LABEL and base is not None:
+            ratios = {layer: ms / base.layer_attention_ms[layer] for layer, ms in m.layer_attention_ms.items()
+                      if base.layer_attention_ms.get(layer)}
+            costliest = sorted(ratios.items(), key=lambda item: -item[1])[:shown]
+            line += (f", {m.attention_ms / base.attention_ms:.2f} of dense's attention; costliest layers against "
+                     f"their dense: " + ", ".join(f"{layer} {ratio:.2f}" for layer, ratio in costliest))
+        print(line)
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:

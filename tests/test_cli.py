@@ -406,6 +406,10 @@ def test_eval_with_timing_says_how_much_of_each_prefill_is_attention(tiny_weight
     lines = out.split("attention time, summed over layers in one timed forward")[1].splitlines()[1:3]
     assert lines[0].startswith("  dense at 300: ") and "ms prefill" in lines[0]
     assert lines[1].startswith("  streaming at 300: ") and "of dense's attention" in lines[1]
+    costliest = lines[1].split("costliest layers against their dense: ")[1].split(", ")
+    assert sorted(entry.split()[0] for entry in costliest) == ["0", "1"]  # the tiny model's two layers, by ratio
+    ratios = [float(entry.split()[1]) for entry in costliest]
+    assert ratios == sorted(ratios, reverse=True) and all(ratio > 0 for ratio in ratios)
 
 
 def test_progress_follows_the_terminal_unless_asked(tiny_weights, monkeypatch):
