@@ -138,7 +138,7 @@ def test_evaluate_end_to_end_on_a_tiny_model():
         else:
             assert m.sparse_calls == 2 and set(m.layer_density) == {"0", "1"}  # a plan per layer
             assert m.prefill_vs_dense is not None
-        # Each layer's attention timed (dense: the model's own), and their sum.
+        # Each layer's attention timed (dense: the dense pattern's SDPA), and their sum.
         assert set(m.layer_attention_ms) == {"0", "1"} and all(ms > 0 for ms in m.layer_attention_ms.values())
         assert m.attention_ms == pytest.approx(sum(m.layer_attention_ms.values()), rel=1e-6, abs=1e-3)
     by = {(m.label, m.length): m for m in results}

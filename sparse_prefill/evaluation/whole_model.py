@@ -117,7 +117,7 @@ class Measurement:
     prefill_ms: float | None = None
     prefill_vs_dense: float | None = None  # prefill_ms / dense_prefill_ms
     dense_prefill_ms: float | None = None  # a policy's: dense, timed right after it (the ratio's denominator)
-    # With timing: each layer's attention calls in one more forward (dense: the model's own attention), ms, and
+    # With timing: each layer's attention calls in one more forward (dense: the dense pattern, SDPA), ms, and
     # their sum: how much of prefill_ms is attention, and which layers cost what (:func:`attention_seconds`).
     layer_attention_ms: dict[str, float] = field(default_factory=dict)
     attention_ms: float | None = None
