@@ -125,12 +125,16 @@ def _dense(layer: int, timed: bool = False) -> LayerOption:
     return LayerOption(layer, DENSE, None, 0.0, 1.0, time=1.0 if timed else None)
 
 
+def _dense_beside(options: Sequence[LayerOption]) -> LayerOption:
+    """Dense for the layer of ``options``, timed (time 1.0) where they are."""
+    return _dense(options[0].layer, any(o.time is not None for o in options))
+
+
 def _hull(options: Sequence[LayerOption]) -> list[LayerOption]:
     """Dense, then the settings on the lower convex hull of (KL, cost): each step saves less cost per
     unit of KL than the one before, so a greedy taking the best step first never needs to undo one. A
     setting costing dense's or more (a plan as dense as dense attention, a slower call) is never taken."""
-    timed = any(o.time is not None for o in options)
-    return lower_chain([o for o in options if not o.dense and o.cost < 1.0], start=_dense(options[0].layer, timed))
+    return lower_chain([o for o in options if not o.dense and o.cost < 1.0], start=_dense_beside(options))
 
 
 Costed = TypeVar("Costed")  # anything with a kl and a cost: LayerOption, group_budget.GroupKL
@@ -166,7 +170,7 @@ def choose_within_budget(measured: Sequence[LayerOption], budget: float) -> dict
     by_layer: dict[int, list[LayerOption]] = {}
     for option in measured:
         by_layer.setdefault(option.layer, []).append(option)
-    chosen = {layer: _dense(layer, any(o.time is not None for o in options)) for layer, options in by_layer.items()}
+    chosen = {layer: _dense_beside(options) for layer, options in by_layer.items()}
     steps = []
     for layer, options in by_layer.items():
         hull = _hull(options)

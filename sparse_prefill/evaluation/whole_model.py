@@ -407,7 +407,7 @@ def _measure(model: Any, tokenizer: Any, ids: torch.Tensor, label: str, policy: 
         if base is not None:
             measurement.dense_prefill_ms = prefill_ms(model, ids, settings.repeats)
             measurement.prefill_vs_dense = measurement.prefill_ms / measurement.dense_prefill_ms
-        timed = attention_seconds(model, ids, policy or _everywhere_dense(), settings.score_last)
+        timed = attention_seconds(model, ids, policy or load_policy("dense.yaml"), settings.score_last)
         measurement.layer_attention_ms = {str(layer): round(s * 1e3, 4) for layer, s in timed.items()}
         measurement.attention_ms = round(sum(timed.values()) * 1e3, 4)
     for depth in settings.needle_depths:
@@ -423,11 +423,6 @@ def _measure(model: Any, tokenizer: Any, ids: torch.Tensor, label: str, policy: 
         finally:
             restore()
     return measurement
-
-
-def _everywhere_dense() -> Policy:
-    """Dense attention on every layer, for timing dense's calls through the same wrapper as a policy's."""
-    return load_policy({"min_length": 0, "default": {"pattern": "dense"}})
 
 
 def _capture_all_layers(model: Any, ids: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:

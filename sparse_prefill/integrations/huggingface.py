@@ -247,8 +247,6 @@ def _dense_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
 
 def _attention_function(handle: SparsePrefillHandle) -> Callable[..., Any]:
     def timed(module: Any, query: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
-        if not handle.time_calls:
-            return attention(module, query, *args, **kwargs)
         started = handle.stats.times.start(query)
         result = attention(module, query, *args, **kwargs)
         handle.stats.times.stop(getattr(module, "layer_idx", None), started)
@@ -284,7 +282,7 @@ def _attention_function(handle: SparsePrefillHandle) -> Callable[..., Any]:
         handle.stats.sparse_calls += 1
         return out.transpose(1, 2).contiguous(), None
 
-    return timed
+    return timed if handle.time_calls else attention
 
 
 def apply(model: Any, policy: PolicySource, *, collect_stats: bool = False,
