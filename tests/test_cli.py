@@ -8,9 +8,9 @@ import time
 import pytest
 import torch
 
-from sparse_prefill import cli
-from sparse_prefill.cli import (UsageError, _check_device, _check_layers, _check_numbers, _device_and_dtype,
-                                _max_positions, _policies, build_parser, main)
+from sparse_prefill.cli import UsageError, build_parser, common, main
+from sparse_prefill.cli.checks import check_numbers
+from sparse_prefill.cli.common import check_device, check_layers, device_and_dtype, max_positions, policies_from_args
 from sparse_prefill.evaluation import models
 from sparse_prefill.demo import RunResult, format_side_by_side
 from sparse_prefill.evaluation import BASELINE_LABEL
@@ -25,20 +25,20 @@ def _args(*policies: str) -> argparse.Namespace:
 def test_policy_labels_never_replace_each_other_or_the_baseline(tmp_path):
     other = tmp_path / "anchor.yaml"
     other.write_text("default: {pattern: anchor, theta: 4.0}\n")
-    labels = list(_policies(_args("anchor.yaml", str(other), "dense.yaml")))
+    labels = list(policies_from_args(_args("anchor.yaml", str(other), "dense.yaml")))
     assert len(labels) == 3 and BASELINE_LABEL not in labels
     assert labels[0] == "anchor" and labels[1] == str(other)
 
 
 def test_the_same_policy_twice_is_an_error():
     with pytest.raises(PolicyError, match="given twice"):
-        _policies(_args("anchor.yaml", "anchor.yaml", "anchor.yaml"))
+        policies_from_args(_args("anchor.yaml", "anchor.yaml", "anchor.yaml"))
 
 
 @pytest.mark.parametrize("device", ["cuda", "cuda:0", "cuda:1"])
 def test_any_cuda_device_defaults_to_bfloat16(device):
-    assert _device_and_dtype(argparse.Namespace(device=device, dtype=None)) == (device, torch.bfloat16)
-    assert _device_and_dtype(argparse.Namespace(device="cpu", dtype=None))[1] == torch.float32
+    assert device_and_dtype(argparse.Namespace(device=device, dtype=None)) == (device, torch.bfloat16)
+    assert device_and_dtype(argparse.Namespace(device="cpu", dtype=None))[1] == torch.float32
 
 
 @pytest.mark.parametrize("argv", [
@@ -60,7 +60,7 @@ def test_score_last_default_fits_short_texts():
     for length, given, expected in ((1000, None, 999), (4096, None, 1024), (300, 0, 299), (300, 50, 50)):
         argv = ["perplexity", "--length", str(length)] + ([] if given is None else ["--score-last", str(given)])
         args = parser.parse_args(argv)
-        _check_numbers(args)
+        check_numbers(args)
         assert args.score_last == expected
 
 
@@ -172,7 +172,7 @@ def test_calibrate_refuses_an_out_path_it_could_not_write(tmp_path, no_weights, 
     assert "is a folder" in _refused(["calibrate", "--out", str(tmp_path)], capsys)
     (tmp_path / "file").write_text("")
     assert "is not a folder" in _refused(["calibrate", "--out", str(tmp_path / "file" / "x.yaml")], capsys)
-    monkeypatch.setattr(cli.os, "access", lambda path, mode: False)  # root may write anywhere: stand in for it
+    monkeypatch.setattr(common.os, "access", lambda path, mode: False)  # root may write anywhere: stand in for it
     assert "not writable" in _refused(["calibrate", "--out", str(tmp_path / "x.yaml")], capsys)
 
 
@@ -217,22 +217,22 @@ def test_device_check_follows_the_machine(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     for device in (None, "cpu", "cuda", "cuda:0", "cuda:1"):
-        _check_device(device)
+        check_device(device)
     with pytest.raises(UsageError, match=r"no cuda device 2; allowed here: cpu, cuda, cuda:0, cuda:1"):
-        _check_device("cuda:2")
+        check_device("cuda:2")
 
 
 def test_layers_and_positions_are_checked_against_the_config():
     from transformers import LlamaConfig, Qwen2Config
 
-    _check_layers([0, 29], 30)
-    _check_layers(None, 30)
+    check_layers([0, 29], 30)
+    check_layers(None, 30)
     with pytest.raises(UsageError, match=r"--layers 30: .*allowed: 0\.\.29"):
-        _check_layers([0, 30], 30)
-    assert _max_positions(LlamaConfig(max_position_embeddings=8192)) == 8192
+        check_layers([0, 30], 30)
+    assert max_positions(LlamaConfig(max_position_embeddings=8192)) == 8192
     # YaRN extends Qwen2.5 to 4 x 32768 while its config keeps max_position_embeddings at 32768.
     yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
-    assert _max_positions(Qwen2Config(max_position_embeddings=32768, rope_scaling=yarn)) == 131072
+    assert max_positions(Qwen2Config(max_position_embeddings=32768, rope_scaling=yarn)) == 131072
 
 
 def test_version_names_the_package_and_what_it_runs_on(capsys):
@@ -413,9 +413,9 @@ def test_eval_with_timing_says_how_much_of_each_prefill_is_attention(tiny_weight
 
 
 def test_progress_follows_the_terminal_unless_asked(tiny_weights, monkeypatch):
-    from sparse_prefill.cli import _progress
+    from sparse_prefill.cli.common import progress_bars
 
     for isatty, flag, shown in ((True, None, True), (False, None, False), (False, True, True), (True, False, False)):
-        monkeypatch.setattr(cli.sys.stderr, "isatty", lambda: isatty)
-        context = _progress(argparse.Namespace(progress=flag), tiny_weights)
+        monkeypatch.setattr(common.sys.stderr, "isatty", lambda: isatty)
+        context = progress_bars(argparse.Namespace(progress=flag), tiny_weights)
         assert isinstance(context, contextlib.nullcontext) != shown

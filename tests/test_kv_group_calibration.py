@@ -375,8 +375,8 @@ def test_cli_per_kv_group_writes_a_loadable_policy_per_floor_from_one_measuremen
 
 
 def test_floor_paths_name_each_of_several_floors(tmp_path):
-    from sparse_prefill.cli import _floor_paths
+    from sparse_prefill.cli.calibrate import floor_paths
 
     out = tmp_path / "groups.yaml"
-    assert _floor_paths(out, [0.9]) == [out]
-    assert _floor_paths(out, [0.8, 0.9]) == [tmp_path / "groups-floor0.8.yaml", tmp_path / "groups-floor0.9.yaml"]
+    assert floor_paths(out, [0.9]) == [out]
+    assert floor_paths(out, [0.8, 0.9]) == [tmp_path / "groups-floor0.8.yaml", tmp_path / "groups-floor0.9.yaml"]

@@ -261,10 +261,10 @@ def test_default_options_for_an_anchor_base_are_its_thetas_and_xattentions_thres
     # pooled query misses keys kept less KL at equal prefill time than anchor alone.
     import argparse
 
-    from sparse_prefill.cli import _kl_options
+    from sparse_prefill.cli.calibrate import kl_options
 
     base = load_policy({"default": {"pattern": "anchor", "local": 512}})
-    options = _kl_options(argparse.Namespace(options=None, policy="base.yaml"), base)
+    options = kl_options(argparse.Namespace(options=None, policy="base.yaml"), base)
     thetas = {label: choice for label, choice in options.items() if choice.pattern == "anchor"}
     thresholds = {label: choice for label, choice in options.items() if choice.pattern == "xattention"}
     assert sorted(choice.as_dict()["theta"] for choice in thetas.values()) == [4, 6, 7.7, 10, 12]
