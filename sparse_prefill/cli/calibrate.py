@@ -50,6 +50,8 @@ def _text_offsets(args: argparse.Namespace) -> str:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
+    """`calibrate`: by a KL budget (--kl-budget), per KV group by recall (--per-kv-group), or one theta per
+    layer by recall; the recall routes measure on the model's captured q and k (or read --from-record)."""
     if args.kl_budget is not None:
         return _cmd_calibrate_kl(args)
     from tqdm import tqdm

@@ -10,6 +10,7 @@ from sparse_prefill.registry import available_patterns, plugin_errors
 
 
 def cmd_patterns(args: argparse.Namespace) -> int:
+    """`patterns`: every registered pattern and its plugin, or one pattern's parameters."""
     if args.name is not None:
         return _print_pattern(args.name)
     infos = available_patterns()
@@ -48,6 +49,7 @@ def _print_pattern(name: str) -> int:
 
 
 def cmd_executors(args: argparse.Namespace) -> int:
+    """`executors`: every registered executor, highest priority first, and what it takes."""
     from sparse_prefill.registry import get_registry
 
     for executor in get_registry().executors():

@@ -17,6 +17,8 @@ from sparse_prefill.cli.common import (
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """`run`: the needle prompt under dense and each policy, answers side by side, then what ran; every argument
+    the prompt depends on is checked before the weights load."""
     from sparse_prefill.demo import compare_dense_and_sparse, format_side_by_side
     from sparse_prefill.evaluation.models import load_weights
     from sparse_prefill.evaluation.needle import build_needle_prompt
@@ -43,6 +45,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_perplexity(args: argparse.Namespace) -> int:
+    """`perplexity`: dense and each policy on the same essay tokens, then what ran under each."""
     from sparse_prefill.evaluation.models import load_weights
     from sparse_prefill.evaluation.perplexity import compare_perplexity
 

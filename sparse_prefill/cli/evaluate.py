@@ -57,6 +57,9 @@ def _print_attention_time(results: Sequence[Any], shown: int = 3) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    """`eval`: every (length, policy) measured against dense, results.json written after each run (a cut-off
+    evaluation keeps what it measured), then the tables and plots; lengths, needles and RULER tasks are checked
+    before the weights load."""
     from tqdm import tqdm
 
     from sparse_prefill.evaluation.models import load_weights

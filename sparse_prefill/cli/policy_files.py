@@ -12,6 +12,7 @@ from sparse_prefill.policy import PolicyError, load_policy
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    """`validate`: each policy file resolved and printed, or its error; exit 1 if any failed."""
     failed = 0
     for path in args.policies:
         try:
@@ -23,6 +24,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_convert_minference(args: argparse.Namespace) -> int:
+    """`convert-minference`: MInference's JSON as a policy, validated before anything is written."""
     import yaml
 
     from sparse_prefill.minference import MInferenceConfigError, convert_minference
