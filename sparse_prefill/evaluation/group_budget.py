@@ -53,6 +53,7 @@ class GroupKL:
     choice: PatternChoice
     kl: float  # mean KL(dense || this) per scored position, nats
     density: float  # the group's own attention density
+    time: None = None  # never measured: a group measured alone is not the policy's call (as LayerOption.time)
 
     @property
     def cost(self) -> float:

@@ -306,10 +306,10 @@ def worst_over_texts(per_text: Sequence[tuple[Sequence[Measured], Sequence[int]]
     for options in by_key.values():  # insertion order: the first text's order
         if options[0].layer in skipped or len(options) < len(per_text):
             continue
-        times = [o.time for o in options if getattr(o, "time", None) is not None]  # GroupKL has none
+        times = [o.time for o in options if o.time is not None]
         merged.append(dataclasses.replace(options[0], kl=max(o.kl for o in options),
                                           density=sum(o.density for o in options) / len(options),
-                                          **({"time": sum(times) / len(times)} if times else {})))
+                                          time=sum(times) / len(times) if times else None))
     return merged, skipped
 
 
@@ -383,13 +383,11 @@ def choose_and_check(model: Any, input_ids: torch.Tensor | Sequence[torch.Tensor
         chosen = choose_within_budget(measured, solve_for)
         if all(o.dense for o in chosen.values()):
             result.chosen = chosen
-            timed = all(o.time is not None for o in chosen.values())
-            result.checks.append(BudgetCheck(solve_for, 0.0, 0.0, 1.0, mean_time=1.0 if timed else None))
+            result.checks.append(BudgetCheck(solve_for, 0.0, 0.0, 1.0, mean_time=_mean_time(chosen)))
             return result
         predicted = sum(max(o.kl, 0.0) for o in chosen.values())
         mean_density = sum(o.density for o in chosen.values()) / len(chosen)
-        times = [o.time for o in chosen.values() if o.time is not None]
-        mean_time = sum(times) / len(times) if len(times) == len(chosen) else None
+        mean_time = _mean_time(chosen)
         policy = layer_policy(base, {layer: o.setting for layer, o in chosen.items()}, "checked choice")
         text_kls = tuple(float(kl_per_position(dense, policy_logprobs(model, ids, policy, score_last)[0]).mean())
                          for ids, dense in zip(texts, references))
@@ -404,6 +402,12 @@ def choose_and_check(model: Any, input_ids: torch.Tensor | Sequence[torch.Tensor
     result.chosen = {layer: _dense(layer) for layer in {o.layer for o in measured}}
     result.within_budget = False
     return result
+
+
+def _mean_time(chosen: Mapping[int, LayerOption]) -> float | None:
+    """The chosen layers' mean attention time over dense (dense layers 1.0), where every one was timed."""
+    times = [o.time for o in chosen.values()]
+    return None if None in times else sum(times) / len(times)  # type: ignore[arg-type]
 
 
 def _check_budget(budget: float) -> None:
