@@ -138,6 +138,23 @@ def test_a_check_missed_by_a_hair_solves_for_less_than_the_failed_choice(monkeyp
     assert result.within_budget and sum(not o.dense for o in result.chosen.values()) == 2
 
 
+def test_a_timed_fallback_to_dense_keeps_dense_time(monkeypatch):
+    """When no check meets the budget, the dense layers it falls back to carry time 1.0 where the options were
+    timed, as a dense choice within budget does."""
+    import sparse_prefill.evaluation.layer_budget as layer_budget
+
+    choice = load_policy(STREAMING).default
+    measured = [o for layer in range(2) for o in (LayerOption(layer, DENSE, None, 0.0, 1.0, time=1.0),
+                                                  LayerOption(layer, "local=16", choice, 0.001, 0.5, time=0.6))]
+    monkeypatch.setattr(layer_budget, "policy_logprobs", lambda model, ids, policy, score_last: (policy, None))
+    monkeypatch.setattr(layer_budget, "kl_per_position", lambda dense, policy: torch.tensor([1.0]))
+    result = layer_budget.choose_and_check(None, torch.zeros(1, 8), load_policy(STREAMING), measured, 0.01,
+                                           torch.zeros(1), 4, checks=1)  # one failed check, no smaller choice
+    assert not result.within_budget
+    assert all(o.dense and o.time == 1.0 for o in result.chosen.values())
+    assert sorted(result.chosen) == [0, 1]
+
+
 def test_a_budget_nothing_meets_leaves_every_layer_dense():
     model = tiny_model()
     ids = torch.randint(1, 96, (1, 160), generator=torch.Generator().manual_seed(2))

@@ -162,14 +162,20 @@ def saving_rate(start: Any, end: Any) -> float:
     return math.inf if added <= 0 else saved / added
 
 
+def _by_layer(measured: Sequence[LayerOption]) -> dict[int, list[LayerOption]]:
+    """The options of each layer, in the order measured."""
+    by_layer: dict[int, list[LayerOption]] = {}
+    for option in measured:
+        by_layer.setdefault(option.layer, []).append(option)
+    return by_layer
+
+
 def choose_within_budget(measured: Sequence[LayerOption], budget: float) -> dict[int, LayerOption]:
     """One option per layer (dense where nothing fits): summed KL <= ``budget``, least mean cost (time
     where measured, else density) found by the convex-hull greedy. Within one hull step of the optimum:
     the cost it leaves on the table is at most the largest single step's saving."""
     _check_budget(budget)
-    by_layer: dict[int, list[LayerOption]] = {}
-    for option in measured:
-        by_layer.setdefault(option.layer, []).append(option)
+    by_layer = _by_layer(measured)
     chosen = {layer: _dense_beside(options) for layer, options in by_layer.items()}
     steps = []
     for layer, options in by_layer.items():
@@ -399,7 +405,8 @@ def choose_and_check(model: Any, input_ids: torch.Tensor | Sequence[torch.Tensor
         # Below the failed choice's own sum too: a choice that missed by a hair would otherwise be solved
         # for again unchanged (SmolLM2 at 4k: 0.02008 against 0.02, three identical checks, all dense).
         solve_for = min(solve_for * budget / actual, math.nextafter(predicted, 0.0))
-    result.chosen = {layer: _dense(layer) for layer in {o.layer for o in measured}}
+    # Dense, timed (1.0) where the options were, so the record says what the fallback costs like any choice.
+    result.chosen = {layer: _dense_beside(options) for layer, options in _by_layer(measured).items()}
     result.within_budget = False
     return result
 
