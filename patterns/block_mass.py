@@ -11,7 +11,10 @@ maximum and sum (the online softmax) and stores, per row and key block, the log2
 against the running maximum plus that maximum (float32 scratch, one number per row and key block: 1/16 of the
 logits at stride 8 and block 128); a second loop reads those back against the row's final maximum and sum and adds
 the rows of each query block (it recomputed the logits before, a second pass as costly as the first: 67-72 ms
--> 38-40 ms at 128k, 32 heads, on an H100, docs/benchmarks/xattention_one_pass_h100.json).
+-> 38-40 ms at 128k, 32 heads, on an H100, docs/benchmarks/xattention_one_pass_h100.json). The first pass is one
+loop over (column tile, stride slice) pairs, the softmax step under an ``if`` at each tile's last slice: the
+software pipeliner then keeps loads in flight across tiles instead of refilling an inner loop of ``stride`` steps
+at every tile (38 -> 30 ms, docs/benchmarks/xattention_flat_loop_h100.json).
 Pooled: the rows of a program share one softmax, so one pass suffices: each column tile's masses are summed
 against the running maximum of the tiles so far and stored with it, and the launcher rescales the tiles to the
 final maximum and sum (the second pass's recomputed logits were about half the kernel's work).
@@ -48,6 +51,9 @@ _ANTIDIAGONAL_COLS = 128
 _LSE_COLS = 64
 _SCRATCH_BYTES = 512 << 20
 _MAX_HEAD_DIM = 256
+# Antidiagonal: loads in flight across the (column tile, slice) loop; H100, 128k, bf16, 32 heads: 3 stages 30 ms,
+# 2 stages 35 ms (the loop nested per tile, 2 stages: 38 ms).
+_STAGES = 3
 
 
 def block_mass_problems(q: torch.Tensor, block: int, stride: int = 1, pooled: bool = False) -> list[str]:
@@ -151,25 +157,41 @@ def _block_mass_kernel(
         return
     row_ok = row * STRIDE < seq_len  # a tile row of padding only adds nothing
     col_end = tile * ROWS + ROWS  # key tiles up to the program's last tile row
-    KB: tl.constexpr = BLOCK_C // COLS_PER_KB
     # This program's rows in the scratch: each row's log2-sum-exp2 of its logits per key block.
     row_lse = Lse + ((bh - bh_start) * chunk_rows + (tile - tile_start) * ROWS + tl.arange(0, ROWS).to(tl.int64)
                      )[:, None] * num_blocks
     m_i = tl.full([ROWS], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([ROWS], dtype=tl.float32)
-    for c0 in range(0, col_end, BLOCK_C):
-        s = _logits(q_base, k_base, stride_qn, stride_kn, row, row_ok, c0 + tl.arange(0, BLOCK_C), seq_len,
-                    key_rows, block, offs_d, d_ok, qk_scale, ROWS, BLOCK_C, STRIDE, POOLED, DOT_PRECISION, UPCAST)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(p, 1)
-        m_i = m_new
-        block_sums = tl.sum(tl.reshape(p, (ROWS, KB, COLS_PER_KB)), 2)  # against the running maximum
-        key_blocks = c0 // COLS_PER_KB + tl.arange(0, KB)
-        # -inf where a key block has no logit (masked, or below float32's range): it adds no mass.
-        lse = tl.where(block_sums > 0, m_new[:, None] + tl.math.log2(tl.where(block_sums > 0, block_sums, 1.0)),
-                       float("-inf"))
-        tl.store(row_lse + key_blocks[None, :], lse, mask=(key_blocks < num_blocks)[None, :])
+    KB: tl.constexpr = BLOCK_C // COLS_PER_KB
+    # One loop over (column tile, stride slice) pairs: the pipeliner prefetches across column tiles instead of
+    # refilling an inner loop of STRIDE steps at each; a tile's logits are complete at its last slice.
+    s = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
+    for step in range(0, tl.cdiv(col_end, BLOCK_C) * STRIDE):
+        i = step % STRIDE
+        c0 = step // STRIDE * BLOCK_C
+        cols = c0 + tl.arange(0, BLOCK_C)
+        q_rows = row * STRIDE + (STRIDE - 1 - i)
+        k_rows = cols * STRIDE + i
+        q = tl.load(q_base + q_rows.to(tl.int64)[:, None] * stride_qn + offs_d[None, :],
+                    mask=(q_rows < seq_len)[:, None] & d_ok[None, :], other=0.0)
+        k = tl.load(k_base + k_rows.to(tl.int64)[:, None] * stride_kn + offs_d[None, :],
+                    mask=(k_rows < key_rows)[:, None] & d_ok[None, :], other=0.0)
+        s += mma(q, tl.trans(k), DOT_PRECISION, UPCAST)
+        if i == STRIDE - 1:
+            logits = s * qk_scale
+            finite = (logits == logits) & (tl.abs(logits) < float("inf"))
+            logits = tl.where((cols[None, :] <= row[:, None]) & row_ok[:, None] & finite, logits, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(logits, 1))
+            p = tl.math.exp2(logits - m_new[:, None])
+            l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(p, 1)
+            m_i = m_new
+            block_sums = tl.sum(tl.reshape(p, (ROWS, KB, COLS_PER_KB)), 2)  # against the running maximum
+            key_blocks = c0 // COLS_PER_KB + tl.arange(0, KB)
+            # -inf where a key block has no logit (masked, or below float32's range): it adds no mass.
+            lse = tl.where(block_sums > 0, m_new[:, None] + tl.math.log2(tl.where(block_sums > 0, block_sums, 1.0)),
+                           float("-inf"))
+            tl.store(row_lse + key_blocks[None, :], lse, mask=(key_blocks < num_blocks)[None, :])
+            s = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
     inv_l = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)
     QB: tl.constexpr = ROWS // ROWS_PER_QB
     query_blocks = tile * QB + tl.arange(0, QB)
@@ -202,7 +224,8 @@ def _launch(q: torch.Tensor, keys: torch.Tensor, num_blocks: int, block: int, ro
     settings = dict(
         HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), ROWS=rows, ROWS_PER_QB=rows_per_qb,
         BLOCK_C=cols, COLS_PER_KB=cols_per_kb, STRIDE=stride, POOLED=pooled, LSE_COLS=_LSE_COLS,
-        DOT_PRECISION=dot_precision, UPCAST=upcast, num_warps=4 if rows <= 64 else 8, num_stages=2,
+        DOT_PRECISION=dot_precision, UPCAST=upcast, num_warps=4 if rows <= 64 else 8,
+        num_stages=2 if pooled else _STAGES,
     )
     arguments = (q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
                  seq_len, key_rows, num_q, num_q // keys.shape[1], num_blocks, out.shape[-1], col_tiles, block,
