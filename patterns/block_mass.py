@@ -79,6 +79,20 @@ def _input_problems(q: torch.Tensor, block: int, stride: int, pooled: bool) -> l
 
 
 @triton.jit
+def _slice_product(q_base, k_base, stride_qn, stride_kn, row, cols, i, seq_len, key_rows, offs_d, d_ok,
+                   STRIDE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """[rows, cols] products of stride slice ``i``: query rows ``row * STRIDE + STRIDE-1-i`` against key rows
+    ``cols * STRIDE + i`` (the antidiagonals' i-th terms; with STRIDE 1, plain q . k)."""
+    q_rows = row * STRIDE + (STRIDE - 1 - i)
+    k_rows = cols * STRIDE + i
+    q = tl.load(q_base + q_rows.to(tl.int64)[:, None] * stride_qn + offs_d[None, :],
+                mask=(q_rows < seq_len)[:, None] & d_ok[None, :], other=0.0)
+    k = tl.load(k_base + k_rows.to(tl.int64)[:, None] * stride_kn + offs_d[None, :],
+                mask=(k_rows < key_rows)[:, None] & d_ok[None, :], other=0.0)
+    return mma(q, tl.trans(k), DOT_PRECISION, UPCAST)
+
+
+@triton.jit
 def _logits(
     q_base, k_base, stride_qn, stride_kn, row, row_ok, cols, seq_len, key_rows, block, offs_d, d_ok, qk_scale,
     ROWS: tl.constexpr, BLOCK_C: tl.constexpr, STRIDE: tl.constexpr, POOLED: tl.constexpr,
@@ -87,13 +101,8 @@ def _logits(
     """[ROWS, BLOCK_C] logits in log2 units; -inf where a column is not scored or the logit is not finite."""
     s = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
     for i in range(STRIDE):  # a loop, not unrolled: unrolled, 64 rows x 8 strides passed the shared memory
-        q_rows = row * STRIDE + (STRIDE - 1 - i)
-        k_rows = cols * STRIDE + i
-        q = tl.load(q_base + q_rows.to(tl.int64)[:, None] * stride_qn + offs_d[None, :],
-                    mask=(q_rows < seq_len)[:, None] & d_ok[None, :], other=0.0)
-        k = tl.load(k_base + k_rows.to(tl.int64)[:, None] * stride_kn + offs_d[None, :],
-                    mask=(k_rows < key_rows)[:, None] & d_ok[None, :], other=0.0)
-        s += mma(q, tl.trans(k), DOT_PRECISION, UPCAST)
+        s += _slice_product(q_base, k_base, stride_qn, stride_kn, row, cols, i, seq_len, key_rows, offs_d, d_ok,
+                            STRIDE, DOT_PRECISION, UPCAST)
     s = s * qk_scale
     if POOLED:
         key_end = tl.minimum((cols + 1) * block, seq_len) - 1  # a block is scored once its last key is
@@ -170,13 +179,8 @@ def _block_mass_kernel(
         i = step % STRIDE
         c0 = step // STRIDE * BLOCK_C
         cols = c0 + tl.arange(0, BLOCK_C)
-        q_rows = row * STRIDE + (STRIDE - 1 - i)
-        k_rows = cols * STRIDE + i
-        q = tl.load(q_base + q_rows.to(tl.int64)[:, None] * stride_qn + offs_d[None, :],
-                    mask=(q_rows < seq_len)[:, None] & d_ok[None, :], other=0.0)
-        k = tl.load(k_base + k_rows.to(tl.int64)[:, None] * stride_kn + offs_d[None, :],
-                    mask=(k_rows < key_rows)[:, None] & d_ok[None, :], other=0.0)
-        s += mma(q, tl.trans(k), DOT_PRECISION, UPCAST)
+        s += _slice_product(q_base, k_base, stride_qn, stride_kn, row, cols, i, seq_len, key_rows, offs_d, d_ok,
+                            STRIDE, DOT_PRECISION, UPCAST)
         if i == STRIDE - 1:
             logits = s * qk_scale
             finite = (logits == logits) & (tl.abs(logits) < float("inf"))
