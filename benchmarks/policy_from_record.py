@@ -5,8 +5,9 @@
 
 Eval records keep each policy as ``Policy.describe()`` printed it (every parameter resolved), not as the
 file that ran. This rebuilds that file and loads it before writing: only if its own ``describe()`` matches
-the record's line for line (the source line aside) is it written, so a description this script misreads is
-refused, never written as a different policy. ``--list`` names the record's policies.
+the record's line for line (the source line aside; a parameter listed in ADDED_SINCE_RECORDS, at its default,
+is what ran before it existed) is it written, so a description this script misreads is refused, never written
+as a different policy. ``--list`` names the record's policies.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import yaml
 
 from sparse_prefill.evaluation.calibrate import policy_file_text
 from sparse_prefill.policy import PolicyError, load_policy
+from sparse_prefill.registry import get_pattern
 
 _CHOICE = re.compile(r"([\w.-]+)\((.*)\)")
 _OVERRIDE = re.compile(r"layers (\S+), heads (\S+): (.+)")
@@ -89,6 +91,30 @@ def policy_from_description(description: str) -> dict[str, Any]:
     return doc
 
 
+# Parameters patterns gained after records were committed, by pattern: a record without one ran as its default.
+ADDED_SINCE_RECORDS = {"xattention": {"float8_scores"}}
+
+
+def _same_line(got: str, given: str) -> bool:
+    """Equal, or equal but for parameters of ADDED_SINCE_RECORDS at their defaults (a new parameter's default is
+    what ran before it existed)."""
+    if got == given:
+        return True
+    got_head, _, got_choice = got.rpartition(": ")
+    given_head, _, given_choice = given.rpartition(": ")
+    if got_head != given_head or _CHOICE.fullmatch(got_choice.strip()) is None:
+        return False
+    try:
+        new, old = _choice(got_choice), _choice(given_choice)
+        parameters = get_pattern(new["pattern"]).parameters
+    except (DescriptionError, KeyError):
+        return False
+    added = set(new) - set(old)
+    return (set(old) <= set(new) and all(new[key] == old[key] for key in old)
+            and added <= ADDED_SINCE_RECORDS.get(new["pattern"], set())
+            and all(new[key] == parameters[key].default for key in added))
+
+
 def rebuild(description: str, out: Path) -> str:
     """Writes the policy of ``description`` to ``out`` and returns its resolved description; raises
     DescriptionError, writing nothing, unless it matches the given one line for line."""
@@ -97,7 +123,8 @@ def rebuild(description: str, out: Path) -> str:
         got = load_policy(document).describe()
     except PolicyError as exc:
         raise DescriptionError(f"the rebuilt policy does not load: {exc}") from None
-    if description_body(got) != description_body(description):
+    got_lines, given_lines = description_body(got), description_body(description)
+    if len(got_lines) != len(given_lines) or not all(map(_same_line, got_lines, given_lines)):
         raise DescriptionError(f"the rebuilt policy describes itself differently:\n{got}")
     out.write_text(policy_file_text(document, ["rebuilt from a record's description by policy_from_record.py"]))
     return got

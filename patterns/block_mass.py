@@ -14,11 +14,14 @@ the rows of each query block (it recomputed the logits before, a second pass as 
 -> 38-40 ms at 128k, 32 heads, on an H100, docs/benchmarks/xattention_one_pass_h100.json). The first pass is one
 loop over (column tile, stride slice) pairs, the softmax step under an ``if`` at each tile's last slice: the
 software pipeliner then keeps loads in flight across tiles instead of refilling an inner loop of ``stride`` steps
-at every tile (38 -> 30 ms, docs/benchmarks/xattention_flat_loop_h100.json).
+at every tile (38 -> 30 ms, docs/benchmarks/xattention_flat_loop_h100.json). With ``float8`` the products are taken
+from q and k rounded to float8 e4m3 (a power-of-two scale per head, :mod:`~sparse_prefill.kernels.float8`), on
+float8 tensor cores where the GPU has them: twice the multiply rate and half the bytes (20 ms, the rounding
+included), a slightly different estimate.
 Pooled: the rows of a program share one softmax, so one pass suffices: each column tile's masses are summed
 against the running maximum of the tiles so far and stored with it, and the launcher rescales the tiles to the
 final maximum and sum (the second pass's recomputed logits were about half the kernel's work).
-Products are taken in the inputs' dtype and accumulated in float32, as attention kernels do.
+Products are taken in the inputs' dtype (float8 when asked) and accumulated in float32, as attention kernels do.
 
 * **Antidiagonal** (xattention): row = a ``stride``-row query tile, column = a ``stride``-row key tile, logit
   = the tile's antidiagonal ``sum_i q[r*stride + stride-1-i] . k[c*stride + i]`` times ``scale / stride``;
@@ -38,6 +41,7 @@ import triton
 import triton.language as tl
 
 from sparse_prefill.kernels.attention_tiles import DTYPES, LOG2E, dot_settings, last_dim_contiguous, mma
+from sparse_prefill.kernels.float8 import float8_dot_supported, float8_rounded
 
 __all__ = ["antidiagonal_block_mass", "pooled_block_scores", "block_mass_problems"]
 
@@ -54,6 +58,9 @@ _MAX_HEAD_DIM = 256
 # Antidiagonal: loads in flight across the (column tile, slice) loop; H100, 128k, bf16, 32 heads: 3 stages 30 ms,
 # 2 stages 35 ms (the loop nested per tile, 2 stages: 38 ms).
 _STAGES = 3
+# float8 products summed in float32 every this many terms of the head dimension (at most its padded size); None:
+# the tensor cores' own accumulator for the whole dot (sm_90's default, fewer bits than float32).
+_FLOAT8_PROMOTE = None
 
 
 def block_mass_problems(q: torch.Tensor, block: int, stride: int = 1, pooled: bool = False) -> list[str]:
@@ -80,7 +87,8 @@ def _input_problems(q: torch.Tensor, block: int, stride: int, pooled: bool) -> l
 
 @triton.jit
 def _slice_product(q_base, k_base, stride_qn, stride_kn, row, cols, i, seq_len, key_rows, offs_d, d_ok,
-                   STRIDE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                   STRIDE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                   FP8: tl.constexpr = False, FP8_PROMOTE: tl.constexpr = None):
     """[rows, cols] products of stride slice ``i``: query rows ``row * STRIDE + STRIDE-1-i`` against key rows
     ``cols * STRIDE + i`` (the antidiagonals' i-th terms; with STRIDE 1, plain q . k)."""
     q_rows = row * STRIDE + (STRIDE - 1 - i)
@@ -89,6 +97,8 @@ def _slice_product(q_base, k_base, stride_qn, stride_kn, row, cols, i, seq_len, 
                 mask=(q_rows < seq_len)[:, None] & d_ok[None, :], other=0.0)
     k = tl.load(k_base + k_rows.to(tl.int64)[:, None] * stride_kn + offs_d[None, :],
                 mask=(k_rows < key_rows)[:, None] & d_ok[None, :], other=0.0)
+    if FP8:  # float8 tensor cores accumulate in fewer bits than float32 unless promoted every FP8_PROMOTE
+        return tl.dot(q, tl.trans(k), max_num_imprecise_acc=FP8_PROMOTE)
     return mma(q, tl.trans(k), DOT_PRECISION, UPCAST)
 
 
@@ -139,13 +149,14 @@ def _pooled_one_pass(
 
 @triton.jit
 def _block_mass_kernel(
-    Q, K, Out, Tops, Stats, Lse,
+    Q, K, Out, Tops, Stats, Lse, Dequant,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     seq_len, key_rows, num_q_heads, q_per_kv, num_blocks, out_cols, col_tiles, block, qk_scale,
     tile_start, bh_start, chunk_rows,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, ROWS_PER_QB: tl.constexpr,
     BLOCK_C: tl.constexpr, COLS_PER_KB: tl.constexpr, STRIDE: tl.constexpr, POOLED: tl.constexpr,
-    LSE_COLS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    LSE_COLS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, FP8: tl.constexpr,
+    FP8_PROMOTE: tl.constexpr,
 ):
     """Out[bh, query block, key block] for the ROWS rows of one program (last rows first: they read the most).
     The launch covers tiles and heads from ``tile_start`` and ``bh_start`` (antidiagonal: as many as its scratch
@@ -165,6 +176,8 @@ def _block_mass_kernel(
                          Stats, block_row * 2, ROWS, BLOCK_C, DOT_PRECISION, UPCAST)
         return
     row_ok = row * STRIDE < seq_len  # a tile row of padding only adds nothing
+    if FP8:  # q and k were scaled per head into float8's range: the logits scale back
+        qk_scale = qk_scale * tl.load(Dequant + bh)
     col_end = tile * ROWS + ROWS  # key tiles up to the program's last tile row
     # This program's rows in the scratch: each row's log2-sum-exp2 of its logits per key block.
     row_lse = Lse + ((bh - bh_start) * chunk_rows + (tile - tile_start) * ROWS + tl.arange(0, ROWS).to(tl.int64)
@@ -180,7 +193,7 @@ def _block_mass_kernel(
         c0 = step // STRIDE * BLOCK_C
         cols = c0 + tl.arange(0, BLOCK_C)
         s += _slice_product(q_base, k_base, stride_qn, stride_kn, row, cols, i, seq_len, key_rows, offs_d, d_ok,
-                            STRIDE, DOT_PRECISION, UPCAST)
+                            STRIDE, DOT_PRECISION, UPCAST, FP8, FP8_PROMOTE)
         if i == STRIDE - 1:
             logits = s * qk_scale
             finite = (logits == logits) & (tl.abs(logits) < float("inf"))
@@ -211,7 +224,8 @@ def _block_mass_kernel(
 
 
 def _launch(q: torch.Tensor, keys: torch.Tensor, num_blocks: int, block: int, rows_per_qb: int, cols_per_kb: int,
-            total_rows: int, key_rows: int, stride: int, pooled: bool, qk_scale: float) -> torch.Tensor:
+            total_rows: int, key_rows: int, stride: int, pooled: bool, qk_scale: float, float8: bool = False
+            ) -> torch.Tensor:
     problems = _input_problems(q, block, stride, pooled)
     if problems:
         raise ValueError(f"block mass kernel: {'; '.join(problems)}")
@@ -225,11 +239,13 @@ def _launch(q: torch.Tensor, keys: torch.Tensor, num_blocks: int, block: int, ro
     out = torch.zeros(batch, num_q, num_blocks, col_tiles * cols if pooled else num_blocks, dtype=torch.float32,
                       device=q.device)
     dot_precision, upcast = dot_settings(q.dtype)
+    block_d = triton.next_power_of_2(head_dim)
     settings = dict(
-        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), ROWS=rows, ROWS_PER_QB=rows_per_qb,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, ROWS=rows, ROWS_PER_QB=rows_per_qb,
         BLOCK_C=cols, COLS_PER_KB=cols_per_kb, STRIDE=stride, POOLED=pooled, LSE_COLS=_LSE_COLS,
         DOT_PRECISION=dot_precision, UPCAST=upcast, num_warps=4 if rows <= 64 else 8,
         num_stages=2 if pooled else _STAGES,
+        FP8=False, FP8_PROMOTE=None if _FLOAT8_PROMOTE is None else min(_FLOAT8_PROMOTE, block_d),
     )
     arguments = (q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
                  seq_len, key_rows, num_q, num_q // keys.shape[1], num_blocks, out.shape[-1], col_tiles, block,
@@ -239,10 +255,20 @@ def _launch(q: torch.Tensor, keys: torch.Tensor, num_blocks: int, block: int, ro
         # Each tile's running maximum, and each query block's final maximum and sum.
         tops = torch.full((batch, num_q, num_blocks, col_tiles), float("-inf"), device=q.device)
         stats = torch.zeros(batch, num_q, num_blocks, 2, device=q.device)
-        _block_mass_kernel[(tiles, heads)](q, keys, out, tops, stats, out, *arguments, 0, 0, 0, **settings)
+        _block_mass_kernel[(tiles, heads)](q, keys, out, tops, stats, out, out, *arguments, 0, 0, 0, **settings)
         return _rescaled(out, tops, stats)
     # Antidiagonal: one float32 per tile row and key block in the scratch; launches over as many tiles, then
     # heads, as it holds (at 128k, 32 heads, stride 8: 64 MiB a head). Tops and Stats are not read.
+    dequant = out  # not read unless float8
+    if float8:
+        q, keys, dequant = _float8_inputs(q, keys)
+        if dequant is None:  # no float8 tensor cores: the rounded values, exact in bf16
+            dequant = out
+            settings.update(zip(("DOT_PRECISION", "UPCAST"), dot_settings(q.dtype)))
+        else:
+            settings.update(FP8=True, DOT_PRECISION="ieee", UPCAST=False)  # the precision is not read for float8
+        arguments = (q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
+                     *arguments[6:])
     tile_bytes = rows * num_blocks * 4
     tiles_each = max(1, min(tiles, _SCRATCH_BYTES // tile_bytes))
     heads_each = max(1, min(heads, _SCRATCH_BYTES // (tile_bytes * tiles))) if tiles_each == tiles else 1
@@ -250,9 +276,23 @@ def _launch(q: torch.Tensor, keys: torch.Tensor, num_blocks: int, block: int, ro
     for bh_start in range(0, heads, heads_each):
         for tile_start in range(0, tiles, tiles_each):
             grid = (min(tiles_each, tiles - tile_start), min(heads_each, heads - bh_start))
-            _block_mass_kernel[grid](q, keys, out, out, out, lse, *arguments, tile_start, bh_start,
+            _block_mass_kernel[grid](q, keys, out, out, out, lse, dequant, *arguments, tile_start, bh_start,
                                      tiles_each * rows, **settings)
     return out
+
+
+def _float8_inputs(q: torch.Tensor, k: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """q and k rounded to float8 e4m3 (:mod:`~sparse_prefill.kernels.float8`) and, per (batch, query head), the
+    product of their scales, which takes the logits back. Where tensor cores cannot multiply float8: the same
+    rounded values in bfloat16 (times a power of two, exact) and None."""
+    q8, q_unit = float8_rounded(q)
+    k8, k_unit = float8_rounded(k)
+    if not float8_dot_supported(q.device):
+        return ((q8.to(torch.bfloat16) * q_unit[..., None, None].to(torch.bfloat16)),
+                (k8.to(torch.bfloat16) * k_unit[..., None, None].to(torch.bfloat16)), None)
+    group = q.shape[1] // k.shape[1]
+    return q8, k8, (q_unit * k_unit.repeat_interleave(group, dim=1)).contiguous()
 
 
 def _rescaled(out: torch.Tensor, tops: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
@@ -265,14 +305,17 @@ def _rescaled(out: torch.Tensor, tops: torch.Tensor, stats: torch.Tensor) -> tor
     return out[..., :num_blocks]
 
 
-def antidiagonal_block_mass(q: torch.Tensor, k: torch.Tensor, scale: float, block: int, stride: int) -> torch.Tensor:
+def antidiagonal_block_mass(q: torch.Tensor, k: torch.Tensor, scale: float, block: int, stride: int,
+                            float8: bool = False) -> torch.Tensor:
     """[B, Hq, nb, nb] float32: xattention's softmaxed antidiagonal scores summed per (query block, key block),
     zero above the diagonal. q [B, Hq, N, D], k [B, Hkv, N, D] (GQA read in place); ``block // stride`` a power
-    of two."""
+    of two. ``float8``: the scores of q and k rounded to float8 e4m3 per head
+    (:func:`~sparse_prefill.kernels.float8.float8_rounded_reference`), multiplied by float8 tensor cores where the
+    GPU has them."""
     num_blocks = -(-q.shape[2] // block)
     tiles = num_blocks * block // stride
     return _launch(q, k, num_blocks, block, block // stride, block // stride, tiles, k.shape[2], stride, False,
-                   scale / stride)
+                   scale / stride, float8)
 
 
 def pooled_block_scores(q: torch.Tensor, pooled: torch.Tensor, scale: float, block: int) -> torch.Tensor:

@@ -41,11 +41,11 @@ class Case:
     bad_value: tuple[str, Any]
 
     def selection(self, params: dict[str, Any]) -> dict[str, Any]:
-        return {key: value for key, value in params.items() if key != "dense_above"}
+        return {key: value for key, value in params.items() if key not in ("dense_above", "float8_scores")}
 
 
 CASES = {
-    "xattention": Case(XATTENTION, dict(threshold=0.9, stride=4, block=16, dense_above=1.0),
+    "xattention": Case(XATTENTION, dict(threshold=0.9, stride=4, block=16, dense_above=1.0, float8_scores=False),
                        xattention_block_mask_reference, xattention_block_masks,
                        everything=dict(threshold=1.0), sparse=dict(threshold=0.3), bad_value=("threshold", 0.0)),
     "flashprefill": Case(FLASHPREFILL, dict(alpha=0.18, block=16, sink=1, window=1, last=0, dense_above=1.0),

@@ -76,3 +76,12 @@ def test_every_committed_record_policy_comes_back(tmp_path):
         except rebuilder.DescriptionError as exc:
             failed.append(f"{record} {label}: {exc}")
     assert not failed, "\n".join(failed)
+
+
+def test_a_parameter_added_since_a_record_matches_only_at_its_default():
+    """A record written before xattention had ``float8_scores`` ran its default (off); nothing else is forgiven."""
+    old = "  default: xattention(block=128, dense_above=0.4, stride=8, threshold=0.9)"
+    assert rebuilder._same_line(old.replace(")", ", float8_scores=False)"), old)
+    assert not rebuilder._same_line(old.replace(")", ", float8_scores=True)"), old)
+    assert not rebuilder._same_line(old.replace("0.9)", "0.8, float8_scores=False)"), old)
+    assert not rebuilder._same_line(old.replace(")", ", other=1)"), old)
