@@ -18,7 +18,7 @@ import triton.language as tl
 
 from sparse_prefill.interfaces import output_like
 from sparse_prefill.kernels.reference import validate_plan_layout
-from sparse_prefill.kernels.runtime import triton_can_run, triton_interpreted
+from sparse_prefill.kernels.runtime import FP_FUSION, triton_can_run, triton_interpreted
 from sparse_prefill.validation import validate_attention_inputs
 
 __all__ = [
@@ -357,6 +357,6 @@ def launch(
         units, tiles_per_unit, *unit_args, scale * LOG2E,
         HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), HEADS=heads_per_plan, TILE_M=tile_m,
         RETURN_LSE=return_lse, DOT_PRECISION=dot_precision, UPCAST=upcast, CHECK_VERDICT=verdict is not None,
-        **constexprs,
+        **constexprs, **FP_FUSION,
     )
     return out, lse

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sparse_prefill.kernels.runtime import FP_FUSION
+
 __all__ = ["FLOAT8_MAX", "float8_rounded", "float8_rounded_reference", "float8_dot_supported"]
 
 FLOAT8_MAX = 448.0  # e4m3's largest finite value
@@ -101,8 +103,8 @@ def float8_rounded(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     grid = (triton.cdiv(seq_len, _ROWS), batch * heads)
     shape = dict(HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), ROWS=_ROWS)
     strides = (x.stride(0), x.stride(1), x.stride(2), heads, seq_len)
-    _head_maximum_kernel[grid](x, top, *strides, **shape)
+    _head_maximum_kernel[grid](x, top, *strides, **shape, **FP_FUSION)
     exponent = _unit_exponent(top)
     out = torch.empty(batch, heads, seq_len, head_dim, dtype=torch.uint8, device=x.device)
-    _scaled_copy_kernel[grid](x, out, exponent, *strides, **shape)
+    _scaled_copy_kernel[grid](x, out, exponent, *strides, **shape, **FP_FUSION)
     return out.view(torch.float8_e4m3fn), torch.exp2(-exponent).view(batch, heads)

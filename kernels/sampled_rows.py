@@ -24,6 +24,7 @@ from sparse_prefill.kernels.attention_tiles import (
     last_dim_contiguous,
     validate_kernel_inputs,
 )
+from sparse_prefill.kernels.runtime import FP_FUSION
 
 __all__ = ["sampled_rows_attention", "chunk_keys"]
 
@@ -101,7 +102,7 @@ def sampled_rows_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ro
         v.stride(0), v.stride(1), v.stride(2),
         seq_len, num_rows, num_q, num_q // k.shape[1], chunks, chunk_len, scale * LOG2E,
         HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_R=block_r, BLOCK_N=_BLOCK_N,
-        DOT_PRECISION=dot_precision, UPCAST=upcast, num_warps=4, num_stages=2,
+        DOT_PRECISION=dot_precision, UPCAST=upcast, num_warps=4, num_stages=2, **FP_FUSION,
     )
     # Merge the chunks: weights 2^(m - max m); every row sees key 0, so its merged sum is > 0.
     weight = torch.exp2(m - m.amax(dim=1, keepdim=True))

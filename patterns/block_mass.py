@@ -42,6 +42,7 @@ import triton.language as tl
 
 from sparse_prefill.kernels.attention_tiles import DTYPES, LOG2E, dot_settings, last_dim_contiguous, mma
 from sparse_prefill.kernels.float8 import float8_dot_supported, float8_rounded
+from sparse_prefill.kernels.runtime import FP_FUSION
 
 __all__ = ["antidiagonal_block_mass", "pooled_block_scores", "block_mass_problems"]
 
@@ -244,7 +245,7 @@ def _launch(q: torch.Tensor, keys: torch.Tensor, num_blocks: int, block: int, ro
         HEAD_DIM=head_dim, BLOCK_D=block_d, ROWS=rows, ROWS_PER_QB=rows_per_qb,
         BLOCK_C=cols, COLS_PER_KB=cols_per_kb, STRIDE=stride, POOLED=pooled, LSE_COLS=_LSE_COLS,
         DOT_PRECISION=dot_precision, UPCAST=upcast, num_warps=4 if rows <= 64 else 8,
-        num_stages=2 if pooled else _STAGES,
+        num_stages=2 if pooled else _STAGES, **FP_FUSION,
         FP8=False, FP8_PROMOTE=None if _FLOAT8_PROMOTE is None else min(_FLOAT8_PROMOTE, block_d),
     )
     arguments = (q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),

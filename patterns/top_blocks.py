@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from sparse_prefill.kernels.attention_tiles import INTERPRET
+from sparse_prefill.kernels.runtime import FP_FUSION
 
 __all__ = ["top_block_lists", "top_block_problems"]
 
@@ -121,5 +122,6 @@ def top_block_lists(scores: torch.Tensor, keep: int, scale: float = 1.0) -> torc
     rows_per_program = _interpreted_rows(blocks) if INTERPRET else 1
     grid = (triton.cdiv(rows.shape[0], rows_per_program),)
     _top_blocks_kernel[grid](rows, out, rows.stride(0), rows.shape[0], num_blocks, keep, width, float(scale),
-                             ROWS=rows_per_program, BLOCKS=blocks, WIDTH=triton.next_power_of_2(width), num_warps=warps)
+                             ROWS=rows_per_program, BLOCKS=blocks, WIDTH=triton.next_power_of_2(width), num_warps=warps,
+                             **FP_FUSION)
     return out.view(*scores.shape[:-1], width)

@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from sparse_prefill.interfaces import PlanBudgetExceeded
-from sparse_prefill.kernels.runtime import host_copy, triton_can_run, triton_interpreted
+from sparse_prefill.kernels.runtime import FP_FUSION, host_copy, triton_can_run, triton_interpreted
 from sparse_prefill.patterns.anchor.reference import head_thetas, validate_anchor_inputs
 from sparse_prefill.plan import DensePlan, PendingPlan, StripePlan
 
@@ -450,7 +450,7 @@ def _pool_blocks(q: torch.Tensor, k: torch.Tensor, *, scale: float, block: int, 
         num_q, num_q // k.shape[1], seq_len, block, group_rows, sink, local, scale,
         DOT_FP32=_interpreter_cannot_dot(q.dtype), PRECISION=_FP32_DOT_PRECISION, HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
         # tl.dot needs at least 16 rows; padded rows are masked out of every sum.
-        BLOCK_M=max(16, triton.next_power_of_2(block)),
+        BLOCK_M=max(16, triton.next_power_of_2(block)), **FP_FUSION,
     )
     return pooled_q, pooled_anchor
 
@@ -533,7 +533,7 @@ def anchor_identify(
     )
     thetas = head_thetas(theta, num_q, q.device)
     _stripe_scan_kernel[grid](pooled_q, pooled_anchor, thetas, k, bits, counts, counts, *scan_args, 0,  # capacity:
-                              WRITE=False, **constexprs)  # read by the write pass only
+                              WRITE=False, **constexprs, **FP_FUSION)  # read by the write pass only
     grid_counts = counts.view(batch, plan.plan_heads, plan.num_groups, num_slices)
     per_head = grid_counts.sum(dim=(0, 2, 3), dtype=torch.int64)
     in_last_group = grid_counts[:, :, -1].sum(dtype=torch.int64).view(1)
@@ -547,7 +547,7 @@ def anchor_identify(
     def write_keys(indices: torch.Tensor) -> None:
         if indices.numel():
             _stripe_scan_kernel[grid](pooled_q, pooled_anchor, thetas, k, bits, slice_offsets, indices, *scan_args,
-                                      indices.numel(), WRITE=True, **constexprs)
+                                      indices.numel(), WRITE=True, **constexprs, **FP_FUSION)
 
     def dense_or_over_budget(selected: list[int], last: int) -> DensePlan | None:
         """The plan's verdict from its counts: a DensePlan, PlanBudgetExceeded raised, or None (it holds)."""
