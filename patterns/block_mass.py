@@ -16,12 +16,14 @@ loop over (column tile, stride slice) pairs, the softmax step under an ``if`` at
 software pipeliner then keeps loads in flight across tiles instead of refilling an inner loop of ``stride`` steps
 at every tile (38 -> 30 ms, docs/benchmarks/xattention_flat_loop_h100.json). With ``float8`` the products are taken
 from q and k rounded to float8 e4m3 (a power-of-two scale per head, :mod:`~sparse_prefill.kernels.float8`), on
-float8 tensor cores where the GPU has them: twice the multiply rate and half the bytes (20 ms, the rounding
-included), a slightly different estimate.
+float8 tensor cores where the GPU has them: twice the multiply rate and half the bytes (30 -> 17 ms at 128k on an
+H100; with the rounding, a byte per element of q and k beside them, xattention identifies in 20 ms instead of 33:
+docs/benchmarks/xattention_float8_h100.json), a slightly different estimate.
 Pooled: the rows of a program share one softmax, so one pass suffices: each column tile's masses are summed
 against the running maximum of the tiles so far and stored with it, and the launcher rescales the tiles to the
 final maximum and sum (the second pass's recomputed logits were about half the kernel's work).
-Products are taken in the inputs' dtype (float8 when asked) and accumulated in float32, as attention kernels do.
+Products are taken in the inputs' dtype and accumulated in float32, as attention kernels do (float8's, when asked,
+in the tensor cores' narrower accumulator within one dot on sm_90, unless ``_FLOAT8_PROMOTE`` says otherwise).
 
 * **Antidiagonal** (xattention): row = a ``stride``-row query tile, column = a ``stride``-row key tile, logit
   = the tile's antidiagonal ``sum_i q[r*stride + stride-1-i] . k[c*stride + i]`` times ``scale / stride``;

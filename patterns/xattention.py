@@ -25,11 +25,11 @@ Decided where the published method leaves room:
   query block's selection alone; a key block holding a NaN or infinite key is kept wherever
   causal, so its NaN reaches the rows that attend it, as in dense attention.
 * A plan denser than ``dense_above`` runs as dense attention, as the other patterns' do.
-* ``float8_scores`` (ours, off by default): the antidiagonals are scored from q and k rounded to float8 e4m3
+* ``float8_scores`` (ours): the antidiagonals are scored from q and k rounded to float8 e4m3
   with a power-of-two scale per head (:func:`~sparse_prefill.kernels.float8.float8_rounded_reference`), on float8
   tensor cores where the GPU has them. On the calibrated 128k inputs (H100) it identifies in 20 ms instead of 33,
   and 0.3% of the kept blocks differ; at 32k it is slower (docs/benchmarks/xattention_float8_h100.json). The rule
-  is otherwise the same, applied to the rounded q and k; off by default, so that ``xattention`` is the paper's.
+  is otherwise the same, applied to the rounded q and k. Off by default, so that ``xattention`` is the paper's.
 
 :func:`xattention_block_mask_reference` is the specification (one head, a plain loop over the
 query blocks); :class:`XAttentionIdentifier` computes the same masks for all heads at once: on a GPU
@@ -45,6 +45,7 @@ import math
 import torch
 
 from sparse_prefill.interfaces import AttentionContext, Identifier, Parameter, PatternSpec
+from sparse_prefill.kernels.float8 import float8_rounded_reference
 from sparse_prefill.patterns._blocks import (
     block_plan,
     causal_blocks,
@@ -56,7 +57,6 @@ from sparse_prefill.patterns._blocks import (
     rows_float,
 )
 from sparse_prefill.patterns._checks import density, multiple_of
-from sparse_prefill.kernels.float8 import float8_rounded_reference
 from sparse_prefill.patterns.block_mass import antidiagonal_block_mass, block_mass_problems
 from sparse_prefill.plan import BlockPlan, DensePlan, PendingPlan
 from sparse_prefill.validation import validate_attention_inputs
