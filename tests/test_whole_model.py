@@ -9,6 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from sparse_prefill.evaluation import BASELINE_LABEL
 from sparse_prefill.evaluation.whole_model import (
     EvalSettings,
+    Measurement,
     evaluate,
     kl_per_position,
     next_token_logprobs,
@@ -311,3 +312,15 @@ def test_eval_refuses_bad_arguments_before_loading(tmp_path, capsys, monkeypatch
     with pytest.raises(SystemExit) as exit_info:
         cli.main(base + argv)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_summary_table_prints_long_labels_whole_and_keeps_its_columns():
+    """A sweep's labels differ at their end (``[float8_scores=False]`` / ``[float8_scores=True]``)."""
+    labels = ["xattention-sparse[float8_scores=False]", "xattention-sparse[float8_scores=True]", "dense"]
+    results = [Measurement(label=label, pattern="xattention", params={}, length=4096, perplexity=25.0,
+                           perplexity_change=0.01 * i, kl=0.07, kl_max=0.5, top1_agreement=0.9, density=0.3)
+               for i, label in enumerate(labels)]
+    lines = summary_table(results).splitlines()
+    assert all(label in "\n".join(lines) for label in labels)
+    columns = [line.index("4096") for line in lines[1:]]
+    assert len(set(columns)) == 1 and lines[0].index("length") < columns[0]

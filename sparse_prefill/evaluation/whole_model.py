@@ -456,9 +456,10 @@ def _add_recall(measurement: Measurement, qk: Mapping[int, tuple[torch.Tensor, t
 
 
 def summary_table(results: Sequence[Measurement]) -> str:
-    """A plain-text table, one row per label and length."""
-    header = (f"{'label':34} {'length':>7} {'density':>8} {'recall':>7} {'worst':>6} {'ppl':>9} {'ppl vs dense':>12} "
-              f"{'KL':>8} {'top1':>6} {'prefill':>9} {'needle':>7} {'ruler':>6}")
+    """A plain-text table, one row per label and length; labels in full (a sweep's labels differ at their end)."""
+    width = max([34, *(len(m.label) for m in results)])
+    header = (f"{'label':{width}} {'length':>7} {'density':>8} {'recall':>7} {'worst':>6} {'ppl':>9} "
+              f"{'ppl vs dense':>12} {'KL':>8} {'top1':>6} {'prefill':>9} {'needle':>7} {'ruler':>6}")
     lines = [header]
     for m in results:
         density = "-" if m.density is None else f"{m.density:.3f}"
@@ -469,7 +470,7 @@ def summary_table(results: Sequence[Measurement]) -> str:
         recall = "-" if m.recall is None else f"{m.recall:.3f}"
         worst = "-" if m.worst_head is None else f"{m.worst_head:.3f}"  # the lowest query head's recall
         ruler = f"{statistics.mean(m.ruler.values()):.2f}" if m.ruler else "-"  # mean over tasks
-        lines.append(f"{m.label[:34]:34} {m.length:>7} {density:>8} {recall:>7} {worst:>6} {m.perplexity:>9.3f} "
+        lines.append(f"{m.label:{width}} {m.length:>7} {density:>8} {recall:>7} {worst:>6} {m.perplexity:>9.3f} "
                      f"{m.perplexity_change * 100:>+11.2f}% {m.kl:>8.4f} {m.top1_agreement:>6.3f} {prefill:>9} "
                      f"{needle:>7} {ruler:>6}")
     return "\n".join(lines)
