@@ -324,3 +324,19 @@ def test_the_summary_table_prints_long_labels_whole_and_keeps_its_columns():
     assert all(label in "\n".join(lines) for label in labels)
     columns = [line.index("4096") for line in lines[1:]]
     assert len(set(columns)) == 1 and lines[0].index("length") < columns[0]
+
+
+def test_needle_panels_are_titled_with_whole_labels(tmp_path, monkeypatch):
+    """Sweep labels differ at their end: each panel's title is its whole label (wrapped)."""
+    plt = pytest.importorskip("matplotlib.pyplot")
+    from sparse_prefill.evaluation.plots import plot_needle_heatmap
+
+    labels = ["xattention-sparse[float8_scores=False]", "xattention-sparse[float8_scores=True]"]
+    results = [Measurement(label=label, pattern="xattention", params={}, length=4096, perplexity=25.0,
+                           perplexity_change=0.0, kl=0.07, kl_max=0.5, top1_agreement=0.9, density=0.3,
+                           needle={"0.5": True}) for label in labels]
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    plot_needle_heatmap(results, tmp_path / "needle.png")
+    titles = [ax.get_title().replace("\n", "") for ax in figures[0].axes]
+    assert titles == labels

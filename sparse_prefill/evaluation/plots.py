@@ -100,7 +100,8 @@ def plot_quality_vs_time(results: Sequence[Measurement], path: str | Path, title
 
 
 def plot_needle_heatmap(results: Sequence[Measurement], path: str | Path, title: str = "") -> Path:
-    """One panel per label: needle found (green) or missed (red) by length and depth."""
+    """One panel per label (titled with the whole label): needle found (green) or missed (red) by length and
+    depth."""
     plt = _pyplot()
     labels = list(dict.fromkeys(m.label for m in results if m.needle))
     if not labels:
@@ -119,7 +120,8 @@ def plot_needle_heatmap(results: Sequence[Measurement], path: str | Path, title:
         ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
         ax.set_xticks(range(len(lengths)), [f"{n // 1024}k" if n >= 1024 else str(n) for n in lengths])
         ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
-        ax.set(xlabel="length", ylabel="depth", title=label[:40])
+        # Whole labels, in lines of 32 characters: a sweep's labels differ at their end.
+        ax.set(xlabel="length", ylabel="depth", title="\n".join(label[i:i + 32] for i in range(0, len(label), 32)))
     for ax in list(axes.flat)[len(labels):]:
         ax.axis("off")
     if title:
