@@ -18,7 +18,7 @@ import triton.language as tl
 
 from sparse_prefill.kernels.runtime import FP_FUSION
 
-__all__ = ["FLOAT8_MAX", "float8_rounded", "float8_rounded_reference", "float8_dot_supported"]
+__all__ = ["FLOAT8_MAX", "float8_rounded", "float8_rounded_reference", "float8_values", "float8_dot_supported"]
 
 FLOAT8_MAX = 448.0  # e4m3's largest finite value
 _EXPONENT_RANGE = 126  # scales stay normal float32 numbers (2^+-126)
@@ -48,6 +48,12 @@ def float8_rounded_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     exponent = _unit_exponent(top)
     scaled = torch.where(finite, values * torch.exp2(exponent)[..., None, None], float("nan"))
     return scaled.to(torch.float8_e4m3fn), torch.exp2(-exponent)
+
+
+def float8_values(x8: torch.Tensor, unit: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x8 * unit`` (a rounding's two parts) as ``dtype``: exact in bfloat16 and float32, whose exponents hold any
+    power-of-two unit."""
+    return x8.to(dtype) * unit[..., None, None].to(dtype)
 
 
 @triton.jit

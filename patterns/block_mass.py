@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from sparse_prefill.kernels.attention_tiles import DTYPES, LOG2E, dot_settings, last_dim_contiguous, mma
-from sparse_prefill.kernels.float8 import float8_dot_supported, float8_rounded
+from sparse_prefill.kernels.float8 import float8_dot_supported, float8_rounded, float8_values
 from sparse_prefill.kernels.runtime import FP_FUSION
 
 __all__ = ["antidiagonal_block_mass", "pooled_block_scores", "block_mass_problems"]
@@ -233,6 +233,9 @@ def _launch(q: torch.Tensor, keys: torch.Tensor, num_blocks: int, block: int, ro
     if problems:
         raise ValueError(f"block mass kernel: {'; '.join(problems)}")
     q, keys = last_dim_contiguous(q), last_dim_contiguous(keys)
+    dequant = None  # float8 products: per (batch, query head), the factor that takes the logits back
+    if float8:
+        q, keys, dequant = _float8_inputs(q, keys)
     batch, num_q, seq_len, head_dim = q.shape
     rows = rows_per_qb if pooled else max(_MIN_ROWS, rows_per_qb)
     cols = max(_POOLED_COLS if pooled else _ANTIDIAGONAL_COLS, cols_per_kb)
@@ -241,14 +244,15 @@ def _launch(q: torch.Tensor, keys: torch.Tensor, num_blocks: int, block: int, ro
     # maximum stays -inf and its factor 0 (its masses are 0 too).
     out = torch.zeros(batch, num_q, num_blocks, col_tiles * cols if pooled else num_blocks, dtype=torch.float32,
                       device=q.device)
-    dot_precision, upcast = dot_settings(q.dtype)
+    # A float8 dot reads no precision; "ieee" keeps the compiled kernel's constants what they were measured with.
+    dot_precision, upcast = ("ieee", False) if dequant is not None else dot_settings(q.dtype)
     block_d = triton.next_power_of_2(head_dim)
     settings = dict(
         HEAD_DIM=head_dim, BLOCK_D=block_d, ROWS=rows, ROWS_PER_QB=rows_per_qb,
         BLOCK_C=cols, COLS_PER_KB=cols_per_kb, STRIDE=stride, POOLED=pooled, LSE_COLS=_LSE_COLS,
         DOT_PRECISION=dot_precision, UPCAST=upcast, num_warps=4 if rows <= 64 else 8,
         num_stages=2 if pooled else _STAGES, **FP_FUSION,
-        FP8=False, FP8_PROMOTE=None if _FLOAT8_PROMOTE is None else min(_FLOAT8_PROMOTE, block_d),
+        FP8=dequant is not None, FP8_PROMOTE=None if _FLOAT8_PROMOTE is None else min(_FLOAT8_PROMOTE, block_d),
     )
     arguments = (q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
                  seq_len, key_rows, num_q, num_q // keys.shape[1], num_blocks, out.shape[-1], col_tiles, block,
@@ -262,16 +266,6 @@ def _launch(q: torch.Tensor, keys: torch.Tensor, num_blocks: int, block: int, ro
         return _rescaled(out, tops, stats)
     # Antidiagonal: one float32 per tile row and key block in the scratch; launches over as many tiles, then
     # heads, as it holds (at 128k, 32 heads, stride 8: 64 MiB a head). Tops and Stats are not read.
-    dequant = out  # not read unless float8
-    if float8:
-        q, keys, dequant = _float8_inputs(q, keys)
-        if dequant is None:  # no float8 tensor cores: the rounded values, exact in bf16
-            dequant = out
-            settings.update(zip(("DOT_PRECISION", "UPCAST"), dot_settings(q.dtype)))
-        else:
-            settings.update(FP8=True, DOT_PRECISION="ieee", UPCAST=False)  # the precision is not read for float8
-        arguments = (q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
-                     *arguments[6:])
     tile_bytes = rows * num_blocks * 4
     tiles_each = max(1, min(tiles, _SCRATCH_BYTES // tile_bytes))
     heads_each = max(1, min(heads, _SCRATCH_BYTES // (tile_bytes * tiles))) if tiles_each == tiles else 1
@@ -279,8 +273,8 @@ def _launch(q: torch.Tensor, keys: torch.Tensor, num_blocks: int, block: int, ro
     for bh_start in range(0, heads, heads_each):
         for tile_start in range(0, tiles, tiles_each):
             grid = (min(tiles_each, tiles - tile_start), min(heads_each, heads - bh_start))
-            _block_mass_kernel[grid](q, keys, out, out, out, lse, dequant, *arguments, tile_start, bh_start,
-                                     tiles_each * rows, **settings)
+            _block_mass_kernel[grid](q, keys, out, out, out, lse, out if dequant is None else dequant, *arguments,
+                                     tile_start, bh_start, tiles_each * rows, **settings)
     return out
 
 
@@ -292,8 +286,7 @@ def _float8_inputs(q: torch.Tensor, k: torch.Tensor
     q8, q_unit = float8_rounded(q)
     k8, k_unit = float8_rounded(k)
     if not float8_dot_supported(q.device):
-        return ((q8.to(torch.bfloat16) * q_unit[..., None, None].to(torch.bfloat16)),
-                (k8.to(torch.bfloat16) * k_unit[..., None, None].to(torch.bfloat16)), None)
+        return float8_values(q8, q_unit, torch.bfloat16), float8_values(k8, k_unit, torch.bfloat16), None
     group = q.shape[1] // k.shape[1]
     return q8, k8, (q_unit * k_unit.repeat_interleave(group, dim=1)).contiguous()
 

@@ -45,7 +45,7 @@ import math
 import torch
 
 from sparse_prefill.interfaces import AttentionContext, Identifier, Parameter, PatternSpec
-from sparse_prefill.kernels.float8 import float8_rounded_reference
+from sparse_prefill.kernels.float8 import float8_rounded_reference, float8_values
 from sparse_prefill.patterns._blocks import (
     block_plan,
     causal_blocks,
@@ -183,8 +183,7 @@ def xattention_block_masks(q: torch.Tensor, k: torch.Tensor, scale: float, block
 
 def _float8_values(x: torch.Tensor) -> torch.Tensor:
     """x rounded to float8 per head, as float32 (the PyTorch path's copy)."""
-    rounded, unit = float8_rounded_reference(x)
-    return rounded.float() * unit[..., None, None]
+    return float8_values(*float8_rounded_reference(x), torch.float32)
 
 
 class XAttentionIdentifier(Identifier):

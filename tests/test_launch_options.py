@@ -15,9 +15,8 @@ import torch
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.interpreter import InterpretedFunction
 
-from sparse_prefill import kernels, patterns
-
 from kernel_checks import needs_kernel
+from sparse_prefill import kernels, patterns
 from sparse_prefill.interfaces import AttentionContext
 from sparse_prefill.kernels.block_attention import block_attention
 from sparse_prefill.kernels.sampled_rows import sampled_rows_attention
