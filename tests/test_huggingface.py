@@ -170,6 +170,88 @@ def test_cached_prefix_continuation_runs_exactly_as_unpatched():
     torch.testing.assert_close(patched, logits(model, ids[:, 128:], **{keyword: cache_copy}), atol=0, rtol=0)
 
 
+def static_cache(model, max_cache_len):
+    """A preallocated cache and the forward keyword for it (``cache`` since transformers 5.25)."""
+    import inspect
+
+    from transformers import StaticCache
+
+    keyword = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {keyword: StaticCache(config=model.config, max_cache_len=max_cache_len)}
+
+
+def gemma3_sliding():
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    return make_model(Gemma3ForCausalLM, Gemma3TextConfig, layer_types=["sliding_attention", "full_attention"],
+                      sliding_window=32)
+
+
+@pytest.mark.parametrize("name", [*MODELS, "gemma3-sliding"])
+def test_static_cache_prefill_runs_sparse_and_generates_as_a_dynamic_cache_does(name):
+    model = gemma3_sliding() if name == "gemma3-sliding" else MODELS[name]()
+    sparse_layers = 1 if name == "gemma3-sliding" else 2  # a sliding layer's window is shorter than the input
+    ids = torch.randint(1, 128, (2, 150))
+    mask = torch.ones_like(ids)
+    mask[0, :23] = 0  # left padding: the deferred mask reads the first 150 columns of a 155-key buffer
+    handle = sparse_prefill.apply(model, STREAMING)
+    dynamic = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    calls = handle.stats.sparse_calls
+    static = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
+                            cache_implementation="static")
+    assert torch.equal(static, dynamic)
+    assert calls == handle.stats.sparse_calls - calls == sparse_layers  # each prefill ran sparse in the same layers
+    sparse_prefill.remove(model)
+    assert "create_masks_for_generate" not in vars(model)
+
+
+def test_static_cache_prefill_logits_match_the_masked_dense_reference(masked_reference):
+    model = make_model()
+    ids = torch.randint(0, 128, (1, 140))
+    model.set_attn_implementation(masked_reference)
+    expected = logits(model, ids)
+    model.set_attn_implementation("sdpa")
+    handle = sparse_prefill.apply(model, STREAMING)
+    got = logits(model, ids, **static_cache(model, 200))  # 200 keys handed to attention, 140 attended
+    torch.testing.assert_close(got, expected, atol=LOGIT_ATOL, rtol=0)
+    assert handle.stats.sparse_calls == 2 and handle.stats.dense_calls == 0
+
+
+def test_static_cache_continuation_runs_as_with_a_dynamic_cache():
+    model = make_model()
+    ids = torch.randint(0, 128, (1, 160))
+    handle = sparse_prefill.apply(model, STREAMING)
+    results = []
+    for cache in (static_cache(model, 200), None):
+        with torch.no_grad():
+            prefix = model(ids[:, :128], use_cache=True, **(cache or {}))
+        cache = cache or dict([cache_kwargs(model, prefix)])
+        results.append(logits(model, ids[:, 128:], **cache))  # offset 128: the previous implementation
+    torch.testing.assert_close(results[0], results[1], atol=LOGIT_ATOL, rtol=0)
+    assert handle.stats.sparse_calls == 4 and handle.stats.dense_calls == 4
+
+
+def test_decode_steps_never_read_the_cache_offset():
+    """A static cache's query offset is a tensor; reading it is a host sync, and transformers compiles decode steps."""
+    from sparse_prefill.integrations.masks import _is_fresh_prefill
+
+    unreadable = torch.zeros((), device="meta")  # int() of a meta tensor raises
+    assert not _is_fresh_prefill(1, 300, unreadable, 0, True)
+    assert _is_fresh_prefill(120, 300, torch.tensor(0), 0, True)
+    assert not _is_fresh_prefill(120, 300, torch.tensor(128), 0, True)
+    assert not _is_fresh_prefill(120, 100, 0, 0, True)  # fewer keys than queries: not a prefill from position 0
+
+
+def test_remove_restores_a_mask_builder_the_model_instance_had():
+    model = make_model()
+    own = lambda **kwargs: kwargs["attention_mask"]  # noqa: E731
+    model.create_masks_for_generate = own
+    sparse_prefill.apply(model, STREAMING)
+    assert model.create_masks_for_generate is not own
+    sparse_prefill.remove(model)
+    assert model.create_masks_for_generate is own
+
+
 def test_deep_copy_of_patched_model_is_independent_of_the_original():
     model = make_model()
     ids = torch.randint(0, 128, (1, 130))

@@ -4,7 +4,8 @@
 name in transformers' ``AttentionInterface`` / ``AttentionMaskInterface`` and switches the
 model to it. The mask function hands the attention function a :class:`DeferredMask`: the 2-D
 padding mask (no S x S tensor is built for the sparse path) plus a recipe for the exact mask the
-model's previous implementation would have built. Whenever a call is not a plain causal prefill
+model's previous implementation would have built (a prefill into an empty static cache is such a
+prefill: see :mod:`.masks`). Whenever a call is not a plain causal prefill
 at or above the policy's ``min_length`` the sparse path does not honour (decode, chunked
 prefill, cached prefixes, sliding or chunked windows shorter than the input, soft-capping,
 attention sinks and any other keyword it does not know, a value head dim other than the query's,
@@ -39,7 +40,7 @@ import torch
 from sparse_prefill.dispatch import sparse_attention
 from sparse_prefill.guard import GuardMemory
 from sparse_prefill.integrations.head_groups import kv_aligned_chunks
-from sparse_prefill.integrations.masks import DeferredMask, _make_mask_function
+from sparse_prefill.integrations.masks import DeferredMask, PrefillMasksInForward, _make_mask_function
 from sparse_prefill.integrations.prefill_stats import (
     _DECODE,
     _MIN_LENGTH,
@@ -245,6 +246,14 @@ def _dense_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     return sparse_attention(q, k, v, get_pattern("dense").build(), AttentionContext.for_inputs(q, k, scale))[0]
 
 
+def _prefill_keys(key: torch.Tensor, value: torch.Tensor, mask: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys and values a fresh prefill attends: a preallocated (static) cache's buffer holds more,
+    which its causal mask never reaches (views, no copy)."""
+    if isinstance(mask, DeferredMask) and key.shape[2] > mask.key_length:
+        return key[:, :, : mask.key_length], value[:, :, : mask.key_length]
+    return key, value
+
+
 def _attention_function(handle: SparsePrefillHandle) -> Callable[..., Any]:
     def timed(module: Any, query: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
         started = handle.stats.times.start(query)
@@ -254,11 +263,13 @@ def _attention_function(handle: SparsePrefillHandle) -> Callable[..., Any]:
 
     def attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   attention_mask: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
-        reason = _previous_reason(handle, module, query, key, value, attention_mask, kwargs)
+        reason = _previous_reason(handle, module, query, *_prefill_keys(key, value, attention_mask),
+                                  attention_mask, kwargs)
         if reason is not None:
             mask = attention_mask.materialize() if isinstance(attention_mask, DeferredMask) else attention_mask
             handle._ran_dense(reason, fallback=True)
             return handle.previous_attention(module, query, key, value, mask, **kwargs)
+        key, value = _prefill_keys(key, value, attention_mask)
         scale = kwargs.get("scaling")
         scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
         layer = getattr(module, "layer_idx", None)
@@ -320,6 +331,7 @@ def apply(model: Any, policy: PolicySource, *, collect_stats: bool = False,
     attention_functions.register(name, _attention_function(handle))
     mask_functions.register(name, _make_mask_function(mask_functions[previous]))
     model.set_attn_implementation(name)
+    PrefillMasksInForward.install(model)
     setattr(model, _HANDLE_ATTR, handle)
     _name_users[name] += 1
     return handle
@@ -331,6 +343,7 @@ def remove(model: Any) -> None:
     if handle is None:
         raise RuntimeError("sparse prefill is not applied to this model")
     model.set_attn_implementation(handle.previous_implementation)
+    PrefillMasksInForward.uninstall(model)
     delattr(model, _HANDLE_ATTR)
     _name_users[handle.name] -= 1
     if _name_users[handle.name] <= 0:  # no deep copy still runs under this name
