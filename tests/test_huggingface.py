@@ -231,6 +231,24 @@ def test_static_cache_continuation_runs_as_with_a_dynamic_cache():
     assert handle.stats.sparse_calls == 4 and handle.stats.dense_calls == 4
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="generate compiles static-cache decode steps on CUDA only")
+def test_static_cache_on_cuda_keeps_the_sparse_prefill_and_decodes_compiled():
+    """On CUDA, transformers compiles the decode steps of a static cache; the prefill before them runs the
+    Triton kernels on the cache's buffer, and gives the logits the same prefill gives with a dynamic cache."""
+    model = make_model(hidden_size=256, head_dim=64, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=4096).to("cuda", torch.bfloat16)
+    ids = torch.randint(0, 128, (1, 2048), device="cuda")
+    handle = sparse_prefill.apply(model, {"default": {"pattern": "streaming", "sink": 128, "local": 256}})
+    runs = {}
+    for cache in ("dynamic", "static"):
+        runs[cache] = model.generate(ids, max_new_tokens=8, do_sample=False, cache_implementation=cache,
+                                     output_logits=True, return_dict_in_generate=True)
+    torch.testing.assert_close(runs["static"].logits[0], runs["dynamic"].logits[0], atol=0, rtol=0)
+    assert runs["static"].sequences.shape == (1, 2056)
+    assert all(torch.isfinite(step).all() for step in runs["static"].logits)
+    assert handle.stats.sparse_calls == 4  # both prefills, both layers
+
+
 def test_decode_steps_never_read_the_cache_offset():
     """A static cache's query offset is a tensor; reading it is a host sync, and transformers compiles decode steps."""
     from sparse_prefill.integrations.masks import _is_fresh_prefill
