@@ -212,9 +212,12 @@ def test_static_cache_prefill_logits_match_the_masked_dense_reference(masked_ref
     expected = logits(model, ids)
     model.set_attn_implementation("sdpa")
     handle = sparse_prefill.apply(model, STREAMING)
-    got = logits(model, ids, **static_cache(model, 200))  # 200 keys handed to attention, 140 attended
+    cache = static_cache(model, 200)
+    got = logits(model, ids, **cache)  # 200 keys handed to attention, 140 attended
     torch.testing.assert_close(got, expected, atol=LOGIT_ATOL, rtol=0)
-    assert handle.stats.sparse_calls == 2 and handle.stats.dense_calls == 0
+    next(iter(cache.values())).reset()  # reused: its offset is now a tensor holding 0, read once per forward
+    torch.testing.assert_close(logits(model, ids, **cache), got, atol=0, rtol=0)
+    assert handle.stats.sparse_calls == 4 and handle.stats.dense_calls == 0
 
 
 def test_static_cache_continuation_runs_as_with_a_dynamic_cache():
@@ -232,13 +235,17 @@ def test_static_cache_continuation_runs_as_with_a_dynamic_cache():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="generate compiles static-cache decode steps on CUDA only")
-def test_static_cache_on_cuda_keeps_the_sparse_prefill_and_decodes_compiled():
+@pytest.mark.parametrize("pattern", [
+    {"pattern": "streaming", "sink": 128, "local": 256},
+    {"pattern": "anchor", "theta": 0.0, "dense_above": 1.0},  # the Triton identifier on the buffer's strides
+])
+def test_static_cache_on_cuda_keeps_the_sparse_prefill_and_decodes_compiled(pattern):
     """On CUDA, transformers compiles the decode steps of a static cache; the prefill before them runs the
     Triton kernels on the cache's buffer, and gives the logits the same prefill gives with a dynamic cache."""
     model = make_model(hidden_size=256, head_dim=64, num_attention_heads=4, num_key_value_heads=2,
                        max_position_embeddings=4096).to("cuda", torch.bfloat16)
     ids = torch.randint(0, 128, (1, 2048), device="cuda")
-    handle = sparse_prefill.apply(model, {"default": {"pattern": "streaming", "sink": 128, "local": 256}})
+    handle = sparse_prefill.apply(model, {"default": pattern, "min_length": 0}, collect_stats=True)
     runs = {}
     for cache in ("dynamic", "static"):
         runs[cache] = model.generate(ids, max_new_tokens=8, do_sample=False, cache_implementation=cache,
@@ -247,6 +254,7 @@ def test_static_cache_on_cuda_keeps_the_sparse_prefill_and_decodes_compiled():
     assert runs["static"].sequences.shape == (1, 2056)
     assert all(torch.isfinite(step).all() for step in runs["static"].logits)
     assert handle.stats.sparse_calls == 4  # both prefills, both layers
+    assert 0 < max(handle.stats.densities) < 1  # sparse plans, executed
 
 
 def test_decode_steps_never_read_the_cache_offset():
@@ -258,6 +266,21 @@ def test_decode_steps_never_read_the_cache_offset():
     assert _is_fresh_prefill(120, 300, torch.tensor(0), 0, True)
     assert not _is_fresh_prefill(120, 300, torch.tensor(128), 0, True)
     assert not _is_fresh_prefill(120, 100, 0, 0, True)  # fewer keys than queries: not a prefill from position 0
+
+
+def test_generate_leaves_only_a_first_multi_token_step_to_the_forward():
+    from sparse_prefill.integrations.masks import PrefillMasksInForward
+
+    built = PrefillMasksInForward(lambda **kwargs: "pre-built", was_instance_attribute=False)
+    two_d = torch.ones(1, 8, dtype=torch.bool)
+
+    def step(tokens, **kwargs):
+        return built(inputs_embeds=torch.empty(1, tokens, 0), attention_mask=two_d, **kwargs)
+
+    assert step(8, is_first_iteration=True) is two_d  # the prefill: the forward builds its masks (deferred)
+    assert step(8) is two_d  # a transformers that does not say which iteration: the same
+    assert step(1, is_first_iteration=True) == "pre-built"  # one new token: never a prefill worth sparse
+    assert step(4, is_first_iteration=False) == "pre-built"  # assisted decoding's check of 4 draft tokens
 
 
 def test_remove_restores_a_mask_builder_the_model_instance_had():

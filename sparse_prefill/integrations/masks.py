@@ -122,9 +122,10 @@ class PrefillMasksInForward:
     With a preallocated cache (``cache_implementation="static"``) ``generate`` builds the masks before each
     forward, through the mask function, and hands the forward what it returns as its attention mask. A
     :class:`DeferredMask` is not something a forward takes as one, so for a prefill (more than one new
-    token) the 2-D mask goes to the forward unchanged and the forward builds its masks itself, as it does
-    with a dynamic cache; decode steps (one token) keep the model's own pre-built masks, which a compiled
-    decode step needs. ``previous`` is what the model had (a bound method is rebound by ``copy.deepcopy``).
+    token, on generate's first iteration) the 2-D mask goes to the forward unchanged and the forward builds
+    its masks itself, as it does with a dynamic cache; decode steps (one token) and later multi-token steps
+    (assisted decoding's checks, never a fresh prefill) keep the model's own pre-built masks, which a compiled
+    step needs. ``previous`` is what the model had (a bound method is rebound by ``copy.deepcopy``).
     """
 
     def __init__(self, previous: Callable[..., Any], was_instance_attribute: bool) -> None:
@@ -133,7 +134,8 @@ class PrefillMasksInForward:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         inputs_embeds = kwargs.get("inputs_embeds")
-        if inputs_embeds is not None and inputs_embeds.shape[1] > 1:
+        first = kwargs.get("is_first_iteration", True) is not False  # passed by transformers 5.17 and 5.25
+        if first and inputs_embeds is not None and inputs_embeds.shape[1] > 1:
             return kwargs.get("attention_mask")
         return self.previous(*args, **kwargs)
 
