@@ -68,7 +68,7 @@ def measure(model, length: int, repeats: int, policy: dict) -> list[dict]:
     settings = [(patched, cache) for patched in (False, True) for cache in ("dynamic", "static")]
     times: dict[tuple[bool, str], list[float]] = {setting: [] for setting in settings}
     logits: dict[tuple[bool, str], torch.Tensor] = {}
-    densities: dict[tuple[bool, str], list[float]] = {}
+    plan_densities: list[float] = []  # the last round's plans: both caches, every layer
     for round_ in range(repeats + 1):  # round 0 compiles and tunes: not timed
         for patched in (False, True):
             handle = sparse_prefill.apply(model, policy, collect_stats=True) if patched else None
@@ -77,7 +77,7 @@ def measure(model, length: int, repeats: int, policy: dict) -> list[dict]:
                 if round_:
                     times[patched, cache].append(ms)
             if handle is not None:
-                densities[True, "all"] = handle.stats.densities
+                plan_densities = handle.stats.densities
                 sparse_prefill.remove(model)
     rows = []
     for patched, cache in settings:
@@ -86,8 +86,7 @@ def measure(model, length: int, repeats: int, policy: dict) -> list[dict]:
     for patched in (False, True):
         diff = (logits[patched, "static"] - logits[patched, "dynamic"]).abs().max().item()
         rows.append(dict(length=length, patched=patched, max_abs_logit_diff_static_vs_dynamic=diff))
-    plan_densities = densities[True, "all"]
-    rows.append(dict(length=length, plans_per_round=len(plan_densities),  # both caches, every layer
+    rows.append(dict(length=length, plans_per_round=len(plan_densities),
                      mean_plan_density=sum(plan_densities) / max(len(plan_densities), 1)))
     return rows
 
