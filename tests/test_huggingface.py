@@ -39,14 +39,18 @@ def logits(model, ids, **kwargs):
         return model(ids, **kwargs).logits
 
 
-def cache_kwargs(model, output):
-    """The forward keyword for a KV cache and ``output``'s cache: transformers 5.25 renamed
-    ``past_key_values`` to ``cache`` (the old name warns, removal announced for 5.40); 5.17 knows only the old one."""
+def cache_keyword(model):
+    """The forward keyword for a KV cache: transformers 5.25 renamed ``past_key_values`` to ``cache`` (the old
+    name warns, removal announced for 5.40); 5.17 knows only the old one."""
     import inspect
 
-    if "cache" in inspect.signature(model.forward).parameters:
-        return "cache", output.cache
-    return "past_key_values", output.past_key_values
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def cache_kwargs(model, output):
+    """The forward keyword for a KV cache and ``output``'s cache."""
+    keyword = cache_keyword(model)
+    return keyword, getattr(output, keyword)
 
 
 def streaming_reference_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
@@ -171,13 +175,10 @@ def test_cached_prefix_continuation_runs_exactly_as_unpatched():
 
 
 def static_cache(model, max_cache_len):
-    """A preallocated cache and the forward keyword for it (``cache`` since transformers 5.25)."""
-    import inspect
-
+    """A preallocated cache, under the forward keyword for it."""
     from transformers import StaticCache
 
-    keyword = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    return {keyword: StaticCache(config=model.config, max_cache_len=max_cache_len)}
+    return {cache_keyword(model): StaticCache(config=model.config, max_cache_len=max_cache_len)}
 
 
 def gemma3_sliding():

@@ -263,13 +263,13 @@ def _attention_function(handle: SparsePrefillHandle) -> Callable[..., Any]:
 
     def attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   attention_mask: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
-        reason = _previous_reason(handle, module, query, *_prefill_keys(key, value, attention_mask),
-                                  attention_mask, kwargs)
-        if reason is not None:
+        prefill_key, prefill_value = _prefill_keys(key, value, attention_mask)
+        reason = _previous_reason(handle, module, query, prefill_key, prefill_value, attention_mask, kwargs)
+        if reason is not None:  # the previous implementation gets what it was handed: a static cache's buffer
             mask = attention_mask.materialize() if isinstance(attention_mask, DeferredMask) else attention_mask
             handle._ran_dense(reason, fallback=True)
             return handle.previous_attention(module, query, key, value, mask, **kwargs)
-        key, value = _prefill_keys(key, value, attention_mask)
+        key, value = prefill_key, prefill_value
         scale = kwargs.get("scaling")
         scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
         layer = getattr(module, "layer_idx", None)
