@@ -57,15 +57,25 @@ def float8_values(x8: torch.Tensor, unit: torch.Tensor, dtype: torch.dtype) -> t
 
 
 @triton.jit
-def _head_maximum_kernel(X, Top, stride_b, stride_h, stride_n, num_heads, seq_len,
-                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
-    """Top[bh] = max(Top[bh], the largest finite |x| of this program's rows)."""
+def _program_rows(X, stride_b, stride_h, stride_n, num_heads, seq_len,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
+    """(bh, rows, offs_d, inside, x): the ROWS rows of x [B, H, N, D] this program reads, of (batch, head) bh,
+    as float32 (0 outside the sequence and the head dim), the layout both kernels below walk."""
     bh = tl.program_id(1)
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     offs_d = tl.arange(0, BLOCK_D)
+    inside = (rows < seq_len)[:, None] & (offs_d < HEAD_DIM)[None, :]
     base = X + (bh // num_heads).to(tl.int64) * stride_b + (bh % num_heads).to(tl.int64) * stride_h
-    x = tl.load(base + rows.to(tl.int64)[:, None] * stride_n + offs_d[None, :],
-                mask=(rows < seq_len)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0).to(tl.float32)
+    x = tl.load(base + rows.to(tl.int64)[:, None] * stride_n + offs_d[None, :], mask=inside, other=0.0)
+    return bh, rows, offs_d, inside, x.to(tl.float32)
+
+
+@triton.jit
+def _head_maximum_kernel(X, Top, stride_b, stride_h, stride_n, num_heads, seq_len,
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
+    """Top[bh] = max(Top[bh], the largest finite |x| of this program's rows)."""
+    bh, rows, offs_d, inside, x = _program_rows(X, stride_b, stride_h, stride_n, num_heads, seq_len, HEAD_DIM,
+                                                BLOCK_D, ROWS)
     magnitude = tl.abs(x)
     magnitude = tl.where(magnitude < float("inf"), magnitude, 0.0)  # NaN and infinity: not counted
     tl.atomic_max(Top + bh, tl.max(tl.max(magnitude, 1), 0))
@@ -87,13 +97,8 @@ def _scaled_copy_kernel(X, Y, Exponent, stride_b, stride_h, stride_n, num_heads,
                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
     """Y = x * 2^Exponent[bh] as float8 e4m3 bits (Y contiguous uint8 [B, H, N, HEAD_DIM]); NaN where x is not
     finite."""
-    bh = tl.program_id(1)
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    offs_d = tl.arange(0, BLOCK_D)
-    inside = (rows < seq_len)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    base = X + (bh // num_heads).to(tl.int64) * stride_b + (bh % num_heads).to(tl.int64) * stride_h
-    x = tl.load(base + rows.to(tl.int64)[:, None] * stride_n + offs_d[None, :], mask=inside, other=0.0)
-    x = x.to(tl.float32)
+    bh, rows, offs_d, inside, x = _program_rows(X, stride_b, stride_h, stride_n, num_heads, seq_len, HEAD_DIM,
+                                                BLOCK_D, ROWS)
     finite = tl.abs(x) < float("inf")
     rounded = _round_to_e4m3(tl.where(finite, x, 0.0) * tl.exp2(tl.load(Exponent + bh)))
     # e4m3's NaN (0x7f) written as bits: casting a NaN is not NaN under the interpreter.
