@@ -51,6 +51,11 @@ def timed_once(fn):
     return result, time.perf_counter() - start
 
 
+def progress(n: int, **values: float) -> None:
+    """One line per finished stage: a run cut short by its time limit still shows what it measured."""
+    print(f"seq_len={n} " + " ".join(f"{key}={value:.4g}" for key, value in values.items()), flush=True)
+
+
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref|| in float32, one head at a time: at 1M tokens a whole float32 copy is 16 GiB."""
     diff_sq = ref_sq = 0.0
@@ -105,6 +110,7 @@ def measure(n: int, params: dict, min_length: int, hq: int, hkv: int, d: int, st
     dense = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
     dense_out = dense()
     t_dense = bench(dense)
+    progress(n, dense_ms=t_dense)
 
     plan = identifier.identify(q, k, ctx)  # a DensePlan when denser than the policy's dense_above
     executor = select_executor(q, plan)
@@ -114,6 +120,7 @@ def measure(n: int, params: dict, min_length: int, hq: int, hkv: int, d: int, st
     del out
     t_identify = bench(lambda: identifier.identify(q, k, ctx))
     t_execute = bench(lambda: executor(q, k, v, plan, ctx))
+    progress(n, density=density, rel_err_vs_dense=err, identify_ms=t_identify, execute_ms=t_execute)
     # The tuned tile for this length's bucket: the last configuration the autotuner ran.
     executor_config = str(_stripe_fwd.best_config) if executor.name == "triton-stripe" else None
     # What a user pays: identification and execution through the dispatcher, heads chunked when
