@@ -22,15 +22,22 @@ import torch
 __all__ = ["structured_qkv", "apply_rope"]
 
 
-def apply_rope(x: torch.Tensor, base: float) -> torch.Tensor:
-    """Rotary embedding over the last dim of x [..., N, D] (half-split layout, like Llama)."""
-    n, d = x.shape[-2], x.shape[-1]
-    inv_freq = base ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)
-    angles = torch.arange(n, device=x.device, dtype=torch.float32)[:, None] * inv_freq[None]
-    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
-    half = d // 2
+def _rope_tables(n: int, d: int, base: float, device: str | torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [N, D] of the rotary angles (half-split layout, like Llama)."""
+    inv_freq = base ** (-torch.arange(0, d, 2, device=device, dtype=torch.float32) / d)
+    angles = torch.arange(n, device=device, dtype=torch.float32)[:, None] * inv_freq[None]
+    return torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
     return x * cos + rotated * sin
+
+
+def apply_rope(x: torch.Tensor, base: float) -> torch.Tensor:
+    """Rotary embedding over the last dim of x [..., N, D] (half-split layout, like Llama)."""
+    return _rotate(x, *_rope_tables(x.shape[-2], x.shape[-1], base, x.device))
 
 
 def structured_qkv(
@@ -65,21 +72,34 @@ def structured_qkv(
     # together), so any even head_dim works; about D/16 of them (8 at head_dim 128).
     slow = 2 * max(1, head_dim // 32)
 
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen).to(device)
+    def randn(*shape: int) -> torch.Tensor:  # on the CPU, in a fixed order: every device gets the same inputs
+        return torch.randn(*shape, generator=gen)
 
     slow_dims = torch.cat([torch.arange(head_dim // 2 - slow // 2, head_dim // 2),
                            torch.arange(head_dim - slow // 2, head_dim)]).to(device)
     # Logit budget at head_dim 128 and strength 1 (scaled by strength): local peak about 9, sink about 15, heavy
     # hitters about 9, background noise with standard deviation about 0.6.
-    content = randn(num_kv_heads, 1, head_dim) * 0.9 * strength  # a KV group's shared direction
-    k = content + 0.8 * randn(num_kv_heads, seq_len, head_dim)
-    q = content.repeat_interleave(group, 0) + 0.8 * randn(num_q_heads, seq_len, head_dim)
-    heavy = torch.rand(num_kv_heads, seq_len, generator=gen).to(device) < heavy_fraction
-    key_slow = torch.where(heavy, 5.0, 0.0) * strength
-    key_slow[:, 0] = 8.5 * strength  # the sink
-    k[..., slow_dims] = key_slow[..., None] + 0.3 * randn(num_kv_heads, seq_len, slow)
-    q[..., slow_dims] = 2.5 * strength + 0.5 * randn(num_q_heads, seq_len, slow)
-    q, k = apply_rope(q, rope_base), apply_rope(k, rope_base)
+    content = randn(num_kv_heads, 1, head_dim).to(device) * 0.9 * strength  # a KV group's shared direction
+    k_noise = randn(num_kv_heads, seq_len, head_dim)
+    q_noise = randn(num_q_heads, seq_len, head_dim)
+    heavy = torch.rand(num_kv_heads, seq_len, generator=gen) < heavy_fraction
+    k_slow_noise = randn(num_kv_heads, seq_len, slow)
+    q_slow_noise = randn(num_q_heads, seq_len, slow)
     v = randn(num_kv_heads, seq_len, head_dim)
-    return tuple(t[None].to(dtype).contiguous() for t in (q, k, v))  # type: ignore[return-value]
+    cos, sin = _rope_tables(seq_len, head_dim, rope_base, device)
+
+    def head(shared: torch.Tensor, noise: torch.Tensor, slow_part: torch.Tensor) -> torch.Tensor:
+        # One head at a time on the device: float32 temporaries of one head, not of all (16 GiB for q at 1M).
+        x = shared + 0.8 * noise.to(device)
+        x[..., slow_dims] = slow_part
+        return _rotate(x, cos, sin).to(dtype)
+
+    q = torch.empty(1, num_q_heads, seq_len, head_dim, dtype=dtype, device=device)
+    k = torch.empty(1, num_kv_heads, seq_len, head_dim, dtype=dtype, device=device)
+    for h in range(num_kv_heads):
+        key_slow = torch.where(heavy[h].to(device), 5.0, 0.0) * strength
+        key_slow[0] = 8.5 * strength  # the sink
+        k[0, h] = head(content[h], k_noise[h], key_slow[:, None] + 0.3 * k_slow_noise[h].to(device))
+    for h in range(num_q_heads):
+        q[0, h] = head(content[h // group], q_noise[h], 2.5 * strength + 0.5 * q_slow_noise[h].to(device))
+    return q, k, v[None].to(device).to(dtype).contiguous()
