@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 from typing import Callable, Iterator
 
 import torch
@@ -15,6 +16,8 @@ from sparse_prefill.registry import get_registry
 from sparse_prefill.validation import validate_attention_inputs
 
 __all__ = ["NoCapableExecutorError", "default_plan_budget", "select_executor", "sparse_attention"]
+
+_logger = logging.getLogger(__name__)  # a child of "sparse_prefill": one name silences the library
 
 
 class NoCapableExecutorError(RuntimeError):
@@ -110,6 +113,9 @@ def sparse_attention(
             plan, done = _run_pending(q, k, v, plan, ctx, executor, return_lse)
     except PlanBudgetExceeded as exceeded:
         chunks = _head_chunks(exceeded, q.shape[1] // k.shape[1], budget)
+        _logger.debug("layer %s: the plan of %d query heads needs %.1f MiB, over the plan budget of %.1f MiB: "
+                      "its heads run as %d calls, each identified apart", ctx.layer_idx, q.shape[1],
+                      sum(exceeded.kv_head_bytes) / 2**20, budget / 2**20, len(chunks))
     if chunks is not None:
         # Outside the except block: its traceback holds the frames that hold a pending plan's key buffer (up to
         # the budget), which must be freed before the chunks' plans take the budget again.

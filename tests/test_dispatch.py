@@ -77,7 +77,7 @@ def test_chunked_heads_give_the_unchunked_result(budget):
         assert heads == [1] * 8  # nothing fits: one query head at a time (each has its own key list)
 
 
-def test_chunks_fit_the_budget_and_an_unbounded_call_is_one_plan():
+def test_chunks_fit_the_budget_and_an_unbounded_call_is_one_plan(caplog):
     q, k, v = qkv(hq=8, hkv=8)
     identifier = ANCHOR.build(**ANCHOR_PARAMS)
     per_head = Recorder()
@@ -85,11 +85,17 @@ def test_chunks_fit_the_budget_and_an_unbounded_call_is_one_plan():
     assert [c.num_q_heads for c in per_head.contexts] == [1] * 8
     budget = 3 * max(per_head.nbytes)
     recorder = Recorder()
+    caplog.set_level("DEBUG", logger="sparse_prefill")
+    caplog.clear()
     sparse_attention(q, k, v, identifier, executor=ReferenceExecutor(), max_plan_bytes=budget, on_plan=recorder)
     assert 1 < len(recorder.contexts) < 8 and all(b <= budget for b in recorder.nbytes)
+    # Say what ran: the split is told, with the number of calls it made.
+    assert [r.name for r in caplog.records] == ["sparse_prefill.dispatch"]
+    assert f"run as {len(recorder.contexts)} calls" in caplog.records[0].getMessage()
+    caplog.clear()
     whole = Recorder()
     sparse_attention(q, k, v, identifier, executor=ReferenceExecutor(), max_plan_bytes=2**62, on_plan=whole)
-    assert [c.num_kv_heads for c in whole.contexts] == [8]
+    assert [c.num_kv_heads for c in whole.contexts] == [8] and not caplog.records
 
 
 def chunks_for(kv_bytes, query_bytes, group, budget):
