@@ -25,7 +25,11 @@ import time
 import torch
 
 import sparse_prefill
+from hf_prefill import LLAMA_31_8B
 from sparse_prefill.evaluation.report import environment
+
+# The 8B's layer shape only: vocabulary, positions and RoPE stay LlamaConfig's defaults here (the record's model).
+SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim")
 
 POLICY = {"default": {"pattern": "anchor", "theta": 0.0, "dense_above": 1.0}, "min_length": 0}
 TINY_POLICY = {"default": {"pattern": "anchor", "theta": 0.0, "dense_above": 1.0, "block": 64, "sink": 64,
@@ -36,8 +40,7 @@ def build_model(layers: int, tiny: bool, device: str, max_positions: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     shape = (dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=32)
-             if tiny else dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
-                               num_key_value_heads=8, head_dim=128))
+             if tiny else {key: LLAMA_31_8B[key] for key in SHAPE_KEYS})
     config = LlamaConfig(vocab_size=1024, num_hidden_layers=layers, max_position_embeddings=max_positions, **shape)
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
